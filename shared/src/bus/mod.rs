@@ -1,0 +1,207 @@
+//! The bus: request/reply and publish/subscribe between quickim roles.
+//!
+//! One handle, [`Bus`], two backends:
+//! - [`local`]: in-process, for `quickim standalone` (bounded channels, no network);
+//! - [`nats`]: NATS core, for the distributed roles.
+//!
+//! Both carry headers (the W3C trace context travels in them) and follow NATS semantics:
+//! subjects are dot-separated tokens, `*` matches one token, `>` the rest; a queue group
+//! delivers each message to one member; publish is at-most-once (a full subscriber drops),
+//! so every consumer of published data must detect and repair gaps (the /notify hub does).
+
+pub mod local;
+pub mod nats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use tokio::sync::oneshot;
+
+/// Message headers, in order (small: trace context and a few flags).
+pub type Headers = Vec<(String, String)>;
+
+/// Why a bus operation failed, by kind (the gateway maps these to HTTP: 503 / 504).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    /// Nobody listens on the subject (service not running).
+    #[error("no responders on {0}")]
+    NoResponders(String),
+    /// The responder did not answer in time.
+    #[error("request on {0} timed out")]
+    TimedOut(String),
+    /// The bus is closed or disconnected.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Headers of the answer.
+    pub headers: Headers,
+    /// Body of the answer.
+    pub payload: Bytes,
+}
+
+/// A message received on a subscription.
+pub struct Incoming {
+    /// The concrete subject it was sent to.
+    pub subject: String,
+    /// Its headers.
+    pub headers: Headers,
+    /// Its body.
+    pub payload: Bytes,
+    reply: Option<ReplyTo>,
+}
+
+enum ReplyTo {
+    Local(oneshot::Sender<Reply>),
+    Nats { client: async_nats::Client, subject: async_nats::Subject },
+}
+
+impl Incoming {
+    /// Whether the sender waits for an answer.
+    pub fn expects_reply(&self) -> bool {
+        self.reply.is_some()
+    }
+
+    /// Answers a request (a no-op for a plain publish).
+    pub async fn respond(self, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+        match self.reply {
+            None => Ok(()),
+            Some(ReplyTo::Local(tx)) => {
+                // The requester may have timed out and gone: that is not our failure.
+                let _ = tx.send(Reply { headers, payload });
+                Ok(())
+            }
+            Some(ReplyTo::Nats { client, subject }) => {
+                nats::publish(&client, subject, &headers, payload).await
+            }
+        }
+    }
+}
+
+/// A stream of incoming messages; dropping it unsubscribes.
+pub type Subscription = BoxStream<'static, Incoming>;
+
+/// Cheap `Clone` handle to a bus backend.
+#[derive(Clone)]
+pub struct Bus {
+    backend: Arc<Backend>,
+}
+
+enum Backend {
+    Local(local::LocalBus),
+    Nats(nats::NatsBus),
+}
+
+impl Bus {
+    /// An in-process bus; each subscription buffers at most `capacity` messages.
+    pub fn local(capacity: usize) -> Bus {
+        Bus { backend: Arc::new(Backend::Local(local::LocalBus::new(capacity))) }
+    }
+
+    /// Connects to NATS at `url` (retries in the background after the first connection).
+    pub async fn connect_nats(url: &str, name: &str) -> Result<Bus, BusError> {
+        let bus = nats::NatsBus::connect(url, name).await?;
+        Ok(Bus { backend: Arc::new(Backend::Nats(bus)) })
+    }
+
+    /// Sends a request and waits up to `timeout` for the answer.
+    pub async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, BusError> {
+        match &*self.backend {
+            Backend::Local(b) => b.request(subject, headers, payload, timeout).await,
+            Backend::Nats(b) => b.request(subject, headers, payload, timeout).await,
+        }
+    }
+
+    /// Publishes to every subscriber (one per queue group); at-most-once.
+    pub async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+        match &*self.backend {
+            Backend::Local(b) => {
+                b.publish(subject, headers, payload);
+                Ok(())
+            }
+            Backend::Nats(b) => b.publish(subject, headers, payload).await,
+        }
+    }
+
+    /// Subscribes to `subject` (wildcards allowed), optionally in a queue group.
+    pub async fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<Subscription, BusError> {
+        match &*self.backend {
+            Backend::Local(b) => Ok(b.subscribe(subject, queue)),
+            Backend::Nats(b) => b.subscribe(subject, queue).await,
+        }
+    }
+
+    /// Waits until everything published so far has left this process.
+    pub async fn flush(&self) -> Result<(), BusError> {
+        match &*self.backend {
+            Backend::Local(_) => Ok(()),
+            Backend::Nats(b) => b.flush().await,
+        }
+    }
+
+    /// Whether the bus can carry messages right now (for /readyz).
+    pub fn is_connected(&self) -> bool {
+        match &*self.backend {
+            Backend::Local(_) => true,
+            Backend::Nats(b) => b.is_connected(),
+        }
+    }
+
+    /// Stops every subscription after delivering what is in flight (graceful shutdown).
+    pub async fn drain(&self) {
+        match &*self.backend {
+            Backend::Local(b) => b.close(),
+            Backend::Nats(b) => b.drain().await,
+        }
+    }
+
+    /// Messages dropped because a subscriber was full (in-process bus only; NATS counts its own).
+    pub fn dropped(&self) -> u64 {
+        match &*self.backend {
+            Backend::Local(b) => b.dropped(),
+            Backend::Nats(_) => 0,
+        }
+    }
+}
+
+/// Whether a NATS-style `pattern` matches a concrete `subject`.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_matching_follows_nats() {
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.c"));
+        assert!(subject_matches("a.*", "a.b"));
+        assert!(!subject_matches("a.*", "a.b.c"));
+        assert!(subject_matches("a.>", "a.b.c"));
+        assert!(!subject_matches("a.>", "a"));
+        assert!(!subject_matches("a.b.c", "a.b"));
+    }
+}

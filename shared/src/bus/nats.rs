@@ -1,0 +1,125 @@
+//! The NATS backend of the bus (NATS core: request/reply with headers, pub/sub, queue groups).
+
+use std::time::Duration;
+
+use async_nats::{HeaderMap, connection::State};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::{BusError, Headers, Incoming, Reply, ReplyTo, Subscription};
+
+/// See the module docs.
+pub struct NatsBus {
+    client: async_nats::Client,
+}
+
+impl NatsBus {
+    pub(super) async fn connect(url: &str, name: &str) -> Result<NatsBus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            // Each subscription buffers at most this many messages; beyond, NATS drops
+            // (and the /notify hub repairs the gap from the store).
+            .subscription_capacity(65_536)
+            .connect(url)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;
+        let bus = NatsBus { client };
+        // retry_on_initial_connect returns at once: wait (bounded) for the first connection so
+        // that start-up fails clearly when NATS is not there.
+        for _ in 0..100 {
+            if bus.is_connected() {
+                return Ok(bus);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(BusError::Unavailable(format!("NATS at {url} did not accept a connection within 5 s")))
+    }
+
+    pub(super) async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, BusError> {
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .headers(to_header_map(&headers))
+            .timeout(Some(timeout));
+        let msg = self.client.send_request(subject.to_string(), request).await.map_err(|e| {
+            use async_nats::client::RequestErrorKind as K;
+            match e.kind() {
+                K::TimedOut => BusError::TimedOut(subject.to_string()),
+                K::NoResponders => BusError::NoResponders(subject.to_string()),
+                _ => BusError::Unavailable(e.to_string()),
+            }
+        })?;
+        Ok(Reply { headers: from_header_map(msg.headers.as_ref()), payload: msg.payload })
+    }
+
+    pub(super) async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+        publish(&self.client, subject.to_string().into(), &headers, payload).await
+    }
+
+    pub(super) async fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<Subscription, BusError> {
+        let sub = match queue {
+            Some(q) => self.client.queue_subscribe(subject.to_string(), q.to_string()).await,
+            None => self.client.subscribe(subject.to_string()).await,
+        }
+        .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let client = self.client.clone();
+        Ok(sub
+            .map(move |m| Incoming {
+                subject: m.subject.to_string(),
+                headers: from_header_map(m.headers.as_ref()),
+                payload: m.payload,
+                reply: m.reply.map(|subject| ReplyTo::Nats { client: client.clone(), subject }),
+            })
+            .boxed())
+    }
+
+    pub(super) async fn flush(&self) -> Result<(), BusError> {
+        self.client.flush().await.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    pub(super) fn is_connected(&self) -> bool {
+        matches!(self.client.connection_state(), State::Connected)
+    }
+
+    pub(super) async fn drain(&self) {
+        if let Err(e) = self.client.drain().await {
+            tracing::warn!(error = %e, "NATS drain failed");
+        }
+    }
+}
+
+pub(super) async fn publish(
+    client: &async_nats::Client,
+    subject: async_nats::Subject,
+    headers: &Headers,
+    payload: Bytes,
+) -> Result<(), BusError> {
+    let result = if headers.is_empty() {
+        client.publish(subject, payload).await
+    } else {
+        client.publish_with_headers(subject, to_header_map(headers), payload).await
+    };
+    result.map_err(|e| BusError::Unavailable(e.to_string()))
+}
+
+fn to_header_map(headers: &Headers) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        map.insert(k.as_str(), v.as_str());
+    }
+    map
+}
+
+fn from_header_map(map: Option<&HeaderMap>) -> Headers {
+    let Some(map) = map else { return Vec::new() };
+    map.iter()
+        .filter_map(|(k, vs)| vs.first().map(|v| (k.to_string(), v.to_string())))
+        .collect()
+}

@@ -1,0 +1,408 @@
+//! Configuration: typed, layered, fail-fast.
+//!
+//! Layers, later ones win: built-in defaults → TOML file (`--config` / `QUICKIM_CONFIG`) →
+//! `QUICKIM_*` environment → command-line flags. Every key exists in all three forms, because
+//! one table below generates both [`Config`] and the flags ([`ConfigArgs`], whose values clap
+//! also reads from the environment). A bad value stops start-up with a message naming the key.
+//! Secrets are [`Secret`]s: never printed, not even by `Debug`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A string that is never shown in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    /// The secret itself; only for use, never for display.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+macro_rules! config_keys {
+    ($(
+        $(#[doc = $doc:literal])+
+        $(#[arg($($arg:tt)*)])*
+        $name:ident : $ty:ty => $argty:ty = $default:expr, env $env:literal;
+    )*) => {
+        /// The whole configuration of every role (see docs/operations.md for each key).
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct Config {
+            $( $(#[doc = $doc])+ pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $( $name: $default, )* }
+            }
+        }
+
+        /// Command-line flags for every key; each also reads its `QUICKIM_*` variable.
+        #[derive(Debug, Clone, Default, clap::Args, Serialize)]
+        pub struct ConfigArgs {
+            /// TOML configuration file (keys as below, snake_case)
+            #[arg(long, env = "QUICKIM_CONFIG", global = true)]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[doc = $doc])+
+                #[arg(long, env = $env, global = true, hide_env_values = true $(, $($arg)*)*)]
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $name: Option<$argty>,
+            )*
+        }
+
+        /// Every key with its environment variable, for docs and tests.
+        pub const KEYS: &[(&str, &str)] = &[ $( (stringify!($name), $env), )* ];
+    };
+}
+
+config_keys! {
+    /// Public listener: client API and /notify
+    public_addr: SocketAddr => SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)), env "QUICKIM_PUBLIC_ADDR";
+    /// /inner listener for business systems
+    inner_addr: SocketAddr => SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8081)), env "QUICKIM_INNER_ADDR";
+    /// Bearer key for /inner (standalone: generated in the data dir if unset)
+    inner_key: Option<Secret> => String = None, env "QUICKIM_INNER_KEY";
+    /// HS256 secret for client tokens, at least 32 bytes (standalone: generated if unset)
+    jwt_secret: Option<Secret> => String = None, env "QUICKIM_JWT_SECRET";
+    /// PEM public keys (RSA → RS256, Ed25519 → EdDSA) also accepted for client tokens, comma-separated paths
+    #[arg(value_delimiter = ',')]
+    jwt_public_keys: Vec<PathBuf> => Vec<PathBuf> = Vec::new(), env "QUICKIM_JWT_PUBLIC_KEYS";
+    /// Default lifetime of tokens from /inner/get_token, seconds
+    token_ttl_s: u64 => u64 = 86_400, env "QUICKIM_TOKEN_TTL_S";
+    /// Longest lifetime /inner/get_token grants, seconds
+    token_max_ttl_s: u64 => u64 = 30 * 86_400, env "QUICKIM_TOKEN_MAX_TTL_S";
+    /// Standalone SQLite file and generated secrets
+    data_dir: PathBuf => PathBuf = PathBuf::from("./data"), env "QUICKIM_DATA_DIR";
+    /// postgres://… for the distributed services
+    database_url: Option<String> => String = None, env "QUICKIM_DATABASE_URL";
+    /// Most database connections per process
+    db_max_connections: u32 => u32 = 16, env "QUICKIM_DB_MAX_CONNECTIONS";
+    /// nats://… for every distributed role
+    nats_url: Option<String> => String = None, env "QUICKIM_NATS_URL";
+    /// Name of this node in logs, traces and presence (default: role-host-pid)
+    node_id: Option<String> => String = None, env "QUICKIM_NODE_ID";
+    /// OTLP endpoint; trace export is off when unset
+    otlp_endpoint: Option<String> => String = None, env "QUICKIM_OTLP_ENDPOINT";
+    /// OTLP transport: grpc or http (protobuf)
+    otlp_protocol: String => String = "grpc".to_string(), env "QUICKIM_OTLP_PROTOCOL";
+    /// Fraction of traces sampled, 0.0–1.0
+    trace_sample_ratio: f64 => f64 = 1.0, env "QUICKIM_TRACE_SAMPLE_RATIO";
+    /// Log filter (RUST_LOG syntax)
+    log: String => String = "info".to_string(), env "QUICKIM_LOG";
+    /// Log format: text or json
+    log_format: String => String = "text".to_string(), env "QUICKIM_LOG_FORMAT";
+    /// Allowed browser origins (CORS and WebSocket Origin check), comma-separated
+    #[arg(value_delimiter = ',')]
+    cors_origins: Vec<String> => Vec<String> = Vec::new(), env "QUICKIM_CORS_ORIGINS";
+    /// Largest message content, UTF-8 bytes
+    max_content_bytes: usize => usize = 64 * 1024, env "QUICKIM_MAX_CONTENT_BYTES";
+    /// Largest public request body, bytes
+    max_body_bytes: usize => usize = 80 * 1024, env "QUICKIM_MAX_BODY_BYTES";
+    /// Largest /inner request body, bytes (batches)
+    inner_max_body_bytes: usize => usize = 8 * 1024 * 1024, env "QUICKIM_INNER_MAX_BODY_BYTES";
+    /// Most items in /inner/send_msg_batch
+    send_batch_max: usize => usize = 500, env "QUICKIM_SEND_BATCH_MAX";
+    /// Most messages per history answer
+    range_max: u32 => u32 = 100, env "QUICKIM_RANGE_MAX";
+    /// Whether clients may name other members in /create_conversation
+    client_create_members: bool => bool = false, env "QUICKIM_CLIENT_CREATE_MEMBERS";
+    /// Public API requests per second per user (per gateway node); 0 = unlimited
+    rate_limit_per_s: u32 => u32 = 100, env "QUICKIM_RATE_LIMIT_PER_S";
+    /// Burst above the rate
+    rate_limit_burst: u32 => u32 = 200, env "QUICKIM_RATE_LIMIT_BURST";
+    /// How long the gateway waits for a service answer, ms
+    request_timeout_ms: u64 => u64 = 5_000, env "QUICKIM_REQUEST_TIMEOUT_MS";
+    /// Log partitions of a new database (fixed once the database exists)
+    log_partitions: u16 => u16 = 8, env "QUICKIM_LOG_PARTITIONS";
+    /// Cursors older than this are answered with resync, seconds
+    replay_retention_s: u64 => u64 = 86_400, env "QUICKIM_REPLAY_RETENTION_S";
+    /// Largest replay on resume; a bigger backlog is answered with resync
+    replay_max: u32 => u32 = 10_000, env "QUICKIM_REPLAY_MAX";
+    /// Open /notify connections per user per gateway node
+    max_connections_per_user: u32 => u32 = 32, env "QUICKIM_MAX_CONNECTIONS_PER_USER";
+    /// Events queued per connection before it counts as a slow consumer
+    queue_max_events: usize => usize = 1024, env "QUICKIM_QUEUE_MAX_EVENTS";
+    /// Bytes queued per connection before it counts as a slow consumer
+    queue_max_bytes: usize => usize = 4 * 1024 * 1024, env "QUICKIM_QUEUE_MAX_BYTES";
+    /// SSE heartbeat comment interval, seconds (≤ 15)
+    sse_heartbeat_s: u64 => u64 = 15, env "QUICKIM_SSE_HEARTBEAT_S";
+    /// WebSocket ping interval, seconds; a peer silent for two intervals is closed
+    ws_ping_s: u64 => u64 = 20, env "QUICKIM_WS_PING_S";
+    /// Largest WebSocket frame a client may send, bytes
+    ws_max_frame_bytes: usize => usize = 96 * 1024, env "QUICKIM_WS_MAX_FRAME_BYTES";
+    /// Frames per second a WebSocket client may send (burst: twice that)
+    ws_frames_per_s: u32 => u32 = 50, env "QUICKIM_WS_FRAMES_PER_S";
+    /// Default long-poll wait, seconds
+    poll_timeout_s: u64 => u64 = 30, env "QUICKIM_POLL_TIMEOUT_S";
+    /// Longest long-poll wait a client may ask for, seconds
+    poll_max_timeout_s: u64 => u64 = 60, env "QUICKIM_POLL_MAX_TIMEOUT_S";
+    /// How long a gap in a log partition may stay open before it is filled from the store, ms
+    gap_fill_ms: u64 => u64 = 200, env "QUICKIM_GAP_FILL_MS";
+    /// Graceful shutdown: longest wait for streams and requests to finish, seconds
+    shutdown_grace_s: u64 => u64 = 10, env "QUICKIM_SHUTDOWN_GRACE_S";
+}
+
+/// Which process this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Everything in one process, SQLite, in-process bus.
+    Standalone,
+    /// Public + inner API and /notify, over NATS.
+    Gateway,
+    /// Conversation service, over NATS + PostgreSQL.
+    Conversation,
+    /// Message service, over NATS + PostgreSQL.
+    Message,
+}
+
+impl Role {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Standalone => "standalone",
+            Role::Gateway => "gateway",
+            Role::Conversation => "conversation",
+            Role::Message => "message",
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The shortest accepted HS256 secret.
+pub const MIN_SECRET_LEN: usize = 32;
+
+impl Config {
+    /// Builds the configuration from the layers and checks it for `role`.
+    pub fn load(args: &ConfigArgs, role: Role) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &args.config {
+            if !path.is_file() {
+                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Serialized::globals(args));
+        let config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        config.validate(role)?;
+        Ok(config)
+    }
+
+    /// Checks values and the keys `role` requires.
+    pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError(m));
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return fail(format!("trace_sample_ratio must be within 0.0–1.0, not {}", self.trace_sample_ratio));
+        }
+        if !matches!(self.otlp_protocol.as_str(), "grpc" | "http") {
+            return fail(format!("otlp_protocol must be grpc or http, not {:?}", self.otlp_protocol));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return fail(format!("log_format must be text or json, not {:?}", self.log_format));
+        }
+        if self.log_partitions == 0 || self.log_partitions > 256 {
+            return fail(format!("log_partitions must be within 1–256, not {}", self.log_partitions));
+        }
+        if self.max_content_bytes == 0 || self.max_body_bytes < self.max_content_bytes {
+            return fail("max_body_bytes must be at least max_content_bytes (> 0)".into());
+        }
+        if self.range_max == 0 || self.range_max > 1000 {
+            return fail(format!("range_max must be within 1–1000, not {}", self.range_max));
+        }
+        if self.send_batch_max == 0 {
+            return fail("send_batch_max must be at least 1".into());
+        }
+        if self.sse_heartbeat_s == 0 || self.sse_heartbeat_s > 15 {
+            return fail(format!("sse_heartbeat_s must be within 1–15, not {}", self.sse_heartbeat_s));
+        }
+        if self.ws_ping_s == 0 {
+            return fail("ws_ping_s must be at least 1".into());
+        }
+        if self.poll_max_timeout_s == 0 || self.poll_max_timeout_s > 60 || self.poll_timeout_s > self.poll_max_timeout_s {
+            return fail("poll_timeout_s must be ≤ poll_max_timeout_s ≤ 60 (and > 0)".into());
+        }
+        if self.queue_max_events == 0 || self.queue_max_bytes == 0 {
+            return fail("queue_max_events and queue_max_bytes must be > 0".into());
+        }
+        if self.token_ttl_s == 0 || self.token_ttl_s > self.token_max_ttl_s {
+            return fail("token_ttl_s must be > 0 and ≤ token_max_ttl_s".into());
+        }
+        if self.replay_max == 0 {
+            return fail("replay_max must be at least 1".into());
+        }
+        for origin in &self.cors_origins {
+            if origin == "*" {
+                return fail("cors_origins must list origins; \"*\" is not accepted".into());
+            }
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/') {
+                return fail(format!("cors_origins entry {origin:?} must look like https://host[:port]"));
+            }
+        }
+        if let Some(secret) = &self.jwt_secret {
+            if secret.expose().len() < MIN_SECRET_LEN {
+                return fail(format!("jwt_secret must be at least {MIN_SECRET_LEN} bytes"));
+            }
+            if secret.expose().starts_with("change-me") {
+                return fail("jwt_secret is still the example value; set your own".into());
+            }
+        }
+        if let Some(key) = &self.inner_key {
+            if key.expose().len() < 16 {
+                return fail("inner_key must be at least 16 bytes".into());
+            }
+            if key.expose().starts_with("change-me") {
+                return fail("inner_key is still the example value; set your own".into());
+            }
+        }
+        let need = |present: bool, key: &str| -> Result<(), ConfigError> {
+            if present {
+                Ok(())
+            } else {
+                Err(ConfigError(format!("`quickim {}` needs {key}", role.name())))
+            }
+        };
+        match role {
+            Role::Standalone => {}
+            Role::Gateway => {
+                need(self.nats_url.is_some(), "nats_url (QUICKIM_NATS_URL)")?;
+                need(self.jwt_secret.is_some(), "jwt_secret (QUICKIM_JWT_SECRET); the distributed gateway has no default secret")?;
+                need(self.inner_key.is_some(), "inner_key (QUICKIM_INNER_KEY)")?;
+            }
+            Role::Conversation | Role::Message => {
+                need(self.nats_url.is_some(), "nats_url (QUICKIM_NATS_URL)")?;
+                need(self.database_url.is_some(), "database_url (QUICKIM_DATABASE_URL)")?;
+            }
+        }
+        if let Some(url) = &self.database_url {
+            if role != Role::Standalone && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+                return fail("database_url must be a postgres:// URL for the distributed services".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's name: `node_id`, or role-host-pid.
+    pub fn node_name(&self, role: Role) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+            format!("{}-{}-{}", role.name(), if host.is_empty() { "host" } else { &host }, std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ConfigArgs,
+    }
+
+    fn parse(argv: &[&str]) -> ConfigArgs {
+        let mut full = vec!["quickim"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full).unwrap().args
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::load(&ConfigArgs::default(), Role::Standalone).unwrap();
+        assert_eq!(c.public_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.inner_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.max_content_bytes, 65536);
+        assert!(c.otlp_endpoint.is_none());
+        assert!(c.cors_origins.is_empty());
+    }
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        std::fs::write(&file, "public_addr = \"127.0.0.1:9000\"\nrange_max = 50\ncors_origins = [\"https://a.example\"]\n").unwrap();
+        let args = parse(&["--config", file.to_str().unwrap(), "--range-max", "70"]);
+        let c = Config::load(&args, Role::Standalone).unwrap();
+        assert_eq!(c.public_addr.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.range_max, 70);
+        assert_eq!(c.cors_origins, vec!["https://a.example".to_string()]);
+    }
+
+    #[test]
+    fn bad_values_stop_with_the_key_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.toml");
+        std::fs::write(&file, "range_maxx = 5\n").unwrap();
+        let err = Config::load(&parse(&["--config", file.to_str().unwrap()]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("range_maxx"), "{err}");
+
+        std::fs::write(&file, "range_max = \"many\"\n").unwrap();
+        let err = Config::load(&parse(&["--config", file.to_str().unwrap()]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("range_max"), "{err}");
+
+        let err = Config::load(&parse(&["--poll-timeout-s", "90"]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("poll_timeout_s"), "{err}");
+
+        let err = Config::load(&parse(&["--cors-origins", "*"]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("cors_origins"), "{err}");
+
+        assert!(Cli::try_parse_from(["quickim", "--public-addr", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn distributed_roles_need_their_keys_and_refuse_weak_secrets() {
+        let err = Config::load(&ConfigArgs::default(), Role::Gateway).unwrap_err();
+        assert!(err.0.contains("nats_url"), "{err}");
+        let err = Config::load(&parse(&["--nats-url", "nats://127.0.0.1:4222"]), Role::Gateway).unwrap_err();
+        assert!(err.0.contains("jwt_secret"), "{err}");
+        let err = Config::load(&parse(&["--jwt-secret", "short"]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("32"), "{err}");
+        let err = Config::load(&parse(&["--jwt-secret", "change-me-change-me-change-me-change-me"]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("example"), "{err}");
+        let ok = parse(&[
+            "--nats-url", "nats://127.0.0.1:4222",
+            "--jwt-secret", "0123456789abcdef0123456789abcdef",
+            "--inner-key", "0123456789abcdef",
+        ]);
+        assert!(Config::load(&ok, Role::Gateway).is_ok());
+        let err = Config::load(&parse(&["--nats-url", "nats://x", "--database-url", "sqlite://x"]), Role::Message).unwrap_err();
+        assert!(err.0.contains("postgres"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        let c = Config { jwt_secret: Some(Secret::new("super-secret-value-123456789012345")), ..Config::default() };
+        assert!(!format!("{c:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn every_key_has_a_quickim_env_name() {
+        for (key, env) in KEYS {
+            assert_eq!(*env, format!("QUICKIM_{}", key.to_uppercase()));
+        }
+    }
+}

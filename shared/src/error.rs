@@ -1,0 +1,187 @@
+//! Stable error codes and the error that crosses the service boundary.
+//!
+//! Every failure a client can see has one [`ErrorCode`]: a stable number (never reused, never
+//! renumbered), a stable name and an HTTP status. The number is the HTTP status times 100 plus
+//! a small index, so `40301` reads as "403, second kind". docs/api.md lists them all.
+
+use serde::{Deserialize, Serialize};
+
+/// Every kind of failure the API reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed JSON, unknown field, wrong type, value out of range.
+    InvalidParam,
+    /// Missing, malformed, expired, forged or revoked token (or wrong inner key).
+    InvalidToken,
+    /// Authenticated, but this action is not allowed (e.g. self-join of a private conversation).
+    Forbidden,
+    /// The caller is not a member of the conversation, or the conversation does not exist.
+    NotMember,
+    /// The resource does not exist (unknown route, unknown user on /inner).
+    NotFound,
+    /// The request conflicts with existing state (idempotency key reused differently, ...).
+    Conflict,
+    /// The conversation is archived and takes no client messages.
+    ConversationArchived,
+    /// Body or content larger than the configured limit.
+    PayloadTooLarge,
+    /// Request rate above the configured limit; `Retry-After` says when to come back.
+    RateLimited,
+    /// Too many open /notify connections for this user.
+    TooManyConnections,
+    /// A dependency (bus, database, service) cannot be reached or the node is shutting down.
+    Unavailable,
+    /// A dependency did not answer in time.
+    Timeout,
+    /// A bug or an unexpected failure; details are in the server log, never in the answer.
+    Internal,
+}
+
+impl ErrorCode {
+    /// All codes, in documentation order.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::InvalidParam,
+        ErrorCode::InvalidToken,
+        ErrorCode::Forbidden,
+        ErrorCode::NotMember,
+        ErrorCode::NotFound,
+        ErrorCode::Conflict,
+        ErrorCode::ConversationArchived,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::TooManyConnections,
+        ErrorCode::Internal,
+        ErrorCode::Unavailable,
+        ErrorCode::Timeout,
+    ];
+
+    /// The stable number carried in the `code` field of the envelope.
+    pub const fn number(self) -> u32 {
+        match self {
+            ErrorCode::InvalidParam => 40000,
+            ErrorCode::InvalidToken => 40100,
+            ErrorCode::Forbidden => 40300,
+            ErrorCode::NotMember => 40301,
+            ErrorCode::NotFound => 40400,
+            ErrorCode::Conflict => 40900,
+            ErrorCode::ConversationArchived => 40901,
+            ErrorCode::PayloadTooLarge => 41300,
+            ErrorCode::RateLimited => 42900,
+            ErrorCode::TooManyConnections => 42901,
+            ErrorCode::Internal => 50000,
+            ErrorCode::Unavailable => 50300,
+            ErrorCode::Timeout => 50400,
+        }
+    }
+
+    /// The HTTP status that goes with the code.
+    pub const fn http_status(self) -> u16 {
+        (self.number() / 100) as u16
+    }
+
+    /// The stable snake_case name (also the serde form).
+    pub const fn name(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidParam => "invalid_param",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::ConversationArchived => "conversation_archived",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
+        }
+    }
+
+    /// Looks a code up by its number.
+    pub fn from_number(n: u32) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.number() == n)
+    }
+
+    /// True for failures that are the server's fault (logged once as errors).
+    pub const fn is_server_error(self) -> bool {
+        self.http_status() >= 500
+    }
+}
+
+/// The error a service answers with, and the gateway turns into an HTTP answer.
+///
+/// `message` is meant for the client: it never carries internal details (those are logged
+/// where they happen, with [`ServiceError::internal`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ServiceError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// Human text for the client.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// A failure of the given kind with a client-facing message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServiceError { code, message: message.into() }
+    }
+
+    /// 400 with a message naming the bad field.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidParam, message)
+    }
+
+    /// 403 not_member: also the answer for a conversation that does not exist.
+    pub fn not_member() -> Self {
+        Self::new(ErrorCode::NotMember, "not a member of this conversation")
+    }
+
+    /// 409 with a message.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Conflict, message)
+    }
+
+    /// 500: logs `detail` here, once, and answers a generic message.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error");
+        Self::new(ErrorCode::Internal, "internal error")
+    }
+
+    /// 503 with a message.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_unique_and_match_status() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.number()), "duplicate number for {code:?}");
+            assert_eq!(ErrorCode::from_number(code.number()), Some(code));
+            assert!((400..600).contains(&code.http_status()));
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.name()));
+        }
+    }
+
+    #[test]
+    fn published_numbers_never_change() {
+        // These numbers are in docs/api.md and in clients: changing one is a breaking change.
+        assert_eq!(ErrorCode::InvalidParam.number(), 40000);
+        assert_eq!(ErrorCode::InvalidToken.number(), 40100);
+        assert_eq!(ErrorCode::NotMember.number(), 40301);
+        assert_eq!(ErrorCode::Conflict.number(), 40900);
+        assert_eq!(ErrorCode::PayloadTooLarge.number(), 41300);
+        assert_eq!(ErrorCode::RateLimited.number(), 42900);
+        assert_eq!(ErrorCode::Unavailable.number(), 50300);
+        assert_eq!(ErrorCode::Timeout.number(), 50400);
+    }
+}

@@ -1,0 +1,498 @@
+//! The HTTP API: request bodies and the `data` of successful answers.
+//!
+//! Every request type denies unknown fields, so a typo is a 400 rather than a silently
+//! ignored option.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A stored message, as every read route and every `message` event carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Message {
+    /// The conversation the message belongs to.
+    pub conversation_id: String,
+    /// Gap-free position in the conversation, starting at 1.
+    pub msg_id: u64,
+    /// Sender's user id; empty for system messages.
+    pub from: String,
+    /// Opaque to the server; negative values are system messages (see docs/api.md).
+    #[serde(rename = "type")]
+    pub msg_type: i32,
+    /// Opaque to the server (UTF-8 text; JSON for system messages).
+    pub content: String,
+    /// The sender's idempotency key, if it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    /// Milliseconds since the epoch, server clock, at commit.
+    pub send_time: i64,
+}
+
+// ---------------------------------------------------------------- public routes
+
+/// Body of `/send_msg`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendMsgRequest {
+    /// Target conversation; the caller must be a member.
+    pub conversation_id: String,
+    /// Message type (≥ 0; negative types are reserved for system messages).
+    #[serde(rename = "type")]
+    pub msg_type: i32,
+    /// Content, at most the configured limit in UTF-8 bytes (64 KiB by default).
+    pub content: String,
+    /// Idempotency key, scoped to the sender: a retry returns the original message.
+    #[serde(default)]
+    pub client_msg_id: Option<String>,
+}
+
+/// Body of the routes that only name a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationRequest {
+    /// The conversation.
+    pub conversation_id: String,
+}
+
+/// Body of `/get_conversation_last_30_msg`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LastMsgsRequest {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Newest first when true; ascending by default.
+    #[serde(default)]
+    pub desc: bool,
+}
+
+/// Body of `/get_joined_conversation`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetJoinedRequest {
+    /// Only archived (true) or only active (false) conversations; both when absent.
+    #[serde(default)]
+    pub archived: Option<bool>,
+    /// Page size, 1–100 (default 50).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// Body of `/create_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateConversationRequest {
+    /// Opaque small integer chosen by the business.
+    pub conversation_type: i32,
+    /// Whether other users may join by themselves (default false).
+    #[serde(default)]
+    pub joinable: bool,
+    /// Other members; only accepted where `client_create_members` is enabled.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+/// Body of `/mark_read`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarkReadRequest {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Everything up to and including this msg_id is read (never moves backwards).
+    pub msg_id: u64,
+}
+
+/// Body of `/get_conversation_msg_by_range`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RangeRequest {
+    /// The conversation.
+    pub conversation_id: String,
+    /// First msg_id (inclusive).
+    pub start_msg_id: u64,
+    /// Last msg_id (inclusive); at most `range_max` messages are answered, from the start.
+    pub end_msg_id: u64,
+    /// Newest first when true.
+    #[serde(default)]
+    pub desc: bool,
+}
+
+/// Body of `/get_conversation_30msg_before_the_id` and `..._after_the_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AroundRequest {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The pivot msg_id (excluded from the answer).
+    pub msg_id: u64,
+    /// Newest first when true.
+    #[serde(default)]
+    pub desc: bool,
+}
+
+/// `data` of `/check_joined_conversation` and `/join_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinedAnswer {
+    /// Whether the caller is (now) a member.
+    pub joined: bool,
+}
+
+/// `data` of `/leave_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LeftAnswer {
+    /// Always true on success.
+    pub left: bool,
+}
+
+/// One line of the caller's conversation list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ConversationSummary {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Opaque small integer chosen at creation.
+    pub conversation_type: i32,
+    /// Newest msg_id (0 if none).
+    pub last_msg_id: u64,
+    /// What the caller has read.
+    pub read_msg_id: u64,
+    /// `last_msg_id - read_msg_id`, exact.
+    pub unread: u64,
+    /// send_time of the newest message (ms), or creation time.
+    pub last_send_time: i64,
+    /// Whether the conversation is archived.
+    pub archived: bool,
+}
+
+/// `data` of `/get_joined_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinedConversations {
+    /// Newest activity first.
+    pub conversations: Vec<ConversationSummary>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A member as `/get_conversation_detail` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemberInfo {
+    /// The member.
+    pub user_id: String,
+    /// `owner` or `member`.
+    pub role: Role,
+    /// msg_id of the system message that recorded the (latest) join.
+    pub joined_msg_id: u64,
+    /// What the member has read.
+    pub read_msg_id: u64,
+}
+
+/// A member's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Created the conversation (or was named owner by the business system).
+    Owner,
+    /// Any other member.
+    Member,
+}
+
+impl Role {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Member => "member",
+        }
+    }
+}
+
+/// `data` of `/get_conversation_detail`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConversationDetail {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Opaque small integer chosen at creation.
+    pub conversation_type: i32,
+    /// Whether users may join by themselves.
+    pub joinable: bool,
+    /// Whether the conversation is archived.
+    pub archived: bool,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Newest msg_id.
+    pub last_msg_id: u64,
+    /// send_time of the newest message (ms).
+    pub last_send_time: i64,
+    /// Current members.
+    pub members: Vec<MemberInfo>,
+}
+
+/// `data` of `/create_conversation` and `/inner/create_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedConversation {
+    /// The new (or, for an idempotent repeat, existing) conversation.
+    pub conversation_id: String,
+    /// False when an identical conversation already existed.
+    pub created: bool,
+}
+
+/// `data` of `/get_lastone_msgid`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MsgIdAnswer {
+    /// Newest msg_id of the conversation (0 if it has none).
+    pub msg_id: u64,
+}
+
+/// `data` of `/mark_read`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReadAnswer {
+    /// The caller's read position after the call.
+    pub read_msg_id: u64,
+}
+
+/// `data` of the history routes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MsgsAnswer {
+    /// The messages, ascending unless `desc` was set.
+    pub msgs: Vec<Message>,
+}
+
+/// `data` of `/get_conversation_lastone_msg`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LastOneAnswer {
+    /// The newest message, or null for a conversation without messages.
+    pub msg: Option<Message>,
+}
+
+// ---------------------------------------------------------------- inner routes
+
+/// Body of `/inner/get_token`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetTokenRequest {
+    /// Whom the token is for.
+    pub user_id: String,
+    /// The device family (`web`, `ios`, ...).
+    pub platform: String,
+    /// Lifetime in seconds (default and maximum from config).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// `data` of `/inner/get_token`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenAnswer {
+    /// The JWT to give the client.
+    pub token: String,
+    /// Expiry, ms since the epoch.
+    pub expires_at: i64,
+}
+
+/// Body of `/inner/create_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InnerCreateConversationRequest {
+    /// Name it yourself (idempotent re-create), or leave it out for a generated UUIDv7.
+    #[serde(default)]
+    pub conversation_id: Option<String>,
+    /// Opaque small integer.
+    pub conversation_type: i32,
+    /// Whether users may join by themselves (default false).
+    #[serde(default)]
+    pub joinable: bool,
+    /// Initial members.
+    pub members: Vec<String>,
+    /// Owner (added to the members if missing); none if absent.
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// Body of `/inner/join_conversation` and `/inner/kickout_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InnerMembersRequest {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Users to add or remove (1–1000).
+    pub user_ids: Vec<String>,
+}
+
+/// `data` of `/inner/join_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinedUsers {
+    /// Users that are members after the call (newly joined or already there).
+    pub joined: Vec<String>,
+}
+
+/// `data` of `/inner/kickout_conversation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KickedUsers {
+    /// Users that were members and are removed now.
+    pub kicked: Vec<String>,
+}
+
+/// Body of `/inner/set_archive_conversations`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetArchiveRequest {
+    /// Conversations to change (1–1000).
+    pub conversation_ids: Vec<String>,
+    /// New state.
+    pub archived: bool,
+}
+
+/// `data` of `/inner/set_archive_conversations`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ArchiveAnswer {
+    /// Conversations whose state changed.
+    pub updated: Vec<String>,
+}
+
+/// Body of `/inner/send_msg`, and one item of `/inner/send_msg_batch`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InnerSendMsgRequest {
+    /// Target conversation.
+    pub conversation_id: String,
+    /// A member's user id, or "" for a system message.
+    pub from: String,
+    /// Message type (≥ 0).
+    #[serde(rename = "type")]
+    pub msg_type: i32,
+    /// Content.
+    pub content: String,
+    /// Idempotency key, scoped to `from`.
+    #[serde(default)]
+    pub client_msg_id: Option<String>,
+}
+
+/// Body of `/inner/send_msg_batch`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InnerSendBatchRequest {
+    /// 1–`send_batch_max` messages, stored in order.
+    pub msgs: Vec<InnerSendMsgRequest>,
+}
+
+/// One result of `/inner/send_msg_batch`: the envelope of that item.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BatchItemResult {
+    /// 0 on success, else the error code.
+    pub code: u32,
+    /// The stored message on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Message>,
+    /// Human text on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `data` of `/inner/send_msg_batch`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BatchAnswer {
+    /// One result per item, in order.
+    pub results: Vec<BatchItemResult>,
+}
+
+/// Body of `/inner/get_users_online`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsersOnlineRequest {
+    /// Users to look up (1–1000).
+    pub user_ids: Vec<String>,
+}
+
+/// One user of `/inner/get_users_online`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UserOnline {
+    /// The user.
+    pub user_id: String,
+    /// At least one open /notify connection on some gateway.
+    pub online: bool,
+    /// Platforms with an open connection, sorted.
+    pub platforms: Vec<String>,
+    /// Open connections across all gateways.
+    pub connections: u32,
+}
+
+/// `data` of `/inner/get_users_online`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsersOnlineAnswer {
+    /// In the order asked.
+    pub users: Vec<UserOnline>,
+    /// How many gateway nodes answered.
+    pub nodes: u32,
+}
+
+/// Body of `/inner/kick_user`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KickUserRequest {
+    /// The user.
+    pub user_id: String,
+    /// Only this platform; every platform when absent.
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+/// `data` of `/inner/kick_user`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KickUserAnswer {
+    /// Connections closed across all gateways that answered.
+    pub closed_connections: u32,
+    /// Tokens issued before this time (ms) are rejected from now on.
+    pub revoked_before: i64,
+}
+
+// ---------------------------------------------------------------- envelope
+
+/// The failure envelope: `{"code":N,"error":"..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable numeric code (docs/api.md).
+    pub code: u32,
+    /// Human text.
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_json_shape_is_stable() {
+        let m = Message {
+            conversation_id: "c1".into(),
+            msg_id: 7,
+            from: "alice".into(),
+            msg_type: 1,
+            content: "hi".into(),
+            client_msg_id: None,
+            send_time: 1_700_000_000_000,
+        };
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"conversation_id":"c1","msg_id":7,"from":"alice","type":1,
+                "content":"hi","send_time":1_700_000_000_000i64})
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<SendMsgRequest>(
+            r#"{"conversation_id":"c","type":1,"content":"x","from":"mallory"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `from`"), "{err}");
+    }
+
+    #[test]
+    fn optional_fields_default() {
+        let r: GetJoinedRequest = serde_json::from_str("{}").unwrap();
+        assert!(r.archived.is_none() && r.limit.is_none() && r.cursor.is_none());
+        let r: LastMsgsRequest = serde_json::from_str(r#"{"conversation_id":"c"}"#).unwrap();
+        assert!(!r.desc);
+    }
+}

@@ -1,0 +1,338 @@
+//! Requests between the gateway and the services, one type per operation.
+//!
+//! Each request type names its bus subject and its reply type through [`Call`]. The
+//! conversation service serves `quickim.conv.*`, the message service `quickim.msg.*`; a reply
+//! is `Result<Reply, ServiceError>` as JSON. Identity is always explicit (`user_id`): the
+//! gateway fills it from the token, never from the client's body.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::api::{
+    ArchiveAnswer, ConversationDetail, CreatedConversation, JoinedConversations, JoinedUsers,
+    KickedUsers, LeftAnswer, Message, ReadAnswer,
+};
+use super::event::LogEntry;
+use crate::error::ServiceError;
+
+/// A request with a fixed subject and reply type.
+pub trait Call: Serialize + DeserializeOwned + Send + 'static {
+    /// Bus subject the owning service listens on.
+    const SUBJECT: &'static str;
+    /// What a successful call answers.
+    type Reply: Serialize + DeserializeOwned + Send + 'static;
+}
+
+/// What a service answers on the bus.
+pub type Reply<T> = Result<T, ServiceError>;
+
+/// Subject prefix (wildcard) of the conversation service.
+pub const CONVERSATION_SUBJECTS: &str = "quickim.conv.*";
+/// Queue group of the conversation service (one instance answers each request).
+pub const CONVERSATION_QUEUE: &str = "quickim-conversation";
+/// Subject prefix (wildcard) of the message service.
+pub const MESSAGE_SUBJECTS: &str = "quickim.msg.*";
+/// Queue group of the message service.
+pub const MESSAGE_QUEUE: &str = "quickim-message";
+
+macro_rules! call {
+    ($ty:ty, $subject:literal, $reply:ty) => {
+        impl Call for $ty {
+            const SUBJECT: &'static str = $subject;
+            type Reply = $reply;
+        }
+    };
+}
+
+// ---------------------------------------------------------------- conversation service
+
+/// Create a conversation (client: `owner` is the caller; inner: as given).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateConversation {
+    /// Given by the business system, or None for a generated UUIDv7.
+    pub conversation_id: Option<String>,
+    /// Opaque small integer.
+    pub conversation_type: i32,
+    /// Whether users may join by themselves.
+    pub joinable: bool,
+    /// Initial members (the owner is added if missing).
+    pub members: Vec<String>,
+    /// Owner, if any.
+    pub owner: Option<String>,
+}
+call!(CreateConversation, "quickim.conv.create", CreatedConversation);
+
+/// Is `user_id` an active member of the conversation?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckJoined {
+    /// The caller.
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+}
+call!(CheckJoined, "quickim.conv.check_joined", bool);
+
+/// One page of the caller's conversations.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListJoined {
+    /// The caller.
+    pub user_id: String,
+    /// Filter on the archived flag.
+    pub archived: Option<bool>,
+    /// Page size (already clamped by the gateway).
+    pub limit: u32,
+    /// Opaque page cursor.
+    pub cursor: Option<String>,
+}
+call!(ListJoined, "quickim.conv.list_joined", JoinedConversations);
+
+/// A conversation with its members (caller must be a member).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetDetail {
+    /// The caller.
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+}
+call!(GetDetail, "quickim.conv.detail", ConversationDetail);
+
+/// Add members (inner), or self-join a joinable conversation (client).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Join {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Users to add.
+    pub user_ids: Vec<String>,
+    /// True for a client joining by itself: only allowed on joinable conversations.
+    pub self_join: bool,
+}
+call!(Join, "quickim.conv.join", JoinedUsers);
+
+/// The caller leaves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Leave {
+    /// The caller.
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+}
+call!(Leave, "quickim.conv.leave", LeftAnswer);
+
+/// Remove members (inner).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Kick {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Users to remove.
+    pub user_ids: Vec<String>,
+}
+call!(Kick, "quickim.conv.kick", KickedUsers);
+
+/// Archive or unarchive conversations (inner).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetArchived {
+    /// The conversations.
+    pub conversation_ids: Vec<String>,
+    /// New state.
+    pub archived: bool,
+}
+call!(SetArchived, "quickim.conv.set_archived", ArchiveAnswer);
+
+/// Move the caller's read position forward.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MarkRead {
+    /// The caller.
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+    /// New read position (clamped to the newest message; never moves back).
+    pub msg_id: u64,
+}
+call!(MarkRead, "quickim.conv.mark_read", ReadAnswer);
+
+/// Revoke a user's tokens issued before `before_ms` (optionally one platform only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeTokens {
+    /// The user.
+    pub user_id: String,
+    /// One platform, or all.
+    pub platform: Option<String>,
+    /// Tokens issued before this time (ms) are rejected.
+    pub before_ms: i64,
+}
+call!(RevokeTokens, "quickim.conv.revoke_tokens", ());
+
+/// Every revocation still relevant (issued within the longest token lifetime).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListRevocations {
+    /// Revocations older than this (ms) are no longer needed: their tokens have expired.
+    pub since_ms: i64,
+}
+call!(ListRevocations, "quickim.conv.revocations", Vec<Revocation>);
+
+/// One token revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The user.
+    pub user_id: String,
+    /// One platform, or all ("" in storage).
+    pub platform: Option<String>,
+    /// Tokens issued before this time (ms) are rejected.
+    pub before_ms: i64,
+}
+
+/// The user's memberships and the log heads, read in one snapshot (for /notify sessions).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetMemberships {
+    /// The user.
+    pub user_id: String,
+}
+call!(GetMemberships, "quickim.conv.memberships", Memberships);
+
+/// A consistent snapshot of one user's memberships.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Memberships {
+    /// Log heads (one offset per partition) at the snapshot.
+    pub heads: Vec<u64>,
+    /// Active memberships.
+    pub conversations: Vec<MembershipRow>,
+}
+
+/// One active membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipRow {
+    /// The conversation.
+    pub conversation_id: String,
+    /// msg_id from which the user receives the conversation.
+    pub joined_msg_id: u64,
+}
+
+// ---------------------------------------------------------------- message service
+
+/// Who is sending, which decides the rules that apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// A client through the public API: no archived conversations.
+    Client,
+    /// The business system through /inner: may send system messages (`from` empty).
+    Inner,
+}
+
+/// Store one message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendMessage {
+    /// Client or inner.
+    pub origin: Origin,
+    /// Target conversation.
+    pub conversation_id: String,
+    /// Sender ("" for a system message from /inner).
+    pub from: String,
+    /// Message type (≥ 0).
+    pub msg_type: i32,
+    /// Content.
+    pub content: String,
+    /// Idempotency key, scoped to `from`.
+    pub client_msg_id: Option<String>,
+}
+call!(SendMessage, "quickim.msg.send", Message);
+
+/// Store several messages, each with its own result, in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendBatch {
+    /// The messages.
+    pub items: Vec<SendMessage>,
+}
+call!(SendBatch, "quickim.msg.send_batch", Vec<Reply<Message>>);
+
+/// Which messages a history read wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum HistoryQuery {
+    /// start..=end, at most `range_max` from `start`.
+    Range {
+        /// First msg_id.
+        start: u64,
+        /// Last msg_id.
+        end: u64,
+    },
+    /// Up to 30 messages with msg_id < the given one (the nearest ones).
+    Before {
+        /// Pivot.
+        msg_id: u64,
+    },
+    /// Up to 30 messages with msg_id > the given one (the nearest ones).
+    After {
+        /// Pivot.
+        msg_id: u64,
+    },
+    /// The newest 30 messages.
+    Last,
+    /// The newest message.
+    LastOne,
+}
+
+/// Read history (caller must be an active member).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct History {
+    /// The caller.
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+    /// Which messages.
+    pub query: HistoryQuery,
+    /// Newest first.
+    pub desc: bool,
+}
+call!(History, "quickim.msg.history", Vec<Message>);
+
+/// Newest msg_id of a conversation (caller must be an active member).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastMsgId {
+    /// The caller.
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+}
+call!(LastMsgId, "quickim.msg.last_msg_id", u64);
+
+/// Current log heads, one offset per partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetHeads {}
+call!(GetHeads, "quickim.msg.heads", Vec<u64>);
+
+/// Entries of one partition with `after < offset <= upto` (gap fill), at most `limit`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadLog {
+    /// Partition.
+    pub part: u16,
+    /// Exclusive lower bound.
+    pub after: u64,
+    /// Inclusive upper bound.
+    pub upto: u64,
+    /// Most entries to answer.
+    pub limit: u32,
+}
+call!(ReadLog, "quickim.msg.read_log", Vec<LogEntry>);
+
+/// What a user missed between two log positions (resume).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Replay {
+    /// The user.
+    pub user_id: String,
+    /// Exclusive lower bounds, one per partition (the client's cursor).
+    pub after: Vec<u64>,
+    /// Inclusive upper bounds, one per partition.
+    pub upto: Vec<u64>,
+    /// Most entries to answer; more means the client must resync.
+    pub limit: u32,
+}
+call!(Replay, "quickim.msg.replay", ReplayAnswer);
+
+/// Answer to [`Replay`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplayAnswer {
+    /// Entries in (partition, offset) order.
+    pub entries: Vec<LogEntry>,
+    /// False when the cursor is beyond the retention window, or the backlog is over `limit`.
+    pub complete: bool,
+}
