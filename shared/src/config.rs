@@ -200,7 +200,10 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &args.config {
             if !path.is_file() {
-                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -214,33 +217,54 @@ impl Config {
     pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError(m));
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
-            return fail(format!("trace_sample_ratio must be within 0.0–1.0, not {}", self.trace_sample_ratio));
+            return fail(format!(
+                "trace_sample_ratio must be within 0.0–1.0, not {}",
+                self.trace_sample_ratio
+            ));
         }
         if !matches!(self.otlp_protocol.as_str(), "grpc" | "http") {
-            return fail(format!("otlp_protocol must be grpc or http, not {:?}", self.otlp_protocol));
+            return fail(format!(
+                "otlp_protocol must be grpc or http, not {:?}",
+                self.otlp_protocol
+            ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return fail(format!("log_format must be text or json, not {:?}", self.log_format));
+            return fail(format!(
+                "log_format must be text or json, not {:?}",
+                self.log_format
+            ));
         }
         if self.log_partitions == 0 || self.log_partitions > 256 {
-            return fail(format!("log_partitions must be within 1–256, not {}", self.log_partitions));
+            return fail(format!(
+                "log_partitions must be within 1–256, not {}",
+                self.log_partitions
+            ));
         }
         if self.max_content_bytes == 0 || self.max_body_bytes < self.max_content_bytes {
             return fail("max_body_bytes must be at least max_content_bytes (> 0)".into());
         }
         if self.range_max == 0 || self.range_max > 1000 {
-            return fail(format!("range_max must be within 1–1000, not {}", self.range_max));
+            return fail(format!(
+                "range_max must be within 1–1000, not {}",
+                self.range_max
+            ));
         }
         if self.send_batch_max == 0 {
             return fail("send_batch_max must be at least 1".into());
         }
         if self.sse_heartbeat_s == 0 || self.sse_heartbeat_s > 15 {
-            return fail(format!("sse_heartbeat_s must be within 1–15, not {}", self.sse_heartbeat_s));
+            return fail(format!(
+                "sse_heartbeat_s must be within 1–15, not {}",
+                self.sse_heartbeat_s
+            ));
         }
         if self.ws_ping_s == 0 {
             return fail("ws_ping_s must be at least 1".into());
         }
-        if self.poll_max_timeout_s == 0 || self.poll_max_timeout_s > 60 || self.poll_timeout_s > self.poll_max_timeout_s {
+        if self.poll_max_timeout_s == 0
+            || self.poll_max_timeout_s > 60
+            || self.poll_timeout_s > self.poll_max_timeout_s
+        {
             return fail("poll_timeout_s must be ≤ poll_max_timeout_s ≤ 60 (and > 0)".into());
         }
         if self.queue_max_events == 0 || self.queue_max_bytes == 0 {
@@ -256,13 +280,19 @@ impl Config {
             if origin == "*" {
                 return fail("cors_origins must list origins; \"*\" is not accepted".into());
             }
-            if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/') {
-                return fail(format!("cors_origins entry {origin:?} must look like https://host[:port]"));
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.ends_with('/')
+            {
+                return fail(format!(
+                    "cors_origins entry {origin:?} must look like https://host[:port]"
+                ));
             }
         }
         if let Some(secret) = &self.jwt_secret {
             if secret.expose().len() < MIN_SECRET_LEN {
-                return fail(format!("jwt_secret must be at least {MIN_SECRET_LEN} bytes"));
+                return fail(format!(
+                    "jwt_secret must be at least {MIN_SECRET_LEN} bytes"
+                ));
             }
             if secret.expose().starts_with("change-me") {
                 return fail("jwt_secret is still the example value; set your own".into());
@@ -280,24 +310,38 @@ impl Config {
             if present {
                 Ok(())
             } else {
-                Err(ConfigError(format!("`quickim {}` needs {key}", role.name())))
+                Err(ConfigError(format!(
+                    "`quickim {}` needs {key}",
+                    role.name()
+                )))
             }
         };
         match role {
             Role::Standalone => {}
             Role::Gateway => {
                 need(self.nats_url.is_some(), "nats_url (QUICKIM_NATS_URL)")?;
-                need(self.jwt_secret.is_some(), "jwt_secret (QUICKIM_JWT_SECRET); the distributed gateway has no default secret")?;
+                need(
+                    self.jwt_secret.is_some(),
+                    "jwt_secret (QUICKIM_JWT_SECRET); the distributed gateway has no default secret",
+                )?;
                 need(self.inner_key.is_some(), "inner_key (QUICKIM_INNER_KEY)")?;
             }
             Role::Conversation | Role::Message => {
                 need(self.nats_url.is_some(), "nats_url (QUICKIM_NATS_URL)")?;
-                need(self.database_url.is_some(), "database_url (QUICKIM_DATABASE_URL)")?;
+                need(
+                    self.database_url.is_some(),
+                    "database_url (QUICKIM_DATABASE_URL)",
+                )?;
             }
         }
         if let Some(url) = &self.database_url {
-            if role != Role::Standalone && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
-                return fail("database_url must be a postgres:// URL for the distributed services".into());
+            if role != Role::Standalone
+                && !url.starts_with("postgres://")
+                && !url.starts_with("postgresql://")
+            {
+                return fail(
+                    "database_url must be a postgres:// URL for the distributed services".into(),
+                );
             }
         }
         Ok(())
@@ -306,8 +350,15 @@ impl Config {
     /// This node's name: `node_id`, or role-host-pid.
     pub fn node_name(&self, role: Role) -> String {
         self.node_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-            format!("{}-{}-{}", role.name(), if host.is_empty() { "host" } else { &host }, std::process::id())
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            format!(
+                "{}-{}-{}",
+                role.name(),
+                if host.is_empty() { "host" } else { &host },
+                std::process::id()
+            )
         })
     }
 }
@@ -357,11 +408,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("q.toml");
         std::fs::write(&file, "range_maxx = 5\n").unwrap();
-        let err = Config::load(&parse(&["--config", file.to_str().unwrap()]), Role::Standalone).unwrap_err();
+        let err = Config::load(
+            &parse(&["--config", file.to_str().unwrap()]),
+            Role::Standalone,
+        )
+        .unwrap_err();
         assert!(err.0.contains("range_maxx"), "{err}");
 
         std::fs::write(&file, "range_max = \"many\"\n").unwrap();
-        let err = Config::load(&parse(&["--config", file.to_str().unwrap()]), Role::Standalone).unwrap_err();
+        let err = Config::load(
+            &parse(&["--config", file.to_str().unwrap()]),
+            Role::Standalone,
+        )
+        .unwrap_err();
         assert!(err.0.contains("range_max"), "{err}");
 
         let err = Config::load(&parse(&["--poll-timeout-s", "90"]), Role::Standalone).unwrap_err();
@@ -377,25 +436,43 @@ mod tests {
     fn distributed_roles_need_their_keys_and_refuse_weak_secrets() {
         let err = Config::load(&ConfigArgs::default(), Role::Gateway).unwrap_err();
         assert!(err.0.contains("nats_url"), "{err}");
-        let err = Config::load(&parse(&["--nats-url", "nats://127.0.0.1:4222"]), Role::Gateway).unwrap_err();
+        let err = Config::load(
+            &parse(&["--nats-url", "nats://127.0.0.1:4222"]),
+            Role::Gateway,
+        )
+        .unwrap_err();
         assert!(err.0.contains("jwt_secret"), "{err}");
         let err = Config::load(&parse(&["--jwt-secret", "short"]), Role::Standalone).unwrap_err();
         assert!(err.0.contains("32"), "{err}");
-        let err = Config::load(&parse(&["--jwt-secret", "change-me-change-me-change-me-change-me"]), Role::Standalone).unwrap_err();
+        let err = Config::load(
+            &parse(&["--jwt-secret", "change-me-change-me-change-me-change-me"]),
+            Role::Standalone,
+        )
+        .unwrap_err();
         assert!(err.0.contains("example"), "{err}");
         let ok = parse(&[
-            "--nats-url", "nats://127.0.0.1:4222",
-            "--jwt-secret", "0123456789abcdef0123456789abcdef",
-            "--inner-key", "0123456789abcdef",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--inner-key",
+            "0123456789abcdef",
         ]);
         assert!(Config::load(&ok, Role::Gateway).is_ok());
-        let err = Config::load(&parse(&["--nats-url", "nats://x", "--database-url", "sqlite://x"]), Role::Message).unwrap_err();
+        let err = Config::load(
+            &parse(&["--nats-url", "nats://x", "--database-url", "sqlite://x"]),
+            Role::Message,
+        )
+        .unwrap_err();
         assert!(err.0.contains("postgres"), "{err}");
     }
 
     #[test]
     fn secrets_do_not_show_in_debug() {
-        let c = Config { jwt_secret: Some(Secret::new("super-secret-value-123456789012345")), ..Config::default() };
+        let c = Config {
+            jwt_secret: Some(Secret::new("super-secret-value-123456789012345")),
+            ..Config::default()
+        };
         assert!(!format!("{c:?}").contains("super-secret"));
     }
 

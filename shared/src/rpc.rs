@@ -56,8 +56,9 @@ impl RpcClient {
                 .request(C::SUBJECT, headers, payload.into(), self.timeout)
                 .await
                 .map_err(bus_error)?;
-            let answer: Reply<C::Reply> = serde_json::from_slice(&reply.payload)
-                .map_err(|e| ServiceError::internal(format!("undecodable answer on {}: {e}", C::SUBJECT)))?;
+            let answer: Reply<C::Reply> = serde_json::from_slice(&reply.payload).map_err(|e| {
+                ServiceError::internal(format!("undecodable answer on {}: {e}", C::SUBJECT))
+            })?;
             answer
         }
         .instrument(span)
@@ -103,14 +104,20 @@ where
 {
     let reply = match serde_json::from_slice::<C>(payload) {
         Ok(request) => f(request).await,
-        Err(e) => Err(ServiceError::invalid(format!("malformed {} request: {e}", C::SUBJECT))),
+        Err(e) => Err(ServiceError::invalid(format!(
+            "malformed {} request: {e}",
+            C::SUBJECT
+        ))),
     };
     encode(&reply)
 }
 
 /// The answer for a subject nobody handles.
 pub fn unknown_operation(subject: &str) -> Bytes {
-    encode::<()>(&Err(ServiceError::new(ErrorCode::NotFound, format!("unknown operation {subject}"))))
+    encode::<()>(&Err(ServiceError::new(
+        ErrorCode::NotFound,
+        format!("unknown operation {subject}"),
+    )))
 }
 
 /// Something that answers requests by subject.
@@ -138,7 +145,9 @@ pub async fn serve<H: Handler>(
             _ = shutdown.cancelled() => break,
             msg = sub.next() => match msg { Some(m) => m, None => break },
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         let handler = handler.clone();
         tasks.spawn(async move {
             let span = telemetry::server_span(&msg.subject, &msg.headers);

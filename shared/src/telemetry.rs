@@ -21,12 +21,21 @@ impl Telemetry {
 
 /// Installs the global subscriber: logs to stderr in `log_format`, filtered by `log`.
 pub fn init(config: &Config, _service_name: &str) -> Result<Telemetry, ConfigError> {
-    let filter = EnvFilter::try_new(&config.log).map_err(|e| ConfigError(format!("log filter {:?}: {e}", config.log)))?;
+    let filter = EnvFilter::try_new(&config.log)
+        .map_err(|e| ConfigError(format!("log filter {:?}: {e}", config.log)))?;
     let registry = tracing_subscriber::registry().with(filter);
     let result = if config.log_format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
     } else {
-        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()
     };
     result.map_err(|e| ConfigError(format!("logging already initialised: {e}")))?;
     Ok(Telemetry { _private: () })

@@ -1,1 +1,277 @@
-//! wip
+//! The database of the conversation and message services.
+//!
+//! Both services share one database (SQLite in standalone, PostgreSQL when distributed) and
+//! this crate is its only door. Where each piece lives:
+//! - [`Store`] (here): opening, migrations, transactions, the SQLite/PostgreSQL differences;
+//! - `sqlite.rs`, `postgres.rs`: connection set-up of each database;
+//! - `log.rs`: the log: allocation of msg_ids and partition offsets (the one place that
+//!   writes messages), heads, gap-fill reads, resume replays, retention checkpoints;
+//! - `conversations.rs`: conversations and membership (each change writes its system
+//!   message through the log, in the same transaction);
+//! - `messages.rs`: sending (membership, archive and idempotency checks) and history;
+//! - `revocations.rs`: token revocations;
+//! - `sql.rs`: placeholder building and row decoding shared by the above.
+//!
+//! Ordering guarantees come from row locks held until commit: a conversation's row while
+//! its msg_ids are allocated, a partition's row while its offsets are allocated. Locks are
+//! always taken in the same order (conversations by id, then idempotency keys, then
+//! partitions by number), so concurrent writers never deadlock.
+
+/// Runs `$body` (which sees `$tx: &mut Tx`) in a write transaction and commits; retries a
+/// few times when PostgreSQL reports a deadlock or a serialization failure. `return` in the
+/// body leaves the attempt (rolling back on `Err`).
+macro_rules! write_tx {
+    ($store:expr, |$tx:ident| $body:block) => {{
+        let mut attempt: u64 = 0;
+        loop {
+            attempt += 1;
+            let (guard, mut owned_tx) = $store.begin_write().await?;
+            let result: $crate::Result<_> = async {
+                let $tx = &mut owned_tx;
+                $body
+            }
+            .await;
+            let result = match result {
+                Ok(v) => owned_tx.commit().await.map(|_| v).map_err($crate::StoreError::from),
+                Err(e) => {
+                    let _ = owned_tx.rollback().await;
+                    Err(e)
+                }
+            };
+            drop(guard);
+            match result {
+                Err($crate::StoreError::Database(e)) if attempt < 5 && $crate::is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "retrying transaction");
+                    tokio::time::sleep(std::time::Duration::from_millis(2 * attempt)).await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+mod conversations;
+mod log;
+mod messages;
+mod postgres;
+mod revocations;
+mod sql;
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use quickim_shared::error::ServiceError;
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Any, Transaction};
+
+pub use conversations::{CreateOutcome, NewConversation};
+pub use log::LogHeads;
+pub use messages::SendItem;
+
+/// Which database is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite (standalone): one writer at a time, serialized in-process.
+    Sqlite,
+    /// PostgreSQL (distributed): row locks.
+    Postgres,
+}
+
+/// A store failure: either an outcome for the client (not a member, conflict, ...) or a
+/// database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The request is refused; the error says why, for the client.
+    #[error(transparent)]
+    Rejected(#[from] ServiceError),
+    /// The database failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The database holds something this version cannot read.
+    #[error("database content: {0}")]
+    Corrupt(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> ServiceError {
+        match e {
+            StoreError::Rejected(e) => e,
+            StoreError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+            ) => {
+                tracing::error!(error = %e, "database unavailable");
+                ServiceError::unavailable("database unavailable, try again")
+            }
+            other => ServiceError::internal(other),
+        }
+    }
+}
+
+pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
+pub(crate) type Tx = Transaction<'static, Any>;
+
+/// Cheap `Clone` handle to the database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: AnyPool,
+    dialect: Dialect,
+    partitions: u16,
+    epoch: u32,
+    /// SQLite takes one writer at a time: writers queue here instead of spinning in
+    /// SQLite's busy handler.
+    write_lock: Option<tokio::sync::Mutex<()>>,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database file at `path`.
+    pub async fn open_sqlite(
+        path: &Path,
+        max_connections: u32,
+        partitions_if_new: u16,
+    ) -> Result<Store> {
+        let pool = sqlite::open(path, max_connections).await?;
+        Self::init(pool, Dialect::Sqlite, partitions_if_new).await
+    }
+
+    /// Connects to PostgreSQL at `url`.
+    pub async fn open_postgres(
+        url: &str,
+        max_connections: u32,
+        partitions_if_new: u16,
+    ) -> Result<Store> {
+        let pool = postgres::open(url, max_connections).await?;
+        Self::init(pool, Dialect::Postgres, partitions_if_new).await
+    }
+
+    async fn init(pool: AnyPool, dialect: Dialect, partitions_if_new: u16) -> Result<Store> {
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Database(e.into()))?;
+        let (partitions, epoch) = log::init_meta(&pool, partitions_if_new).await?;
+        if partitions != partitions_if_new {
+            tracing::info!(
+                partitions,
+                configured = partitions_if_new,
+                "the database keeps the log partitions it was created with"
+            );
+        }
+        let write_lock = (dialect == Dialect::Sqlite).then(|| tokio::sync::Mutex::new(()));
+        Ok(Store {
+            inner: Arc::new(Inner {
+                pool,
+                dialect,
+                partitions,
+                epoch,
+                write_lock,
+            }),
+        })
+    }
+
+    /// Log partitions of this database.
+    pub fn partitions(&self) -> u16 {
+        self.inner.partitions
+    }
+
+    /// This database's epoch: a random number fixed at creation, carried in cursors.
+    pub fn epoch(&self) -> u32 {
+        self.inner.epoch
+    }
+
+    /// SQLite or PostgreSQL.
+    pub fn dialect(&self) -> Dialect {
+        self.inner.dialect
+    }
+
+    /// Whether the database answers (for /readyz).
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1")
+            .execute(&self.inner.pool)
+            .await
+            .is_ok()
+    }
+
+    /// Connections in use and idle (for metrics).
+    pub fn pool_usage(&self) -> (u32, usize) {
+        (self.inner.pool.size(), self.inner.pool.num_idle())
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.inner.pool.close().await;
+    }
+
+    /// Queues behind other writers (SQLite only) and opens a write transaction.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Tx)> {
+        let guard = match &self.inner.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        let tx = match self.inner.dialect {
+            Dialect::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.inner.pool.begin().await?,
+        };
+        Ok((guard, tx))
+    }
+
+    /// A read-only transaction that sees one consistent snapshot.
+    pub(crate) async fn snapshot(&self) -> Result<Tx> {
+        Ok(match self.inner.dialect {
+            // A deferred SQLite transaction reads one WAL snapshot from its first read.
+            Dialect::Sqlite => self.inner.pool.begin_with("BEGIN").await?,
+            Dialect::Postgres => {
+                self.inner
+                    .pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?
+            }
+        })
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.inner.pool
+    }
+
+    /// ` FOR UPDATE` where the database has it (SQLite writers are serialized anyway).
+    pub(crate) fn for_update(&self) -> &'static str {
+        match self.inner.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+}
+
+pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40P01" | "40001")),
+        _ => false,
+    }
+}
+
+pub(crate) fn any_pool_options(max_connections: u32) -> AnyPoolOptions {
+    sqlx::any::install_default_drivers();
+    AnyPoolOptions::new()
+        .max_connections(max_connections.max(2))
+        .acquire_timeout(std::time::Duration::from_secs(10))
+}
+
+/// Log partition of a conversation: FNV-1a of its id, modulo the partition count. Stored with
+/// the conversation at creation, so the function could change without moving anything.
+pub fn partition_of(conversation_id: &str, partitions: u16) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in conversation_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % u32::from(partitions.max(1))) as u16
+}

@@ -58,7 +58,10 @@ pub struct Incoming {
 
 enum ReplyTo {
     Local(oneshot::Sender<Reply>),
-    Nats { client: async_nats::Client, subject: async_nats::Subject },
+    Nats {
+        client: async_nats::Client,
+        subject: async_nats::Subject,
+    },
 }
 
 impl Incoming {
@@ -100,13 +103,17 @@ enum Backend {
 impl Bus {
     /// An in-process bus; each subscription buffers at most `capacity` messages.
     pub fn local(capacity: usize) -> Bus {
-        Bus { backend: Arc::new(Backend::Local(local::LocalBus::new(capacity))) }
+        Bus {
+            backend: Arc::new(Backend::Local(local::LocalBus::new(capacity))),
+        }
     }
 
     /// Connects to NATS at `url` (retries in the background after the first connection).
     pub async fn connect_nats(url: &str, name: &str) -> Result<Bus, BusError> {
         let bus = nats::NatsBus::connect(url, name).await?;
-        Ok(Bus { backend: Arc::new(Backend::Nats(bus)) })
+        Ok(Bus {
+            backend: Arc::new(Backend::Nats(bus)),
+        })
     }
 
     /// Sends a request and waits up to `timeout` for the answer.
@@ -124,7 +131,12 @@ impl Bus {
     }
 
     /// Publishes to every subscriber (one per queue group); at-most-once.
-    pub async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
         match &*self.backend {
             Backend::Local(b) => {
                 b.publish(subject, headers, payload);
@@ -135,7 +147,11 @@ impl Bus {
     }
 
     /// Subscribes to `subject` (wildcards allowed), optionally in a queue group.
-    pub async fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<Subscription, BusError> {
+    pub async fn subscribe(
+        &self,
+        subject: &str,
+        queue: Option<&str>,
+    ) -> Result<Subscription, BusError> {
         match &*self.backend {
             Backend::Local(b) => Ok(b.subscribe(subject, queue)),
             Backend::Nats(b) => b.subscribe(subject, queue).await,

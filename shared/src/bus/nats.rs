@@ -34,7 +34,9 @@ impl NatsBus {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(BusError::Unavailable(format!("NATS at {url} did not accept a connection within 5 s")))
+        Err(BusError::Unavailable(format!(
+            "NATS at {url} did not accept a connection within 5 s"
+        )))
     }
 
     pub(super) async fn request(
@@ -48,24 +50,44 @@ impl NatsBus {
             .payload(payload)
             .headers(to_header_map(&headers))
             .timeout(Some(timeout));
-        let msg = self.client.send_request(subject.to_string(), request).await.map_err(|e| {
-            use async_nats::client::RequestErrorKind as K;
-            match e.kind() {
-                K::TimedOut => BusError::TimedOut(subject.to_string()),
-                K::NoResponders => BusError::NoResponders(subject.to_string()),
-                _ => BusError::Unavailable(e.to_string()),
-            }
-        })?;
-        Ok(Reply { headers: from_header_map(msg.headers.as_ref()), payload: msg.payload })
+        let msg = self
+            .client
+            .send_request(subject.to_string(), request)
+            .await
+            .map_err(|e| {
+                use async_nats::client::RequestErrorKind as K;
+                match e.kind() {
+                    K::TimedOut => BusError::TimedOut(subject.to_string()),
+                    K::NoResponders => BusError::NoResponders(subject.to_string()),
+                    _ => BusError::Unavailable(e.to_string()),
+                }
+            })?;
+        Ok(Reply {
+            headers: from_header_map(msg.headers.as_ref()),
+            payload: msg.payload,
+        })
     }
 
-    pub(super) async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+    pub(super) async fn publish(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
         publish(&self.client, subject.to_string().into(), &headers, payload).await
     }
 
-    pub(super) async fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<Subscription, BusError> {
+    pub(super) async fn subscribe(
+        &self,
+        subject: &str,
+        queue: Option<&str>,
+    ) -> Result<Subscription, BusError> {
         let sub = match queue {
-            Some(q) => self.client.queue_subscribe(subject.to_string(), q.to_string()).await,
+            Some(q) => {
+                self.client
+                    .queue_subscribe(subject.to_string(), q.to_string())
+                    .await
+            }
             None => self.client.subscribe(subject.to_string()).await,
         }
         .map_err(|e| BusError::Unavailable(e.to_string()))?;
@@ -75,13 +97,19 @@ impl NatsBus {
                 subject: m.subject.to_string(),
                 headers: from_header_map(m.headers.as_ref()),
                 payload: m.payload,
-                reply: m.reply.map(|subject| ReplyTo::Nats { client: client.clone(), subject }),
+                reply: m.reply.map(|subject| ReplyTo::Nats {
+                    client: client.clone(),
+                    subject,
+                }),
             })
             .boxed())
     }
 
     pub(super) async fn flush(&self) -> Result<(), BusError> {
-        self.client.flush().await.map_err(|e| BusError::Unavailable(e.to_string()))
+        self.client
+            .flush()
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
     pub(super) fn is_connected(&self) -> bool {
@@ -104,7 +132,9 @@ pub(super) async fn publish(
     let result = if headers.is_empty() {
         client.publish(subject, payload).await
     } else {
-        client.publish_with_headers(subject, to_header_map(headers), payload).await
+        client
+            .publish_with_headers(subject, to_header_map(headers), payload)
+            .await
     };
     result.map_err(|e| BusError::Unavailable(e.to_string()))
 }

@@ -59,7 +59,11 @@ pub struct CreateConversation {
     /// Owner, if any.
     pub owner: Option<String>,
 }
-call!(CreateConversation, "quickim.conv.create", CreatedConversation);
+call!(
+    CreateConversation,
+    "quickim.conv.create",
+    CreatedConversation
+);
 
 /// Is `user_id` an active member of the conversation?
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -75,7 +75,9 @@ impl MembershipChange {
 }
 
 fn users(message: &Message) -> Option<Vec<String>> {
-    serde_json::from_str::<Users>(&message.content).ok().map(|u| u.user_ids)
+    serde_json::from_str::<Users>(&message.content)
+        .ok()
+        .map(|u| u.user_ids)
 }
 
 /// Serializes system content (these types cannot fail to serialize).
@@ -110,7 +112,9 @@ mod tests {
             MembershipChange::of(&msg(CREATED, "", created)),
             Some(MembershipChange::Joined(vec!["a".into(), "b".into()]))
         );
-        let kicked = content(&Users { user_ids: vec!["b".into()] });
+        let kicked = content(&Users {
+            user_ids: vec!["b".into()],
+        });
         assert_eq!(
             MembershipChange::of(&msg(KICKED, "", kicked.clone())),
             Some(MembershipChange::Kicked(vec!["b".into()]))

@@ -1,0 +1,645 @@
+//! Conversations and membership. Every change is written together with the system message
+//! that records it (through [`Store::append`]), so a change has a place in the conversation's
+//! msg_id order and in the log that /notify follows.
+
+use std::collections::HashSet;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use quickim_shared::error::{ErrorCode, ServiceError};
+use quickim_shared::protocol::api::{
+    ConversationDetail, ConversationSummary, JoinedConversations, MemberInfo, Role,
+};
+use quickim_shared::protocol::event::LogEntry;
+use quickim_shared::protocol::service::{MembershipRow, Memberships};
+use quickim_shared::protocol::system;
+use quickim_shared::time::now_ms;
+use sqlx::{AnyConnection, Row};
+
+use crate::log::{NewEntry, read_heads};
+use crate::sql::{Params, api_int, db_int, get_bool};
+use crate::{Result, Store, StoreError};
+
+/// A conversation to create.
+#[derive(Debug, Clone)]
+pub struct NewConversation {
+    /// Given id, or None to generate a UUIDv7.
+    pub conversation_id: Option<String>,
+    /// Opaque small integer.
+    pub conversation_type: i32,
+    /// Whether users may join by themselves.
+    pub joinable: bool,
+    /// Initial members (owner included or not).
+    pub members: Vec<String>,
+    /// Owner, if any.
+    pub owner: Option<String>,
+}
+
+/// What creating a conversation did.
+#[derive(Debug, Clone)]
+pub struct CreateOutcome {
+    /// The conversation.
+    pub conversation_id: String,
+    /// False when an identical conversation existed (idempotent repeat).
+    pub created: bool,
+    /// Log entries to publish (the CREATED message), empty for a repeat.
+    pub entries: Vec<LogEntry>,
+}
+
+fn dedup(users: &[String]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    users
+        .iter()
+        .filter(|u| seen.insert(u.as_str()))
+        .cloned()
+        .collect()
+}
+
+impl Store {
+    /// Creates a conversation with its members and its CREATED message (msg_id 1). Creating
+    /// an existing id again with the same type, owner and members is a no-op; anything else
+    /// is a conflict.
+    pub async fn create_conversation(&self, new: NewConversation) -> Result<CreateOutcome> {
+        let id = new
+            .conversation_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let mut members = new.members.clone();
+        if let Some(owner) = &new.owner {
+            members.insert(0, owner.clone());
+        }
+        let members = dedup(&members);
+        let mut sorted = members.clone();
+        sorted.sort();
+        let created = system::Created {
+            conversation_type: new.conversation_type,
+            owner: new.owner.clone(),
+            user_ids: sorted,
+        };
+        let part = self.partition_for(&id);
+        write_tx!(self, |tx| {
+            let now = now_ms();
+            let inserted = sqlx::query(
+                "INSERT INTO conversations (conversation_id, conversation_type, joinable, archived, created_at, \
+                 last_msg_id, last_send_time, part, last_offset) VALUES ($1, $2, $3, $4, $5, 0, $6, $7, 0) \
+                 ON CONFLICT (conversation_id) DO NOTHING",
+            )
+            .bind(id.as_str())
+            .bind(new.conversation_type)
+            .bind(i32::from(new.joinable))
+            .bind(0i32)
+            .bind(now)
+            .bind(now)
+            .bind(i32::from(part))
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return self.same_creation(tx, &id, &created, new.joinable).await;
+            }
+            let mut convs = self.lock_conversations(tx, &[id.as_str()]).await?;
+            let entries = self
+                .append(
+                    tx,
+                    &mut convs,
+                    vec![NewEntry {
+                        conversation_id: id.clone(),
+                        from: String::new(),
+                        msg_type: system::CREATED,
+                        content: system::content(&created),
+                        client_msg_id: None,
+                    }],
+                )
+                .await?;
+            let msg_id = entries.first().map(|e| e.message.msg_id).unwrap_or(1);
+            let rows: Vec<(String, Role)> = members
+                .iter()
+                .map(|u| {
+                    let role = if Some(u) == new.owner.as_ref() {
+                        Role::Owner
+                    } else {
+                        Role::Member
+                    };
+                    (u.clone(), role)
+                })
+                .collect();
+            upsert_members(tx, &id, &rows, msg_id).await?;
+            Ok(CreateOutcome {
+                conversation_id: id.clone(),
+                created: true,
+                entries,
+            })
+        })
+    }
+
+    async fn same_creation(
+        &self,
+        tx: &mut AnyConnection,
+        id: &str,
+        wanted: &system::Created,
+        joinable: bool,
+    ) -> Result<CreateOutcome> {
+        let convs = self.lock_conversations(tx, &[id]).await?;
+        let row = sqlx::query("SELECT content FROM messages WHERE conversation_id = $1 AND msg_id = 1 AND msg_type = $2")
+            .bind(id)
+            .bind(system::CREATED)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let existing: Option<system::Created> = match row {
+            Some(r) => serde_json::from_str(&r.try_get::<String, _>("content")?).ok(),
+            None => None,
+        };
+        let same = existing.as_ref() == Some(wanted)
+            && convs.get(id).map(|c| c.joinable) == Some(joinable);
+        if same {
+            Ok(CreateOutcome {
+                conversation_id: id.to_string(),
+                created: false,
+                entries: Vec::new(),
+            })
+        } else {
+            Err(
+                ServiceError::conflict("a different conversation with this conversation_id exists")
+                    .into(),
+            )
+        }
+    }
+
+    /// Adds members (writing one JOINED message for those not already members). With
+    /// `self_join`, the conversation must be joinable: a private or unknown conversation is
+    /// `not_member` either way. For /inner, an unknown conversation is `not_found`.
+    pub async fn join(
+        &self,
+        conversation_id: &str,
+        user_ids: &[String],
+        self_join: bool,
+    ) -> Result<(Vec<String>, Vec<LogEntry>)> {
+        let users = dedup(user_ids);
+        write_tx!(self, |tx| {
+            let mut convs = self.lock_conversations(tx, &[conversation_id]).await?;
+            let Some(conv) = convs.get(conversation_id) else {
+                return Err(missing(self_join));
+            };
+            if self_join && !conv.joinable {
+                return Err(ServiceError::not_member().into());
+            }
+            let active = active_members(tx, conversation_id, &users).await?;
+            let new: Vec<String> = users
+                .iter()
+                .filter(|u| !active.contains(*u))
+                .cloned()
+                .collect();
+            if new.is_empty() {
+                return Ok((users.clone(), Vec::new()));
+            }
+            let entries = self
+                .append(
+                    tx,
+                    &mut convs,
+                    vec![system_entry(conversation_id, system::JOINED, &new)],
+                )
+                .await?;
+            let msg_id = entries
+                .first()
+                .map(|e| e.message.msg_id)
+                .unwrap_or_default();
+            let rows: Vec<(String, Role)> = new.iter().map(|u| (u.clone(), Role::Member)).collect();
+            upsert_members(tx, conversation_id, &rows, msg_id).await?;
+            Ok((users.clone(), entries))
+        })
+    }
+
+    /// The member leaves (writing a LEFT message).
+    pub async fn leave(&self, conversation_id: &str, user_id: &str) -> Result<Vec<LogEntry>> {
+        let user = vec![user_id.to_string()];
+        write_tx!(self, |tx| {
+            let mut convs = self.lock_conversations(tx, &[conversation_id]).await?;
+            if !convs.contains_key(conversation_id)
+                || active_members(tx, conversation_id, &user).await?.is_empty()
+            {
+                return Err(ServiceError::not_member().into());
+            }
+            let entries = self
+                .append(
+                    tx,
+                    &mut convs,
+                    vec![system_entry(conversation_id, system::LEFT, &user)],
+                )
+                .await?;
+            deactivate(tx, conversation_id, &user, &entries).await?;
+            Ok(entries)
+        })
+    }
+
+    /// Removes members (writing one KICKED message for those who were members).
+    pub async fn kick(
+        &self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> Result<(Vec<String>, Vec<LogEntry>)> {
+        let users = dedup(user_ids);
+        write_tx!(self, |tx| {
+            let mut convs = self.lock_conversations(tx, &[conversation_id]).await?;
+            if !convs.contains_key(conversation_id) {
+                return Err(missing(false));
+            }
+            let active = active_members(tx, conversation_id, &users).await?;
+            let kicked: Vec<String> = users
+                .iter()
+                .filter(|u| active.contains(*u))
+                .cloned()
+                .collect();
+            if kicked.is_empty() {
+                return Ok((kicked, Vec::new()));
+            }
+            let entries = self
+                .append(
+                    tx,
+                    &mut convs,
+                    vec![system_entry(conversation_id, system::KICKED, &kicked)],
+                )
+                .await?;
+            deactivate(tx, conversation_id, &kicked, &entries).await?;
+            Ok((kicked, entries))
+        })
+    }
+
+    /// Sets the archived flag (writing an ARCHIVED message for each conversation that
+    /// changes). Unknown ids are skipped; the answer lists the changed ones.
+    pub async fn set_archived(
+        &self,
+        conversation_ids: &[String],
+        archived: bool,
+    ) -> Result<(Vec<String>, Vec<LogEntry>)> {
+        let ids = dedup(conversation_ids);
+        write_tx!(self, |tx| {
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let mut convs = self.lock_conversations(tx, &refs).await?;
+            let changed: Vec<String> = ids
+                .iter()
+                .filter(|id| {
+                    convs
+                        .get(id.as_str())
+                        .is_some_and(|c| c.archived != archived)
+                })
+                .cloned()
+                .collect();
+            if changed.is_empty() {
+                return Ok((changed, Vec::new()));
+            }
+            let mut p = Params::default();
+            let flag = p.next();
+            let sql = format!(
+                "UPDATE conversations SET archived = {flag} WHERE conversation_id IN ({})",
+                p.list(changed.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i32::from(archived));
+            for id in &changed {
+                q = q.bind(id.as_str());
+            }
+            q.execute(&mut **tx).await?;
+            let content = system::content(&system::Archived { archived });
+            let new: Vec<NewEntry> = changed
+                .iter()
+                .map(|id| NewEntry {
+                    conversation_id: id.clone(),
+                    from: String::new(),
+                    msg_type: system::ARCHIVED,
+                    content: content.clone(),
+                    client_msg_id: None,
+                })
+                .collect();
+            for id in &changed {
+                if let Some(c) = convs.get_mut(id) {
+                    c.archived = archived;
+                }
+            }
+            let entries = self.append(tx, &mut convs, new).await?;
+            Ok((changed.clone(), entries))
+        })
+    }
+
+    /// Whether `user_id` is an active member.
+    pub async fn is_member(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 AS one FROM members WHERE conversation_id = $1 AND user_id = $2 AND active = $3")
+            .bind(conversation_id)
+            .bind(user_id)
+            .bind(1i32)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Fails with `not_member` unless `user_id` is an active member.
+    pub async fn require_member(&self, conversation_id: &str, user_id: &str) -> Result<()> {
+        if self.is_member(conversation_id, user_id).await? {
+            Ok(())
+        } else {
+            Err(ServiceError::not_member().into())
+        }
+    }
+
+    /// The conversation and its active members (caller must be one).
+    pub async fn detail(&self, conversation_id: &str, user_id: &str) -> Result<ConversationDetail> {
+        self.require_member(conversation_id, user_id).await?;
+        let conv = sqlx::query(
+            "SELECT conversation_type, joinable, archived, created_at, last_msg_id, last_send_time \
+             FROM conversations WHERE conversation_id = $1",
+        )
+        .bind(conversation_id)
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or_else(ServiceError::not_member)?;
+        let rows = sqlx::query(
+            "SELECT user_id, role, joined_msg_id, read_msg_id FROM members \
+             WHERE conversation_id = $1 AND active = $2 ORDER BY joined_msg_id, user_id",
+        )
+        .bind(conversation_id)
+        .bind(1i32)
+        .fetch_all(self.pool())
+        .await?;
+        let members = rows
+            .iter()
+            .map(|r| {
+                Ok(MemberInfo {
+                    user_id: r.try_get("user_id")?,
+                    role: if r.try_get::<String, _>("role")? == "owner" {
+                        Role::Owner
+                    } else {
+                        Role::Member
+                    },
+                    joined_msg_id: api_int(r.try_get("joined_msg_id")?),
+                    read_msg_id: api_int(r.try_get("read_msg_id")?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ConversationDetail {
+            conversation_id: conversation_id.to_string(),
+            conversation_type: conv.try_get::<i64, _>("conversation_type")? as i32,
+            joinable: get_bool(&conv, "joinable")?,
+            archived: get_bool(&conv, "archived")?,
+            created_at: conv.try_get("created_at")?,
+            last_msg_id: api_int(conv.try_get("last_msg_id")?),
+            last_send_time: conv.try_get("last_send_time")?,
+            members,
+        })
+    }
+
+    /// One page of the user's conversations, newest activity first.
+    pub async fn list_joined(
+        &self,
+        user_id: &str,
+        archived: Option<bool>,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<JoinedConversations> {
+        let after = match cursor {
+            None => None,
+            Some(c) => Some(
+                decode_page_cursor(c)
+                    .ok_or_else(|| ServiceError::invalid("cursor is not a cursor from this API"))?,
+            ),
+        };
+        let mut p = Params::default();
+        let mut sql = format!(
+            "SELECT c.conversation_id, c.conversation_type, c.last_msg_id, c.last_send_time, c.archived, m.read_msg_id \
+             FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id \
+             WHERE m.user_id = {} AND m.active = {}",
+            p.next(),
+            p.next()
+        );
+        if archived.is_some() {
+            sql.push_str(&format!(" AND c.archived = {}", p.next()));
+        }
+        if after.is_some() {
+            let (t1, t2, id) = (p.next(), p.next(), p.next());
+            sql.push_str(&format!(" AND (c.last_send_time < {t1} OR (c.last_send_time = {t2} AND c.conversation_id > {id}))"));
+        }
+        sql.push_str(&format!(
+            " ORDER BY c.last_send_time DESC, c.conversation_id ASC LIMIT {}",
+            p.next()
+        ));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(user_id)
+            .bind(1i32);
+        if let Some(a) = archived {
+            q = q.bind(i32::from(a));
+        }
+        if let Some((t, id)) = &after {
+            q = q.bind(*t).bind(*t).bind(id.as_str());
+        }
+        q = q.bind(i64::from(limit) + 1);
+        let rows = q.fetch_all(self.pool()).await?;
+        let mut conversations = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let last = api_int(r.try_get("last_msg_id")?);
+            let read = api_int(r.try_get("read_msg_id")?);
+            conversations.push(ConversationSummary {
+                conversation_id: r.try_get("conversation_id")?,
+                conversation_type: r.try_get::<i64, _>("conversation_type")? as i32,
+                last_msg_id: last,
+                read_msg_id: read,
+                unread: last.saturating_sub(read),
+                last_send_time: r.try_get("last_send_time")?,
+                archived: get_bool(r, "archived")?,
+            });
+        }
+        let next_cursor = if conversations.len() > limit as usize {
+            conversations.truncate(limit as usize);
+            conversations
+                .last()
+                .map(|c| encode_page_cursor(c.last_send_time, &c.conversation_id))
+        } else {
+            None
+        };
+        Ok(JoinedConversations {
+            conversations,
+            next_cursor,
+        })
+    }
+
+    /// Moves the member's read position forward to `msg_id` (clamped to the newest message);
+    /// answers the position after the call.
+    pub async fn mark_read(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        msg_id: u64,
+    ) -> Result<u64> {
+        let row = sqlx::query(
+            "SELECT c.last_msg_id, m.read_msg_id FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id \
+             WHERE m.conversation_id = $1 AND m.user_id = $2 AND m.active = $3",
+        )
+        .bind(conversation_id)
+        .bind(user_id)
+        .bind(1i32)
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or_else(ServiceError::not_member)?;
+        let last: i64 = row.try_get("last_msg_id")?;
+        let read: i64 = row.try_get("read_msg_id")?;
+        let target = db_int(msg_id).min(last);
+        if target > read {
+            sqlx::query("UPDATE members SET read_msg_id = $1 WHERE conversation_id = $2 AND user_id = $3 AND read_msg_id < $4")
+                .bind(target)
+                .bind(conversation_id)
+                .bind(user_id)
+                .bind(target)
+                .execute(self.pool())
+                .await?;
+        }
+        Ok(api_int(target.max(read)))
+    }
+
+    /// The user's active memberships and the log heads, from one consistent snapshot.
+    pub async fn memberships(&self, user_id: &str) -> Result<Memberships> {
+        let mut tx = self.snapshot().await?;
+        let heads = read_heads(&mut tx).await?;
+        let rows = sqlx::query(
+            "SELECT conversation_id, joined_msg_id FROM members WHERE user_id = $1 AND active = $2",
+        )
+        .bind(user_id)
+        .bind(1i32)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let conversations = rows
+            .iter()
+            .map(|r| {
+                Ok(MembershipRow {
+                    conversation_id: r.try_get("conversation_id")?,
+                    joined_msg_id: api_int(r.try_get("joined_msg_id")?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Memberships {
+            heads,
+            conversations,
+        })
+    }
+}
+
+fn missing(self_join: bool) -> StoreError {
+    if self_join {
+        ServiceError::not_member().into()
+    } else {
+        ServiceError::new(ErrorCode::NotFound, "no such conversation").into()
+    }
+}
+
+fn system_entry(conversation_id: &str, msg_type: i32, users: &[String]) -> NewEntry {
+    NewEntry {
+        conversation_id: conversation_id.to_string(),
+        from: String::new(),
+        msg_type,
+        content: system::content(&system::Users {
+            user_ids: users.to_vec(),
+        }),
+        client_msg_id: None,
+    }
+}
+
+/// Which of `users` are active members.
+async fn active_members(
+    tx: &mut AnyConnection,
+    conversation_id: &str,
+    users: &[String],
+) -> Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for chunk in users.chunks(500) {
+        let mut p = Params::default();
+        let sql = format!(
+            "SELECT user_id FROM members WHERE conversation_id = {} AND active = {} AND user_id IN ({})",
+            p.next(),
+            p.next(),
+            p.list(chunk.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(conversation_id)
+            .bind(1i32);
+        for u in chunk {
+            q = q.bind(u.as_str());
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            out.insert(row.try_get::<String, _>("user_id")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Makes `users` active members from `msg_id` on (their read position starts there).
+async fn upsert_members(
+    tx: &mut AnyConnection,
+    conversation_id: &str,
+    users: &[(String, Role)],
+    msg_id: u64,
+) -> Result<()> {
+    for chunk in users.chunks(100) {
+        let mut p = Params::default();
+        let rows = chunk
+            .iter()
+            .map(|_| p.row(6))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO members (conversation_id, user_id, role, active, joined_msg_id, read_msg_id) VALUES {rows} \
+             ON CONFLICT (conversation_id, user_id) DO UPDATE SET active = excluded.active, \
+             joined_msg_id = excluded.joined_msg_id, read_msg_id = excluded.read_msg_id, left_msg_id = NULL"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (user, role) in chunk {
+            q = q
+                .bind(conversation_id)
+                .bind(user.as_str())
+                .bind(role.as_str())
+                .bind(1i32)
+                .bind(db_int(msg_id))
+                .bind(db_int(msg_id));
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Marks `users` as former members, as of the message in `entries`.
+async fn deactivate(
+    tx: &mut AnyConnection,
+    conversation_id: &str,
+    users: &[String],
+    entries: &[LogEntry],
+) -> Result<()> {
+    let msg_id = entries
+        .first()
+        .map(|e| db_int(e.message.msg_id))
+        .unwrap_or_default();
+    for chunk in users.chunks(500) {
+        let mut p = Params::default();
+        let sql = format!(
+            "UPDATE members SET active = {}, left_msg_id = {} WHERE conversation_id = {} AND user_id IN ({})",
+            p.next(),
+            p.next(),
+            p.next(),
+            p.list(chunk.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(0i32)
+            .bind(msg_id)
+            .bind(conversation_id);
+        for u in chunk {
+            q = q.bind(u.as_str());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+fn encode_page_cursor(last_send_time: i64, conversation_id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{last_send_time}|{conversation_id}"))
+}
+
+fn decode_page_cursor(cursor: &str) -> Option<(i64, String)> {
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (t, id) = text.split_once('|')?;
+    Some((t.parse().ok()?, id.to_string()))
+}

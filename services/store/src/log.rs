@@ -1,0 +1,445 @@
+//! The log: the one place where messages are written, and the reads that follow it.
+//!
+//! Appending to a conversation allocates, under the conversation's row lock, the next
+//! msg_ids (gap-free per conversation), and under its partition's row lock the next offsets
+//! of that partition (gap-free per partition). Both locks are held until commit, so in each
+//! partition entries become visible in offset order: a reader that has seen offset N has
+//! seen every offset below N. That is what makes a cursor (one offset per partition) exact.
+
+use std::collections::{BTreeMap, HashMap};
+
+use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::event::LogEntry;
+use quickim_shared::time::now_ms;
+use serde::{Deserialize, Serialize};
+use sqlx::AnyPool;
+use sqlx::{AnyConnection, Row};
+
+use crate::sql::{MESSAGE_COLUMNS, Params, api_int, db_int, get_bool, log_entry};
+use crate::{Result, Store, StoreError, partition_of};
+
+/// The log's position: one head offset per partition, and the database's epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogHeads {
+    /// The database's epoch.
+    pub epoch: u32,
+    /// Newest offset of each partition (index = partition).
+    pub heads: Vec<u64>,
+}
+
+/// Creates the meta rows and partitions of a new database; answers (partitions, epoch).
+pub(crate) async fn init_meta(pool: &AnyPool, partitions_if_new: u16) -> Result<(u16, u32)> {
+    let mut tx = pool.begin().await?;
+    let epoch: u32 = rand::random::<u32>() | 1;
+    for (key, value) in [
+        ("partitions", partitions_if_new.to_string()),
+        ("epoch", epoch.to_string()),
+    ] {
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let rows = sqlx::query("SELECT key, value FROM meta")
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut meta = HashMap::new();
+    for row in rows {
+        meta.insert(
+            row.try_get::<String, _>("key")?,
+            row.try_get::<String, _>("value")?,
+        );
+    }
+    let parse = |k: &str| -> Result<u64> {
+        meta.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("meta {k} missing or unreadable")))
+    };
+    let partitions = u16::try_from(parse("partitions")?)
+        .map_err(|_| StoreError::Corrupt("meta partitions".into()))?;
+    let epoch =
+        u32::try_from(parse("epoch")?).map_err(|_| StoreError::Corrupt("meta epoch".into()))?;
+    for part in 0..partitions {
+        sqlx::query(
+            "INSERT INTO log_partitions (part, head) VALUES ($1, 0) ON CONFLICT (part) DO NOTHING",
+        )
+        .bind(i32::from(part))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok((partitions, epoch))
+}
+
+/// A conversation's row, locked for this transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct LockedConversation {
+    pub joinable: bool,
+    pub archived: bool,
+    pub last_msg_id: i64,
+    pub last_send_time: i64,
+    pub part: u16,
+}
+
+/// A message to append (its conversation must be locked in the same transaction).
+#[derive(Debug, Clone)]
+pub(crate) struct NewEntry {
+    pub conversation_id: String,
+    pub from: String,
+    pub msg_type: i32,
+    pub content: String,
+    pub client_msg_id: Option<String>,
+}
+
+impl Store {
+    /// Locks the given conversations (in id order) and answers the ones that exist.
+    pub(crate) async fn lock_conversations(
+        &self,
+        tx: &mut AnyConnection,
+        ids: &[&str],
+    ) -> Result<BTreeMap<String, LockedConversation>> {
+        let mut ids: Vec<&str> = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = BTreeMap::new();
+        for chunk in ids.chunks(500) {
+            let mut p = Params::default();
+            let sql = format!(
+                "SELECT conversation_id, joinable, archived, last_msg_id, \
+                 last_send_time, part FROM conversations WHERE conversation_id IN ({}) \
+                 ORDER BY conversation_id{}",
+                p.list(chunk.len()),
+                self.for_update()
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                out.insert(
+                    row.try_get("conversation_id")?,
+                    LockedConversation {
+                        joinable: get_bool(&row, "joinable")?,
+                        archived: get_bool(&row, "archived")?,
+                        last_msg_id: row.try_get("last_msg_id")?,
+                        last_send_time: row.try_get("last_send_time")?,
+                        part: u16::try_from(row.try_get::<i64, _>("part")?)
+                            .map_err(|_| StoreError::Corrupt("partition out of range".into()))?,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// The msg_ids `entries` will get, in order, given the locked conversations.
+    pub(crate) fn plan_msg_ids(
+        convs: &BTreeMap<String, LockedConversation>,
+        entries: &[NewEntry],
+    ) -> Result<Vec<i64>> {
+        let mut next: HashMap<&str, i64> = HashMap::new();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let conv = convs.get(&e.conversation_id).ok_or_else(|| {
+                StoreError::Corrupt(format!("conversation {} not locked", e.conversation_id))
+            })?;
+            let n = next
+                .entry(e.conversation_id.as_str())
+                .or_insert(conv.last_msg_id);
+            *n += 1;
+            out.push(*n);
+        }
+        Ok(out)
+    }
+
+    /// Appends `entries` (in order) to their locked conversations: allocates msg_ids and
+    /// partition offsets, inserts the messages, moves the conversations' heads. Answers the
+    /// log entries, to be published after commit.
+    pub(crate) async fn append(
+        &self,
+        tx: &mut AnyConnection,
+        convs: &mut BTreeMap<String, LockedConversation>,
+        entries: Vec<NewEntry>,
+    ) -> Result<Vec<LogEntry>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let msg_ids = Self::plan_msg_ids(convs, &entries)?;
+        // Offsets: lock each partition once, in partition order, for all its entries.
+        let mut per_part: BTreeMap<u16, i64> = BTreeMap::new();
+        for e in &entries {
+            let part = convs.get(&e.conversation_id).map(|c| c.part).unwrap_or(0);
+            *per_part.entry(part).or_insert(0) += 1;
+        }
+        let mut next_offset: HashMap<u16, i64> = HashMap::new();
+        for (part, count) in &per_part {
+            let row = sqlx::query(
+                "UPDATE log_partitions SET head = head + $1 WHERE part = $2 RETURNING head",
+            )
+            .bind(*count)
+            .bind(i32::from(*part))
+            .fetch_one(&mut *tx)
+            .await?;
+            let head: i64 = row.try_get("head")?;
+            next_offset.insert(*part, head - count + 1);
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for (e, msg_id) in entries.into_iter().zip(msg_ids) {
+            let conv = convs
+                .get_mut(&e.conversation_id)
+                .ok_or_else(|| StoreError::Corrupt("conversation not locked".into()))?;
+            let offset = next_offset
+                .get_mut(&conv.part)
+                .ok_or_else(|| StoreError::Corrupt("partition".into()))?;
+            let entry = LogEntry {
+                part: conv.part,
+                offset: api_int(*offset),
+                message: Message {
+                    conversation_id: e.conversation_id,
+                    msg_id: api_int(msg_id),
+                    from: e.from,
+                    msg_type: e.msg_type,
+                    content: e.content,
+                    client_msg_id: e.client_msg_id,
+                    send_time: now,
+                },
+            };
+            *offset += 1;
+            conv.last_msg_id = msg_id;
+            conv.last_send_time = now;
+            out.push(entry);
+        }
+        insert_messages(tx, &out).await?;
+        self.update_heads(tx, convs, &out).await?;
+        Ok(out)
+    }
+
+    async fn update_heads(
+        &self,
+        tx: &mut AnyConnection,
+        convs: &BTreeMap<String, LockedConversation>,
+        appended: &[LogEntry],
+    ) -> Result<()> {
+        // Newest entry per conversation.
+        let mut newest: BTreeMap<&str, &LogEntry> = BTreeMap::new();
+        for e in appended {
+            newest.insert(&e.message.conversation_id, e);
+        }
+        let newest: Vec<(&str, &LogEntry)> = newest.into_iter().collect();
+        for chunk in newest.chunks(200) {
+            let mut p = Params::default();
+            let mut msg_case = String::new();
+            let mut off_case = String::new();
+            for _ in chunk {
+                msg_case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
+            }
+            for _ in chunk {
+                off_case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
+            }
+            let time = p.next();
+            let ids = p.list(chunk.len());
+            let sql = format!(
+                "UPDATE conversations SET last_msg_id = CASE conversation_id{msg_case} END, \
+                 last_offset = CASE conversation_id{off_case} END, last_send_time = {time} \
+                 WHERE conversation_id IN ({ids})"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, e) in chunk {
+                q = q.bind(*id).bind(db_int(e.message.msg_id));
+            }
+            for (id, e) in chunk {
+                q = q.bind(*id).bind(db_int(e.offset));
+            }
+            let time = chunk
+                .first()
+                .map(|(_, e)| e.message.send_time)
+                .unwrap_or_else(now_ms);
+            q = q.bind(time);
+            for (id, _) in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *tx).await?;
+            debug_assert!(chunk.iter().all(|(id, _)| convs.contains_key(*id)));
+        }
+        Ok(())
+    }
+
+    /// Current heads of every partition.
+    pub async fn heads(&self) -> Result<LogHeads> {
+        let mut conn = self.pool().acquire().await?;
+        Ok(LogHeads {
+            epoch: self.epoch(),
+            heads: read_heads(&mut conn).await?,
+        })
+    }
+
+    /// Entries of `part` with `after < offset <= upto`, in offset order, at most `limit`.
+    pub async fn read_log(
+        &self,
+        part: u16,
+        after: u64,
+        upto: u64,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.part = $1 AND m.log_offset > $2 \
+             AND m.log_offset <= $3 ORDER BY m.log_offset LIMIT $4"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(i32::from(part))
+            .bind(db_int(after))
+            .bind(db_int(upto))
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(log_entry).collect()
+    }
+
+    /// What `user_id` missed with `after < offset <= upto` (per partition), in (partition,
+    /// offset) order: messages of conversations it is a member of, from its join on, and for
+    /// conversations it left or was removed from, up to the message that recorded it.
+    /// `complete` is false — and nothing is answered — when the backlog exceeds `limit` or
+    /// `after` is older than the retention horizon.
+    pub async fn replay(
+        &self,
+        user_id: &str,
+        after: &[u64],
+        upto: &[u64],
+        limit: u32,
+        retention_ms: i64,
+    ) -> Result<(Vec<LogEntry>, bool)> {
+        let parts = usize::from(self.partitions());
+        if after.len() != parts || upto.len() != parts {
+            return Ok((Vec::new(), false));
+        }
+        let horizon = self.horizon(retention_ms).await?;
+        if let Some(h) = horizon {
+            if after.iter().zip(&h).any(|(a, h)| a < h) {
+                return Ok((Vec::new(), false));
+            }
+        }
+        let ranges: Vec<(u16, u64, u64)> = (0..self.partitions())
+            .map(|p| (p, after[usize::from(p)], upto[usize::from(p)]))
+            .filter(|(_, a, u)| u > a)
+            .collect();
+        if ranges.is_empty() {
+            return Ok((Vec::new(), true));
+        }
+        let mut p = Params::default();
+        let values = ranges
+            .iter()
+            .map(|_| p.row(3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let user = p.next();
+        let lim = p.next();
+        let sql = format!(
+            "WITH cur (p, a, u) AS (VALUES {values}) \
+             SELECT {MESSAGE_COLUMNS} FROM members mb \
+             JOIN conversations c ON c.conversation_id = mb.conversation_id \
+             JOIN cur ON cur.p = c.part \
+             JOIN messages m ON m.conversation_id = mb.conversation_id \
+             WHERE mb.user_id = {user} AND c.last_offset > cur.a \
+               AND m.log_offset > cur.a AND m.log_offset <= cur.u \
+               AND m.msg_id >= mb.joined_msg_id \
+               AND (mb.active = 1 OR m.msg_id <= mb.left_msg_id) \
+             ORDER BY m.part, m.log_offset LIMIT {lim}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (part, a, u) in &ranges {
+            q = q.bind(i32::from(*part)).bind(db_int(*a)).bind(db_int(*u));
+        }
+        q = q.bind(user_id).bind(i64::from(limit) + 1);
+        let rows = q.fetch_all(self.pool()).await?;
+        if rows.len() > limit as usize {
+            return Ok((Vec::new(), false));
+        }
+        Ok((rows.iter().map(log_entry).collect::<Result<_>>()?, true))
+    }
+
+    /// Records the current heads (called periodically); forgets checkpoints older than
+    /// twice `retention_ms`.
+    pub async fn record_checkpoint(&self, retention_ms: i64) -> Result<()> {
+        let heads = self.heads().await?;
+        let now = now_ms();
+        let text =
+            serde_json::to_string(&heads.heads).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query("INSERT INTO log_checkpoints (taken_at, heads) VALUES ($1, $2) ON CONFLICT (taken_at) DO NOTHING")
+            .bind(now)
+            .bind(text)
+            .execute(self.pool())
+            .await?;
+        sqlx::query("DELETE FROM log_checkpoints WHERE taken_at < $1")
+            .bind(now - 2 * retention_ms.max(1))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// The heads of `retention_ms` ago (the newest checkpoint at least that old), if any:
+    /// positions below them are outside the replay window.
+    pub async fn horizon(&self, retention_ms: i64) -> Result<Option<Vec<u64>>> {
+        let row = sqlx::query(
+            "SELECT heads FROM log_checkpoints WHERE taken_at <= $1 ORDER BY taken_at DESC LIMIT 1",
+        )
+        .bind(now_ms() - retention_ms)
+        .fetch_optional(self.pool())
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let text: String = row.try_get("heads")?;
+                let heads: Vec<u64> =
+                    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok((heads.len() == usize::from(self.partitions())).then_some(heads))
+            }
+        }
+    }
+
+    /// The partition a new conversation goes to.
+    pub(crate) fn partition_for(&self, conversation_id: &str) -> u16 {
+        partition_of(conversation_id, self.partitions())
+    }
+}
+
+pub(crate) async fn read_heads(conn: &mut AnyConnection) -> Result<Vec<u64>> {
+    let rows = sqlx::query("SELECT head FROM log_partitions ORDER BY part")
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| Ok(api_int(r.try_get("head")?)))
+        .collect()
+}
+
+async fn insert_messages(tx: &mut AnyConnection, entries: &[LogEntry]) -> Result<()> {
+    for chunk in entries.chunks(100) {
+        let mut p = Params::default();
+        let rows = chunk
+            .iter()
+            .map(|_| p.row(9))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, \
+             client_msg_id, send_time) VALUES {rows}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for e in chunk {
+            let m = &e.message;
+            q = q
+                .bind(m.conversation_id.as_str())
+                .bind(db_int(m.msg_id))
+                .bind(i32::from(e.part))
+                .bind(db_int(e.offset))
+                .bind(m.from.as_str())
+                .bind(m.msg_type)
+                .bind(m.content.as_str())
+                .bind(m.client_msg_id.as_deref())
+                .bind(m.send_time);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! Sending and reading messages.
+//!
+//! A send batch runs in one transaction: lock the conversations, look up idempotency keys
+//! already used, check membership and archive state, claim the new keys, append. A key that
+//! is claimed concurrently by a transaction for another conversation makes that item a
+//! conflict (the batch is re-run without it, so msg_ids stay gap-free).
+
+use std::collections::{HashMap, HashSet};
+
+use quickim_shared::error::{ErrorCode, ServiceError};
+use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::event::LogEntry;
+use quickim_shared::protocol::service::{HistoryQuery, Origin};
+use quickim_shared::time::now_ms;
+use sqlx::{AnyConnection, Row};
+
+use crate::log::NewEntry;
+use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message};
+use crate::{Result, Store, StoreError};
+
+/// One message to store (already validated for shape by the message service).
+#[derive(Debug, Clone)]
+pub struct SendItem {
+    /// Client or inner.
+    pub origin: Origin,
+    /// Target conversation.
+    pub conversation_id: String,
+    /// Sender ("" for a system message from /inner).
+    pub from: String,
+    /// Message type.
+    pub msg_type: i32,
+    /// Content.
+    pub content: String,
+    /// Idempotency key, scoped to the sender.
+    pub client_msg_id: Option<String>,
+}
+
+type Key = (String, String);
+
+impl SendItem {
+    fn key(&self) -> Option<Key> {
+        self.client_msg_id
+            .as_ref()
+            .map(|k| (self.from.clone(), k.clone()))
+    }
+
+    fn same_as(&self, m: &Message) -> std::result::Result<Message, ServiceError> {
+        if m.conversation_id == self.conversation_id
+            && m.msg_type == self.msg_type
+            && m.content == self.content
+        {
+            Ok(m.clone())
+        } else {
+            Err(ServiceError::conflict(
+                "client_msg_id was already used for a different message",
+            ))
+        }
+    }
+}
+
+enum Attempt {
+    Done(
+        Vec<std::result::Result<Message, ServiceError>>,
+        Vec<LogEntry>,
+    ),
+    /// These keys were claimed concurrently for another conversation: run again without them.
+    Conflicts(Vec<Key>),
+}
+
+impl Store {
+    /// Stores `items` in one transaction; answers one result per item, in order, and the
+    /// log entries to publish once this returns (the commit is done by then).
+    pub async fn send_batch(
+        &self,
+        items: &[SendItem],
+    ) -> Result<(
+        Vec<std::result::Result<Message, ServiceError>>,
+        Vec<LogEntry>,
+    )> {
+        let mut conflicted: HashSet<Key> = HashSet::new();
+        for _ in 0..8 {
+            match write_tx!(self, |tx| {
+                self.try_send_batch(tx, items, &conflicted).await
+            })? {
+                Attempt::Done(results, entries) => return Ok((results, entries)),
+                Attempt::Conflicts(keys) => conflicted.extend(keys),
+            }
+        }
+        Err(StoreError::Rejected(ServiceError::new(
+            ErrorCode::Unavailable,
+            "too much contention on idempotency keys, try again",
+        )))
+    }
+
+    async fn try_send_batch(
+        &self,
+        tx: &mut AnyConnection,
+        items: &[SendItem],
+        conflicted: &HashSet<Key>,
+    ) -> Result<Attempt> {
+        let conv_ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
+        let mut convs = self.lock_conversations(tx, &conv_ids).await?;
+        let keys: Vec<Key> = items.iter().filter_map(SendItem::key).collect();
+        let existing = existing_keys(tx, &keys).await?;
+        let members = active_pairs(tx, items).await?;
+
+        let mut results: Vec<Option<std::result::Result<Message, ServiceError>>> =
+            vec![None; items.len()];
+        let mut alias: Vec<(usize, usize)> = Vec::new();
+        let mut first_with_key: HashMap<Key, usize> = HashMap::new();
+        let mut accepted: Vec<usize> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(key) = item.key() {
+                if let Some(m) = existing.get(&key) {
+                    results[i] = Some(item.same_as(m));
+                    continue;
+                }
+                if conflicted.contains(&key) {
+                    results[i] = Some(Err(ServiceError::conflict(
+                        "client_msg_id was already used for a different message",
+                    )));
+                    continue;
+                }
+                if let Some(&first) = first_with_key.get(&key) {
+                    alias.push((i, first));
+                    continue;
+                }
+                first_with_key.insert(key, i);
+            }
+            let verdict = match convs.get(&item.conversation_id) {
+                None => Err(ServiceError::not_member()),
+                Some(c) if c.archived && item.origin == Origin::Client => Err(ServiceError::new(
+                    ErrorCode::ConversationArchived,
+                    "the conversation is archived",
+                )),
+                Some(_) if item.from.is_empty() => {
+                    if item.origin == Origin::Inner {
+                        Ok(())
+                    } else {
+                        Err(ServiceError::invalid("from must be a user"))
+                    }
+                }
+                Some(_)
+                    if !members.contains(&(item.conversation_id.clone(), item.from.clone())) =>
+                {
+                    Err(ServiceError::not_member())
+                }
+                Some(_) => Ok(()),
+            };
+            match verdict {
+                Ok(()) => accepted.push(i),
+                Err(e) => {
+                    // A rejected first use of a key does not reserve it for its repeats.
+                    if let Some(key) = item.key() {
+                        first_with_key.remove(&key);
+                    }
+                    results[i] = Some(Err(e));
+                }
+            }
+        }
+
+        let new: Vec<NewEntry> = accepted
+            .iter()
+            .map(|&i| {
+                let it = &items[i];
+                NewEntry {
+                    conversation_id: it.conversation_id.clone(),
+                    from: it.from.clone(),
+                    msg_type: it.msg_type,
+                    content: it.content.clone(),
+                    client_msg_id: it.client_msg_id.clone(),
+                }
+            })
+            .collect();
+        // Claim the keys before the partitions are locked (the lock order of lib.rs).
+        let msg_ids = Self::plan_msg_ids(&convs, &new)?;
+        let claims: Vec<(Key, &str, i64)> = accepted
+            .iter()
+            .zip(&msg_ids)
+            .filter_map(|(&i, &id)| {
+                items[i]
+                    .key()
+                    .map(|k| (k, items[i].conversation_id.as_str(), id))
+            })
+            .collect();
+        let lost = claim_keys(tx, &claims).await?;
+        if !lost.is_empty() {
+            return Ok(Attempt::Conflicts(lost));
+        }
+        let entries = self.append(tx, &mut convs, new).await?;
+        for (&i, e) in accepted.iter().zip(&entries) {
+            results[i] = Some(Ok(e.message.clone()));
+        }
+        for (i, first) in alias {
+            results[i] = Some(match &results[first] {
+                Some(Ok(m)) => items[i].same_as(m),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err(ServiceError::internal("batch alias without result")),
+            });
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("batch item without result"))))
+            .collect();
+        Ok(Attempt::Done(results, entries))
+    }
+
+    /// History of a conversation for an active member; at most `range_max` messages.
+    pub async fn history(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        query: HistoryQuery,
+        desc: bool,
+        range_max: u32,
+    ) -> Result<Vec<Message>> {
+        self.require_member(conversation_id, user_id).await?;
+        let page = i64::from(range_max.min(30));
+        let max = i64::from(range_max);
+        // (condition, bounds, newest-first scan, limit)
+        let (cond, a, b, scan_desc, limit) = match query {
+            HistoryQuery::Range { start, end } => {
+                if start > end {
+                    return Err(ServiceError::invalid(
+                        "start_msg_id must not be greater than end_msg_id",
+                    )
+                    .into());
+                }
+                // Ascending answers start from `start`; descending ones from `end`.
+                (
+                    "m.msg_id >= $2 AND m.msg_id <= $3",
+                    db_int(start),
+                    db_int(end),
+                    desc,
+                    max,
+                )
+            }
+            HistoryQuery::Before { msg_id } => {
+                ("m.msg_id < $2 AND $3 = $3", db_int(msg_id), 0, true, page)
+            }
+            HistoryQuery::After { msg_id } => {
+                ("m.msg_id > $2 AND $3 = $3", db_int(msg_id), 0, false, page)
+            }
+            HistoryQuery::Last => ("$2 = $2 AND $3 = $3", 0, 0, true, page),
+            HistoryQuery::LastOne => ("$2 = $2 AND $3 = $3", 0, 0, true, 1),
+        };
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = $1 AND {cond} \
+             ORDER BY m.msg_id {} LIMIT $4",
+            if scan_desc { "DESC" } else { "ASC" }
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(conversation_id)
+            .bind(a)
+            .bind(b)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?;
+        let mut msgs = rows.iter().map(message).collect::<Result<Vec<_>>>()?;
+        if scan_desc != desc {
+            msgs.reverse();
+        }
+        Ok(msgs)
+    }
+
+    /// Newest msg_id of a conversation, for an active member.
+    pub async fn last_msg_id(&self, conversation_id: &str, user_id: &str) -> Result<u64> {
+        let row = sqlx::query(
+            "SELECT c.last_msg_id FROM conversations c JOIN members m ON m.conversation_id = c.conversation_id \
+             WHERE c.conversation_id = $1 AND m.user_id = $2 AND m.active = $3",
+        )
+        .bind(conversation_id)
+        .bind(user_id)
+        .bind(1i32)
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or_else(ServiceError::not_member)?;
+        Ok(crate::sql::api_int(row.try_get("last_msg_id")?))
+    }
+}
+
+/// Messages already stored under any of `keys`.
+async fn existing_keys(tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<Key, Message>> {
+    let mut out = HashMap::new();
+    let mut keys: Vec<&Key> = keys.iter().collect();
+    keys.sort();
+    keys.dedup();
+    for chunk in keys.chunks(300) {
+        let mut p = Params::default();
+        let list = chunk
+            .iter()
+            .map(|_| p.row(2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
+             JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
+             WHERE (i.sender, i.client_msg_id) IN (VALUES {list})"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (s, k) in chunk {
+            q = q.bind(s.as_str()).bind(k.as_str());
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            let key = (
+                row.try_get::<String, _>("key_sender")?,
+                row.try_get::<String, _>("key_id")?,
+            );
+            out.insert(key, message(&row)?);
+        }
+    }
+    Ok(out)
+}
+
+/// (conversation, user) pairs among the items' senders that are active members.
+async fn active_pairs(
+    tx: &mut AnyConnection,
+    items: &[SendItem],
+) -> Result<HashSet<(String, String)>> {
+    let mut pairs: Vec<(&str, &str)> = items
+        .iter()
+        .filter(|i| !i.from.is_empty())
+        .map(|i| (i.conversation_id.as_str(), i.from.as_str()))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut out = HashSet::new();
+    for chunk in pairs.chunks(300) {
+        let mut p = Params::default();
+        let active = p.next();
+        let list = chunk
+            .iter()
+            .map(|_| p.row(2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT conversation_id, user_id FROM members WHERE active = {active} \
+             AND (conversation_id, user_id) IN (VALUES {list})"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(1i32);
+        for (c, u) in chunk {
+            q = q.bind(*c).bind(*u);
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            out.insert((row.try_get("conversation_id")?, row.try_get("user_id")?));
+        }
+    }
+    Ok(out)
+}
+
+/// Claims idempotency keys (in key order); answers the keys someone else holds.
+async fn claim_keys(tx: &mut AnyConnection, claims: &[(Key, &str, i64)]) -> Result<Vec<Key>> {
+    let mut sorted: Vec<&(Key, &str, i64)> = claims.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let now = now_ms();
+    let mut lost = Vec::new();
+    for chunk in sorted.chunks(100) {
+        let mut p = Params::default();
+        let rows = chunk
+            .iter()
+            .map(|_| p.row(5))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO idempotency (sender, client_msg_id, conversation_id, msg_id, created_at) VALUES {rows} \
+             ON CONFLICT (sender, client_msg_id) DO NOTHING RETURNING sender, client_msg_id"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ((sender, key), conv, msg_id) in chunk.iter().map(|c| (&c.0, c.1, c.2)) {
+            q = q
+                .bind(sender.as_str())
+                .bind(key.as_str())
+                .bind(conv)
+                .bind(msg_id)
+                .bind(now);
+        }
+        let won: HashSet<Key> = q
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>("sender")?,
+                    r.try_get::<String, _>("client_msg_id")?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        lost.extend(
+            chunk
+                .iter()
+                .map(|c| c.0.clone())
+                .filter(|k| !won.contains(k)),
+        );
+    }
+    Ok(lost)
+}

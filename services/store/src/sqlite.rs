@@ -1,0 +1,41 @@
+//! SQLite set-up: WAL journal (readers never block the writer), full fsync at commit (a
+//! message is on disk before it is acknowledged), foreign keys on.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::AnyPool;
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+
+use crate::{Result, StoreError, any_pool_options};
+
+pub(crate) async fn open(path: &Path, max_connections: u32) -> Result<AnyPool> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    // The journal mode is a property of the file: set it once, on a connection of its own.
+    let first = SqliteConnectOptions::from_str(&url)?.journal_mode(SqliteJournalMode::Wal);
+    let conn = first.connect().await?;
+    drop(conn);
+    let pool = any_pool_options(max_connections)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::query("PRAGMA synchronous = FULL")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA busy_timeout = 10000")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA foreign_keys = ON")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await?;
+    Ok(pool)
+}

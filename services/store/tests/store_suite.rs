@@ -1,0 +1,691 @@
+//! One suite, run against SQLite and against PostgreSQL: every test exists twice.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashSet;
+
+use quickim_shared::error::ErrorCode;
+use quickim_shared::protocol::service::{HistoryQuery, Origin};
+use quickim_shared::protocol::system;
+use quickim_store::{NewConversation, SendItem, Store};
+use quickim_testkit::PgDatabase;
+
+struct Db {
+    store: Store,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<PgDatabase>,
+}
+
+impl Db {
+    async fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("q.db"), 8, 4)
+            .await
+            .unwrap();
+        Db {
+            store,
+            _dir: Some(dir),
+            pg: None,
+        }
+    }
+
+    async fn postgres() -> Db {
+        let pg = PgDatabase::create().await;
+        let store = Store::open_postgres(&pg.url, 8, 4).await.unwrap();
+        Db {
+            store,
+            _dir: None,
+            pg: Some(pg),
+        }
+    }
+
+    /// A second, independent connection pool on the same database (a second service instance).
+    async fn another_instance(&self) -> Store {
+        match &self.pg {
+            Some(pg) => Store::open_postgres(&pg.url, 8, 4).await.unwrap(),
+            None => self.store.clone(),
+        }
+    }
+
+    async fn finish(self) {
+        self.store.close().await;
+        if let Some(pg) = self.pg {
+            pg.drop_db().await;
+        }
+    }
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { let db = super::Db::sqlite().await; super::$name(&db).await; db.finish().await; } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { let db = super::Db::postgres().await; super::$name(&db).await; db.finish().await; } )*
+        }
+    };
+}
+
+both!(
+    create_is_idempotent_and_conflicts_differ,
+    membership_changes_are_messages,
+    send_checks_membership_archive_and_keys,
+    idempotent_retries_within_and_across_batches,
+    history_reads,
+    unread_and_joined_list,
+    replay_follows_membership,
+    log_reads_and_heads,
+    concurrent_senders_stay_gap_free,
+    concurrent_retries_store_once,
+    retention_horizon_forces_resync,
+);
+
+fn conv(id: &str, members: &[&str], owner: Option<&str>) -> NewConversation {
+    NewConversation {
+        conversation_id: Some(id.to_string()),
+        conversation_type: 1,
+        joinable: false,
+        members: members.iter().map(|s| s.to_string()).collect(),
+        owner: owner.map(str::to_string),
+    }
+}
+
+fn item(c: &str, from: &str, content: &str, key: Option<&str>) -> SendItem {
+    SendItem {
+        origin: Origin::Client,
+        conversation_id: c.to_string(),
+        from: from.to_string(),
+        msg_type: 1,
+        content: content.to_string(),
+        client_msg_id: key.map(str::to_string),
+    }
+}
+
+async fn send(store: &Store, c: &str, from: &str, content: &str) -> u64 {
+    let (mut r, _) = store
+        .send_batch(&[item(c, from, content, None)])
+        .await
+        .unwrap();
+    r.remove(0).unwrap().msg_id
+}
+
+fn users(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+async fn create_is_idempotent_and_conflicts_differ(db: &Db) {
+    let s = &db.store;
+    let out = s
+        .create_conversation(conv("c1", &["bob", "alice"], Some("alice")))
+        .await
+        .unwrap();
+    assert!(out.created);
+    assert_eq!(out.entries.len(), 1);
+    assert_eq!(out.entries[0].message.msg_id, 1);
+    assert_eq!(out.entries[0].message.msg_type, system::CREATED);
+    // Same members in another order: idempotent, no new message.
+    let again = s
+        .create_conversation(conv("c1", &["alice", "bob"], Some("alice")))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert!(again.entries.is_empty());
+    // Different members: conflict, nothing written.
+    let err = s
+        .create_conversation(conv("c1", &["alice", "carol"], Some("alice")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        quickim_shared::error::ServiceError::from(err).code,
+        ErrorCode::Conflict
+    );
+    assert_eq!(s.last_msg_id("c1", "alice").await.unwrap(), 1);
+    // Generated ids are UUIDv7.
+    let generated = s
+        .create_conversation(NewConversation {
+            conversation_id: None,
+            ..conv("x", &["a"], None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        uuid::Uuid::parse_str(&generated.conversation_id)
+            .unwrap()
+            .get_version_num(),
+        7
+    );
+    let d = s.detail("c1", "bob").await.unwrap();
+    assert_eq!(d.members.len(), 2);
+    assert!(
+        d.members
+            .iter()
+            .any(|m| m.user_id == "alice" && m.role == quickim_shared::protocol::api::Role::Owner)
+    );
+}
+
+async fn membership_changes_are_messages(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("c", &["a"], Some("a")))
+        .await
+        .unwrap();
+    let (joined, e) = s.join("c", &users(&["b", "c", "b"]), false).await.unwrap();
+    assert_eq!(joined, users(&["b", "c"]));
+    assert_eq!(e[0].message.msg_id, 2);
+    assert_eq!(e[0].message.msg_type, system::JOINED);
+    // Joining again changes nothing.
+    let (_, e) = s.join("c", &users(&["b"]), false).await.unwrap();
+    assert!(e.is_empty());
+    // Self-join of a private conversation: not_member, as for an unknown one.
+    let err = s.join("c", &users(&["z"]), true).await.unwrap_err();
+    assert_eq!(
+        quickim_shared::error::ServiceError::from(err).code,
+        ErrorCode::NotMember
+    );
+    let err = s.join("nope", &users(&["z"]), true).await.unwrap_err();
+    assert_eq!(
+        quickim_shared::error::ServiceError::from(err).code,
+        ErrorCode::NotMember
+    );
+    let err = s.join("nope", &users(&["z"]), false).await.unwrap_err();
+    assert_eq!(
+        quickim_shared::error::ServiceError::from(err).code,
+        ErrorCode::NotFound
+    );
+
+    assert_eq!(send(s, "c", "b", "hello").await, 3);
+    let e = s.leave("c", "b").await.unwrap();
+    assert_eq!(e[0].message.msg_id, 4);
+    assert!(!s.is_member("c", "b").await.unwrap());
+    let (kicked, e) = s.kick("c", &users(&["c", "b"])).await.unwrap();
+    assert_eq!(kicked, users(&["c"]));
+    assert_eq!(e[0].message.msg_type, system::KICKED);
+    // Former members read nothing and send nothing.
+    let err = s
+        .history("c", "c", HistoryQuery::Last, false, 100)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        quickim_shared::error::ServiceError::from(err).code,
+        ErrorCode::NotMember
+    );
+    let (r, _) = s.send_batch(&[item("c", "b", "x", None)]).await.unwrap();
+    assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::NotMember);
+    // Rejoined: reads the whole history, unread counts from the join.
+    s.join("c", &users(&["b"]), false).await.unwrap();
+    let h = s
+        .history("c", "b", HistoryQuery::Last, false, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.iter().map(|m| m.msg_id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    let list = s.list_joined("b", None, 10, None).await.unwrap();
+    assert_eq!(list.conversations[0].read_msg_id, 6);
+    assert_eq!(list.conversations[0].unread, 0);
+    // Archive toggles write messages; unknown ids are skipped.
+    let (updated, e) = s.set_archived(&users(&["c", "nope"]), true).await.unwrap();
+    assert_eq!(updated, users(&["c"]));
+    assert_eq!(e[0].message.msg_type, system::ARCHIVED);
+    let (updated, _) = s.set_archived(&users(&["c"]), true).await.unwrap();
+    assert!(updated.is_empty());
+}
+
+async fn send_checks_membership_archive_and_keys(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("c", &["a", "b"], None))
+        .await
+        .unwrap();
+    let mut sys = item("c", "", "notice", None);
+    sys.origin = Origin::Inner;
+    let mut sys_client = item("c", "", "notice", None);
+    sys_client.origin = Origin::Client;
+    let (r, entries) = s
+        .send_batch(&[
+            item("c", "a", "1", None),
+            item("c", "mallory", "2", None),
+            item("nope", "a", "3", None),
+            sys,
+            sys_client,
+            item("c", "b", "4", None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(r[0].as_ref().unwrap().msg_id, 2);
+    assert_eq!(r[1].as_ref().unwrap_err().code, ErrorCode::NotMember);
+    assert_eq!(r[2].as_ref().unwrap_err().code, ErrorCode::NotMember);
+    assert_eq!(r[3].as_ref().unwrap().msg_id, 3);
+    assert_eq!(r[4].as_ref().unwrap_err().code, ErrorCode::InvalidParam);
+    assert_eq!(r[5].as_ref().unwrap().msg_id, 4);
+    assert_eq!(entries.len(), 3);
+    s.set_archived(&users(&["c"]), true).await.unwrap();
+    let (r, _) = s.send_batch(&[item("c", "a", "late", None)]).await.unwrap();
+    assert_eq!(
+        r[0].as_ref().unwrap_err().code,
+        ErrorCode::ConversationArchived
+    );
+    let mut inner = item("c", "a", "late", None);
+    inner.origin = Origin::Inner;
+    let (r, _) = s.send_batch(&[inner]).await.unwrap();
+    assert_eq!(r[0].as_ref().unwrap().msg_id, 6);
+}
+
+async fn idempotent_retries_within_and_across_batches(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("c", &["a", "b"], None))
+        .await
+        .unwrap();
+    s.create_conversation(conv("d", &["a"], None))
+        .await
+        .unwrap();
+    let (r, e) = s
+        .send_batch(&[
+            item("c", "a", "hi", Some("k1")),
+            item("c", "a", "hi", Some("k1")),
+            item("c", "a", "other", Some("k1")),
+        ])
+        .await
+        .unwrap();
+    let first = r[0].clone().unwrap();
+    assert_eq!(r[1].clone().unwrap(), first);
+    assert_eq!(r[2].as_ref().unwrap_err().code, ErrorCode::Conflict);
+    assert_eq!(e.len(), 1);
+    // A later retry answers the original, publishes nothing.
+    let (r, e) = s
+        .send_batch(&[item("c", "a", "hi", Some("k1"))])
+        .await
+        .unwrap();
+    assert_eq!(r[0].clone().unwrap(), first);
+    assert!(e.is_empty());
+    // Same key, other conversation: conflict. Same key, other sender: independent.
+    let (r, _) = s
+        .send_batch(&[
+            item("d", "a", "hi", Some("k1")),
+            item("c", "b", "hi", Some("k1")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::Conflict);
+    assert_eq!(r[1].as_ref().unwrap().from, "b");
+    // A rejected first use does not reserve the key.
+    let (r, _) = s
+        .send_batch(&[item("c", "zed", "x", Some("k9"))])
+        .await
+        .unwrap();
+    assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::NotMember);
+    let (r, _) = s
+        .send_batch(&[item("c", "a", "x", Some("k9"))])
+        .await
+        .unwrap();
+    assert!(r[0].is_ok());
+    assert_eq!(s.last_msg_id("c", "a").await.unwrap(), 4);
+}
+
+async fn history_reads(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("c", &["a"], None))
+        .await
+        .unwrap();
+    for i in 0..120 {
+        send(s, "c", "a", &format!("m{i}")).await;
+    }
+    // msg 1 is CREATED; user messages are 2..=121.
+    let ids = |v: Vec<quickim_shared::protocol::api::Message>| {
+        v.into_iter().map(|m| m.msg_id).collect::<Vec<_>>()
+    };
+    let r = s
+        .history(
+            "c",
+            "a",
+            HistoryQuery::Range { start: 10, end: 12 },
+            false,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(r), vec![10, 11, 12]);
+    let r = s
+        .history(
+            "c",
+            "a",
+            HistoryQuery::Range { start: 10, end: 12 },
+            true,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(r), vec![12, 11, 10]);
+    let r = s
+        .history(
+            "c",
+            "a",
+            HistoryQuery::Range { start: 1, end: 121 },
+            false,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 100);
+    assert_eq!(r[0].msg_id, 1);
+    let r = s
+        .history(
+            "c",
+            "a",
+            HistoryQuery::Range { start: 1, end: 121 },
+            true,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!((r[0].msg_id, r[99].msg_id), (121, 22));
+    let err = s
+        .history(
+            "c",
+            "a",
+            HistoryQuery::Range { start: 5, end: 4 },
+            false,
+            100,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        quickim_shared::error::ServiceError::from(err).code,
+        ErrorCode::InvalidParam
+    );
+    let r = s
+        .history("c", "a", HistoryQuery::Before { msg_id: 50 }, false, 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(r), (20..50).collect::<Vec<_>>());
+    let r = s
+        .history("c", "a", HistoryQuery::Before { msg_id: 50 }, true, 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(r), (20..50).rev().collect::<Vec<_>>());
+    let r = s
+        .history("c", "a", HistoryQuery::After { msg_id: 100 }, false, 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(r), (101..=121).collect::<Vec<_>>());
+    let r = s
+        .history("c", "a", HistoryQuery::Last, false, 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(r), (92..=121).collect::<Vec<_>>());
+    let r = s
+        .history("c", "a", HistoryQuery::LastOne, false, 100)
+        .await
+        .unwrap();
+    assert_eq!(r[0].content, "m119");
+    assert_eq!(s.last_msg_id("c", "a").await.unwrap(), 121);
+}
+
+async fn unread_and_joined_list(db: &Db) {
+    let s = &db.store;
+    for i in 0..5 {
+        s.create_conversation(conv(&format!("c{i}"), &["a", "b"], None))
+            .await
+            .unwrap();
+    }
+    for i in 0..5 {
+        for _ in 0..i {
+            send(s, &format!("c{i}"), "b", "x").await;
+        }
+    }
+    s.set_archived(&users(&["c0"]), true).await.unwrap();
+    let page1 = s.list_joined("a", None, 2, None).await.unwrap();
+    assert_eq!(page1.conversations.len(), 2);
+    let page2 = s
+        .list_joined("a", None, 2, page1.next_cursor.as_deref())
+        .await
+        .unwrap();
+    let page3 = s
+        .list_joined("a", None, 2, page2.next_cursor.as_deref())
+        .await
+        .unwrap();
+    assert!(page3.next_cursor.is_none());
+    let all: Vec<_> = [page1, page2, page3]
+        .into_iter()
+        .flat_map(|p| p.conversations)
+        .collect();
+    let ids: HashSet<_> = all.iter().map(|c| c.conversation_id.clone()).collect();
+    assert_eq!(ids.len(), 5);
+    let c4 = all.iter().find(|c| c.conversation_id == "c4").unwrap();
+    assert_eq!((c4.last_msg_id, c4.read_msg_id, c4.unread), (5, 1, 4));
+    assert_eq!(s.mark_read("c4", "a", 3).await.unwrap(), 3);
+    assert_eq!(
+        s.mark_read("c4", "a", 2).await.unwrap(),
+        3,
+        "never moves back"
+    );
+    assert_eq!(
+        s.mark_read("c4", "a", 999).await.unwrap(),
+        5,
+        "clamped to the newest"
+    );
+    let archived = s.list_joined("a", Some(true), 10, None).await.unwrap();
+    assert_eq!(archived.conversations.len(), 1);
+    assert!(archived.conversations[0].archived);
+    assert_eq!(
+        s.list_joined("a", Some(false), 10, None)
+            .await
+            .unwrap()
+            .conversations
+            .len(),
+        4
+    );
+    let err = s
+        .list_joined("a", None, 10, Some("garbage!"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        quickim_shared::error::ServiceError::from(err).code,
+        ErrorCode::InvalidParam
+    );
+}
+
+async fn replay_follows_membership(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("stay", &["u", "x"], None))
+        .await
+        .unwrap();
+    s.create_conversation(conv("leave", &["u", "x"], None))
+        .await
+        .unwrap();
+    s.create_conversation(conv("later", &["x"], None))
+        .await
+        .unwrap();
+    send(s, "stay", "x", "before").await;
+    let cursor = s.heads().await.unwrap().heads;
+    send(s, "stay", "x", "s1").await;
+    send(s, "leave", "x", "l1").await;
+    s.kick("leave", &users(&["u"])).await.unwrap();
+    send(s, "leave", "x", "after kick").await;
+    send(s, "later", "x", "before join").await;
+    s.join("later", &users(&["u"]), false).await.unwrap();
+    send(s, "later", "x", "after join").await;
+    send(s, "stay", "x", "s2").await;
+    let upto = s.heads().await.unwrap().heads;
+    let (entries, complete) = s
+        .replay("u", &cursor, &upto, 100, 86_400_000)
+        .await
+        .unwrap();
+    assert!(complete);
+    let got: Vec<(String, String)> = entries
+        .iter()
+        .map(|e| (e.message.conversation_id.clone(), e.message.content.clone()))
+        .collect();
+    let want = |c: &str| {
+        got.iter()
+            .filter(|(cc, _)| cc == c)
+            .map(|(_, m)| m.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(want("stay"), vec!["s1", "s2"]);
+    assert_eq!(
+        want("leave").len(),
+        2,
+        "backlog up to and including the kick: {got:?}"
+    );
+    assert!(want("leave")[1].contains("user_ids"));
+    assert_eq!(
+        want("later").len(),
+        2,
+        "the join message and what followed: {got:?}"
+    );
+    assert_eq!(want("later")[1], "after join");
+    // Entries come per partition in offset order.
+    for w in entries.windows(2) {
+        assert!((w[0].part, w[0].offset) < (w[1].part, w[1].offset));
+    }
+    // A bounded replay refuses a bigger backlog instead of answering part of it.
+    let (entries, complete) = s.replay("u", &cursor, &upto, 2, 86_400_000).await.unwrap();
+    assert!(!complete && entries.is_empty());
+    // Wrong cursor width: incomplete.
+    let (_, complete) = s.replay("u", &[0], &upto, 100, 86_400_000).await.unwrap();
+    assert!(!complete);
+}
+
+async fn log_reads_and_heads(db: &Db) {
+    let s = &db.store;
+    for i in 0..6 {
+        s.create_conversation(conv(&format!("c{i}"), &["a"], None))
+            .await
+            .unwrap();
+        send(s, &format!("c{i}"), "a", "x").await;
+    }
+    let heads = s.heads().await.unwrap();
+    assert_eq!(heads.heads.len(), 4);
+    assert_eq!(heads.heads.iter().sum::<u64>(), 12);
+    for part in 0..4u16 {
+        let entries = s
+            .read_log(part, 0, heads.heads[usize::from(part)], 1000)
+            .await
+            .unwrap();
+        let offsets: Vec<u64> = entries.iter().map(|e| e.offset).collect();
+        assert_eq!(
+            offsets,
+            (1..=heads.heads[usize::from(part)]).collect::<Vec<_>>(),
+            "gap-free partition {part}"
+        );
+        assert!(entries.iter().all(|e| e.part == part));
+    }
+    assert_eq!(s.epoch(), db.another_instance().await.epoch());
+}
+
+async fn concurrent_senders_stay_gap_free(db: &Db) {
+    let s = &db.store;
+    let other = db.another_instance().await;
+    s.create_conversation(conv("hot", &["a", "b"], None))
+        .await
+        .unwrap();
+    s.create_conversation(conv("warm", &["a", "b"], None))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let store = if w % 2 == 0 { s.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..25 {
+                let batch: Vec<SendItem> = (0..4)
+                    .map(|j| {
+                        item(
+                            if (i + j) % 3 == 0 { "warm" } else { "hot" },
+                            if j % 2 == 0 { "a" } else { "b" },
+                            "x",
+                            None,
+                        )
+                    })
+                    .collect();
+                let (r, _) = store.send_batch(&batch).await.unwrap();
+                ids.extend(r.into_iter().map(|m| {
+                    let m = m.unwrap();
+                    (m.conversation_id, m.msg_id)
+                }));
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), 800);
+    for c in ["hot", "warm"] {
+        let mut ids: Vec<u64> = all
+            .iter()
+            .filter(|(cc, _)| cc == c)
+            .map(|(_, id)| *id)
+            .collect();
+        ids.sort_unstable();
+        let n = ids.len() as u64;
+        assert_eq!(
+            ids,
+            (2..2 + n).collect::<Vec<_>>(),
+            "msg_ids of {c} are gap-free and unique"
+        );
+    }
+    let heads = s.heads().await.unwrap();
+    for part in 0..4u16 {
+        let entries = s.read_log(part, 0, u64::MAX, 10_000).await.unwrap();
+        assert_eq!(entries.len() as u64, heads.heads[usize::from(part)]);
+        assert!(
+            entries
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.offset == i as u64 + 1)
+        );
+    }
+    other.close().await;
+}
+
+async fn concurrent_retries_store_once(db: &Db) {
+    let s = &db.store;
+    let other = db.another_instance().await;
+    s.create_conversation(conv("c", &["a"], None))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let store = if w % 2 == 0 { s.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move {
+            let (mut r, _) = store
+                .send_batch(&[item("c", "a", "once", Some("retry-me"))])
+                .await
+                .unwrap();
+            r.remove(0).unwrap()
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    assert!(
+        got.iter().all(|m| *m == got[0]),
+        "every retry answers the same message"
+    );
+    assert_eq!(s.last_msg_id("c", "a").await.unwrap(), 2, "stored once");
+    other.close().await;
+}
+
+async fn retention_horizon_forces_resync(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("c", &["u", "x"], None))
+        .await
+        .unwrap();
+    let old = s.heads().await.unwrap().heads;
+    send(s, "c", "x", "1").await;
+    // A checkpoint taken now counts as old for a zero retention window.
+    s.record_checkpoint(86_400_000).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    send(s, "c", "x", "2").await;
+    let upto = s.heads().await.unwrap().heads;
+    let (_, complete) = s.replay("u", &old, &upto, 100, 1).await.unwrap();
+    assert!(!complete, "a cursor behind the horizon gets resync");
+    let (entries, complete) = s.replay("u", &old, &upto, 100, 86_400_000).await.unwrap();
+    assert!(complete);
+    assert_eq!(entries.len(), 2);
+    assert!(s.horizon(1).await.unwrap().is_some());
+}
