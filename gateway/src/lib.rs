@@ -1,1 +1,184 @@
-//! wip
+//! The gateway: terminates client connections and serves the HTTP API.
+//!
+//! Where each piece lives:
+//! - `http/`: the public and /inner routers, extractors, the error mapping, OpenAPI;
+//! - `notify/`: /notify — the connection registry (and the realtime session core);
+//! - `auth.rs`: tokens (issue, verify, revoke);
+//! - `cluster.rs`: the control plane between gateways (presence, kick, heartbeats);
+//! - `ratelimit.rs`: per-user request rate;
+//! - `state.rs`: the shared state handed to handlers.
+//!
+//! The gateway holds no conversation state: every request goes to the conversation or
+//! message service over the bus.
+
+pub mod auth;
+pub mod cluster;
+pub mod http;
+pub mod notify;
+pub mod ratelimit;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quickim_shared::bus::{Bus, BusError};
+use quickim_shared::config::{Config, ConfigError};
+use quickim_shared::protocol::service::ListRevocations;
+use quickim_shared::rpc::RpcClient;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Auth;
+use crate::cluster::Cluster;
+use crate::notify::registry::Registry;
+use crate::state::AppState;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Serving failed.
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A bound, ready-to-run gateway.
+pub struct Gateway {
+    state: AppState,
+    public: TcpListener,
+    inner: TcpListener,
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Binds both listeners and joins the cluster. `config` must hold `jwt_secret` and
+    /// `inner_key` (standalone fills them in before).
+    pub async fn start(
+        config: Arc<Config>,
+        bus: Bus,
+        node_id: String,
+        shutdown: CancellationToken,
+    ) -> Result<Gateway, GatewayError> {
+        let inner_key = config
+            .inner_key
+            .clone()
+            .ok_or_else(|| ConfigError("inner_key is not set".into()))?;
+        let auth = Arc::new(Auth::from_config(&config)?);
+        let registry = Arc::new(Registry::default());
+        let cluster = Cluster::start(
+            bus.clone(),
+            node_id.clone(),
+            registry.clone(),
+            auth.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        let rpc = RpcClient::new(bus, Duration::from_millis(config.request_timeout_ms));
+        let state = AppState::new(
+            rpc,
+            auth,
+            registry,
+            cluster,
+            inner_key,
+            config.clone(),
+            node_id,
+        );
+        let public = bind(config.public_addr).await?;
+        let inner = bind(config.inner_addr).await?;
+        tokio::spawn(load_revocations(state.clone(), shutdown.clone()));
+        Ok(Gateway {
+            state,
+            public,
+            inner,
+            shutdown,
+        })
+    }
+
+    /// Where the public listener listens.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public
+            .local_addr()
+            .unwrap_or_else(|_| self.state.config.public_addr)
+    }
+
+    /// Where the inner listener listens.
+    pub fn inner_addr(&self) -> SocketAddr {
+        self.inner
+            .local_addr()
+            .unwrap_or_else(|_| self.state.config.inner_addr)
+    }
+
+    /// The shared state (for in-process tests).
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops accepting and lets requests
+    /// in flight finish.
+    pub async fn run(self) -> Result<(), GatewayError> {
+        let Gateway {
+            state,
+            public,
+            inner,
+            shutdown,
+        } = self;
+        let stop = shutdown.clone();
+        let draining = state.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            draining.set_draining();
+        });
+        let public = axum::serve(public, http::public_router(state.clone()))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let inner = axum::serve(inner, http::inner_router(state))
+            .with_graceful_shutdown(shutdown.cancelled_owned());
+        tokio::try_join!(async { public.await }, async { inner.await })?;
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })
+}
+
+/// Loads token revocations now and every minute (a kick broadcast this node missed is
+/// applied within a minute). The node is not ready until the first load succeeds.
+async fn load_revocations(state: AppState, shutdown: CancellationToken) {
+    loop {
+        let since_ms = state.auth.revocation_horizon_ms();
+        let wait = match state.rpc.call(&ListRevocations { since_ms }).await {
+            Ok(list) => {
+                for r in &list {
+                    state.auth.revoke(r);
+                }
+                state.auth.prune();
+                state.set_ready();
+                Duration::from_secs(60)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "cannot load token revocations yet");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

@@ -18,8 +18,10 @@ pub enum ErrorCode {
     Forbidden,
     /// The caller is not a member of the conversation, or the conversation does not exist.
     NotMember,
-    /// The resource does not exist (unknown route, unknown user on /inner).
+    /// The resource does not exist (unknown route, unknown conversation on /inner).
     NotFound,
+    /// The route exists but not with this HTTP method.
+    MethodNotAllowed,
     /// The request conflicts with existing state (idempotency key reused differently, ...).
     Conflict,
     /// The conversation is archived and takes no client messages.
@@ -40,12 +42,13 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidParam,
         ErrorCode::InvalidToken,
         ErrorCode::Forbidden,
         ErrorCode::NotMember,
         ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::Conflict,
         ErrorCode::ConversationArchived,
         ErrorCode::PayloadTooLarge,
@@ -64,6 +67,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 40300,
             ErrorCode::NotMember => 40301,
             ErrorCode::NotFound => 40400,
+            ErrorCode::MethodNotAllowed => 40500,
             ErrorCode::Conflict => 40900,
             ErrorCode::ConversationArchived => 40901,
             ErrorCode::PayloadTooLarge => 41300,
@@ -88,6 +92,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotMember => "not_member",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Conflict => "conflict",
             ErrorCode::ConversationArchived => "conversation_archived",
             ErrorCode::PayloadTooLarge => "payload_too_large",

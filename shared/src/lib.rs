@@ -5,12 +5,14 @@
 //! - [`ids`]: validation of user ids, platforms, conversation ids.
 //! - [`bus`]: request/reply and publish/subscribe, over NATS or in-process.
 //! - [`rpc`]: typed calls and service dispatch on top of the bus.
+//! - [`fanout`]: publishing committed log entries to every gateway.
 //! - [`config`]: layered configuration (defaults → TOML → `QUICKIM_*` env → flags).
 //! - [`telemetry`]: logging/tracing set-up and trace-context propagation.
 
 pub mod bus;
 pub mod config;
 pub mod error;
+pub mod fanout;
 pub mod ids;
 pub mod protocol;
 pub mod rpc;

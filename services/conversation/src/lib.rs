@@ -1,1 +1,218 @@
-//! wip
+//! The conversation service: owns conversations and membership.
+//!
+//! It answers `quickim.conv.*` requests (see `quickim_shared::protocol::service`) in the
+//! `quickim-conversation` queue group, so any number of instances share the load. Every
+//! membership change is stored with its system message and published to the gateways after
+//! commit. Shape checks (ids, list sizes) happen here; state checks (membership, existence)
+//! in the store, inside the transaction.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use quickim_shared::bus::{Bus, BusError};
+use quickim_shared::error::ServiceError;
+use quickim_shared::fanout::publish_entries;
+use quickim_shared::ids::{check_conversation_id, check_platform, check_user_id};
+use quickim_shared::protocol::api::{
+    ArchiveAnswer, CreatedConversation, JoinedUsers, KickedUsers, LeftAnswer, ReadAnswer,
+};
+use quickim_shared::protocol::service::{
+    CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, CreateConversation, GetDetail,
+    GetMemberships, Join, Kick, Leave, ListJoined, ListRevocations, MarkRead, Reply, RevokeTokens,
+    SetArchived,
+};
+use quickim_shared::rpc::{self, Handler, answer};
+use quickim_store::{NewConversation, Store};
+use tokio_util::sync::CancellationToken;
+
+/// Most users or conversations one request may name.
+pub const MAX_LIST: usize = 1000;
+
+/// The service: a store and the bus to publish on.
+pub struct ConversationService {
+    store: Store,
+    bus: Bus,
+}
+
+impl ConversationService {
+    /// A service over `store`, publishing on `bus`.
+    pub fn new(store: Store, bus: Bus) -> ConversationService {
+        ConversationService { store, bus }
+    }
+
+    /// Serves requests until `shutdown`, then finishes the ones in flight.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+        let bus = self.bus.clone();
+        rpc::serve(
+            &bus,
+            CONVERSATION_SUBJECTS,
+            CONVERSATION_QUEUE,
+            256,
+            Arc::new(self),
+            shutdown,
+        )
+        .await
+    }
+
+    async fn create(&self, r: CreateConversation) -> Reply<CreatedConversation> {
+        if let Some(id) = &r.conversation_id {
+            check_conversation_id(id)?;
+        }
+        check_users("members", &r.members)?;
+        if let Some(owner) = &r.owner {
+            check_user_id("owner", owner)?;
+        }
+        if r.members.is_empty() && r.owner.is_none() {
+            return Err(ServiceError::invalid(
+                "a conversation needs at least one member",
+            ));
+        }
+        let out = self
+            .store
+            .create_conversation(NewConversation {
+                conversation_id: r.conversation_id,
+                conversation_type: r.conversation_type,
+                joinable: r.joinable,
+                members: r.members,
+                owner: r.owner,
+            })
+            .await?;
+        publish_entries(&self.bus, &out.entries).await;
+        Ok(CreatedConversation {
+            conversation_id: out.conversation_id,
+            created: out.created,
+        })
+    }
+
+    async fn join(&self, r: Join) -> Reply<JoinedUsers> {
+        check_conversation_id(&r.conversation_id)?;
+        check_users("user_ids", &r.user_ids)?;
+        if r.user_ids.is_empty() {
+            return Err(ServiceError::invalid("user_ids must not be empty"));
+        }
+        let (joined, entries) = self
+            .store
+            .join(&r.conversation_id, &r.user_ids, r.self_join)
+            .await?;
+        publish_entries(&self.bus, &entries).await;
+        Ok(JoinedUsers { joined })
+    }
+
+    async fn leave(&self, r: Leave) -> Reply<LeftAnswer> {
+        check_conversation_id(&r.conversation_id)?;
+        check_user_id("user_id", &r.user_id)?;
+        let entries = self.store.leave(&r.conversation_id, &r.user_id).await?;
+        publish_entries(&self.bus, &entries).await;
+        Ok(LeftAnswer { left: true })
+    }
+
+    async fn kick(&self, r: Kick) -> Reply<KickedUsers> {
+        check_conversation_id(&r.conversation_id)?;
+        check_users("user_ids", &r.user_ids)?;
+        if r.user_ids.is_empty() {
+            return Err(ServiceError::invalid("user_ids must not be empty"));
+        }
+        let (kicked, entries) = self.store.kick(&r.conversation_id, &r.user_ids).await?;
+        publish_entries(&self.bus, &entries).await;
+        Ok(KickedUsers { kicked })
+    }
+
+    async fn set_archived(&self, r: SetArchived) -> Reply<ArchiveAnswer> {
+        if r.conversation_ids.is_empty() || r.conversation_ids.len() > MAX_LIST {
+            return Err(ServiceError::invalid(format!(
+                "conversation_ids must name 1–{MAX_LIST} conversations"
+            )));
+        }
+        for id in &r.conversation_ids {
+            check_conversation_id(id)?;
+        }
+        let (updated, entries) = self
+            .store
+            .set_archived(&r.conversation_ids, r.archived)
+            .await?;
+        publish_entries(&self.bus, &entries).await;
+        Ok(ArchiveAnswer { updated })
+    }
+}
+
+fn check_users(field: &str, users: &[String]) -> Result<(), ServiceError> {
+    if users.len() > MAX_LIST {
+        return Err(ServiceError::invalid(format!(
+            "{field} may name at most {MAX_LIST} users"
+        )));
+    }
+    users.iter().try_for_each(|u| check_user_id(field, u))
+}
+
+impl Handler for ConversationService {
+    async fn handle(&self, subject: &str, payload: &[u8]) -> Bytes {
+        match subject {
+            CreateConversation::SUBJECT => answer(payload, |r| self.create(r)).await,
+            Join::SUBJECT => answer(payload, |r| self.join(r)).await,
+            Leave::SUBJECT => answer(payload, |r| self.leave(r)).await,
+            Kick::SUBJECT => answer(payload, |r| self.kick(r)).await,
+            SetArchived::SUBJECT => answer(payload, |r| self.set_archived(r)).await,
+            CheckJoined::SUBJECT => {
+                answer(payload, async |r: CheckJoined| {
+                    check_conversation_id(&r.conversation_id)?;
+                    Ok(self.store.is_member(&r.conversation_id, &r.user_id).await?)
+                })
+                .await
+            }
+            ListJoined::SUBJECT => {
+                answer(payload, async |r: ListJoined| {
+                    let limit = r.limit.clamp(1, 100);
+                    Ok(self
+                        .store
+                        .list_joined(&r.user_id, r.archived, limit, r.cursor.as_deref())
+                        .await?)
+                })
+                .await
+            }
+            GetDetail::SUBJECT => {
+                answer(payload, async |r: GetDetail| {
+                    check_conversation_id(&r.conversation_id)?;
+                    Ok(self.store.detail(&r.conversation_id, &r.user_id).await?)
+                })
+                .await
+            }
+            MarkRead::SUBJECT => {
+                answer(payload, async |r: MarkRead| {
+                    check_conversation_id(&r.conversation_id)?;
+                    let read_msg_id = self
+                        .store
+                        .mark_read(&r.conversation_id, &r.user_id, r.msg_id)
+                        .await?;
+                    Ok(ReadAnswer { read_msg_id })
+                })
+                .await
+            }
+            GetMemberships::SUBJECT => {
+                answer(payload, async |r: GetMemberships| {
+                    Ok(self.store.memberships(&r.user_id).await?)
+                })
+                .await
+            }
+            RevokeTokens::SUBJECT => {
+                answer(payload, async |r: RevokeTokens| {
+                    check_user_id("user_id", &r.user_id)?;
+                    if let Some(p) = &r.platform {
+                        check_platform(p)?;
+                    }
+                    Ok(self
+                        .store
+                        .revoke(&r.user_id, r.platform.as_deref(), r.before_ms)
+                        .await?)
+                })
+                .await
+            }
+            ListRevocations::SUBJECT => {
+                answer(payload, async |r: ListRevocations| {
+                    Ok(self.store.revocations(r.since_ms).await?)
+                })
+                .await
+            }
+            other => rpc::unknown_operation(other),
+        }
+    }
+}

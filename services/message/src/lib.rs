@@ -1,1 +1,200 @@
-//! wip
+//! The message service: owns messages.
+//!
+//! - `lib.rs` (here): the `quickim.msg.*` handlers, in the `quickim-message` queue group;
+//! - `batcher.rs`: group commit: concurrent sends share one transaction, then their log
+//!   entries are published to the gateways;
+//! - `validate.rs`: shape checks of a message (ids, type, content size);
+//! - `housekeeping.rs`: periodic log-heads announcements (so gateways notice a lost tail)
+//!   and retention checkpoints.
+
+mod batcher;
+mod housekeeping;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quickim_shared::bus::{Bus, BusError};
+use quickim_shared::error::ServiceError;
+use quickim_shared::fanout::publish_entries;
+use quickim_shared::ids::check_conversation_id;
+use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::service::{
+    Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay,
+    ReplayAnswer, Reply, SendBatch, SendMessage,
+};
+use quickim_shared::rpc::{self, Handler, answer};
+use quickim_store::{Dialect, Store};
+use tokio_util::sync::CancellationToken;
+
+pub use batcher::Batcher;
+
+/// Limits the message service applies.
+#[derive(Debug, Clone)]
+pub struct MessageLimits {
+    /// Largest content, UTF-8 bytes.
+    pub max_content_bytes: usize,
+    /// Most messages per history answer.
+    pub range_max: u32,
+    /// Largest replay; beyond, the client must resync.
+    pub replay_max: u32,
+    /// Replay window, ms.
+    pub retention_ms: i64,
+    /// Most items in one batch request.
+    pub send_batch_max: usize,
+}
+
+/// The service.
+pub struct MessageService {
+    store: Store,
+    bus: Bus,
+    limits: MessageLimits,
+    batcher: Batcher,
+}
+
+impl MessageService {
+    /// A service over `store`, publishing on `bus`.
+    pub fn new(store: Store, bus: Bus, limits: MessageLimits) -> MessageService {
+        // SQLite has one writer: one batch at a time. PostgreSQL takes a few in parallel.
+        let writers = if store.dialect() == Dialect::Sqlite {
+            1
+        } else {
+            4
+        };
+        let batcher = Batcher::start(store.clone(), bus.clone(), writers, 256);
+        MessageService {
+            store,
+            bus,
+            limits,
+            batcher,
+        }
+    }
+
+    /// Serves requests and runs housekeeping until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+        let bus = self.bus.clone();
+        let housekeeping = tokio::spawn(housekeeping::run(
+            self.store.clone(),
+            bus.clone(),
+            self.limits.retention_ms,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            shutdown.clone(),
+        ));
+        let result = rpc::serve(
+            &bus,
+            MESSAGE_SUBJECTS,
+            MESSAGE_QUEUE,
+            4096,
+            Arc::new(self),
+            shutdown,
+        )
+        .await;
+        let _ = housekeeping.await;
+        result
+    }
+
+    async fn send(&self, r: SendMessage) -> Reply<Message> {
+        let item = validate::send_item(r, self.limits.max_content_bytes)?;
+        self.batcher.submit(item).await
+    }
+
+    async fn send_batch(&self, r: SendBatch) -> Reply<Vec<Reply<Message>>> {
+        if r.items.is_empty() || r.items.len() > self.limits.send_batch_max {
+            return Err(ServiceError::invalid(format!(
+                "a batch holds 1–{} messages",
+                self.limits.send_batch_max
+            )));
+        }
+        // Invalid items get their error; the valid ones are stored together, in order.
+        let checked: Vec<Reply<quickim_store::SendItem>> = r
+            .items
+            .into_iter()
+            .map(|i| validate::send_item(i, self.limits.max_content_bytes))
+            .collect();
+        let valid: Vec<quickim_store::SendItem> = checked
+            .iter()
+            .filter_map(|c| c.as_ref().ok().cloned())
+            .collect();
+        let (stored, entries) = if valid.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            self.store.send_batch(&valid).await?
+        };
+        publish_entries(&self.bus, &entries).await;
+        let mut stored = stored.into_iter();
+        Ok(checked
+            .into_iter()
+            .map(|c| match c {
+                Ok(_) => stored
+                    .next()
+                    .unwrap_or_else(|| Err(ServiceError::internal("batch result missing"))),
+                Err(e) => Err(e),
+            })
+            .collect())
+    }
+
+    async fn history(&self, r: History) -> Reply<Vec<Message>> {
+        check_conversation_id(&r.conversation_id)?;
+        Ok(self
+            .store
+            .history(
+                &r.conversation_id,
+                &r.user_id,
+                r.query,
+                r.desc,
+                self.limits.range_max,
+            )
+            .await?)
+    }
+
+    async fn replay(&self, r: Replay) -> Reply<ReplayAnswer> {
+        let limit = r.limit.clamp(1, self.limits.replay_max);
+        let (entries, complete) = self
+            .store
+            .replay(
+                &r.user_id,
+                &r.after,
+                &r.upto,
+                limit,
+                self.limits.retention_ms,
+            )
+            .await?;
+        Ok(ReplayAnswer { entries, complete })
+    }
+}
+
+impl Handler for MessageService {
+    async fn handle(&self, subject: &str, payload: &[u8]) -> Bytes {
+        match subject {
+            SendMessage::SUBJECT => answer(payload, |r| self.send(r)).await,
+            SendBatch::SUBJECT => answer(payload, |r| self.send_batch(r)).await,
+            History::SUBJECT => answer(payload, |r| self.history(r)).await,
+            Replay::SUBJECT => answer(payload, |r| self.replay(r)).await,
+            LastMsgId::SUBJECT => {
+                answer(payload, async |r: LastMsgId| {
+                    check_conversation_id(&r.conversation_id)?;
+                    Ok(self
+                        .store
+                        .last_msg_id(&r.conversation_id, &r.user_id)
+                        .await?)
+                })
+                .await
+            }
+            GetHeads::SUBJECT => {
+                answer(payload, async |_: GetHeads| Ok(self.store.heads().await?)).await
+            }
+            ReadLog::SUBJECT => {
+                answer(payload, async |r: ReadLog| {
+                    Ok(self
+                        .store
+                        .read_log(r.part, r.after, r.upto, r.limit.clamp(1, 10_000))
+                        .await?)
+                })
+                .await
+            }
+            other => rpc::unknown_operation(other),
+        }
+    }
+}

@@ -67,7 +67,6 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, Transaction};
 
 pub use conversations::{CreateOutcome, NewConversation};
-pub use log::LogHeads;
 pub use messages::SendItem;
 
 /// Which database is behind the store.

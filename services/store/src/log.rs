@@ -10,22 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::event::LogEntry;
+use quickim_shared::protocol::service::LogHeads;
 use quickim_shared::time::now_ms;
-use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
 use sqlx::{AnyConnection, Row};
 
 use crate::sql::{MESSAGE_COLUMNS, Params, api_int, db_int, get_bool, log_entry};
 use crate::{Result, Store, StoreError, partition_of};
-
-/// The log's position: one head offset per partition, and the database's epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogHeads {
-    /// The database's epoch.
-    pub epoch: u32,
-    /// Newest offset of each partition (index = partition).
-    pub heads: Vec<u64>,
-}
 
 /// Creates the meta rows and partitions of a new database; answers (partitions, epoch).
 pub(crate) async fn init_meta(pool: &AnyPool, partitions_if_new: u16) -> Result<(u16, u32)> {

@@ -122,6 +122,40 @@ impl LocalBus {
             .map_err(|_| BusError::TimedOut(subject.to_string()))?
     }
 
+    pub(super) async fn gather(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+        expect: usize,
+    ) -> Vec<Reply> {
+        let mut waiting = Vec::new();
+        for tx in self.targets(subject) {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let msg = Incoming {
+                subject: subject.to_string(),
+                headers: headers.clone(),
+                payload: payload.clone(),
+                reply: Some(ReplyTo::Local(reply_tx)),
+            };
+            if tx.try_send(msg).is_ok() {
+                waiting.push(reply_rx);
+            }
+        }
+        let mut replies = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        for rx in waiting {
+            if replies.len() >= expect {
+                break;
+            }
+            if let Ok(Ok(r)) = tokio::time::timeout_at(deadline, rx).await {
+                replies.push(r);
+            }
+        }
+        replies
+    }
+
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.subs().clear();

@@ -158,6 +158,22 @@ impl Bus {
         }
     }
 
+    /// Sends a request to every subscriber (no queue groups) and gathers the answers that
+    /// arrive within `timeout`, stopping early once `expect` answers are in.
+    pub async fn gather(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+        expect: usize,
+    ) -> Result<Vec<Reply>, BusError> {
+        match &*self.backend {
+            Backend::Local(b) => Ok(b.gather(subject, headers, payload, timeout, expect).await),
+            Backend::Nats(b) => b.gather(subject, headers, payload, timeout, expect).await,
+        }
+    }
+
     /// Waits until everything published so far has left this process.
     pub async fn flush(&self) -> Result<(), BusError> {
         match &*self.backend {

@@ -105,6 +105,43 @@ impl NatsBus {
             .boxed())
     }
 
+    pub(super) async fn gather(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+        expect: usize,
+    ) -> Result<Vec<Reply>, BusError> {
+        let inbox = self.client.new_inbox();
+        let mut sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        self.client
+            .publish_with_reply_and_headers(
+                subject.to_string(),
+                inbox,
+                to_header_map(&headers),
+                payload,
+            )
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let mut replies = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while replies.len() < expect {
+            match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(m)) => replies.push(Reply {
+                    headers: from_header_map(m.headers.as_ref()),
+                    payload: m.payload,
+                }),
+                _ => break,
+            }
+        }
+        Ok(replies)
+    }
+
     pub(super) async fn flush(&self) -> Result<(), BusError> {
         self.client
             .flush()

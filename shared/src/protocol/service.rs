@@ -302,7 +302,16 @@ call!(LastMsgId, "quickim.msg.last_msg_id", u64);
 /// Current log heads, one offset per partition.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GetHeads {}
-call!(GetHeads, "quickim.msg.heads", Vec<u64>);
+call!(GetHeads, "quickim.msg.heads", LogHeads);
+
+/// The log's position: one head offset per partition, and the database's epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogHeads {
+    /// The database's epoch (a random number fixed at creation, carried in cursors).
+    pub epoch: u32,
+    /// Newest offset of each partition (index = partition).
+    pub heads: Vec<u64>,
+}
 
 /// Entries of one partition with `after < offset <= upto` (gap fill), at most `limit`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

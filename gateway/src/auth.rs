@@ -1,0 +1,329 @@
+//! Client tokens: issuing (for /inner/get_token), verifying, and revocation.
+//!
+//! Tokens are JWTs. quickim issues HS256 tokens with its secret; a deployment may also accept
+//! tokens signed by the business system with RS256 or EdDSA keys (`jwt_public_keys`). `exp`
+//! is always required. A token is revoked when /inner/kick_user named its user (and platform)
+//! after the token was issued: every gateway keeps the revocations in memory, loaded at start
+//! from the conversation service and pushed to it by the cluster control plane.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use quickim_shared::config::{Config, ConfigError};
+use quickim_shared::error::{ErrorCode, ServiceError};
+use quickim_shared::ids::{check_platform, check_user_id};
+use quickim_shared::protocol::service::Revocation;
+use quickim_shared::time::now_ms;
+use serde::{Deserialize, Serialize};
+
+/// The claims of a client token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user.
+    pub sub: String,
+    /// The platform (`web`, `ios`, ...); "unknown" when a foreign token has none.
+    #[serde(default = "unknown_platform")]
+    pub plt: String,
+    /// Issued at (seconds).
+    #[serde(default)]
+    pub iat: i64,
+    /// Issued at (milliseconds), for exact revocation; quickim sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat_ms: Option<i64>,
+    /// Expiry (seconds); always required.
+    pub exp: i64,
+}
+
+fn unknown_platform() -> String {
+    "unknown".to_string()
+}
+
+impl Claims {
+    /// Issue time in milliseconds.
+    pub fn issued_ms(&self) -> i64 {
+        self.iat_ms.unwrap_or(self.iat.saturating_mul(1000))
+    }
+}
+
+/// The authenticated caller of a public route.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// From the token's `sub`.
+    pub user_id: String,
+    /// From the token's `plt`.
+    pub platform: String,
+    /// When the token was issued (ms).
+    pub issued_ms: i64,
+    /// When the token expires (ms).
+    pub expires_ms: i64,
+}
+
+/// Issues and verifies tokens.
+pub struct Auth {
+    encoding: EncodingKey,
+    hs256: DecodingKey,
+    rsa: Vec<DecodingKey>,
+    ed: Vec<DecodingKey>,
+    default_ttl_s: u64,
+    max_ttl_s: u64,
+    revoked: RwLock<HashMap<String, Vec<(Option<String>, i64)>>>,
+}
+
+impl Auth {
+    /// Builds from the configuration (`jwt_secret` must be set by now).
+    pub fn from_config(config: &Config) -> Result<Auth, ConfigError> {
+        let secret = config
+            .jwt_secret
+            .as_ref()
+            .ok_or_else(|| ConfigError("jwt_secret is not set".into()))?;
+        let mut rsa = Vec::new();
+        let mut ed = Vec::new();
+        for path in &config.jwt_public_keys {
+            let pem = std::fs::read(path)
+                .map_err(|e| ConfigError(format!("jwt_public_keys: {}: {e}", path.display())))?;
+            if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                rsa.push(k);
+            } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
+                ed.push(k);
+            } else {
+                return Err(ConfigError(format!(
+                    "jwt_public_keys: {} is neither an RSA nor an Ed25519 public key (PEM)",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Auth {
+            encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
+            hs256: DecodingKey::from_secret(secret.expose().as_bytes()),
+            rsa,
+            ed,
+            default_ttl_s: config.token_ttl_s,
+            max_ttl_s: config.token_max_ttl_s,
+            revoked: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Issues an HS256 token; answers it with its expiry (ms).
+    pub fn issue(
+        &self,
+        user_id: &str,
+        platform: &str,
+        ttl_s: Option<u64>,
+    ) -> Result<(String, i64), ServiceError> {
+        check_user_id("user_id", user_id)?;
+        check_platform(platform)?;
+        let ttl = ttl_s.unwrap_or(self.default_ttl_s);
+        if ttl == 0 || ttl > self.max_ttl_s {
+            return Err(ServiceError::invalid(format!(
+                "ttl_s must be within 1–{}",
+                self.max_ttl_s
+            )));
+        }
+        let now = now_ms();
+        let exp = now / 1000 + ttl as i64;
+        let claims = Claims {
+            sub: user_id.into(),
+            plt: platform.into(),
+            iat: now / 1000,
+            iat_ms: Some(now),
+            exp,
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| ServiceError::internal(format!("cannot sign a token: {e}")))?;
+        Ok((token, exp * 1000))
+    }
+
+    /// Verifies a token: signature, expiry, identity shape, revocation.
+    pub fn verify(&self, token: &str) -> Result<Caller, ServiceError> {
+        let invalid = |why: &str| ServiceError::new(ErrorCode::InvalidToken, why.to_string());
+        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed token"))?;
+        let keys: Vec<&DecodingKey> = match header.alg {
+            Algorithm::HS256 => vec![&self.hs256],
+            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => self.rsa.iter().collect(),
+            Algorithm::EdDSA => self.ed.iter().collect(),
+            _ => Vec::new(),
+        };
+        if keys.is_empty() {
+            return Err(invalid("token algorithm not accepted"));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        let mut last = invalid("invalid token");
+        for key in keys {
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => return self.accept(data.claims),
+                Err(e) => {
+                    last = match e.kind() {
+                        jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                            invalid("token expired")
+                        }
+                        jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                            invalid("bad token signature")
+                        }
+                        _ => invalid("invalid token"),
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn accept(&self, claims: Claims) -> Result<Caller, ServiceError> {
+        let invalid = |why: &str| ServiceError::new(ErrorCode::InvalidToken, why.to_string());
+        check_user_id("sub", &claims.sub)
+            .map_err(|_| invalid("token subject is not a valid user id"))?;
+        check_platform(&claims.plt).map_err(|_| invalid("token platform is not valid"))?;
+        let issued = claims.issued_ms();
+        if self.is_revoked(&claims.sub, &claims.plt, issued) {
+            return Err(invalid("token revoked"));
+        }
+        Ok(Caller {
+            user_id: claims.sub,
+            platform: claims.plt,
+            issued_ms: issued,
+            expires_ms: claims.exp * 1000,
+        })
+    }
+
+    /// Whether a token of `user_id` on `platform` issued at `issued_ms` is revoked.
+    pub fn is_revoked(&self, user_id: &str, platform: &str, issued_ms: i64) -> bool {
+        let revoked = self.revoked.read().unwrap_or_else(|e| e.into_inner());
+        revoked.get(user_id).is_some_and(|list| {
+            list.iter().any(|(p, before)| {
+                issued_ms < *before && p.as_deref().is_none_or(|p| p == platform)
+            })
+        })
+    }
+
+    /// Records a revocation (from the control plane or the start-up load).
+    pub fn revoke(&self, r: &Revocation) {
+        let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+        let list = revoked.entry(r.user_id.clone()).or_default();
+        match list.iter_mut().find(|(p, _)| *p == r.platform) {
+            Some((_, before)) => *before = (*before).max(r.before_ms),
+            None => list.push((r.platform.clone(), r.before_ms)),
+        }
+    }
+
+    /// Forgets revocations older than the longest token lifetime (their tokens expired).
+    pub fn prune(&self) {
+        let horizon = now_ms() - self.max_ttl_s as i64 * 1000;
+        let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+        revoked.retain(|_, list| {
+            list.retain(|(_, before)| *before >= horizon);
+            !list.is_empty()
+        });
+    }
+
+    /// The oldest revocation time still relevant (for loading at start).
+    pub fn revocation_horizon_ms(&self) -> i64 {
+        now_ms() - self.max_ttl_s as i64 * 1000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quickim_shared::config::Secret;
+
+    fn auth() -> Auth {
+        let config = Config {
+            jwt_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
+            ..Config::default()
+        };
+        Auth::from_config(&config).unwrap()
+    }
+
+    #[test]
+    fn issued_tokens_verify() {
+        let a = auth();
+        let (token, exp) = a.issue("alice", "web", Some(60)).unwrap();
+        let c = a.verify(&token).unwrap();
+        assert_eq!((c.user_id.as_str(), c.platform.as_str()), ("alice", "web"));
+        assert!(exp > now_ms());
+    }
+
+    #[test]
+    fn forged_expired_and_malformed_tokens_fail() {
+        let a = auth();
+        let other = Auth::from_config(&Config {
+            jwt_secret: Some(Secret::new("another-secret-another-secret-xx")),
+            ..Config::default()
+        })
+        .unwrap();
+        let (forged, _) = other.issue("alice", "web", None).unwrap();
+        assert_eq!(
+            a.verify(&forged).unwrap_err().message,
+            "bad token signature"
+        );
+        let claims = Claims {
+            sub: "alice".into(),
+            plt: "web".into(),
+            iat: 0,
+            iat_ms: None,
+            exp: now_ms() / 1000 - 60,
+        };
+        let expired =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
+        assert_eq!(a.verify(&expired).unwrap_err().message, "token expired");
+        assert_eq!(
+            a.verify("not.a.token").unwrap_err().code,
+            ErrorCode::InvalidToken
+        );
+        // alg=none and foreign algorithms are refused.
+        let none = format!(
+            "{}.{}.",
+            "eyJhbGciOiJub25lIn0", "eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ"
+        );
+        assert_eq!(a.verify(&none).unwrap_err().code, ErrorCode::InvalidToken);
+        // A token without exp is refused.
+        #[derive(Serialize)]
+        struct NoExp {
+            sub: String,
+        }
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &NoExp { sub: "a".into() },
+            &a.encoding,
+        )
+        .unwrap();
+        assert_eq!(a.verify(&t).unwrap_err().code, ErrorCode::InvalidToken);
+    }
+
+    #[test]
+    fn revocation_applies_to_older_tokens_only() {
+        let a = auth();
+        let (old, _) = a.issue("alice", "web", None).unwrap();
+        let (ios, _) = a.issue("alice", "ios", None).unwrap();
+        a.revoke(&Revocation {
+            user_id: "alice".into(),
+            platform: Some("web".into()),
+            before_ms: now_ms() + 1,
+        });
+        assert_eq!(a.verify(&old).unwrap_err().message, "token revoked");
+        assert!(a.verify(&ios).is_ok(), "another platform is untouched");
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let (fresh, _) = a.issue("alice", "web", None).unwrap();
+        assert!(
+            a.verify(&fresh).is_ok(),
+            "tokens issued after the kick work"
+        );
+        a.revoke(&Revocation {
+            user_id: "alice".into(),
+            platform: None,
+            before_ms: now_ms() + 1,
+        });
+        assert!(a.verify(&ios).is_err());
+    }
+
+    #[test]
+    fn issue_checks_its_input() {
+        let a = auth();
+        assert!(a.issue("bad id", "web", None).is_err());
+        assert!(a.issue("alice", "", None).is_err());
+        assert!(a.issue("alice", "web", Some(0)).is_err());
+        assert!(a.issue("alice", "web", Some(u64::MAX)).is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! The HTTP side of the gateway: two routers, one per listener.
+//!
+//! - `public.rs`: client routes (JWT) — and /notify, mounted from `crate::notify`;
+//! - `inner.rs`: /inner routes (inner key);
+//! - `health.rs`: /healthz, /readyz;
+//! - `openapi.rs`: the OpenAPI document;
+//! - `extract.rs`: body, token and key extractors (bad input → 4xx in the project's format);
+//! - `error.rs`: the one mapping from failures to HTTP answers.
+
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod inner;
+pub mod openapi;
+pub mod public;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Extension;
+use axum::http::Request;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::state::AppState;
+use extract::BodyLimit;
+
+async fn openapi_json() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi::document_json(),
+    )
+}
+
+fn common(router: Router<AppState>) -> Router<AppState> {
+    router
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+}
+
+type TraceLayerFor =
+    TraceLayer<SharedClassifier<ServerErrorsAsFailures>, fn(&Request<Body>) -> tracing::Span>;
+
+fn request_span(req: &Request<Body>) -> tracing::Span {
+    tracing::info_span!(
+        "http.request",
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+    )
+}
+
+fn trace_layer() -> TraceLayerFor {
+    TraceLayer::new_for_http().make_span_with(request_span as fn(&Request<Body>) -> tracing::Span)
+}
+
+/// The public listener's routes.
+pub fn public_router(state: AppState) -> Router {
+    let cors = cors_layer(&state.config.cors_origins);
+    let mut router = common(
+        Router::new()
+            .route("/send_msg", post(public::send_msg))
+            .route(
+                "/check_joined_conversation",
+                post(public::check_joined_conversation),
+            )
+            .route(
+                "/get_joined_conversation",
+                post(public::get_joined_conversation),
+            )
+            .route(
+                "/get_conversation_detail",
+                post(public::get_conversation_detail),
+            )
+            .route("/create_conversation", post(public::create_conversation))
+            .route("/join_conversation", post(public::join_conversation))
+            .route("/leave_conversation", post(public::leave_conversation))
+            .route("/get_lastone_msgid", post(public::get_lastone_msgid))
+            .route("/mark_read", post(public::mark_read))
+            .route(
+                "/get_conversation_msg_by_range",
+                post(public::get_conversation_msg_by_range),
+            )
+            .route(
+                "/get_conversation_30msg_before_the_id",
+                post(public::get_conversation_30msg_before_the_id),
+            )
+            .route(
+                "/get_conversation_30msg_after_the_id",
+                post(public::get_conversation_30msg_after_the_id),
+            )
+            .route(
+                "/get_conversation_last_30_msg",
+                post(public::get_conversation_last_30_msg),
+            )
+            .route(
+                "/get_conversation_lastone_msg",
+                post(public::get_conversation_lastone_msg),
+            ),
+    )
+    .layer(Extension(BodyLimit(state.config.max_body_bytes)))
+    .layer(trace_layer());
+    if let Some(cors) = cors {
+        router = router.layer(cors);
+    }
+    router.with_state(state)
+}
+
+/// The inner listener's routes.
+pub fn inner_router(state: AppState) -> Router {
+    common(
+        Router::new()
+            .route("/inner/get_token", post(inner::get_token))
+            .route(
+                "/inner/create_conversation",
+                post(inner::create_conversation),
+            )
+            .route("/inner/join_conversation", post(inner::join_conversation))
+            .route(
+                "/inner/kickout_conversation",
+                post(inner::kickout_conversation),
+            )
+            .route(
+                "/inner/set_archive_conversations",
+                post(inner::set_archive_conversations),
+            )
+            .route("/inner/send_msg", post(inner::send_msg))
+            .route("/inner/send_msg_batch", post(inner::send_msg_batch))
+            .route("/inner/get_users_online", post(inner::get_users_online))
+            .route("/inner/kick_user", post(inner::kick_user)),
+    )
+    .layer(Extension(BodyLimit(state.config.inner_max_body_bytes)))
+    .layer(trace_layer())
+    .with_state(state)
+}
+
+/// CORS for the configured origins only (none configured: no CORS headers at all).
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(list))
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}

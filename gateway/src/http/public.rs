@@ -1,0 +1,279 @@
+//! The public (client) routes. The caller is always the token's user; no route takes the
+//! caller's identity from the body.
+
+use axum::extract::State;
+use quickim_shared::error::{ErrorCode, ServiceError};
+use quickim_shared::protocol::api::{
+    AroundRequest, ConversationDetail, ConversationRequest, CreateConversationRequest,
+    CreatedConversation, GetJoinedRequest, JoinedAnswer, JoinedConversations, LastMsgsRequest,
+    LastOneAnswer, LeftAnswer, MarkReadRequest, Message, MsgIdAnswer, MsgsAnswer, RangeRequest,
+    ReadAnswer, SendMsgRequest,
+};
+use quickim_shared::protocol::service::{
+    CheckJoined, CreateConversation, GetDetail, History, HistoryQuery, Join, LastMsgId, Leave,
+    ListJoined, MarkRead, Origin, SendMessage,
+};
+
+use super::error::{ApiError, ApiResult, Envelope};
+use super::extract::Body;
+use crate::auth::Caller;
+use crate::state::AppState;
+
+/// POST /send_msg
+pub async fn send_msg(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<SendMsgRequest>,
+) -> ApiResult<Message> {
+    let msg = s
+        .rpc
+        .call(&SendMessage {
+            origin: Origin::Client,
+            conversation_id: r.conversation_id,
+            from: caller.user_id,
+            msg_type: r.msg_type,
+            content: r.content,
+            client_msg_id: r.client_msg_id,
+        })
+        .await?;
+    Ok(Envelope(msg))
+}
+
+/// POST /check_joined_conversation
+pub async fn check_joined_conversation(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<ConversationRequest>,
+) -> ApiResult<JoinedAnswer> {
+    let joined = s
+        .rpc
+        .call(&CheckJoined {
+            user_id: caller.user_id,
+            conversation_id: r.conversation_id,
+        })
+        .await?;
+    Ok(Envelope(JoinedAnswer { joined }))
+}
+
+/// POST /get_joined_conversation
+pub async fn get_joined_conversation(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<GetJoinedRequest>,
+) -> ApiResult<JoinedConversations> {
+    let limit = r.limit.unwrap_or(50);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidParam,
+            "limit must be within 1–100",
+        ));
+    }
+    let page = s
+        .rpc
+        .call(&ListJoined {
+            user_id: caller.user_id,
+            archived: r.archived,
+            limit,
+            cursor: r.cursor,
+        })
+        .await?;
+    Ok(Envelope(page))
+}
+
+/// POST /get_conversation_detail
+pub async fn get_conversation_detail(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<ConversationRequest>,
+) -> ApiResult<ConversationDetail> {
+    Ok(Envelope(
+        s.rpc
+            .call(&GetDetail {
+                user_id: caller.user_id,
+                conversation_id: r.conversation_id,
+            })
+            .await?,
+    ))
+}
+
+/// POST /create_conversation: the caller becomes the owner; others only where allowed.
+pub async fn create_conversation(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<CreateConversationRequest>,
+) -> ApiResult<CreatedConversation> {
+    let others: Vec<String> = r
+        .members
+        .into_iter()
+        .filter(|m| *m != caller.user_id)
+        .collect();
+    if !others.is_empty() && !s.config.client_create_members {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "clients may not name other members here; add them through /inner/join_conversation",
+        ));
+    }
+    let created = s
+        .rpc
+        .call(&CreateConversation {
+            conversation_id: None,
+            conversation_type: r.conversation_type,
+            joinable: r.joinable,
+            members: others,
+            owner: Some(caller.user_id),
+        })
+        .await?;
+    Ok(Envelope(created))
+}
+
+/// POST /join_conversation: self-join, only where the conversation allows it.
+pub async fn join_conversation(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<ConversationRequest>,
+) -> ApiResult<JoinedAnswer> {
+    s.rpc
+        .call(&Join {
+            conversation_id: r.conversation_id,
+            user_ids: vec![caller.user_id],
+            self_join: true,
+        })
+        .await?;
+    Ok(Envelope(JoinedAnswer { joined: true }))
+}
+
+/// POST /leave_conversation
+pub async fn leave_conversation(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<ConversationRequest>,
+) -> ApiResult<LeftAnswer> {
+    Ok(Envelope(
+        s.rpc
+            .call(&Leave {
+                user_id: caller.user_id,
+                conversation_id: r.conversation_id,
+            })
+            .await?,
+    ))
+}
+
+/// POST /get_lastone_msgid
+pub async fn get_lastone_msgid(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<ConversationRequest>,
+) -> ApiResult<MsgIdAnswer> {
+    let msg_id = s
+        .rpc
+        .call(&LastMsgId {
+            user_id: caller.user_id,
+            conversation_id: r.conversation_id,
+        })
+        .await?;
+    Ok(Envelope(MsgIdAnswer { msg_id }))
+}
+
+/// POST /mark_read
+pub async fn mark_read(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<MarkReadRequest>,
+) -> ApiResult<ReadAnswer> {
+    let answer = s
+        .rpc
+        .call(&MarkRead {
+            user_id: caller.user_id,
+            conversation_id: r.conversation_id,
+            msg_id: r.msg_id,
+        })
+        .await?;
+    Ok(Envelope(answer))
+}
+
+async fn history(
+    s: &AppState,
+    caller: Caller,
+    conversation_id: String,
+    query: HistoryQuery,
+    desc: bool,
+) -> Result<Vec<Message>, ServiceError> {
+    s.rpc
+        .call(&History {
+            user_id: caller.user_id,
+            conversation_id,
+            query,
+            desc,
+        })
+        .await
+}
+
+/// POST /get_conversation_msg_by_range
+pub async fn get_conversation_msg_by_range(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<RangeRequest>,
+) -> ApiResult<MsgsAnswer> {
+    let query = HistoryQuery::Range {
+        start: r.start_msg_id,
+        end: r.end_msg_id,
+    };
+    let msgs = history(&s, caller, r.conversation_id, query, r.desc).await?;
+    Ok(Envelope(MsgsAnswer { msgs }))
+}
+
+/// POST /get_conversation_30msg_before_the_id
+pub async fn get_conversation_30msg_before_the_id(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<AroundRequest>,
+) -> ApiResult<MsgsAnswer> {
+    let msgs = history(
+        &s,
+        caller,
+        r.conversation_id,
+        HistoryQuery::Before { msg_id: r.msg_id },
+        r.desc,
+    )
+    .await?;
+    Ok(Envelope(MsgsAnswer { msgs }))
+}
+
+/// POST /get_conversation_30msg_after_the_id
+pub async fn get_conversation_30msg_after_the_id(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<AroundRequest>,
+) -> ApiResult<MsgsAnswer> {
+    let msgs = history(
+        &s,
+        caller,
+        r.conversation_id,
+        HistoryQuery::After { msg_id: r.msg_id },
+        r.desc,
+    )
+    .await?;
+    Ok(Envelope(MsgsAnswer { msgs }))
+}
+
+/// POST /get_conversation_last_30_msg
+pub async fn get_conversation_last_30_msg(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<LastMsgsRequest>,
+) -> ApiResult<MsgsAnswer> {
+    let msgs = history(&s, caller, r.conversation_id, HistoryQuery::Last, r.desc).await?;
+    Ok(Envelope(MsgsAnswer { msgs }))
+}
+
+/// POST /get_conversation_lastone_msg
+pub async fn get_conversation_lastone_msg(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<ConversationRequest>,
+) -> ApiResult<LastOneAnswer> {
+    let msgs = history(&s, caller, r.conversation_id, HistoryQuery::LastOne, false).await?;
+    Ok(Envelope(LastOneAnswer {
+        msg: msgs.into_iter().next(),
+    }))
+}

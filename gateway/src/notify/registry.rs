@@ -1,0 +1,149 @@
+//! The open /notify connections of this node, by user: for the connections-per-user limit,
+//! presence (/inner/get_users_online) and /inner/kick_user.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::CancellationToken;
+
+/// Why a connection was told to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// /inner/kick_user named this user (and platform).
+    Kicked,
+}
+
+struct Entry {
+    id: u64,
+    platform: String,
+    kick: CancellationToken,
+}
+
+/// Registry of open connections.
+#[derive(Default)]
+pub struct Registry {
+    users: Mutex<HashMap<String, Vec<Entry>>>,
+    next_id: AtomicU64,
+    total: AtomicU64,
+}
+
+/// A registered connection; unregisters on drop.
+pub struct Registration {
+    registry: Arc<Registry>,
+    user_id: String,
+    id: u64,
+    /// Cancelled when the connection is kicked.
+    pub kicked: CancellationToken,
+}
+
+/// The user has too many connections on this node.
+#[derive(Debug)]
+pub struct TooManyConnections;
+
+impl Registry {
+    fn users(&self) -> MutexGuard<'_, HashMap<String, Vec<Entry>>> {
+        self.users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a connection of `user_id` on `platform`, unless the user already has `max`.
+    pub fn register(
+        self: &Arc<Self>,
+        user_id: &str,
+        platform: &str,
+        max: u32,
+    ) -> Result<Registration, TooManyConnections> {
+        let mut users = self.users();
+        let list = users.entry(user_id.to_string()).or_default();
+        if list.len() >= max as usize {
+            return Err(TooManyConnections);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let kick = CancellationToken::new();
+        list.push(Entry {
+            id,
+            platform: platform.to_string(),
+            kick: kick.clone(),
+        });
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(Registration {
+            registry: self.clone(),
+            user_id: user_id.to_string(),
+            id,
+            kicked: kick,
+        })
+    }
+
+    /// Platforms (sorted, distinct) and connection count of `user_id` on this node.
+    pub fn presence(&self, user_id: &str) -> (Vec<String>, u32) {
+        let users = self.users();
+        let Some(list) = users.get(user_id) else {
+            return (Vec::new(), 0);
+        };
+        let mut platforms: Vec<String> = list.iter().map(|e| e.platform.clone()).collect();
+        platforms.sort();
+        platforms.dedup();
+        (platforms, list.len() as u32)
+    }
+
+    /// Tells the user's connections (of `platform`, or all) to close; answers how many.
+    pub fn kick(&self, user_id: &str, platform: Option<&str>) -> u32 {
+        let users = self.users();
+        let Some(list) = users.get(user_id) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in list
+            .iter()
+            .filter(|e| platform.is_none_or(|p| p == e.platform))
+        {
+            if !e.kick.is_cancelled() {
+                e.kick.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Open connections on this node.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut users = self.registry.users();
+        if let Some(list) = users.get_mut(&self.user_id) {
+            list.retain(|e| e.id != self.id);
+            if list.is_empty() {
+                users.remove(&self.user_id);
+            }
+        }
+        self.registry.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_counts_and_kicks() {
+        let r = Arc::new(Registry::default());
+        let a = r.register("u", "web", 2).unwrap();
+        let b = r.register("u", "ios", 2).unwrap();
+        assert!(r.register("u", "web", 2).is_err());
+        assert_eq!(
+            r.presence("u"),
+            (vec!["ios".to_string(), "web".to_string()], 2)
+        );
+        assert_eq!(r.kick("u", Some("web")), 1);
+        assert!(a.kicked.is_cancelled() && !b.kicked.is_cancelled());
+        drop(a);
+        assert_eq!(r.presence("u").1, 1);
+        drop(b);
+        assert_eq!(r.presence("u"), (Vec::new(), 0));
+        assert_eq!(r.total(), 0);
+    }
+}

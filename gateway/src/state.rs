@@ -1,0 +1,94 @@
+//! The gateway's shared state: a cheap `Clone` handle passed to every handler.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use quickim_shared::config::{Config, Secret};
+use quickim_shared::rpc::RpcClient;
+
+use crate::auth::Auth;
+use crate::cluster::Cluster;
+use crate::notify::registry::Registry;
+use crate::ratelimit::RateLimiter;
+
+/// Everything a handler needs.
+pub struct State {
+    /// Typed calls to the services.
+    pub rpc: RpcClient,
+    /// Token issuing and checking.
+    pub auth: Arc<Auth>,
+    /// Per-user request rate.
+    pub limiter: RateLimiter,
+    /// Open /notify connections of this node.
+    pub registry: Arc<Registry>,
+    /// The other gateways.
+    pub cluster: Cluster,
+    /// Key of the /inner API.
+    pub inner_key: Secret,
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// This node's name.
+    pub node_id: String,
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+/// Cheap handle to [`State`].
+#[derive(Clone)]
+pub struct AppState(Arc<State>);
+
+impl Deref for AppState {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Wraps the parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        rpc: RpcClient,
+        auth: Arc<Auth>,
+        registry: Arc<Registry>,
+        cluster: Cluster,
+        inner_key: Secret,
+        config: Arc<Config>,
+        node_id: String,
+    ) -> AppState {
+        let limiter = RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst);
+        AppState(Arc::new(State {
+            rpc,
+            auth,
+            limiter,
+            registry,
+            cluster,
+            inner_key,
+            config,
+            node_id,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    /// Marks start-up work (revocations loaded) as done.
+    pub fn set_ready(&self) {
+        self.0.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether start-up work is done.
+    pub fn is_ready(&self) -> bool {
+        self.0.ready.load(Ordering::Relaxed)
+    }
+
+    /// Marks the node as shutting down: /readyz answers 503, new streams are refused.
+    pub fn set_draining(&self) {
+        self.0.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the node is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,89 @@
+//! Group commit for single sends.
+//!
+//! Senders queue their message (bounded queue: a full queue makes the sender wait, which
+//! is backpressure, not loss) and wait for its result. Each writer task takes whatever is
+//! queued (up to `max_batch`), stores it in one transaction, answers every sender, then
+//! publishes the log entries. Under low load a batch is one message and adds no delay;
+//! under high load one commit carries many messages.
+
+use quickim_shared::bus::Bus;
+use quickim_shared::error::ServiceError;
+use quickim_shared::fanout::publish_entries;
+use quickim_shared::protocol::api::Message;
+use quickim_store::{SendItem, Store};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+type Job = (
+    SendItem,
+    oneshot::Sender<Result<Message, ServiceError>>,
+    tracing::Span,
+);
+
+/// Handle to the writer tasks.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts `writers` writer tasks taking up to `max_batch` messages per transaction.
+    pub fn start(store: Store, bus: Bus, writers: usize, max_batch: usize) -> Batcher {
+        let (tx, rx) = mpsc::channel::<Job>(max_batch * writers * 4);
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            let (store, bus, rx) = (store.clone(), bus.clone(), rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    let mut jobs = Vec::with_capacity(max_batch);
+                    {
+                        let mut rx = rx.lock().await;
+                        if rx.recv_many(&mut jobs, max_batch).await == 0 {
+                            return;
+                        }
+                    }
+                    write_batch(&store, &bus, jobs).await;
+                }
+            });
+        }
+        Batcher { tx }
+    }
+
+    /// Stores one message (with others that are waiting) and answers it once committed.
+    pub async fn submit(&self, item: SendItem) -> Result<Message, ServiceError> {
+        let (done, result) = oneshot::channel();
+        self.tx
+            .send((item, done, tracing::Span::current()))
+            .await
+            .map_err(|_| ServiceError::unavailable("message service is stopping"))?;
+        result
+            .await
+            .map_err(|_| ServiceError::unavailable("message service is stopping"))?
+    }
+}
+
+async fn write_batch(store: &Store, bus: &Bus, jobs: Vec<Job>) {
+    let span = tracing::info_span!("send.batch", batch_size = jobs.len());
+    for (_, _, parent) in &jobs {
+        span.follows_from(parent.id());
+    }
+    async {
+        let items: Vec<SendItem> = jobs.iter().map(|(item, _, _)| item.clone()).collect();
+        match store.send_batch(&items).await {
+            Ok((results, entries)) => {
+                for ((_, done, _), result) in jobs.into_iter().zip(results) {
+                    let _ = done.send(result);
+                }
+                publish_entries(bus, &entries).await;
+            }
+            Err(e) => {
+                let err = ServiceError::from(e);
+                for (_, done, _) in jobs {
+                    let _ = done.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

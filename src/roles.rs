@@ -1,0 +1,228 @@
+//! What each role starts, and how it stops.
+//!
+//! Every role stops on SIGTERM or ctrl-c: the shutdown token is cancelled, listeners stop
+//! accepting, work in flight finishes within `shutdown_grace_s`, then the bus is drained.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use quickim_conversation::ConversationService;
+use quickim_gateway::Gateway;
+use quickim_message::{MessageLimits, MessageService};
+use quickim_shared::bus::Bus;
+use quickim_shared::config::{Config, Role, Secret};
+use quickim_shared::telemetry;
+use quickim_store::Store;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Runs `role` until a stop signal.
+pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
+    let node_id = config.node_name(role);
+    let grace = Duration::from_secs(config.shutdown_grace_s);
+    let telemetry = telemetry::init(&config, &format!("quickim-{}", role.name()))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+
+    let bus = match role {
+        Role::Standalone => {
+            let generated = standalone_secrets(&mut config)?;
+            let store = Store::open_sqlite(
+                &config.data_dir.join("quickim.db"),
+                config.db_max_connections,
+                config.log_partitions,
+            )
+            .await
+            .context("opening the SQLite database")?;
+            let bus = Bus::local(8192);
+            spawn_services(&mut tasks, &config, store, &bus, true, true, &shutdown);
+            let config = Arc::new(config);
+            let gateway = Gateway::start(
+                config.clone(),
+                bus.clone(),
+                node_id.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            eprintln!(
+                "quickim standalone: public http://{}  inner http://{}  data {}",
+                gateway.public_addr(),
+                gateway.inner_addr(),
+                config.data_dir.display()
+            );
+            if let (Some(key), true) = (&config.inner_key, generated) {
+                eprintln!(
+                    "quickim standalone: inner key (kept in {}): {}",
+                    config.data_dir.join("inner_key").display(),
+                    key.expose()
+                );
+            }
+            tasks.spawn(async move { gateway.run().await.map_err(Into::into) });
+            bus
+        }
+        Role::Gateway => {
+            let bus = connect_nats(&config, &node_id).await?;
+            let gateway = Gateway::start(
+                Arc::new(config),
+                bus.clone(),
+                node_id.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            tracing::info!(public = %gateway.public_addr(), inner = %gateway.inner_addr(), "gateway listening");
+            tasks.spawn(async move { gateway.run().await.map_err(Into::into) });
+            bus
+        }
+        Role::Conversation | Role::Message => {
+            let bus = connect_nats(&config, &node_id).await?;
+            let url = config.database_url.clone().unwrap_or_default();
+            let store =
+                Store::open_postgres(&url, config.db_max_connections, config.log_partitions)
+                    .await
+                    .context("connecting to PostgreSQL")?;
+            spawn_services(
+                &mut tasks,
+                &config,
+                store,
+                &bus,
+                role == Role::Conversation,
+                role == Role::Message,
+                &shutdown,
+            );
+            tracing::info!(role = role.name(), node = %node_id, "service running");
+            bus
+        }
+    };
+
+    // Run until a task fails or a stop signal; then give the rest a bounded grace.
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        r = tasks.join_next() => r,
+    };
+    shutdown.cancel();
+    let mut result = match first {
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(anyhow::anyhow!("a task panicked: {e}")),
+        _ => Ok(()),
+    };
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(r) = tasks.join_next().await {
+            if let (Ok(Err(e)), Ok(())) = (r, &result) {
+                result = Err(e);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            grace_s = grace.as_secs(),
+            "grace period over; stopping the remaining work"
+        );
+        tasks.abort_all();
+    }
+    bus.drain().await;
+    telemetry.shutdown().await;
+    result
+}
+
+fn spawn_services(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    config: &Config,
+    store: Store,
+    bus: &Bus,
+    conversation: bool,
+    message: bool,
+    shutdown: &CancellationToken,
+) {
+    if conversation {
+        let service = ConversationService::new(store.clone(), bus.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move { service.run(stop).await.map_err(Into::into) });
+    }
+    if message {
+        let limits = MessageLimits {
+            max_content_bytes: config.max_content_bytes,
+            range_max: config.range_max,
+            replay_max: config.replay_max,
+            retention_ms: (config.replay_retention_s as i64).saturating_mul(1000),
+            send_batch_max: config.send_batch_max,
+        };
+        let service = MessageService::new(store, bus.clone(), limits);
+        let stop = shutdown.clone();
+        tasks.spawn(async move { service.run(stop).await.map_err(Into::into) });
+    }
+}
+
+async fn connect_nats(config: &Config, node_id: &str) -> anyhow::Result<Bus> {
+    let url = config.nats_url.clone().unwrap_or_default();
+    Ok(Bus::connect_nats(&url, node_id).await?)
+}
+
+/// Fills `jwt_secret` and `inner_key` from the data directory, generating them on first
+/// start. Answers whether the inner key came from the data directory.
+fn standalone_secrets(config: &mut Config) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    if config.jwt_secret.is_none() {
+        config.jwt_secret = Some(Secret::new(kept_secret(
+            &config.data_dir.join("jwt_secret"),
+        )?));
+    }
+    if config.inner_key.is_none() {
+        config.inner_key = Some(Secret::new(kept_secret(
+            &config.data_dir.join("inner_key"),
+        )?));
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+fn kept_secret(path: &Path) -> anyhow::Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let existing = existing.trim().to_string();
+        if existing.len() >= 32 {
+            return Ok(existing);
+        }
+    }
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    write_private(path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
+}
+
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(content.as_bytes())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("stop signal received; shutting down");
+    shutdown.cancel();
+}
