@@ -40,13 +40,7 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             let bus = Bus::local(8192);
             spawn_services(&mut tasks, &config, store, &bus, true, true, &shutdown);
             let config = Arc::new(config);
-            let gateway = Gateway::start(
-                config.clone(),
-                bus.clone(),
-                node_id.clone(),
-                shutdown.clone(),
-            )
-            .await?;
+            let gateway = Gateway::start(config.clone(), bus.clone(), node_id.clone(), shutdown.clone()).await?;
             eprintln!(
                 "quickim standalone: public http://{}  inner http://{}  data {}",
                 gateway.public_addr(),
@@ -65,13 +59,7 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         }
         Role::Gateway => {
             let bus = connect_nats(&config, &node_id).await?;
-            let gateway = Gateway::start(
-                Arc::new(config),
-                bus.clone(),
-                node_id.clone(),
-                shutdown.clone(),
-            )
-            .await?;
+            let gateway = Gateway::start(Arc::new(config), bus.clone(), node_id.clone(), shutdown.clone()).await?;
             tracing::info!(public = %gateway.public_addr(), inner = %gateway.inner_addr(), "gateway listening");
             tasks.spawn(async move { gateway.run().await.map_err(Into::into) });
             bus
@@ -79,10 +67,9 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         Role::Conversation | Role::Message => {
             let bus = connect_nats(&config, &node_id).await?;
             let url = config.database_url.clone().unwrap_or_default();
-            let store =
-                Store::open_postgres(&url, config.db_max_connections, config.log_partitions)
-                    .await
-                    .context("connecting to PostgreSQL")?;
+            let store = Store::open_postgres(&url, config.db_max_connections, config.log_partitions)
+                .await
+                .context("connecting to PostgreSQL")?;
             spawn_services(
                 &mut tasks,
                 &config,
@@ -167,14 +154,10 @@ fn standalone_secrets(config: &mut Config) -> anyhow::Result<bool> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     if config.jwt_secret.is_none() {
-        config.jwt_secret = Some(Secret::new(kept_secret(
-            &config.data_dir.join("jwt_secret"),
-        )?));
+        config.jwt_secret = Some(Secret::new(kept_secret(&config.data_dir.join("jwt_secret"))?));
     }
     if config.inner_key.is_none() {
-        config.inner_key = Some(Secret::new(kept_secret(
-            &config.data_dir.join("inner_key"),
-        )?));
+        config.inner_key = Some(Secret::new(kept_secret(&config.data_dir.join("inner_key"))?));
         return Ok(true);
     }
     Ok(false)
@@ -187,9 +170,7 @@ fn kept_secret(path: &Path) -> anyhow::Result<String> {
             return Ok(existing);
         }
     }
-    let secret: String = (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
+    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     write_private(path, &secret).with_context(|| format!("writing {}", path.display()))?;
     Ok(secret)
 }

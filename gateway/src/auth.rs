@@ -59,6 +59,9 @@ pub struct Caller {
     pub expires_ms: i64,
 }
 
+/// (platform or every platform, tokens issued before this ms are rejected)
+type PlatformRevocation = (Option<String>, i64);
+
 /// Issues and verifies tokens.
 pub struct Auth {
     encoding: EncodingKey,
@@ -67,7 +70,7 @@ pub struct Auth {
     ed: Vec<DecodingKey>,
     default_ttl_s: u64,
     max_ttl_s: u64,
-    revoked: RwLock<HashMap<String, Vec<(Option<String>, i64)>>>,
+    revoked: RwLock<HashMap<String, Vec<PlatformRevocation>>>,
 }
 
 impl Auth {
@@ -80,8 +83,8 @@ impl Auth {
         let mut rsa = Vec::new();
         let mut ed = Vec::new();
         for path in &config.jwt_public_keys {
-            let pem = std::fs::read(path)
-                .map_err(|e| ConfigError(format!("jwt_public_keys: {}: {e}", path.display())))?;
+            let pem =
+                std::fs::read(path).map_err(|e| ConfigError(format!("jwt_public_keys: {}: {e}", path.display())))?;
             if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
                 rsa.push(k);
             } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
@@ -105,12 +108,7 @@ impl Auth {
     }
 
     /// Issues an HS256 token; answers it with its expiry (ms).
-    pub fn issue(
-        &self,
-        user_id: &str,
-        platform: &str,
-        ttl_s: Option<u64>,
-    ) -> Result<(String, i64), ServiceError> {
+    pub fn issue(&self, user_id: &str, platform: &str, ttl_s: Option<u64>) -> Result<(String, i64), ServiceError> {
         check_user_id("user_id", user_id)?;
         check_platform(platform)?;
         let ttl = ttl_s.unwrap_or(self.default_ttl_s);
@@ -156,12 +154,8 @@ impl Auth {
                 Ok(data) => return self.accept(data.claims),
                 Err(e) => {
                     last = match e.kind() {
-                        jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                            invalid("token expired")
-                        }
-                        jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                            invalid("bad token signature")
-                        }
+                        jsonwebtoken::errors::ErrorKind::ExpiredSignature => invalid("token expired"),
+                        jsonwebtoken::errors::ErrorKind::InvalidSignature => invalid("bad token signature"),
                         _ => invalid("invalid token"),
                     }
                 }
@@ -172,8 +166,7 @@ impl Auth {
 
     fn accept(&self, claims: Claims) -> Result<Caller, ServiceError> {
         let invalid = |why: &str| ServiceError::new(ErrorCode::InvalidToken, why.to_string());
-        check_user_id("sub", &claims.sub)
-            .map_err(|_| invalid("token subject is not a valid user id"))?;
+        check_user_id("sub", &claims.sub).map_err(|_| invalid("token subject is not a valid user id"))?;
         check_platform(&claims.plt).map_err(|_| invalid("token platform is not valid"))?;
         let issued = claims.issued_ms();
         if self.is_revoked(&claims.sub, &claims.plt, issued) {
@@ -191,9 +184,8 @@ impl Auth {
     pub fn is_revoked(&self, user_id: &str, platform: &str, issued_ms: i64) -> bool {
         let revoked = self.revoked.read().unwrap_or_else(|e| e.into_inner());
         revoked.get(user_id).is_some_and(|list| {
-            list.iter().any(|(p, before)| {
-                issued_ms < *before && p.as_deref().is_none_or(|p| p == platform)
-            })
+            list.iter()
+                .any(|(p, before)| issued_ms < *before && p.as_deref().is_none_or(|p| p == platform))
         })
     }
 
@@ -254,10 +246,7 @@ mod tests {
         })
         .unwrap();
         let (forged, _) = other.issue("alice", "web", None).unwrap();
-        assert_eq!(
-            a.verify(&forged).unwrap_err().message,
-            "bad token signature"
-        );
+        assert_eq!(a.verify(&forged).unwrap_err().message, "bad token signature");
         let claims = Claims {
             sub: "alice".into(),
             plt: "web".into(),
@@ -265,13 +254,9 @@ mod tests {
             iat_ms: None,
             exp: now_ms() / 1000 - 60,
         };
-        let expired =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
+        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&expired).unwrap_err().message, "token expired");
-        assert_eq!(
-            a.verify("not.a.token").unwrap_err().code,
-            ErrorCode::InvalidToken
-        );
+        assert_eq!(a.verify("not.a.token").unwrap_err().code, ErrorCode::InvalidToken);
         // alg=none and foreign algorithms are refused.
         let none = format!(
             "{}.{}.",
@@ -283,12 +268,7 @@ mod tests {
         struct NoExp {
             sub: String,
         }
-        let t = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &NoExp { sub: "a".into() },
-            &a.encoding,
-        )
-        .unwrap();
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &NoExp { sub: "a".into() }, &a.encoding).unwrap();
         assert_eq!(a.verify(&t).unwrap_err().code, ErrorCode::InvalidToken);
     }
 
@@ -306,10 +286,7 @@ mod tests {
         assert!(a.verify(&ios).is_ok(), "another platform is untouched");
         std::thread::sleep(std::time::Duration::from_millis(3));
         let (fresh, _) = a.issue("alice", "web", None).unwrap();
-        assert!(
-            a.verify(&fresh).is_ok(),
-            "tokens issued after the kick work"
-        );
+        assert!(a.verify(&fresh).is_ok(), "tokens issued after the kick work");
         a.revoke(&Revocation {
             user_id: "alice".into(),
             platform: None,

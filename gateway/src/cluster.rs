@@ -109,10 +109,7 @@ impl Cluster {
         if let Ok(payload) = serde_json::to_vec(&Heartbeat {
             node_id: self.node_id.clone(),
         }) {
-            let _ = self
-                .bus
-                .publish(HEARTBEAT, Vec::new(), payload.into())
-                .await;
+            let _ = self.bus.publish(HEARTBEAT, Vec::new(), payload.into()).await;
         }
     }
 
@@ -125,11 +122,7 @@ impl Cluster {
     /// Gateways seen alive (this one included).
     pub fn alive(&self) -> usize {
         let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes
-            .values()
-            .filter(|t| t.elapsed() < NODE_TTL)
-            .count()
-            .max(1)
+        nodes.values().filter(|t| t.elapsed() < NODE_TTL).count().max(1)
     }
 
     async fn answer(&self, msg: Incoming, registry: &Registry, auth: &Auth) {
@@ -148,13 +141,7 @@ impl Cluster {
                         .into_iter()
                         .filter_map(|u| {
                             let (platforms, connections) = registry.presence(&u);
-                            (connections > 0).then_some((
-                                u,
-                                NodePresence {
-                                    platforms,
-                                    connections,
-                                },
-                            ))
+                            (connections > 0).then_some((u, NodePresence { platforms, connections }))
                         })
                         .collect();
                     serde_json::to_vec(&PresenceAnswer {
@@ -163,45 +150,34 @@ impl Cluster {
                     })
                     .ok()
                 }),
-            KICK_USER => serde_json::from_slice::<Revocation>(&msg.payload)
+            KICK_USER => serde_json::from_slice::<Revocation>(&msg.payload).ok().and_then(|r| {
+                auth.revoke(&r);
+                let closed = registry.kick(&r.user_id, r.platform.as_deref());
+                serde_json::to_vec(&KickAnswer {
+                    node_id: self.node_id.clone(),
+                    closed,
+                })
                 .ok()
-                .and_then(|r| {
-                    auth.revoke(&r);
-                    let closed = registry.kick(&r.user_id, r.platform.as_deref());
-                    serde_json::to_vec(&KickAnswer {
-                        node_id: self.node_id.clone(),
-                        closed,
-                    })
-                    .ok()
-                }),
+            }),
             _ => None,
         };
-        if let Some(reply) = reply {
-            if msg.expects_reply() {
-                let _ = msg.respond(Vec::new(), Bytes::from(reply)).await;
-            }
+        if let Some(reply) = reply
+            && msg.expects_reply()
+        {
+            let _ = msg.respond(Vec::new(), Bytes::from(reply)).await;
         }
     }
 
     /// Every node's connections of `user_ids`; answers them merged, with the number of
     /// nodes that answered.
-    pub async fn presence(
-        &self,
-        user_ids: &[String],
-    ) -> Result<(HashMap<String, NodePresence>, u32), BusError> {
+    pub async fn presence(&self, user_ids: &[String]) -> Result<(HashMap<String, NodePresence>, u32), BusError> {
         let payload = serde_json::to_vec(&PresenceQuery {
             user_ids: user_ids.to_vec(),
         })
         .unwrap_or_default();
         let replies = self
             .bus
-            .gather(
-                PRESENCE,
-                Vec::new(),
-                payload.into(),
-                GATHER_TIMEOUT,
-                self.alive(),
-            )
+            .gather(PRESENCE, Vec::new(), payload.into(), GATHER_TIMEOUT, self.alive())
             .await?;
         let mut merged: HashMap<String, NodePresence> = HashMap::new();
         let mut nodes = 0;
@@ -229,13 +205,7 @@ impl Cluster {
         let payload = serde_json::to_vec(revocation).unwrap_or_default();
         let replies = self
             .bus
-            .gather(
-                KICK_USER,
-                Vec::new(),
-                payload.into(),
-                GATHER_TIMEOUT,
-                self.alive(),
-            )
+            .gather(KICK_USER, Vec::new(), payload.into(), GATHER_TIMEOUT, self.alive())
             .await?;
         let mut closed = 0;
         let mut nodes = 0;

@@ -88,15 +88,7 @@ impl Gateway {
         )
         .await?;
         let rpc = RpcClient::new(bus, Duration::from_millis(config.request_timeout_ms));
-        let state = AppState::new(
-            rpc,
-            auth,
-            registry,
-            cluster,
-            inner_key,
-            config.clone(),
-            node_id,
-        );
+        let state = AppState::new(rpc, auth, registry, cluster, inner_key, config.clone(), node_id);
         let public = bind(config.public_addr).await?;
         let inner = bind(config.inner_addr).await?;
         tokio::spawn(load_revocations(state.clone(), shutdown.clone()));
@@ -117,9 +109,7 @@ impl Gateway {
 
     /// Where the inner listener listens.
     pub fn inner_addr(&self) -> SocketAddr {
-        self.inner
-            .local_addr()
-            .unwrap_or_else(|_| self.state.config.inner_addr)
+        self.inner.local_addr().unwrap_or_else(|_| self.state.config.inner_addr)
     }
 
     /// The shared state (for in-process tests).
@@ -144,8 +134,7 @@ impl Gateway {
         });
         let public = axum::serve(public, http::public_router(state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let inner = axum::serve(inner, http::inner_router(state))
-            .with_graceful_shutdown(shutdown.cancelled_owned());
+        let inner = axum::serve(inner, http::inner_router(state)).with_graceful_shutdown(shutdown.cancelled_owned());
         tokio::try_join!(async { public.await }, async { inner.await })?;
         Ok(())
     }

@@ -39,15 +39,13 @@ impl RateLimiter {
         if buckets.len() > 50_000 {
             // Forget users whose bucket has refilled: they are indistinguishable from new ones.
             let (rate, burst) = (self.rate, self.burst);
-            buckets
-                .retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
         }
         let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
             tokens: self.burst,
             last: now,
         });
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.rate)
-            .min(self.burst);
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.rate).min(self.burst);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
@@ -59,9 +57,9 @@ impl RateLimiter {
 }
 
 fn shard_of(key: &str) -> usize {
-    key.bytes().fold(0usize, |h, b| {
-        h.wrapping_mul(31).wrapping_add(usize::from(b))
-    }) % SHARDS
+    key.bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)))
+        % SHARDS
 }
 
 #[cfg(test)]

@@ -200,10 +200,7 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &args.config {
             if !path.is_file() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
+                return Err(ConfigError(format!("config file {} does not exist", path.display())));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -229,10 +226,7 @@ impl Config {
             ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return fail(format!(
-                "log_format must be text or json, not {:?}",
-                self.log_format
-            ));
+            return fail(format!("log_format must be text or json, not {:?}", self.log_format));
         }
         if self.log_partitions == 0 || self.log_partitions > 256 {
             return fail(format!(
@@ -244,10 +238,7 @@ impl Config {
             return fail("max_body_bytes must be at least max_content_bytes (> 0)".into());
         }
         if self.range_max == 0 || self.range_max > 1000 {
-            return fail(format!(
-                "range_max must be within 1–1000, not {}",
-                self.range_max
-            ));
+            return fail(format!("range_max must be within 1–1000, not {}", self.range_max));
         }
         if self.send_batch_max == 0 {
             return fail("send_batch_max must be at least 1".into());
@@ -261,9 +252,7 @@ impl Config {
         if self.ws_ping_s == 0 {
             return fail("ws_ping_s must be at least 1".into());
         }
-        if self.poll_max_timeout_s == 0
-            || self.poll_max_timeout_s > 60
-            || self.poll_timeout_s > self.poll_max_timeout_s
+        if self.poll_max_timeout_s == 0 || self.poll_max_timeout_s > 60 || self.poll_timeout_s > self.poll_max_timeout_s
         {
             return fail("poll_timeout_s must be ≤ poll_max_timeout_s ≤ 60 (and > 0)".into());
         }
@@ -280,9 +269,7 @@ impl Config {
             if origin == "*" {
                 return fail("cors_origins must list origins; \"*\" is not accepted".into());
             }
-            if !(origin.starts_with("http://") || origin.starts_with("https://"))
-                || origin.ends_with('/')
-            {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/') {
                 return fail(format!(
                     "cors_origins entry {origin:?} must look like https://host[:port]"
                 ));
@@ -290,9 +277,7 @@ impl Config {
         }
         if let Some(secret) = &self.jwt_secret {
             if secret.expose().len() < MIN_SECRET_LEN {
-                return fail(format!(
-                    "jwt_secret must be at least {MIN_SECRET_LEN} bytes"
-                ));
+                return fail(format!("jwt_secret must be at least {MIN_SECRET_LEN} bytes"));
             }
             if secret.expose().starts_with("change-me") {
                 return fail("jwt_secret is still the example value; set your own".into());
@@ -310,10 +295,7 @@ impl Config {
             if present {
                 Ok(())
             } else {
-                Err(ConfigError(format!(
-                    "`quickim {}` needs {key}",
-                    role.name()
-                )))
+                Err(ConfigError(format!("`quickim {}` needs {key}", role.name())))
             }
         };
         match role {
@@ -328,21 +310,15 @@ impl Config {
             }
             Role::Conversation | Role::Message => {
                 need(self.nats_url.is_some(), "nats_url (QUICKIM_NATS_URL)")?;
-                need(
-                    self.database_url.is_some(),
-                    "database_url (QUICKIM_DATABASE_URL)",
-                )?;
+                need(self.database_url.is_some(), "database_url (QUICKIM_DATABASE_URL)")?;
             }
         }
-        if let Some(url) = &self.database_url {
-            if role != Role::Standalone
-                && !url.starts_with("postgres://")
-                && !url.starts_with("postgresql://")
-            {
-                return fail(
-                    "database_url must be a postgres:// URL for the distributed services".into(),
-                );
-            }
+        if let Some(url) = &self.database_url
+            && role != Role::Standalone
+            && !url.starts_with("postgres://")
+            && !url.starts_with("postgresql://")
+        {
+            return fail("database_url must be a postgres:// URL for the distributed services".into());
         }
         Ok(())
     }
@@ -395,7 +371,11 @@ mod tests {
     fn flags_override_file_which_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("q.toml");
-        std::fs::write(&file, "public_addr = \"127.0.0.1:9000\"\nrange_max = 50\ncors_origins = [\"https://a.example\"]\n").unwrap();
+        std::fs::write(
+            &file,
+            "public_addr = \"127.0.0.1:9000\"\nrange_max = 50\ncors_origins = [\"https://a.example\"]\n",
+        )
+        .unwrap();
         let args = parse(&["--config", file.to_str().unwrap(), "--range-max", "70"]);
         let c = Config::load(&args, Role::Standalone).unwrap();
         assert_eq!(c.public_addr.to_string(), "127.0.0.1:9000");
@@ -408,19 +388,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("q.toml");
         std::fs::write(&file, "range_maxx = 5\n").unwrap();
-        let err = Config::load(
-            &parse(&["--config", file.to_str().unwrap()]),
-            Role::Standalone,
-        )
-        .unwrap_err();
+        let err = Config::load(&parse(&["--config", file.to_str().unwrap()]), Role::Standalone).unwrap_err();
         assert!(err.0.contains("range_maxx"), "{err}");
 
         std::fs::write(&file, "range_max = \"many\"\n").unwrap();
-        let err = Config::load(
-            &parse(&["--config", file.to_str().unwrap()]),
-            Role::Standalone,
-        )
-        .unwrap_err();
+        let err = Config::load(&parse(&["--config", file.to_str().unwrap()]), Role::Standalone).unwrap_err();
         assert!(err.0.contains("range_max"), "{err}");
 
         let err = Config::load(&parse(&["--poll-timeout-s", "90"]), Role::Standalone).unwrap_err();
@@ -436,11 +408,7 @@ mod tests {
     fn distributed_roles_need_their_keys_and_refuse_weak_secrets() {
         let err = Config::load(&ConfigArgs::default(), Role::Gateway).unwrap_err();
         assert!(err.0.contains("nats_url"), "{err}");
-        let err = Config::load(
-            &parse(&["--nats-url", "nats://127.0.0.1:4222"]),
-            Role::Gateway,
-        )
-        .unwrap_err();
+        let err = Config::load(&parse(&["--nats-url", "nats://127.0.0.1:4222"]), Role::Gateway).unwrap_err();
         assert!(err.0.contains("jwt_secret"), "{err}");
         let err = Config::load(&parse(&["--jwt-secret", "short"]), Role::Standalone).unwrap_err();
         assert!(err.0.contains("32"), "{err}");
@@ -480,6 +448,20 @@ mod tests {
     fn every_key_has_a_quickim_env_name() {
         for (key, env) in KEYS {
             assert_eq!(*env, format!("QUICKIM_{}", key.to_uppercase()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod docs_tests {
+    #[test]
+    fn operations_md_lists_every_key() {
+        let doc = include_str!("../../docs/operations.md");
+        for (key, env) in super::KEYS {
+            assert!(
+                doc.contains(&format!("| `{key}` | `{env}` |")),
+                "docs/operations.md lacks {key}"
+            );
         }
     }
 }

@@ -28,10 +28,7 @@ pub async fn publish_entries(bus: &Bus, entries: &[LogEntry]) {
         let _enter = span.enter();
         let headers = telemetry::inject_context();
         drop(_enter);
-        if let Err(e) = bus
-            .publish(&log_subject(entry.part), headers, payload.into())
-            .await
-        {
+        if let Err(e) = bus.publish(&log_subject(entry.part), headers, payload.into()).await {
             tracing::warn!(error = %e, part = entry.part, offset = entry.offset, "publish failed; gateways will fill the gap from the store");
         }
     }

@@ -56,9 +56,8 @@ impl RpcClient {
                 .request(C::SUBJECT, headers, payload.into(), self.timeout)
                 .await
                 .map_err(bus_error)?;
-            let answer: Reply<C::Reply> = serde_json::from_slice(&reply.payload).map_err(|e| {
-                ServiceError::internal(format!("undecodable answer on {}: {e}", C::SUBJECT))
-            })?;
+            let answer: Reply<C::Reply> = serde_json::from_slice(&reply.payload)
+                .map_err(|e| ServiceError::internal(format!("undecodable answer on {}: {e}", C::SUBJECT)))?;
             answer
         }
         .instrument(span)
@@ -104,10 +103,7 @@ where
 {
     let reply = match serde_json::from_slice::<C>(payload) {
         Ok(request) => f(request).await,
-        Err(e) => Err(ServiceError::invalid(format!(
-            "malformed {} request: {e}",
-            C::SUBJECT
-        ))),
+        Err(e) => Err(ServiceError::invalid(format!("malformed {} request: {e}", C::SUBJECT))),
     };
     encode(&reply)
 }

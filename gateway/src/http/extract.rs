@@ -25,23 +25,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or(64 * 1024);
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| {
-                if e.into_inner().is::<http_body_util::LengthLimitError>() {
-                    ApiError::new(
-                        ErrorCode::PayloadTooLarge,
-                        format!("request body is larger than {limit} bytes"),
-                    )
-                } else {
-                    ApiError::new(ErrorCode::InvalidParam, "could not read the request body")
-                }
-            })?;
+        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(64 * 1024);
+        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+            if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("request body is larger than {limit} bytes"),
+                )
+            } else {
+                ApiError::new(ErrorCode::InvalidParam, "could not read the request body")
+            }
+        })?;
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| ApiError::new(ErrorCode::InvalidParam, format!("invalid JSON body: {e}")))
@@ -58,9 +52,7 @@ pub fn bearer(parts: &Parts) -> Option<String> {
     if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
         let v = v.to_str().ok()?;
         let (scheme, token) = v.split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_string());
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string());
     }
     let q = axum::extract::Query::<TokenQuery>::try_from_uri(&parts.uri).ok()?;
     q.0.token
@@ -69,12 +61,8 @@ pub fn bearer(parts: &Parts) -> Option<String> {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let token =
-            bearer(parts).ok_or_else(|| ApiError::new(ErrorCode::InvalidToken, "missing token"))?;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or_else(|| ApiError::new(ErrorCode::InvalidToken, "missing token"))?;
         let caller = state.auth.verify(&token)?;
         if let Err(wait) = state.limiter.check(&caller.user_id) {
             return Err(ApiError::rate_limited(wait));
@@ -89,10 +77,7 @@ pub struct InnerKey;
 impl FromRequestParts<AppState> for InnerKey {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let given = parts
             .headers
             .get(header::AUTHORIZATION)

@@ -4,14 +4,12 @@ use axum::extract::State;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::ids::{check_platform, check_user_id};
 use quickim_shared::protocol::api::{
-    ArchiveAnswer, BatchAnswer, BatchItemResult, CreatedConversation, GetTokenRequest,
-    InnerCreateConversationRequest, InnerMembersRequest, InnerSendBatchRequest,
-    InnerSendMsgRequest, JoinedUsers, KickUserAnswer, KickUserRequest, KickedUsers, Message,
-    SetArchiveRequest, TokenAnswer, UserOnline, UsersOnlineAnswer, UsersOnlineRequest,
+    ArchiveAnswer, BatchAnswer, BatchItemResult, CreatedConversation, GetTokenRequest, InnerCreateConversationRequest,
+    InnerMembersRequest, InnerSendBatchRequest, InnerSendMsgRequest, JoinedUsers, KickUserAnswer, KickUserRequest,
+    KickedUsers, Message, SetArchiveRequest, TokenAnswer, UserOnline, UsersOnlineAnswer, UsersOnlineRequest,
 };
 use quickim_shared::protocol::service::{
-    CreateConversation, Join, Kick, Origin, Revocation, RevokeTokens, SendBatch, SendMessage,
-    SetArchived,
+    CreateConversation, Join, Kick, Origin, Revocation, RevokeTokens, SendBatch, SendMessage, SetArchived,
 };
 use quickim_shared::rpc::bus_error;
 use quickim_shared::time::now_ms;

@@ -2,7 +2,7 @@
 //!
 //! - `public.rs`: client routes (JWT) — and /notify, mounted from `crate::notify`;
 //! - `inner.rs`: /inner routes (inner key);
-//! - `health.rs`: /healthz, /readyz;
+//! - `health.rs`: /healthz, /readyz (and /metrics, on the inner listener, is rendered here);
 //! - `openapi.rs`: the OpenAPI document;
 //! - `extract.rs`: body, token and key extractors (bad input → 4xx in the project's format);
 //! - `error.rs`: the one mapping from failures to HTTP answers.
@@ -28,11 +28,31 @@ use tower_http::trace::TraceLayer;
 use crate::state::AppState;
 use extract::BodyLimit;
 
-async fn openapi_json() -> impl IntoResponse {
+async fn metrics() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/json")],
-        openapi::document_json(),
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        quickim_shared::telemetry::render_metrics(),
     )
+}
+
+/// Counts every request and times it, by route (the matched path, never the raw URL).
+async fn track(req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let start = std::time::Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("quickim_http_requests_total", "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!("quickim_http_request_duration_seconds", "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], openapi::document_json())
 }
 
 fn common(router: Router<AppState>) -> Router<AppState> {
@@ -44,8 +64,7 @@ fn common(router: Router<AppState>) -> Router<AppState> {
         .method_not_allowed_fallback(error::method_not_allowed)
 }
 
-type TraceLayerFor =
-    TraceLayer<SharedClassifier<ServerErrorsAsFailures>, fn(&Request<Body>) -> tracing::Span>;
+type TraceLayerFor = TraceLayer<SharedClassifier<ServerErrorsAsFailures>, fn(&Request<Body>) -> tracing::Span>;
 
 fn request_span(req: &Request<Body>) -> tracing::Span {
     tracing::info_span!(
@@ -66,18 +85,9 @@ pub fn public_router(state: AppState) -> Router {
     let mut router = common(
         Router::new()
             .route("/send_msg", post(public::send_msg))
-            .route(
-                "/check_joined_conversation",
-                post(public::check_joined_conversation),
-            )
-            .route(
-                "/get_joined_conversation",
-                post(public::get_joined_conversation),
-            )
-            .route(
-                "/get_conversation_detail",
-                post(public::get_conversation_detail),
-            )
+            .route("/check_joined_conversation", post(public::check_joined_conversation))
+            .route("/get_joined_conversation", post(public::get_joined_conversation))
+            .route("/get_conversation_detail", post(public::get_conversation_detail))
             .route("/create_conversation", post(public::create_conversation))
             .route("/join_conversation", post(public::join_conversation))
             .route("/leave_conversation", post(public::leave_conversation))
@@ -105,6 +115,7 @@ pub fn public_router(state: AppState) -> Router {
             ),
     )
     .layer(Extension(BodyLimit(state.config.max_body_bytes)))
+    .route_layer(axum::middleware::from_fn(track))
     .layer(trace_layer());
     if let Some(cors) = cors {
         router = router.layer(cors);
@@ -117,15 +128,9 @@ pub fn inner_router(state: AppState) -> Router {
     common(
         Router::new()
             .route("/inner/get_token", post(inner::get_token))
-            .route(
-                "/inner/create_conversation",
-                post(inner::create_conversation),
-            )
+            .route("/inner/create_conversation", post(inner::create_conversation))
             .route("/inner/join_conversation", post(inner::join_conversation))
-            .route(
-                "/inner/kickout_conversation",
-                post(inner::kickout_conversation),
-            )
+            .route("/inner/kickout_conversation", post(inner::kickout_conversation))
             .route(
                 "/inner/set_archive_conversations",
                 post(inner::set_archive_conversations),
@@ -133,9 +138,11 @@ pub fn inner_router(state: AppState) -> Router {
             .route("/inner/send_msg", post(inner::send_msg))
             .route("/inner/send_msg_batch", post(inner::send_msg_batch))
             .route("/inner/get_users_online", post(inner::get_users_online))
-            .route("/inner/kick_user", post(inner::kick_user)),
+            .route("/inner/kick_user", post(inner::kick_user))
+            .route("/metrics", get(metrics)),
     )
     .layer(Extension(BodyLimit(state.config.inner_max_body_bytes)))
+    .route_layer(axum::middleware::from_fn(track))
     .layer(trace_layer())
     .with_state(state)
 }
@@ -145,10 +152,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
     }
-    let list: Vec<HeaderValue> = origins
-        .iter()
-        .filter_map(|o| HeaderValue::from_str(o).ok())
-        .collect();
+    let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
     Some(
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(list))

@@ -8,8 +8,8 @@ use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::schema::{ComponentsBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{
-    ContentBuilder, HttpMethod, InfoBuilder, OpenApi, OpenApiBuilder, PathItem, PathsBuilder, Ref,
-    RefOr, ResponseBuilder, ServerBuilder,
+    ContentBuilder, HttpMethod, InfoBuilder, OpenApi, OpenApiBuilder, PathItem, PathsBuilder, Ref, RefOr,
+    ResponseBuilder, ServerBuilder,
 };
 
 use quickim_shared::error::ErrorCode;
@@ -260,9 +260,7 @@ fn error_responses(op: OperationBuilder, access: Access) -> OperationBuilder {
                 .description(format!("Failure: {}", here.join(", ")))
                 .content(
                     "application/json",
-                    ContentBuilder::new()
-                        .schema(Some(schema_ref("ErrorBody")))
-                        .build(),
+                    ContentBuilder::new().schema(Some(schema_ref("ErrorBody"))).build(),
                 ),
         );
     }
@@ -273,11 +271,7 @@ fn post(r: &Route) -> PathItem {
     let mut op = OperationBuilder::new()
         .summary(Some(r.summary))
         .operation_id(Some(r.path.trim_start_matches('/').replace('/', "_")))
-        .tag(if r.access == Access::Inner {
-            "inner"
-        } else {
-            "client"
-        })
+        .tag(if r.access == Access::Inner { "inner" } else { "client" })
         .response(
             "200",
             ResponseBuilder::new().description("Success").content(
@@ -323,10 +317,7 @@ fn get(summary: &str, description: &str, params: &[(&str, &str)], access: Access
         );
     }
     if access == Access::Client {
-        op = op.security(SecurityRequirement::new(
-            "client_token",
-            Vec::<String>::new(),
-        ));
+        op = op.security(SecurityRequirement::new("client_token", Vec::<String>::new()));
     }
     PathItem::new(HttpMethod::Get, error_responses(op, access))
 }

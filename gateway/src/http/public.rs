@@ -4,14 +4,13 @@
 use axum::extract::State;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::{
-    AroundRequest, ConversationDetail, ConversationRequest, CreateConversationRequest,
-    CreatedConversation, GetJoinedRequest, JoinedAnswer, JoinedConversations, LastMsgsRequest,
-    LastOneAnswer, LeftAnswer, MarkReadRequest, Message, MsgIdAnswer, MsgsAnswer, RangeRequest,
-    ReadAnswer, SendMsgRequest,
+    AroundRequest, ConversationDetail, ConversationRequest, CreateConversationRequest, CreatedConversation,
+    GetJoinedRequest, JoinedAnswer, JoinedConversations, LastMsgsRequest, LastOneAnswer, LeftAnswer, MarkReadRequest,
+    Message, MsgIdAnswer, MsgsAnswer, RangeRequest, ReadAnswer, SendMsgRequest,
 };
 use quickim_shared::protocol::service::{
-    CheckJoined, CreateConversation, GetDetail, History, HistoryQuery, Join, LastMsgId, Leave,
-    ListJoined, MarkRead, Origin, SendMessage,
+    CheckJoined, CreateConversation, GetDetail, History, HistoryQuery, Join, LastMsgId, Leave, ListJoined, MarkRead,
+    Origin, SendMessage,
 };
 
 use super::error::{ApiError, ApiResult, Envelope};
@@ -20,11 +19,7 @@ use crate::auth::Caller;
 use crate::state::AppState;
 
 /// POST /send_msg
-pub async fn send_msg(
-    State(s): State<AppState>,
-    caller: Caller,
-    Body(r): Body<SendMsgRequest>,
-) -> ApiResult<Message> {
+pub async fn send_msg(State(s): State<AppState>, caller: Caller, Body(r): Body<SendMsgRequest>) -> ApiResult<Message> {
     let msg = s
         .rpc
         .call(&SendMessage {
@@ -63,10 +58,7 @@ pub async fn get_joined_conversation(
 ) -> ApiResult<JoinedConversations> {
     let limit = r.limit.unwrap_or(50);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidParam,
-            "limit must be within 1–100",
-        ));
+        return Err(ApiError::new(ErrorCode::InvalidParam, "limit must be within 1–100"));
     }
     let page = s
         .rpc
@@ -102,11 +94,7 @@ pub async fn create_conversation(
     caller: Caller,
     Body(r): Body<CreateConversationRequest>,
 ) -> ApiResult<CreatedConversation> {
-    let others: Vec<String> = r
-        .members
-        .into_iter()
-        .filter(|m| *m != caller.user_id)
-        .collect();
+    let others: Vec<String> = r.members.into_iter().filter(|m| *m != caller.user_id).collect();
     if !others.is_empty() && !s.config.client_create_members {
         return Err(ApiError::new(
             ErrorCode::Forbidden,

@@ -93,10 +93,7 @@ impl Registry {
             return 0;
         };
         let mut n = 0;
-        for e in list
-            .iter()
-            .filter(|e| platform.is_none_or(|p| p == e.platform))
-        {
+        for e in list.iter().filter(|e| platform.is_none_or(|p| p == e.platform)) {
             if !e.kick.is_cancelled() {
                 e.kick.cancel();
                 n += 1;
@@ -134,10 +131,7 @@ mod tests {
         let a = r.register("u", "web", 2).unwrap();
         let b = r.register("u", "ios", 2).unwrap();
         assert!(r.register("u", "web", 2).is_err());
-        assert_eq!(
-            r.presence("u"),
-            (vec!["ios".to_string(), "web".to_string()], 2)
-        );
+        assert_eq!(r.presence("u"), (vec!["ios".to_string(), "web".to_string()], 2));
         assert_eq!(r.kick("u", Some("web")), 1);
         assert!(a.kicked.is_cancelled() && !b.kicked.is_cancelled());
         drop(a);

@@ -17,9 +17,8 @@ use quickim_shared::protocol::api::{
     ArchiveAnswer, CreatedConversation, JoinedUsers, KickedUsers, LeftAnswer, ReadAnswer,
 };
 use quickim_shared::protocol::service::{
-    CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, CreateConversation, GetDetail,
-    GetMemberships, Join, Kick, Leave, ListJoined, ListRevocations, MarkRead, Reply, RevokeTokens,
-    SetArchived,
+    CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, CreateConversation, GetDetail, GetMemberships, Join,
+    Kick, Leave, ListJoined, ListRevocations, MarkRead, Reply, RevokeTokens, SetArchived,
 };
 use quickim_shared::rpc::{self, Handler, answer};
 use quickim_store::{NewConversation, Store};
@@ -63,9 +62,7 @@ impl ConversationService {
             check_user_id("owner", owner)?;
         }
         if r.members.is_empty() && r.owner.is_none() {
-            return Err(ServiceError::invalid(
-                "a conversation needs at least one member",
-            ));
+            return Err(ServiceError::invalid("a conversation needs at least one member"));
         }
         let out = self
             .store
@@ -90,10 +87,7 @@ impl ConversationService {
         if r.user_ids.is_empty() {
             return Err(ServiceError::invalid("user_ids must not be empty"));
         }
-        let (joined, entries) = self
-            .store
-            .join(&r.conversation_id, &r.user_ids, r.self_join)
-            .await?;
+        let (joined, entries) = self.store.join(&r.conversation_id, &r.user_ids, r.self_join).await?;
         publish_entries(&self.bus, &entries).await;
         Ok(JoinedUsers { joined })
     }
@@ -126,10 +120,7 @@ impl ConversationService {
         for id in &r.conversation_ids {
             check_conversation_id(id)?;
         }
-        let (updated, entries) = self
-            .store
-            .set_archived(&r.conversation_ids, r.archived)
-            .await?;
+        let (updated, entries) = self.store.set_archived(&r.conversation_ids, r.archived).await?;
         publish_entries(&self.bus, &entries).await;
         Ok(ArchiveAnswer { updated })
     }
@@ -179,10 +170,7 @@ impl Handler for ConversationService {
             MarkRead::SUBJECT => {
                 answer(payload, async |r: MarkRead| {
                     check_conversation_id(&r.conversation_id)?;
-                    let read_msg_id = self
-                        .store
-                        .mark_read(&r.conversation_id, &r.user_id, r.msg_id)
-                        .await?;
+                    let read_msg_id = self.store.mark_read(&r.conversation_id, &r.user_id, r.msg_id).await?;
                     Ok(ReadAnswer { read_msg_id })
                 })
                 .await

@@ -14,11 +14,7 @@ use quickim_store::{SendItem, Store};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-type Job = (
-    SendItem,
-    oneshot::Sender<Result<Message, ServiceError>>,
-    tracing::Span,
-);
+type Job = (SendItem, oneshot::Sender<Result<Message, ServiceError>>, tracing::Span);
 
 /// Handle to the writer tasks.
 #[derive(Clone)]

@@ -21,8 +21,8 @@ use quickim_shared::fanout::publish_entries;
 use quickim_shared::ids::check_conversation_id;
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::service::{
-    Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay,
-    ReplayAnswer, Reply, SendBatch, SendMessage,
+    Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayAnswer, Reply,
+    SendBatch, SendMessage,
 };
 use quickim_shared::rpc::{self, Handler, answer};
 use quickim_store::{Dialect, Store};
@@ -57,11 +57,7 @@ impl MessageService {
     /// A service over `store`, publishing on `bus`.
     pub fn new(store: Store, bus: Bus, limits: MessageLimits) -> MessageService {
         // SQLite has one writer: one batch at a time. PostgreSQL takes a few in parallel.
-        let writers = if store.dialect() == Dialect::Sqlite {
-            1
-        } else {
-            4
-        };
+        let writers = if store.dialect() == Dialect::Sqlite { 1 } else { 4 };
         let batcher = Batcher::start(store.clone(), bus.clone(), writers, 256);
         MessageService {
             store,
@@ -82,15 +78,7 @@ impl MessageService {
             Duration::from_secs(60),
             shutdown.clone(),
         ));
-        let result = rpc::serve(
-            &bus,
-            MESSAGE_SUBJECTS,
-            MESSAGE_QUEUE,
-            4096,
-            Arc::new(self),
-            shutdown,
-        )
-        .await;
+        let result = rpc::serve(&bus, MESSAGE_SUBJECTS, MESSAGE_QUEUE, 4096, Arc::new(self), shutdown).await;
         let _ = housekeeping.await;
         result
     }
@@ -113,10 +101,7 @@ impl MessageService {
             .into_iter()
             .map(|i| validate::send_item(i, self.limits.max_content_bytes))
             .collect();
-        let valid: Vec<quickim_store::SendItem> = checked
-            .iter()
-            .filter_map(|c| c.as_ref().ok().cloned())
-            .collect();
+        let valid: Vec<quickim_store::SendItem> = checked.iter().filter_map(|c| c.as_ref().ok().cloned()).collect();
         let (stored, entries) = if valid.is_empty() {
             (Vec::new(), Vec::new())
         } else {
@@ -139,13 +124,7 @@ impl MessageService {
         check_conversation_id(&r.conversation_id)?;
         Ok(self
             .store
-            .history(
-                &r.conversation_id,
-                &r.user_id,
-                r.query,
-                r.desc,
-                self.limits.range_max,
-            )
+            .history(&r.conversation_id, &r.user_id, r.query, r.desc, self.limits.range_max)
             .await?)
     }
 
@@ -153,13 +132,7 @@ impl MessageService {
         let limit = r.limit.clamp(1, self.limits.replay_max);
         let (entries, complete) = self
             .store
-            .replay(
-                &r.user_id,
-                &r.after,
-                &r.upto,
-                limit,
-                self.limits.retention_ms,
-            )
+            .replay(&r.user_id, &r.after, &r.upto, limit, self.limits.retention_ms)
             .await?;
         Ok(ReplayAnswer { entries, complete })
     }
@@ -175,16 +148,11 @@ impl Handler for MessageService {
             LastMsgId::SUBJECT => {
                 answer(payload, async |r: LastMsgId| {
                     check_conversation_id(&r.conversation_id)?;
-                    Ok(self
-                        .store
-                        .last_msg_id(&r.conversation_id, &r.user_id)
-                        .await?)
+                    Ok(self.store.last_msg_id(&r.conversation_id, &r.user_id).await?)
                 })
                 .await
             }
-            GetHeads::SUBJECT => {
-                answer(payload, async |_: GetHeads| Ok(self.store.heads().await?)).await
-            }
+            GetHeads::SUBJECT => answer(payload, async |_: GetHeads| Ok(self.store.heads().await?)).await,
             ReadLog::SUBJECT => {
                 answer(payload, async |r: ReadLog| {
                     Ok(self

@@ -6,10 +6,7 @@ use quickim_shared::protocol::service::{Origin, SendMessage};
 use quickim_store::SendItem;
 
 /// Checks ids, type and content size; answers what the store takes.
-pub(crate) fn send_item(
-    r: SendMessage,
-    max_content_bytes: usize,
-) -> Result<SendItem, ServiceError> {
+pub(crate) fn send_item(r: SendMessage, max_content_bytes: usize) -> Result<SendItem, ServiceError> {
     check_conversation_id(&r.conversation_id)?;
     if r.from.is_empty() {
         if r.origin == Origin::Client {
@@ -26,10 +23,7 @@ pub(crate) fn send_item(
     if r.content.len() > max_content_bytes {
         return Err(ServiceError::new(
             ErrorCode::PayloadTooLarge,
-            format!(
-                "content is {} bytes; the limit is {max_content_bytes}",
-                r.content.len()
-            ),
+            format!("content is {} bytes; the limit is {max_content_bytes}", r.content.len()),
         ));
     }
     if let Some(k) = &r.client_msg_id {
@@ -65,29 +59,21 @@ mod tests {
         assert!(send_item(req("a", 0, "x", Origin::Client), 10).is_ok());
         assert!(send_item(req("", 0, "x", Origin::Inner), 10).is_ok());
         assert_eq!(
-            send_item(req("", 0, "x", Origin::Client), 10)
-                .unwrap_err()
-                .code,
+            send_item(req("", 0, "x", Origin::Client), 10).unwrap_err().code,
             ErrorCode::InvalidParam
         );
         assert_eq!(
-            send_item(req("a", -1, "x", Origin::Inner), 10)
-                .unwrap_err()
-                .code,
+            send_item(req("a", -1, "x", Origin::Inner), 10).unwrap_err().code,
             ErrorCode::InvalidParam
         );
         assert_eq!(
-            send_item(req("a b", 0, "x", Origin::Client), 10)
-                .unwrap_err()
-                .code,
+            send_item(req("a b", 0, "x", Origin::Client), 10).unwrap_err().code,
             ErrorCode::InvalidParam
         );
         // The limit counts UTF-8 bytes: 4 × "é" is 8 bytes.
         assert!(send_item(req("a", 0, "éééé", Origin::Client), 8).is_ok());
         assert_eq!(
-            send_item(req("a", 0, "ééééé", Origin::Client), 8)
-                .unwrap_err()
-                .code,
+            send_item(req("a", 0, "ééééé", Origin::Client), 8).unwrap_err().code,
             ErrorCode::PayloadTooLarge
         );
         let mut r = req("a", 0, "x", Origin::Client);

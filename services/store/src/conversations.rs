@@ -7,9 +7,7 @@ use std::collections::HashSet;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use quickim_shared::error::{ErrorCode, ServiceError};
-use quickim_shared::protocol::api::{
-    ConversationDetail, ConversationSummary, JoinedConversations, MemberInfo, Role,
-};
+use quickim_shared::protocol::api::{ConversationDetail, ConversationSummary, JoinedConversations, MemberInfo, Role};
 use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::service::{MembershipRow, Memberships};
 use quickim_shared::protocol::system;
@@ -48,11 +46,7 @@ pub struct CreateOutcome {
 
 fn dedup(users: &[String]) -> Vec<String> {
     let mut seen = HashSet::new();
-    users
-        .iter()
-        .filter(|u| seen.insert(u.as_str()))
-        .cloned()
-        .collect()
+    users.iter().filter(|u| seen.insert(u.as_str())).cloned().collect()
 }
 
 impl Store {
@@ -140,17 +134,17 @@ impl Store {
         joinable: bool,
     ) -> Result<CreateOutcome> {
         let convs = self.lock_conversations(tx, &[id]).await?;
-        let row = sqlx::query("SELECT content FROM messages WHERE conversation_id = $1 AND msg_id = 1 AND msg_type = $2")
-            .bind(id)
-            .bind(system::CREATED)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row =
+            sqlx::query("SELECT content FROM messages WHERE conversation_id = $1 AND msg_id = 1 AND msg_type = $2")
+                .bind(id)
+                .bind(system::CREATED)
+                .fetch_optional(&mut *tx)
+                .await?;
         let existing: Option<system::Created> = match row {
             Some(r) => serde_json::from_str(&r.try_get::<String, _>("content")?).ok(),
             None => None,
         };
-        let same = existing.as_ref() == Some(wanted)
-            && convs.get(id).map(|c| c.joinable) == Some(joinable);
+        let same = existing.as_ref() == Some(wanted) && convs.get(id).map(|c| c.joinable) == Some(joinable);
         if same {
             Ok(CreateOutcome {
                 conversation_id: id.to_string(),
@@ -158,10 +152,7 @@ impl Store {
                 entries: Vec::new(),
             })
         } else {
-            Err(
-                ServiceError::conflict("a different conversation with this conversation_id exists")
-                    .into(),
-            )
+            Err(ServiceError::conflict("a different conversation with this conversation_id exists").into())
         }
     }
 
@@ -184,11 +175,7 @@ impl Store {
                 return Err(ServiceError::not_member().into());
             }
             let active = active_members(tx, conversation_id, &users).await?;
-            let new: Vec<String> = users
-                .iter()
-                .filter(|u| !active.contains(*u))
-                .cloned()
-                .collect();
+            let new: Vec<String> = users.iter().filter(|u| !active.contains(*u)).cloned().collect();
             if new.is_empty() {
                 return Ok((users.clone(), Vec::new()));
             }
@@ -199,10 +186,7 @@ impl Store {
                     vec![system_entry(conversation_id, system::JOINED, &new)],
                 )
                 .await?;
-            let msg_id = entries
-                .first()
-                .map(|e| e.message.msg_id)
-                .unwrap_or_default();
+            let msg_id = entries.first().map(|e| e.message.msg_id).unwrap_or_default();
             let rows: Vec<(String, Role)> = new.iter().map(|u| (u.clone(), Role::Member)).collect();
             upsert_members(tx, conversation_id, &rows, msg_id).await?;
             Ok((users.clone(), entries))
@@ -214,17 +198,11 @@ impl Store {
         let user = vec![user_id.to_string()];
         write_tx!(self, |tx| {
             let mut convs = self.lock_conversations(tx, &[conversation_id]).await?;
-            if !convs.contains_key(conversation_id)
-                || active_members(tx, conversation_id, &user).await?.is_empty()
-            {
+            if !convs.contains_key(conversation_id) || active_members(tx, conversation_id, &user).await?.is_empty() {
                 return Err(ServiceError::not_member().into());
             }
             let entries = self
-                .append(
-                    tx,
-                    &mut convs,
-                    vec![system_entry(conversation_id, system::LEFT, &user)],
-                )
+                .append(tx, &mut convs, vec![system_entry(conversation_id, system::LEFT, &user)])
                 .await?;
             deactivate(tx, conversation_id, &user, &entries).await?;
             Ok(entries)
@@ -232,11 +210,7 @@ impl Store {
     }
 
     /// Removes members (writing one KICKED message for those who were members).
-    pub async fn kick(
-        &self,
-        conversation_id: &str,
-        user_ids: &[String],
-    ) -> Result<(Vec<String>, Vec<LogEntry>)> {
+    pub async fn kick(&self, conversation_id: &str, user_ids: &[String]) -> Result<(Vec<String>, Vec<LogEntry>)> {
         let users = dedup(user_ids);
         write_tx!(self, |tx| {
             let mut convs = self.lock_conversations(tx, &[conversation_id]).await?;
@@ -244,11 +218,7 @@ impl Store {
                 return Err(missing(false));
             }
             let active = active_members(tx, conversation_id, &users).await?;
-            let kicked: Vec<String> = users
-                .iter()
-                .filter(|u| active.contains(*u))
-                .cloned()
-                .collect();
+            let kicked: Vec<String> = users.iter().filter(|u| active.contains(*u)).cloned().collect();
             if kicked.is_empty() {
                 return Ok((kicked, Vec::new()));
             }
@@ -277,11 +247,7 @@ impl Store {
             let mut convs = self.lock_conversations(tx, &refs).await?;
             let changed: Vec<String> = ids
                 .iter()
-                .filter(|id| {
-                    convs
-                        .get(id.as_str())
-                        .is_some_and(|c| c.archived != archived)
-                })
+                .filter(|id| convs.get(id.as_str()).is_some_and(|c| c.archived != archived))
                 .cloned()
                 .collect();
             if changed.is_empty() {
@@ -321,12 +287,13 @@ impl Store {
 
     /// Whether `user_id` is an active member.
     pub async fn is_member(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 AS one FROM members WHERE conversation_id = $1 AND user_id = $2 AND active = $3")
-            .bind(conversation_id)
-            .bind(user_id)
-            .bind(1i32)
-            .fetch_optional(self.pool())
-            .await?;
+        let row =
+            sqlx::query("SELECT 1 AS one FROM members WHERE conversation_id = $1 AND user_id = $2 AND active = $3")
+                .bind(conversation_id)
+                .bind(user_id)
+                .bind(1i32)
+                .fetch_optional(self.pool())
+                .await?;
         Ok(row.is_some())
     }
 
@@ -396,8 +363,7 @@ impl Store {
         let after = match cursor {
             None => None,
             Some(c) => Some(
-                decode_page_cursor(c)
-                    .ok_or_else(|| ServiceError::invalid("cursor is not a cursor from this API"))?,
+                decode_page_cursor(c).ok_or_else(|| ServiceError::invalid("cursor is not a cursor from this API"))?,
             ),
         };
         let mut p = Params::default();
@@ -413,15 +379,15 @@ impl Store {
         }
         if after.is_some() {
             let (t1, t2, id) = (p.next(), p.next(), p.next());
-            sql.push_str(&format!(" AND (c.last_send_time < {t1} OR (c.last_send_time = {t2} AND c.conversation_id > {id}))"));
+            sql.push_str(&format!(
+                " AND (c.last_send_time < {t1} OR (c.last_send_time = {t2} AND c.conversation_id > {id}))"
+            ));
         }
         sql.push_str(&format!(
             " ORDER BY c.last_send_time DESC, c.conversation_id ASC LIMIT {}",
             p.next()
         ));
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(user_id)
-            .bind(1i32);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_id).bind(1i32);
         if let Some(a) = archived {
             q = q.bind(i32::from(a));
         }
@@ -460,12 +426,7 @@ impl Store {
 
     /// Moves the member's read position forward to `msg_id` (clamped to the newest message);
     /// answers the position after the call.
-    pub async fn mark_read(
-        &self,
-        conversation_id: &str,
-        user_id: &str,
-        msg_id: u64,
-    ) -> Result<u64> {
+    pub async fn mark_read(&self, conversation_id: &str, user_id: &str, msg_id: u64) -> Result<u64> {
         let row = sqlx::query(
             "SELECT c.last_msg_id, m.read_msg_id FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id \
              WHERE m.conversation_id = $1 AND m.user_id = $2 AND m.active = $3",
@@ -480,13 +441,15 @@ impl Store {
         let read: i64 = row.try_get("read_msg_id")?;
         let target = db_int(msg_id).min(last);
         if target > read {
-            sqlx::query("UPDATE members SET read_msg_id = $1 WHERE conversation_id = $2 AND user_id = $3 AND read_msg_id < $4")
-                .bind(target)
-                .bind(conversation_id)
-                .bind(user_id)
-                .bind(target)
-                .execute(self.pool())
-                .await?;
+            sqlx::query(
+                "UPDATE members SET read_msg_id = $1 WHERE conversation_id = $2 AND user_id = $3 AND read_msg_id < $4",
+            )
+            .bind(target)
+            .bind(conversation_id)
+            .bind(user_id)
+            .bind(target)
+            .execute(self.pool())
+            .await?;
         }
         Ok(api_int(target.max(read)))
     }
@@ -495,13 +458,11 @@ impl Store {
     pub async fn memberships(&self, user_id: &str) -> Result<Memberships> {
         let mut tx = self.snapshot().await?;
         let heads = read_heads(&mut tx).await?;
-        let rows = sqlx::query(
-            "SELECT conversation_id, joined_msg_id FROM members WHERE user_id = $1 AND active = $2",
-        )
-        .bind(user_id)
-        .bind(1i32)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query("SELECT conversation_id, joined_msg_id FROM members WHERE user_id = $1 AND active = $2")
+            .bind(user_id)
+            .bind(1i32)
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         let conversations = rows
             .iter()
@@ -512,10 +473,7 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Memberships {
-            heads,
-            conversations,
-        })
+        Ok(Memberships { heads, conversations })
     }
 }
 
@@ -540,11 +498,7 @@ fn system_entry(conversation_id: &str, msg_type: i32, users: &[String]) -> NewEn
 }
 
 /// Which of `users` are active members.
-async fn active_members(
-    tx: &mut AnyConnection,
-    conversation_id: &str,
-    users: &[String],
-) -> Result<HashSet<String>> {
+async fn active_members(tx: &mut AnyConnection, conversation_id: &str, users: &[String]) -> Result<HashSet<String>> {
     let mut out = HashSet::new();
     for chunk in users.chunks(500) {
         let mut p = Params::default();
@@ -554,9 +508,7 @@ async fn active_members(
             p.next(),
             p.list(chunk.len())
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(conversation_id)
-            .bind(1i32);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(conversation_id).bind(1i32);
         for u in chunk {
             q = q.bind(u.as_str());
         }
@@ -576,11 +528,7 @@ async fn upsert_members(
 ) -> Result<()> {
     for chunk in users.chunks(100) {
         let mut p = Params::default();
-        let rows = chunk
-            .iter()
-            .map(|_| p.row(6))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rows = chunk.iter().map(|_| p.row(6)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "INSERT INTO members (conversation_id, user_id, role, active, joined_msg_id, read_msg_id) VALUES {rows} \
              ON CONFLICT (conversation_id, user_id) DO UPDATE SET active = excluded.active, \
@@ -608,10 +556,7 @@ async fn deactivate(
     users: &[String],
     entries: &[LogEntry],
 ) -> Result<()> {
-    let msg_id = entries
-        .first()
-        .map(|e| db_int(e.message.msg_id))
-        .unwrap_or_default();
+    let msg_id = entries.first().map(|e| db_int(e.message.msg_id)).unwrap_or_default();
     for chunk in users.chunks(500) {
         let mut p = Params::default();
         let sql = format!(

@@ -97,9 +97,7 @@ impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> ServiceError {
         match e {
             StoreError::Rejected(e) => e,
-            StoreError::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
-            ) => {
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => {
                 tracing::error!(error = %e, "database unavailable");
                 ServiceError::unavailable("database unavailable, try again")
             }
@@ -131,30 +129,19 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 impl Store {
     /// Opens (creating if needed) the SQLite database file at `path`.
-    pub async fn open_sqlite(
-        path: &Path,
-        max_connections: u32,
-        partitions_if_new: u16,
-    ) -> Result<Store> {
+    pub async fn open_sqlite(path: &Path, max_connections: u32, partitions_if_new: u16) -> Result<Store> {
         let pool = sqlite::open(path, max_connections).await?;
         Self::init(pool, Dialect::Sqlite, partitions_if_new).await
     }
 
     /// Connects to PostgreSQL at `url`.
-    pub async fn open_postgres(
-        url: &str,
-        max_connections: u32,
-        partitions_if_new: u16,
-    ) -> Result<Store> {
+    pub async fn open_postgres(url: &str, max_connections: u32, partitions_if_new: u16) -> Result<Store> {
         let pool = postgres::open(url, max_connections).await?;
         Self::init(pool, Dialect::Postgres, partitions_if_new).await
     }
 
     async fn init(pool: AnyPool, dialect: Dialect, partitions_if_new: u16) -> Result<Store> {
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Database(e.into()))?;
+        MIGRATOR.run(&pool).await.map_err(|e| StoreError::Database(e.into()))?;
         let (partitions, epoch) = log::init_meta(&pool, partitions_if_new).await?;
         if partitions != partitions_if_new {
             tracing::info!(
@@ -192,10 +179,7 @@ impl Store {
 
     /// Whether the database answers (for /readyz).
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1")
-            .execute(&self.inner.pool)
-            .await
-            .is_ok()
+        sqlx::query("SELECT 1").execute(&self.inner.pool).await.is_ok()
     }
 
     /// Connections in use and idle (for metrics).
@@ -209,9 +193,7 @@ impl Store {
     }
 
     /// Queues behind other writers (SQLite only) and opens a write transaction.
-    pub(crate) async fn begin_write(
-        &self,
-    ) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Tx)> {
+    pub(crate) async fn begin_write(&self) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Tx)> {
         let guard = match &self.inner.write_lock {
             Some(lock) => Some(lock.lock().await),
             None => None,

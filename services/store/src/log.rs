@@ -32,32 +32,23 @@ pub(crate) async fn init_meta(pool: &AnyPool, partitions_if_new: u16) -> Result<
             .execute(&mut *tx)
             .await?;
     }
-    let rows = sqlx::query("SELECT key, value FROM meta")
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows = sqlx::query("SELECT key, value FROM meta").fetch_all(&mut *tx).await?;
     let mut meta = HashMap::new();
     for row in rows {
-        meta.insert(
-            row.try_get::<String, _>("key")?,
-            row.try_get::<String, _>("value")?,
-        );
+        meta.insert(row.try_get::<String, _>("key")?, row.try_get::<String, _>("value")?);
     }
     let parse = |k: &str| -> Result<u64> {
         meta.get(k)
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| StoreError::Corrupt(format!("meta {k} missing or unreadable")))
     };
-    let partitions = u16::try_from(parse("partitions")?)
-        .map_err(|_| StoreError::Corrupt("meta partitions".into()))?;
-    let epoch =
-        u32::try_from(parse("epoch")?).map_err(|_| StoreError::Corrupt("meta epoch".into()))?;
+    let partitions = u16::try_from(parse("partitions")?).map_err(|_| StoreError::Corrupt("meta partitions".into()))?;
+    let epoch = u32::try_from(parse("epoch")?).map_err(|_| StoreError::Corrupt("meta epoch".into()))?;
     for part in 0..partitions {
-        sqlx::query(
-            "INSERT INTO log_partitions (part, head) VALUES ($1, 0) ON CONFLICT (part) DO NOTHING",
-        )
-        .bind(i32::from(part))
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO log_partitions (part, head) VALUES ($1, 0) ON CONFLICT (part) DO NOTHING")
+            .bind(i32::from(part))
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok((partitions, epoch))
@@ -125,19 +116,14 @@ impl Store {
     }
 
     /// The msg_ids `entries` will get, in order, given the locked conversations.
-    pub(crate) fn plan_msg_ids(
-        convs: &BTreeMap<String, LockedConversation>,
-        entries: &[NewEntry],
-    ) -> Result<Vec<i64>> {
+    pub(crate) fn plan_msg_ids(convs: &BTreeMap<String, LockedConversation>, entries: &[NewEntry]) -> Result<Vec<i64>> {
         let mut next: HashMap<&str, i64> = HashMap::new();
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
-            let conv = convs.get(&e.conversation_id).ok_or_else(|| {
-                StoreError::Corrupt(format!("conversation {} not locked", e.conversation_id))
-            })?;
-            let n = next
-                .entry(e.conversation_id.as_str())
-                .or_insert(conv.last_msg_id);
+            let conv = convs
+                .get(&e.conversation_id)
+                .ok_or_else(|| StoreError::Corrupt(format!("conversation {} not locked", e.conversation_id)))?;
+            let n = next.entry(e.conversation_id.as_str()).or_insert(conv.last_msg_id);
             *n += 1;
             out.push(*n);
         }
@@ -166,13 +152,11 @@ impl Store {
         }
         let mut next_offset: HashMap<u16, i64> = HashMap::new();
         for (part, count) in &per_part {
-            let row = sqlx::query(
-                "UPDATE log_partitions SET head = head + $1 WHERE part = $2 RETURNING head",
-            )
-            .bind(*count)
-            .bind(i32::from(*part))
-            .fetch_one(&mut *tx)
-            .await?;
+            let row = sqlx::query("UPDATE log_partitions SET head = head + $1 WHERE part = $2 RETURNING head")
+                .bind(*count)
+                .bind(i32::from(*part))
+                .fetch_one(&mut *tx)
+                .await?;
             let head: i64 = row.try_get("head")?;
             next_offset.insert(*part, head - count + 1);
         }
@@ -243,10 +227,7 @@ impl Store {
             for (id, e) in chunk {
                 q = q.bind(*id).bind(db_int(e.offset));
             }
-            let time = chunk
-                .first()
-                .map(|(_, e)| e.message.send_time)
-                .unwrap_or_else(now_ms);
+            let time = chunk.first().map(|(_, e)| e.message.send_time).unwrap_or_else(now_ms);
             q = q.bind(time);
             for (id, _) in chunk {
                 q = q.bind(*id);
@@ -267,13 +248,7 @@ impl Store {
     }
 
     /// Entries of `part` with `after < offset <= upto`, in offset order, at most `limit`.
-    pub async fn read_log(
-        &self,
-        part: u16,
-        after: u64,
-        upto: u64,
-        limit: u32,
-    ) -> Result<Vec<LogEntry>> {
+    pub async fn read_log(&self, part: u16, after: u64, upto: u64, limit: u32) -> Result<Vec<LogEntry>> {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.part = $1 AND m.log_offset > $2 \
              AND m.log_offset <= $3 ORDER BY m.log_offset LIMIT $4"
@@ -306,10 +281,10 @@ impl Store {
             return Ok((Vec::new(), false));
         }
         let horizon = self.horizon(retention_ms).await?;
-        if let Some(h) = horizon {
-            if after.iter().zip(&h).any(|(a, h)| a < h) {
-                return Ok((Vec::new(), false));
-            }
+        if let Some(h) = horizon
+            && after.iter().zip(&h).any(|(a, h)| a < h)
+        {
+            return Ok((Vec::new(), false));
         }
         let ranges: Vec<(u16, u64, u64)> = (0..self.partitions())
             .map(|p| (p, after[usize::from(p)], upto[usize::from(p)]))
@@ -319,11 +294,7 @@ impl Store {
             return Ok((Vec::new(), true));
         }
         let mut p = Params::default();
-        let values = ranges
-            .iter()
-            .map(|_| p.row(3))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let values = ranges.iter().map(|_| p.row(3)).collect::<Vec<_>>().join(", ");
         let user = p.next();
         let lim = p.next();
         let sql = format!(
@@ -355,8 +326,7 @@ impl Store {
     pub async fn record_checkpoint(&self, retention_ms: i64) -> Result<()> {
         let heads = self.heads().await?;
         let now = now_ms();
-        let text =
-            serde_json::to_string(&heads.heads).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let text = serde_json::to_string(&heads.heads).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query("INSERT INTO log_checkpoints (taken_at, heads) VALUES ($1, $2) ON CONFLICT (taken_at) DO NOTHING")
             .bind(now)
             .bind(text)
@@ -372,18 +342,15 @@ impl Store {
     /// The heads of `retention_ms` ago (the newest checkpoint at least that old), if any:
     /// positions below them are outside the replay window.
     pub async fn horizon(&self, retention_ms: i64) -> Result<Option<Vec<u64>>> {
-        let row = sqlx::query(
-            "SELECT heads FROM log_checkpoints WHERE taken_at <= $1 ORDER BY taken_at DESC LIMIT 1",
-        )
-        .bind(now_ms() - retention_ms)
-        .fetch_optional(self.pool())
-        .await?;
+        let row = sqlx::query("SELECT heads FROM log_checkpoints WHERE taken_at <= $1 ORDER BY taken_at DESC LIMIT 1")
+            .bind(now_ms() - retention_ms)
+            .fetch_optional(self.pool())
+            .await?;
         match row {
             None => Ok(None),
             Some(row) => {
                 let text: String = row.try_get("heads")?;
-                let heads: Vec<u64> =
-                    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let heads: Vec<u64> = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok((heads.len() == usize::from(self.partitions())).then_some(heads))
             }
         }
@@ -399,19 +366,13 @@ pub(crate) async fn read_heads(conn: &mut AnyConnection) -> Result<Vec<u64>> {
     let rows = sqlx::query("SELECT head FROM log_partitions ORDER BY part")
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter()
-        .map(|r| Ok(api_int(r.try_get("head")?)))
-        .collect()
+    rows.iter().map(|r| Ok(api_int(r.try_get("head")?))).collect()
 }
 
 async fn insert_messages(tx: &mut AnyConnection, entries: &[LogEntry]) -> Result<()> {
     for chunk in entries.chunks(100) {
         let mut p = Params::default();
-        let rows = chunk
-            .iter()
-            .map(|_| p.row(9))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rows = chunk.iter().map(|_| p.row(9)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, \
              client_msg_id, send_time) VALUES {rows}"

@@ -39,16 +39,11 @@ type Key = (String, String);
 
 impl SendItem {
     fn key(&self) -> Option<Key> {
-        self.client_msg_id
-            .as_ref()
-            .map(|k| (self.from.clone(), k.clone()))
+        self.client_msg_id.as_ref().map(|k| (self.from.clone(), k.clone()))
     }
 
     fn same_as(&self, m: &Message) -> std::result::Result<Message, ServiceError> {
-        if m.conversation_id == self.conversation_id
-            && m.msg_type == self.msg_type
-            && m.content == self.content
-        {
+        if m.conversation_id == self.conversation_id && m.msg_type == self.msg_type && m.content == self.content {
             Ok(m.clone())
         } else {
             Err(ServiceError::conflict(
@@ -59,10 +54,7 @@ impl SendItem {
 }
 
 enum Attempt {
-    Done(
-        Vec<std::result::Result<Message, ServiceError>>,
-        Vec<LogEntry>,
-    ),
+    Done(Vec<std::result::Result<Message, ServiceError>>, Vec<LogEntry>),
     /// These keys were claimed concurrently for another conversation: run again without them.
     Conflicts(Vec<Key>),
 }
@@ -73,15 +65,10 @@ impl Store {
     pub async fn send_batch(
         &self,
         items: &[SendItem],
-    ) -> Result<(
-        Vec<std::result::Result<Message, ServiceError>>,
-        Vec<LogEntry>,
-    )> {
+    ) -> Result<(Vec<std::result::Result<Message, ServiceError>>, Vec<LogEntry>)> {
         let mut conflicted: HashSet<Key> = HashSet::new();
         for _ in 0..8 {
-            match write_tx!(self, |tx| {
-                self.try_send_batch(tx, items, &conflicted).await
-            })? {
+            match write_tx!(self, |tx| { self.try_send_batch(tx, items, &conflicted).await })? {
                 Attempt::Done(results, entries) => return Ok((results, entries)),
                 Attempt::Conflicts(keys) => conflicted.extend(keys),
             }
@@ -104,8 +91,7 @@ impl Store {
         let existing = existing_keys(tx, &keys).await?;
         let members = active_pairs(tx, items).await?;
 
-        let mut results: Vec<Option<std::result::Result<Message, ServiceError>>> =
-            vec![None; items.len()];
+        let mut results: Vec<Option<std::result::Result<Message, ServiceError>>> = vec![None; items.len()];
         let mut alias: Vec<(usize, usize)> = Vec::new();
         let mut first_with_key: HashMap<Key, usize> = HashMap::new();
         let mut accepted: Vec<usize> = Vec::new();
@@ -140,9 +126,7 @@ impl Store {
                         Err(ServiceError::invalid("from must be a user"))
                     }
                 }
-                Some(_)
-                    if !members.contains(&(item.conversation_id.clone(), item.from.clone())) =>
-                {
+                Some(_) if !members.contains(&(item.conversation_id.clone(), item.from.clone())) => {
                     Err(ServiceError::not_member())
                 }
                 Some(_) => Ok(()),
@@ -177,11 +161,7 @@ impl Store {
         let claims: Vec<(Key, &str, i64)> = accepted
             .iter()
             .zip(&msg_ids)
-            .filter_map(|(&i, &id)| {
-                items[i]
-                    .key()
-                    .map(|k| (k, items[i].conversation_id.as_str(), id))
-            })
+            .filter_map(|(&i, &id)| items[i].key().map(|k| (k, items[i].conversation_id.as_str(), id)))
             .collect();
         let lost = claim_keys(tx, &claims).await?;
         if !lost.is_empty() {
@@ -221,10 +201,7 @@ impl Store {
         let (cond, a, b, scan_desc, limit) = match query {
             HistoryQuery::Range { start, end } => {
                 if start > end {
-                    return Err(ServiceError::invalid(
-                        "start_msg_id must not be greater than end_msg_id",
-                    )
-                    .into());
+                    return Err(ServiceError::invalid("start_msg_id must not be greater than end_msg_id").into());
                 }
                 // Ascending answers start from `start`; descending ones from `end`.
                 (
@@ -235,12 +212,8 @@ impl Store {
                     max,
                 )
             }
-            HistoryQuery::Before { msg_id } => {
-                ("m.msg_id < $2 AND $3 = $3", db_int(msg_id), 0, true, page)
-            }
-            HistoryQuery::After { msg_id } => {
-                ("m.msg_id > $2 AND $3 = $3", db_int(msg_id), 0, false, page)
-            }
+            HistoryQuery::Before { msg_id } => ("m.msg_id < $2 AND $3 = $3", db_int(msg_id), 0, true, page),
+            HistoryQuery::After { msg_id } => ("m.msg_id > $2 AND $3 = $3", db_int(msg_id), 0, false, page),
             HistoryQuery::Last => ("$2 = $2 AND $3 = $3", 0, 0, true, page),
             HistoryQuery::LastOne => ("$2 = $2 AND $3 = $3", 0, 0, true, 1),
         };
@@ -287,11 +260,7 @@ async fn existing_keys(tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<K
     keys.dedup();
     for chunk in keys.chunks(300) {
         let mut p = Params::default();
-        let list = chunk
-            .iter()
-            .map(|_| p.row(2))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = chunk.iter().map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
              JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
@@ -313,10 +282,7 @@ async fn existing_keys(tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<K
 }
 
 /// (conversation, user) pairs among the items' senders that are active members.
-async fn active_pairs(
-    tx: &mut AnyConnection,
-    items: &[SendItem],
-) -> Result<HashSet<(String, String)>> {
+async fn active_pairs(tx: &mut AnyConnection, items: &[SendItem]) -> Result<HashSet<(String, String)>> {
     let mut pairs: Vec<(&str, &str)> = items
         .iter()
         .filter(|i| !i.from.is_empty())
@@ -328,11 +294,7 @@ async fn active_pairs(
     for chunk in pairs.chunks(300) {
         let mut p = Params::default();
         let active = p.next();
-        let list = chunk
-            .iter()
-            .map(|_| p.row(2))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = chunk.iter().map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "SELECT conversation_id, user_id FROM members WHERE active = {active} \
              AND (conversation_id, user_id) IN (VALUES {list})"
@@ -356,11 +318,7 @@ async fn claim_keys(tx: &mut AnyConnection, claims: &[(Key, &str, i64)]) -> Resu
     let mut lost = Vec::new();
     for chunk in sorted.chunks(100) {
         let mut p = Params::default();
-        let rows = chunk
-            .iter()
-            .map(|_| p.row(5))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rows = chunk.iter().map(|_| p.row(5)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "INSERT INTO idempotency (sender, client_msg_id, conversation_id, msg_id, created_at) VALUES {rows} \
              ON CONFLICT (sender, client_msg_id) DO NOTHING RETURNING sender, client_msg_id"
@@ -385,12 +343,7 @@ async fn claim_keys(tx: &mut AnyConnection, claims: &[(Key, &str, i64)]) -> Resu
                 ))
             })
             .collect::<Result<_>>()?;
-        lost.extend(
-            chunk
-                .iter()
-                .map(|c| c.0.clone())
-                .filter(|k| !won.contains(k)),
-        );
+        lost.extend(chunk.iter().map(|c| c.0.clone()).filter(|k| !won.contains(k)));
     }
     Ok(lost)
 }

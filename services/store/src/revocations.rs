@@ -7,12 +7,7 @@ use crate::{Result, Store};
 
 impl Store {
     /// Rejects the user's tokens (of `platform`, or all) issued before `before_ms`.
-    pub async fn revoke(
-        &self,
-        user_id: &str,
-        platform: Option<&str>,
-        before_ms: i64,
-    ) -> Result<()> {
+    pub async fn revoke(&self, user_id: &str, platform: Option<&str>, before_ms: i64) -> Result<()> {
         sqlx::query(
             "INSERT INTO revocations (user_id, platform, before_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (user_id, platform) DO UPDATE SET before_ms = excluded.before_ms \
@@ -28,12 +23,10 @@ impl Store {
 
     /// Revocations at or after `since_ms` (older ones only concern expired tokens).
     pub async fn revocations(&self, since_ms: i64) -> Result<Vec<Revocation>> {
-        let rows = sqlx::query(
-            "SELECT user_id, platform, before_ms FROM revocations WHERE before_ms >= $1",
-        )
-        .bind(since_ms)
-        .fetch_all(self.pool())
-        .await?;
+        let rows = sqlx::query("SELECT user_id, platform, before_ms FROM revocations WHERE before_ms >= $1")
+            .bind(since_ms)
+            .fetch_all(self.pool())
+            .await?;
         rows.iter()
             .map(|r| {
                 let platform: String = r.try_get("platform")?;

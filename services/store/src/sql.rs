@@ -22,10 +22,7 @@ impl Params {
 
     /// `count` placeholders separated by commas.
     pub fn list(&mut self, count: usize) -> String {
-        (0..count)
-            .map(|_| self.next())
-            .collect::<Vec<_>>()
-            .join(", ")
+        (0..count).map(|_| self.next()).collect::<Vec<_>>().join(", ")
     }
 
     /// A parenthesized row of `width` placeholders.
@@ -50,7 +47,8 @@ pub(crate) fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
 }
 
 /// The columns [`message`] reads, for a table aliased `m`.
-pub(crate) const MESSAGE_COLUMNS: &str = "m.conversation_id, m.msg_id, m.sender, m.msg_type, m.content, m.client_msg_id, m.send_time, m.part, m.log_offset";
+pub(crate) const MESSAGE_COLUMNS: &str =
+    "m.conversation_id, m.msg_id, m.sender, m.msg_type, m.content, m.client_msg_id, m.send_time, m.part, m.log_offset";
 
 pub(crate) fn message(row: &AnyRow) -> Result<Message> {
     Ok(Message {

@@ -23,15 +23,9 @@ pub(crate) async fn open(path: &Path, max_connections: u32) -> Result<AnyPool> {
     let pool = any_pool_options(max_connections)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
-                sqlx::query("PRAGMA synchronous = FULL")
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("PRAGMA busy_timeout = 10000")
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("PRAGMA foreign_keys = ON")
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+                sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
                 Ok(())
             })
         })

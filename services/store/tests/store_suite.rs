@@ -18,9 +18,7 @@ struct Db {
 impl Db {
     async fn sqlite() -> Db {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("q.db"), 8, 4)
-            .await
-            .unwrap();
+        let store = Store::open_sqlite(&dir.path().join("q.db"), 8, 4).await.unwrap();
         Db {
             store,
             _dir: Some(dir),
@@ -103,10 +101,7 @@ fn item(c: &str, from: &str, content: &str, key: Option<&str>) -> SendItem {
 }
 
 async fn send(store: &Store, c: &str, from: &str, content: &str) -> u64 {
-    let (mut r, _) = store
-        .send_batch(&[item(c, from, content, None)])
-        .await
-        .unwrap();
+    let (mut r, _) = store.send_batch(&[item(c, from, content, None)]).await.unwrap();
     r.remove(0).unwrap().msg_id
 }
 
@@ -136,10 +131,7 @@ async fn create_is_idempotent_and_conflicts_differ(db: &Db) {
         .create_conversation(conv("c1", &["alice", "carol"], Some("alice")))
         .await
         .unwrap_err();
-    assert_eq!(
-        quickim_shared::error::ServiceError::from(err).code,
-        ErrorCode::Conflict
-    );
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::Conflict);
     assert_eq!(s.last_msg_id("c1", "alice").await.unwrap(), 1);
     // Generated ids are UUIDv7.
     let generated = s
@@ -166,9 +158,7 @@ async fn create_is_idempotent_and_conflicts_differ(db: &Db) {
 
 async fn membership_changes_are_messages(db: &Db) {
     let s = &db.store;
-    s.create_conversation(conv("c", &["a"], Some("a")))
-        .await
-        .unwrap();
+    s.create_conversation(conv("c", &["a"], Some("a"))).await.unwrap();
     let (joined, e) = s.join("c", &users(&["b", "c", "b"]), false).await.unwrap();
     assert_eq!(joined, users(&["b", "c"]));
     assert_eq!(e[0].message.msg_id, 2);
@@ -188,10 +178,7 @@ async fn membership_changes_are_messages(db: &Db) {
         ErrorCode::NotMember
     );
     let err = s.join("nope", &users(&["z"]), false).await.unwrap_err();
-    assert_eq!(
-        quickim_shared::error::ServiceError::from(err).code,
-        ErrorCode::NotFound
-    );
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotFound);
 
     assert_eq!(send(s, "c", "b", "hello").await, 3);
     let e = s.leave("c", "b").await.unwrap();
@@ -201,10 +188,7 @@ async fn membership_changes_are_messages(db: &Db) {
     assert_eq!(kicked, users(&["c"]));
     assert_eq!(e[0].message.msg_type, system::KICKED);
     // Former members read nothing and send nothing.
-    let err = s
-        .history("c", "c", HistoryQuery::Last, false, 100)
-        .await
-        .unwrap_err();
+    let err = s.history("c", "c", HistoryQuery::Last, false, 100).await.unwrap_err();
     assert_eq!(
         quickim_shared::error::ServiceError::from(err).code,
         ErrorCode::NotMember
@@ -213,14 +197,8 @@ async fn membership_changes_are_messages(db: &Db) {
     assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::NotMember);
     // Rejoined: reads the whole history, unread counts from the join.
     s.join("c", &users(&["b"]), false).await.unwrap();
-    let h = s
-        .history("c", "b", HistoryQuery::Last, false, 100)
-        .await
-        .unwrap();
-    assert_eq!(
-        h.iter().map(|m| m.msg_id).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5, 6]
-    );
+    let h = s.history("c", "b", HistoryQuery::Last, false, 100).await.unwrap();
+    assert_eq!(h.iter().map(|m| m.msg_id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
     let list = s.list_joined("b", None, 10, None).await.unwrap();
     assert_eq!(list.conversations[0].read_msg_id, 6);
     assert_eq!(list.conversations[0].unread, 0);
@@ -234,9 +212,7 @@ async fn membership_changes_are_messages(db: &Db) {
 
 async fn send_checks_membership_archive_and_keys(db: &Db) {
     let s = &db.store;
-    s.create_conversation(conv("c", &["a", "b"], None))
-        .await
-        .unwrap();
+    s.create_conversation(conv("c", &["a", "b"], None)).await.unwrap();
     let mut sys = item("c", "", "notice", None);
     sys.origin = Origin::Inner;
     let mut sys_client = item("c", "", "notice", None);
@@ -261,10 +237,7 @@ async fn send_checks_membership_archive_and_keys(db: &Db) {
     assert_eq!(entries.len(), 3);
     s.set_archived(&users(&["c"]), true).await.unwrap();
     let (r, _) = s.send_batch(&[item("c", "a", "late", None)]).await.unwrap();
-    assert_eq!(
-        r[0].as_ref().unwrap_err().code,
-        ErrorCode::ConversationArchived
-    );
+    assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::ConversationArchived);
     let mut inner = item("c", "a", "late", None);
     inner.origin = Origin::Inner;
     let (r, _) = s.send_batch(&[inner]).await.unwrap();
@@ -273,12 +246,8 @@ async fn send_checks_membership_archive_and_keys(db: &Db) {
 
 async fn idempotent_retries_within_and_across_batches(db: &Db) {
     let s = &db.store;
-    s.create_conversation(conv("c", &["a", "b"], None))
-        .await
-        .unwrap();
-    s.create_conversation(conv("d", &["a"], None))
-        .await
-        .unwrap();
+    s.create_conversation(conv("c", &["a", "b"], None)).await.unwrap();
+    s.create_conversation(conv("d", &["a"], None)).await.unwrap();
     let (r, e) = s
         .send_batch(&[
             item("c", "a", "hi", Some("k1")),
@@ -292,101 +261,55 @@ async fn idempotent_retries_within_and_across_batches(db: &Db) {
     assert_eq!(r[2].as_ref().unwrap_err().code, ErrorCode::Conflict);
     assert_eq!(e.len(), 1);
     // A later retry answers the original, publishes nothing.
-    let (r, e) = s
-        .send_batch(&[item("c", "a", "hi", Some("k1"))])
-        .await
-        .unwrap();
+    let (r, e) = s.send_batch(&[item("c", "a", "hi", Some("k1"))]).await.unwrap();
     assert_eq!(r[0].clone().unwrap(), first);
     assert!(e.is_empty());
     // Same key, other conversation: conflict. Same key, other sender: independent.
     let (r, _) = s
-        .send_batch(&[
-            item("d", "a", "hi", Some("k1")),
-            item("c", "b", "hi", Some("k1")),
-        ])
+        .send_batch(&[item("d", "a", "hi", Some("k1")), item("c", "b", "hi", Some("k1"))])
         .await
         .unwrap();
     assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::Conflict);
     assert_eq!(r[1].as_ref().unwrap().from, "b");
     // A rejected first use does not reserve the key.
-    let (r, _) = s
-        .send_batch(&[item("c", "zed", "x", Some("k9"))])
-        .await
-        .unwrap();
+    let (r, _) = s.send_batch(&[item("c", "zed", "x", Some("k9"))]).await.unwrap();
     assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::NotMember);
-    let (r, _) = s
-        .send_batch(&[item("c", "a", "x", Some("k9"))])
-        .await
-        .unwrap();
+    let (r, _) = s.send_batch(&[item("c", "a", "x", Some("k9"))]).await.unwrap();
     assert!(r[0].is_ok());
     assert_eq!(s.last_msg_id("c", "a").await.unwrap(), 4);
 }
 
 async fn history_reads(db: &Db) {
     let s = &db.store;
-    s.create_conversation(conv("c", &["a"], None))
-        .await
-        .unwrap();
+    s.create_conversation(conv("c", &["a"], None)).await.unwrap();
     for i in 0..120 {
         send(s, "c", "a", &format!("m{i}")).await;
     }
     // msg 1 is CREATED; user messages are 2..=121.
-    let ids = |v: Vec<quickim_shared::protocol::api::Message>| {
-        v.into_iter().map(|m| m.msg_id).collect::<Vec<_>>()
-    };
+    let ids = |v: Vec<quickim_shared::protocol::api::Message>| v.into_iter().map(|m| m.msg_id).collect::<Vec<_>>();
     let r = s
-        .history(
-            "c",
-            "a",
-            HistoryQuery::Range { start: 10, end: 12 },
-            false,
-            100,
-        )
+        .history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, false, 100)
         .await
         .unwrap();
     assert_eq!(ids(r), vec![10, 11, 12]);
     let r = s
-        .history(
-            "c",
-            "a",
-            HistoryQuery::Range { start: 10, end: 12 },
-            true,
-            100,
-        )
+        .history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, true, 100)
         .await
         .unwrap();
     assert_eq!(ids(r), vec![12, 11, 10]);
     let r = s
-        .history(
-            "c",
-            "a",
-            HistoryQuery::Range { start: 1, end: 121 },
-            false,
-            100,
-        )
+        .history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, false, 100)
         .await
         .unwrap();
     assert_eq!(r.len(), 100);
     assert_eq!(r[0].msg_id, 1);
     let r = s
-        .history(
-            "c",
-            "a",
-            HistoryQuery::Range { start: 1, end: 121 },
-            true,
-            100,
-        )
+        .history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, true, 100)
         .await
         .unwrap();
     assert_eq!((r[0].msg_id, r[99].msg_id), (121, 22));
     let err = s
-        .history(
-            "c",
-            "a",
-            HistoryQuery::Range { start: 5, end: 4 },
-            false,
-            100,
-        )
+        .history("c", "a", HistoryQuery::Range { start: 5, end: 4 }, false, 100)
         .await
         .unwrap_err();
     assert_eq!(
@@ -408,15 +331,9 @@ async fn history_reads(db: &Db) {
         .await
         .unwrap();
     assert_eq!(ids(r), (101..=121).collect::<Vec<_>>());
-    let r = s
-        .history("c", "a", HistoryQuery::Last, false, 100)
-        .await
-        .unwrap();
+    let r = s.history("c", "a", HistoryQuery::Last, false, 100).await.unwrap();
     assert_eq!(ids(r), (92..=121).collect::<Vec<_>>());
-    let r = s
-        .history("c", "a", HistoryQuery::LastOne, false, 100)
-        .await
-        .unwrap();
+    let r = s.history("c", "a", HistoryQuery::LastOne, false, 100).await.unwrap();
     assert_eq!(r[0].content, "m119");
     assert_eq!(s.last_msg_id("c", "a").await.unwrap(), 121);
 }
@@ -436,14 +353,8 @@ async fn unread_and_joined_list(db: &Db) {
     s.set_archived(&users(&["c0"]), true).await.unwrap();
     let page1 = s.list_joined("a", None, 2, None).await.unwrap();
     assert_eq!(page1.conversations.len(), 2);
-    let page2 = s
-        .list_joined("a", None, 2, page1.next_cursor.as_deref())
-        .await
-        .unwrap();
-    let page3 = s
-        .list_joined("a", None, 2, page2.next_cursor.as_deref())
-        .await
-        .unwrap();
+    let page2 = s.list_joined("a", None, 2, page1.next_cursor.as_deref()).await.unwrap();
+    let page3 = s.list_joined("a", None, 2, page2.next_cursor.as_deref()).await.unwrap();
     assert!(page3.next_cursor.is_none());
     let all: Vec<_> = [page1, page2, page3]
         .into_iter()
@@ -454,16 +365,8 @@ async fn unread_and_joined_list(db: &Db) {
     let c4 = all.iter().find(|c| c.conversation_id == "c4").unwrap();
     assert_eq!((c4.last_msg_id, c4.read_msg_id, c4.unread), (5, 1, 4));
     assert_eq!(s.mark_read("c4", "a", 3).await.unwrap(), 3);
-    assert_eq!(
-        s.mark_read("c4", "a", 2).await.unwrap(),
-        3,
-        "never moves back"
-    );
-    assert_eq!(
-        s.mark_read("c4", "a", 999).await.unwrap(),
-        5,
-        "clamped to the newest"
-    );
+    assert_eq!(s.mark_read("c4", "a", 2).await.unwrap(), 3, "never moves back");
+    assert_eq!(s.mark_read("c4", "a", 999).await.unwrap(), 5, "clamped to the newest");
     let archived = s.list_joined("a", Some(true), 10, None).await.unwrap();
     assert_eq!(archived.conversations.len(), 1);
     assert!(archived.conversations[0].archived);
@@ -475,10 +378,7 @@ async fn unread_and_joined_list(db: &Db) {
             .len(),
         4
     );
-    let err = s
-        .list_joined("a", None, 10, Some("garbage!"))
-        .await
-        .unwrap_err();
+    let err = s.list_joined("a", None, 10, Some("garbage!")).await.unwrap_err();
     assert_eq!(
         quickim_shared::error::ServiceError::from(err).code,
         ErrorCode::InvalidParam
@@ -487,15 +387,9 @@ async fn unread_and_joined_list(db: &Db) {
 
 async fn replay_follows_membership(db: &Db) {
     let s = &db.store;
-    s.create_conversation(conv("stay", &["u", "x"], None))
-        .await
-        .unwrap();
-    s.create_conversation(conv("leave", &["u", "x"], None))
-        .await
-        .unwrap();
-    s.create_conversation(conv("later", &["x"], None))
-        .await
-        .unwrap();
+    s.create_conversation(conv("stay", &["u", "x"], None)).await.unwrap();
+    s.create_conversation(conv("leave", &["u", "x"], None)).await.unwrap();
+    s.create_conversation(conv("later", &["x"], None)).await.unwrap();
     send(s, "stay", "x", "before").await;
     let cursor = s.heads().await.unwrap().heads;
     send(s, "stay", "x", "s1").await;
@@ -507,10 +401,7 @@ async fn replay_follows_membership(db: &Db) {
     send(s, "later", "x", "after join").await;
     send(s, "stay", "x", "s2").await;
     let upto = s.heads().await.unwrap().heads;
-    let (entries, complete) = s
-        .replay("u", &cursor, &upto, 100, 86_400_000)
-        .await
-        .unwrap();
+    let (entries, complete) = s.replay("u", &cursor, &upto, 100, 86_400_000).await.unwrap();
     assert!(complete);
     let got: Vec<(String, String)> = entries
         .iter()
@@ -523,17 +414,9 @@ async fn replay_follows_membership(db: &Db) {
             .collect::<Vec<_>>()
     };
     assert_eq!(want("stay"), vec!["s1", "s2"]);
-    assert_eq!(
-        want("leave").len(),
-        2,
-        "backlog up to and including the kick: {got:?}"
-    );
+    assert_eq!(want("leave").len(), 2, "backlog up to and including the kick: {got:?}");
     assert!(want("leave")[1].contains("user_ids"));
-    assert_eq!(
-        want("later").len(),
-        2,
-        "the join message and what followed: {got:?}"
-    );
+    assert_eq!(want("later").len(), 2, "the join message and what followed: {got:?}");
     assert_eq!(want("later")[1], "after join");
     // Entries come per partition in offset order.
     for w in entries.windows(2) {
@@ -559,10 +442,7 @@ async fn log_reads_and_heads(db: &Db) {
     assert_eq!(heads.heads.len(), 4);
     assert_eq!(heads.heads.iter().sum::<u64>(), 12);
     for part in 0..4u16 {
-        let entries = s
-            .read_log(part, 0, heads.heads[usize::from(part)], 1000)
-            .await
-            .unwrap();
+        let entries = s.read_log(part, 0, heads.heads[usize::from(part)], 1000).await.unwrap();
         let offsets: Vec<u64> = entries.iter().map(|e| e.offset).collect();
         assert_eq!(
             offsets,
@@ -577,12 +457,8 @@ async fn log_reads_and_heads(db: &Db) {
 async fn concurrent_senders_stay_gap_free(db: &Db) {
     let s = &db.store;
     let other = db.another_instance().await;
-    s.create_conversation(conv("hot", &["a", "b"], None))
-        .await
-        .unwrap();
-    s.create_conversation(conv("warm", &["a", "b"], None))
-        .await
-        .unwrap();
+    s.create_conversation(conv("hot", &["a", "b"], None)).await.unwrap();
+    s.create_conversation(conv("warm", &["a", "b"], None)).await.unwrap();
     let mut tasks = Vec::new();
     for w in 0..8 {
         let store = if w % 2 == 0 { s.clone() } else { other.clone() };
@@ -614,11 +490,7 @@ async fn concurrent_senders_stay_gap_free(db: &Db) {
     }
     assert_eq!(all.len(), 800);
     for c in ["hot", "warm"] {
-        let mut ids: Vec<u64> = all
-            .iter()
-            .filter(|(cc, _)| cc == c)
-            .map(|(_, id)| *id)
-            .collect();
+        let mut ids: Vec<u64> = all.iter().filter(|(cc, _)| cc == c).map(|(_, id)| *id).collect();
         ids.sort_unstable();
         let n = ids.len() as u64;
         assert_eq!(
@@ -631,12 +503,7 @@ async fn concurrent_senders_stay_gap_free(db: &Db) {
     for part in 0..4u16 {
         let entries = s.read_log(part, 0, u64::MAX, 10_000).await.unwrap();
         assert_eq!(entries.len() as u64, heads.heads[usize::from(part)]);
-        assert!(
-            entries
-                .iter()
-                .enumerate()
-                .all(|(i, e)| e.offset == i as u64 + 1)
-        );
+        assert!(entries.iter().enumerate().all(|(i, e)| e.offset == i as u64 + 1));
     }
     other.close().await;
 }
@@ -644,9 +511,7 @@ async fn concurrent_senders_stay_gap_free(db: &Db) {
 async fn concurrent_retries_store_once(db: &Db) {
     let s = &db.store;
     let other = db.another_instance().await;
-    s.create_conversation(conv("c", &["a"], None))
-        .await
-        .unwrap();
+    s.create_conversation(conv("c", &["a"], None)).await.unwrap();
     let mut tasks = Vec::new();
     for w in 0..16 {
         let store = if w % 2 == 0 { s.clone() } else { other.clone() };
@@ -662,19 +527,14 @@ async fn concurrent_retries_store_once(db: &Db) {
     for t in tasks {
         got.push(t.await.unwrap());
     }
-    assert!(
-        got.iter().all(|m| *m == got[0]),
-        "every retry answers the same message"
-    );
+    assert!(got.iter().all(|m| *m == got[0]), "every retry answers the same message");
     assert_eq!(s.last_msg_id("c", "a").await.unwrap(), 2, "stored once");
     other.close().await;
 }
 
 async fn retention_horizon_forces_resync(db: &Db) {
     let s = &db.store;
-    s.create_conversation(conv("c", &["u", "x"], None))
-        .await
-        .unwrap();
+    s.create_conversation(conv("c", &["u", "x"], None)).await.unwrap();
     let old = s.heads().await.unwrap().heads;
     send(s, "c", "x", "1").await;
     // A checkpoint taken now counts as old for a zero retention window.

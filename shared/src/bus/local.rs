@@ -113,9 +113,7 @@ impl LocalBus {
             tx.send(msg)
                 .await
                 .map_err(|_| BusError::NoResponders(subject.to_string()))?;
-            reply_rx
-                .await
-                .map_err(|_| BusError::NoResponders(subject.to_string()))
+            reply_rx.await.map_err(|_| BusError::NoResponders(subject.to_string()))
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -194,12 +192,7 @@ mod tests {
         });
         for i in 0..4u8 {
             let r = bus
-                .request(
-                    "svc.echo",
-                    vec![],
-                    Bytes::from(vec![i]),
-                    Duration::from_secs(1),
-                )
+                .request("svc.echo", vec![], Bytes::from(vec![i]), Duration::from_secs(1))
                 .await
                 .unwrap();
             assert_eq!(&r.payload[..], &[i]);
@@ -218,13 +211,9 @@ mod tests {
         let mut s1 = bus.subscribe("log.*", None).await.unwrap();
         let mut s2 = bus.subscribe("log.1", None).await.unwrap();
         for i in 0..3u8 {
-            bus.publish(
-                "log.1",
-                vec![("k".into(), "v".into())],
-                Bytes::from(vec![i]),
-            )
-            .await
-            .unwrap();
+            bus.publish("log.1", vec![("k".into(), "v".into())], Bytes::from(vec![i]))
+                .await
+                .unwrap();
         }
         // capacity 2: the third publish is dropped for both subscribers
         assert_eq!(bus.dropped(), 2);

@@ -79,9 +79,7 @@ impl Incoming {
                 let _ = tx.send(Reply { headers, payload });
                 Ok(())
             }
-            Some(ReplyTo::Nats { client, subject }) => {
-                nats::publish(&client, subject, &headers, payload).await
-            }
+            Some(ReplyTo::Nats { client, subject }) => nats::publish(&client, subject, &headers, payload).await,
         }
     }
 }
@@ -131,12 +129,7 @@ impl Bus {
     }
 
     /// Publishes to every subscriber (one per queue group); at-most-once.
-    pub async fn publish(
-        &self,
-        subject: &str,
-        headers: Headers,
-        payload: Bytes,
-    ) -> Result<(), BusError> {
+    pub async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
         match &*self.backend {
             Backend::Local(b) => {
                 b.publish(subject, headers, payload);
@@ -147,11 +140,7 @@ impl Bus {
     }
 
     /// Subscribes to `subject` (wildcards allowed), optionally in a queue group.
-    pub async fn subscribe(
-        &self,
-        subject: &str,
-        queue: Option<&str>,
-    ) -> Result<Subscription, BusError> {
+    pub async fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<Subscription, BusError> {
         match &*self.backend {
             Backend::Local(b) => Ok(b.subscribe(subject, queue)),
             Backend::Nats(b) => b.subscribe(subject, queue).await,

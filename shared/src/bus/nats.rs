@@ -68,26 +68,13 @@ impl NatsBus {
         })
     }
 
-    pub(super) async fn publish(
-        &self,
-        subject: &str,
-        headers: Headers,
-        payload: Bytes,
-    ) -> Result<(), BusError> {
+    pub(super) async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
         publish(&self.client, subject.to_string().into(), &headers, payload).await
     }
 
-    pub(super) async fn subscribe(
-        &self,
-        subject: &str,
-        queue: Option<&str>,
-    ) -> Result<Subscription, BusError> {
+    pub(super) async fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<Subscription, BusError> {
         let sub = match queue {
-            Some(q) => {
-                self.client
-                    .queue_subscribe(subject.to_string(), q.to_string())
-                    .await
-            }
+            Some(q) => self.client.queue_subscribe(subject.to_string(), q.to_string()).await,
             None => self.client.subscribe(subject.to_string()).await,
         }
         .map_err(|e| BusError::Unavailable(e.to_string()))?;
@@ -120,12 +107,7 @@ impl NatsBus {
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         self.client
-            .publish_with_reply_and_headers(
-                subject.to_string(),
-                inbox,
-                to_header_map(&headers),
-                payload,
-            )
+            .publish_with_reply_and_headers(subject.to_string(), inbox, to_header_map(&headers), payload)
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         let mut replies = Vec::new();

@@ -8,8 +8,8 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::api::{
-    ArchiveAnswer, ConversationDetail, CreatedConversation, JoinedConversations, JoinedUsers,
-    KickedUsers, LeftAnswer, Message, ReadAnswer,
+    ArchiveAnswer, ConversationDetail, CreatedConversation, JoinedConversations, JoinedUsers, KickedUsers, LeftAnswer,
+    Message, ReadAnswer,
 };
 use super::event::LogEntry;
 use crate::error::ServiceError;
@@ -59,11 +59,7 @@ pub struct CreateConversation {
     /// Owner, if any.
     pub owner: Option<String>,
 }
-call!(
-    CreateConversation,
-    "quickim.conv.create",
-    CreatedConversation
-);
+call!(CreateConversation, "quickim.conv.create", CreatedConversation);
 
 /// Is `user_id` an active member of the conversation?
 #[derive(Debug, Clone, Serialize, Deserialize)]

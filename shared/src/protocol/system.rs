@@ -75,9 +75,7 @@ impl MembershipChange {
 }
 
 fn users(message: &Message) -> Option<Vec<String>> {
-    serde_json::from_str::<Users>(&message.content)
-        .ok()
-        .map(|u| u.user_ids)
+    serde_json::from_str::<Users>(&message.content).ok().map(|u| u.user_ids)
 }
 
 /// Serializes system content (these types cannot fail to serialize).

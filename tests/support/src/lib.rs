@@ -3,10 +3,15 @@
 //! - [`NatsServer`]: a `nats-server` process on a free port, killed on drop;
 //! - [`PgDatabase`]: a fresh PostgreSQL database (named `quickim_t_…`), dropped by
 //!   [`PgDatabase::drop_db`] (the test script also sweeps leftovers);
-//! - [`free_port`]: a port nobody listens on.
+//! - [`free_port`]: a port nobody listens on;
+//! - [`Standalone`], [`Distributed`]: the `quickim` binary in its roles, with an [`Api`]
+//!   client for the public and inner routes.
 //!
 //! PostgreSQL is found at `QUICKIM_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`).
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+mod quickim;
+pub use quickim::*;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -25,8 +30,7 @@ pub fn free_port() -> u16 {
 
 /// Base URL of the PostgreSQL server used by tests.
 pub fn pg_base() -> String {
-    std::env::var("QUICKIM_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+    std::env::var("QUICKIM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
 }
 
 /// A database created for one test.
@@ -91,10 +95,7 @@ impl NatsServer {
             .expect("nats-server must be installed (scripts/test.sh installs it)");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start on port {port}"
-            );
+            assert!(Instant::now() < deadline, "nats-server did not start on port {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
         NatsServer {

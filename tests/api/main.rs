@@ -1,0 +1,12 @@
+//! The HTTP API through the real binary: standalone (SQLite) and distributed (NATS +
+//! PostgreSQL), every route, every class of bad input, start-up checks.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod bad_input;
+mod distributed;
+mod docs;
+mod routes;
+mod startup;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_quickim");

@@ -1,0 +1,362 @@
+//! The quickim binary in its roles, and an HTTP client for its API.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::{NatsServer, PgDatabase, free_port};
+
+/// A JWT secret for tests (distributed roles need one).
+pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0001";
+/// An inner key for tests.
+pub const TEST_INNER_KEY: &str = "test-inner-key-0001";
+
+/// A running quickim process; killed on drop. When the test panicked, the end of its log is
+/// printed.
+pub struct Process {
+    child: Option<Child>,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(bin: &str, name: &str, args: &[&str], env: &HashMap<String, String>, log_dir: &Path) -> Process {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin)
+            .args(args)
+            .envs(env)
+            .env(
+                "QUICKIM_LOG",
+                env.get("QUICKIM_LOG").map(String::as_str).unwrap_or("info"),
+            )
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn quickim");
+        Process {
+            child: Some(child),
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit; answers the exit code.
+    pub fn terminate(&mut self, wait: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process has exited (and its code).
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        let child = self.child.as_mut()?;
+        child.try_wait().ok().flatten().map(|s| s.code())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("---- last log lines of {} ----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// HTTP client for one gateway's public and inner listeners.
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub public: String,
+    pub inner: String,
+    pub key: String,
+}
+
+impl Api {
+    pub fn new(public: &str, inner: &str, key: &str) -> Api {
+        Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            public: format!("http://{public}"),
+            inner: format!("http://{inner}"),
+            key: key.to_string(),
+        }
+    }
+
+    async fn decode(resp: reqwest::Response) -> (StatusCode, Value) {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }));
+        (status, value)
+    }
+
+    /// POST to an /inner route with the inner key.
+    pub async fn inner(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.inner))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .expect("inner request");
+        Self::decode(resp).await
+    }
+
+    /// POST to a public route as the token's user.
+    pub async fn client(&self, token: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.public))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("client request");
+        Self::decode(resp).await
+    }
+
+    /// POST a raw body to a public route.
+    pub async fn raw(&self, token: Option<&str>, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.public)).body(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::decode(req.send().await.expect("raw request")).await
+    }
+
+    /// A token for `user` on `platform`.
+    pub async fn token(&self, user: &str, platform: &str) -> String {
+        let (status, v) = self
+            .inner("/inner/get_token", json!({ "user_id": user, "platform": platform }))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v["data"]["token"].as_str().expect("token").to_string()
+    }
+
+    /// Creates a conversation through /inner and answers its id.
+    pub async fn conversation(&self, id: &str, members: &[&str]) -> String {
+        let (status, v) = self
+            .inner(
+                "/inner/create_conversation",
+                json!({ "conversation_id": id, "conversation_type": 1, "members": members }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v["data"]["conversation_id"].as_str().expect("id").to_string()
+    }
+
+    /// Waits until /readyz answers 200.
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.public)).send().await
+                && r.status() == StatusCode::OK
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway at {} not ready within {within:?}",
+                self.public
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `quickim standalone` in a temporary data directory.
+pub struct Standalone {
+    pub process: Process,
+    pub api: Api,
+    pub data: tempfile::TempDir,
+    pub env: HashMap<String, String>,
+    bin: String,
+}
+
+impl Standalone {
+    /// Starts with the test secrets and any extra `QUICKIM_*` settings.
+    pub async fn start(bin: &str, extra: &[(&str, &str)]) -> Standalone {
+        let data = tempfile::tempdir().expect("tempdir");
+        let (public, inner) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let mut env: HashMap<String, String> = HashMap::from([
+            ("QUICKIM_DATA_DIR".into(), data.path().display().to_string()),
+            ("QUICKIM_PUBLIC_ADDR".into(), public.clone()),
+            ("QUICKIM_INNER_ADDR".into(), inner.clone()),
+            ("QUICKIM_JWT_SECRET".into(), TEST_JWT_SECRET.into()),
+            ("QUICKIM_INNER_KEY".into(), TEST_INNER_KEY.into()),
+        ]);
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let process = Process::spawn(bin, "standalone", &["standalone"], &env, data.path());
+        let api = Api::new(
+            &public,
+            &inner,
+            env.get("QUICKIM_INNER_KEY")
+                .map(String::as_str)
+                .unwrap_or(TEST_INNER_KEY),
+        );
+        api.wait_ready(Duration::from_secs(30)).await;
+        Standalone {
+            process,
+            api,
+            data,
+            env,
+            bin: bin.to_string(),
+        }
+    }
+
+    /// Stops (SIGTERM) and starts again on the same data directory and ports.
+    pub async fn restart(&mut self) {
+        let code = self.process.terminate(Duration::from_secs(20));
+        assert_eq!(code, Some(0), "standalone did not stop cleanly");
+        self.process = Process::spawn(
+            &self.bin,
+            "standalone-restarted",
+            &["standalone"],
+            &self.env,
+            self.data.path(),
+        );
+        self.api.wait_ready(Duration::from_secs(30)).await;
+    }
+}
+
+/// NATS + PostgreSQL + any number of each distributed role.
+pub struct Distributed {
+    pub nats: NatsServer,
+    pub pg: Option<PgDatabase>,
+    pub logs: tempfile::TempDir,
+    pub conversation: Vec<Process>,
+    pub message: Vec<Process>,
+    pub gateways: Vec<(Process, Api)>,
+    bin: String,
+    base_env: HashMap<String, String>,
+}
+
+impl Distributed {
+    /// Starts `conv` conversation services, `msg` message services and `gw` gateways.
+    pub async fn start(bin: &str, conv: usize, msg: usize, gw: usize, extra: &[(&str, &str)]) -> Distributed {
+        let nats = NatsServer::start();
+        let pg = PgDatabase::create().await;
+        let logs = tempfile::tempdir().expect("tempdir");
+        let mut base_env: HashMap<String, String> = HashMap::from([
+            ("QUICKIM_NATS_URL".into(), nats.url.clone()),
+            ("QUICKIM_DATABASE_URL".into(), pg.url.clone()),
+            ("QUICKIM_JWT_SECRET".into(), TEST_JWT_SECRET.into()),
+            ("QUICKIM_INNER_KEY".into(), TEST_INNER_KEY.into()),
+            ("QUICKIM_DB_MAX_CONNECTIONS".into(), "8".into()),
+        ]);
+        for (k, v) in extra {
+            base_env.insert(k.to_string(), v.to_string());
+        }
+        let mut d = Distributed {
+            nats,
+            pg: Some(pg),
+            logs,
+            conversation: Vec::new(),
+            message: Vec::new(),
+            gateways: Vec::new(),
+            bin: bin.to_string(),
+            base_env,
+        };
+        for _ in 0..conv {
+            d.add_service("conversation");
+        }
+        for _ in 0..msg {
+            d.add_service("message");
+        }
+        for _ in 0..gw {
+            d.add_gateway().await;
+        }
+        d
+    }
+
+    pub fn add_service(&mut self, role: &str) {
+        let n = self.conversation.len() + self.message.len();
+        let mut env = self.base_env.clone();
+        env.insert("QUICKIM_NODE_ID".into(), format!("{role}-{n}"));
+        let p = Process::spawn(&self.bin, &format!("{role}-{n}"), &[role], &env, self.logs.path());
+        if role == "conversation" {
+            self.conversation.push(p)
+        } else {
+            self.message.push(p)
+        }
+    }
+
+    /// Starts one more gateway and waits until it is ready; answers its index.
+    pub async fn add_gateway(&mut self) -> usize {
+        let i = self.gateways.len();
+        let (public, inner) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let mut env = self.base_env.clone();
+        env.insert("QUICKIM_PUBLIC_ADDR".into(), public.clone());
+        env.insert("QUICKIM_INNER_ADDR".into(), inner.clone());
+        env.insert("QUICKIM_NODE_ID".into(), format!("gateway-{i}"));
+        let p = Process::spawn(&self.bin, &format!("gateway-{i}"), &["gateway"], &env, self.logs.path());
+        let api = Api::new(&public, &inner, TEST_INNER_KEY);
+        api.wait_ready(Duration::from_secs(60)).await;
+        self.gateways.push((p, api));
+        i
+    }
+
+    pub fn api(&self, i: usize) -> &Api {
+        &self.gateways[i].1
+    }
+
+    /// Stops every process and drops the database.
+    pub async fn finish(mut self) {
+        for (p, _) in &mut self.gateways {
+            p.kill();
+        }
+        for p in self.conversation.iter_mut().chain(self.message.iter_mut()) {
+            p.kill();
+        }
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await;
+        }
+    }
+}
