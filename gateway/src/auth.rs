@@ -296,6 +296,41 @@ mod tests {
     }
 
     #[test]
+    fn tokens_signed_by_listed_public_keys_verify() {
+        let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
+        let config = Config {
+            jwt_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
+            jwt_public_keys: vec![
+                format!("{keys}/ed25519.pub.pem").into(),
+                format!("{keys}/rsa.pub.pem").into(),
+            ],
+            ..Config::default()
+        };
+        let a = Auth::from_config(&config).unwrap();
+        let claims = Claims {
+            sub: "bob".into(),
+            plt: "ios".into(),
+            iat: now_ms() / 1000,
+            iat_ms: None,
+            exp: now_ms() / 1000 + 60,
+        };
+        let ed = EncodingKey::from_ed_pem(&std::fs::read(format!("{keys}/ed25519.pem")).unwrap()).unwrap();
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &ed).unwrap();
+        assert_eq!(a.verify(&t).unwrap().user_id, "bob");
+        let rsa = EncodingKey::from_rsa_pem(&std::fs::read(format!("{keys}/rsa.pem")).unwrap()).unwrap();
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &rsa).unwrap();
+        assert_eq!(a.verify(&t).unwrap().platform, "ios");
+        // Without the public keys configured, the same tokens are refused.
+        assert!(auth().verify(&t).is_err());
+        // A key file that is not a public key stops start-up.
+        let bad = Config {
+            jwt_public_keys: vec![format!("{keys}/missing.pem").into()],
+            ..config
+        };
+        assert!(Auth::from_config(&bad).is_err());
+    }
+
+    #[test]
     fn issue_checks_its_input() {
         let a = auth();
         assert!(a.issue("bad id", "web", None).is_err());
