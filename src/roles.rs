@@ -38,7 +38,7 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             .await
             .context("opening the SQLite database")?;
             let bus = Bus::local(8192);
-            spawn_services(&mut tasks, &config, store, &bus, true, true, &shutdown);
+            start_services(&mut tasks, &config, store, &bus, true, true, &shutdown).await?;
             let config = Arc::new(config);
             let gateway = Gateway::start(config.clone(), bus.clone(), node_id.clone(), shutdown.clone()).await?;
             eprintln!(
@@ -70,7 +70,7 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             let store = Store::open_postgres(&url, config.db_max_connections, config.log_partitions)
                 .await
                 .context("connecting to PostgreSQL")?;
-            spawn_services(
+            start_services(
                 &mut tasks,
                 &config,
                 store,
@@ -78,7 +78,9 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
                 role == Role::Conversation,
                 role == Role::Message,
                 &shutdown,
-            );
+            )
+            .await?;
+
             tracing::info!(role = role.name(), node = %node_id, "service running");
             bus
         }
@@ -115,7 +117,7 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
     result
 }
 
-fn spawn_services(
+async fn start_services(
     tasks: &mut JoinSet<anyhow::Result<()>>,
     config: &Config,
     store: Store,
@@ -123,24 +125,27 @@ fn spawn_services(
     conversation: bool,
     message: bool,
     shutdown: &CancellationToken,
-) {
+) -> anyhow::Result<()> {
     if conversation {
-        let service = ConversationService::new(store.clone(), bus.clone());
-        let stop = shutdown.clone();
-        tasks.spawn(async move { service.run(stop).await.map_err(Into::into) });
+        let serving = ConversationService::new(store.clone(), bus.clone())
+            .start(shutdown.clone())
+            .await?;
+        tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("conversation service: {e}")) });
     }
     if message {
         let limits = MessageLimits {
             max_content_bytes: config.max_content_bytes,
             range_max: config.range_max,
-            replay_max: config.replay_max,
+            replay_page: config.replay_page,
             retention_ms: (config.replay_retention_s as i64).saturating_mul(1000),
             send_batch_max: config.send_batch_max,
         };
-        let service = MessageService::new(store, bus.clone(), limits);
-        let stop = shutdown.clone();
-        tasks.spawn(async move { service.run(stop).await.map_err(Into::into) });
+        let serving = MessageService::new(store, bus.clone(), limits)
+            .start(shutdown.clone())
+            .await?;
+        tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("message service: {e}")) });
     }
+    Ok(())
 }
 
 async fn connect_nats(config: &Config, node_id: &str) -> anyhow::Result<Bus> {

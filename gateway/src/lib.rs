@@ -2,7 +2,7 @@
 //!
 //! Where each piece lives:
 //! - `http/`: the public and /inner routers, extractors, the error mapping, OpenAPI;
-//! - `notify/`: /notify — the connection registry (and the realtime session core);
+//! - `notify/`: /notify — the hub, the session core, the ws/sse/poll transports;
 //! - `auth.rs`: tokens (issue, verify, revoke);
 //! - `cluster.rs`: the control plane between gateways (presence, kick, heartbeats);
 //! - `ratelimit.rs`: per-user request rate;
@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
 use crate::cluster::Cluster;
+use crate::notify::hub::Hub;
 use crate::notify::registry::Registry;
 use crate::state::AppState;
 
@@ -87,8 +88,25 @@ impl Gateway {
             shutdown.clone(),
         )
         .await?;
-        let rpc = RpcClient::new(bus, Duration::from_millis(config.request_timeout_ms));
-        let state = AppState::new(rpc, auth, registry, cluster, inner_key, config.clone(), node_id);
+        let rpc = RpcClient::new(bus.clone(), Duration::from_millis(config.request_timeout_ms));
+        let hub = Hub::start(
+            bus,
+            rpc.clone(),
+            Duration::from_millis(config.gap_fill_ms),
+            shutdown.clone(),
+        )
+        .await?;
+        let state = AppState::new(
+            rpc,
+            auth,
+            registry,
+            cluster,
+            hub,
+            shutdown.clone(),
+            inner_key,
+            config.clone(),
+            node_id,
+        );
         let public = bind(config.public_addr).await?;
         let inner = bind(config.inner_addr).await?;
         tokio::spawn(load_revocations(state.clone(), shutdown.clone()));
@@ -134,8 +152,12 @@ impl Gateway {
         });
         let public = axum::serve(public, http::public_router(state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let inner = axum::serve(inner, http::inner_router(state)).with_graceful_shutdown(shutdown.cancelled_owned());
+        let inner =
+            axum::serve(inner, http::inner_router(state.clone())).with_graceful_shutdown(shutdown.cancelled_owned());
         tokio::try_join!(async { public.await }, async { inner.await })?;
+        // Upgraded WebSockets are not the server's: wait for them too (they close on shutdown).
+        state.connections.close();
+        state.connections.wait().await;
         Ok(())
     }
 }

@@ -7,8 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use quickim_shared::config::{Config, Secret};
 use quickim_shared::rpc::RpcClient;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::auth::Auth;
 use crate::cluster::Cluster;
+use crate::notify::hub::Hub;
 use crate::notify::registry::Registry;
 use crate::ratelimit::RateLimiter;
 
@@ -24,6 +28,12 @@ pub struct State {
     pub registry: Arc<Registry>,
     /// The other gateways.
     pub cluster: Cluster,
+    /// Delivery to this node's connections.
+    pub hub: Hub,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
+    /// Upgraded WebSocket connections (the HTTP server does not wait for them).
+    pub connections: TaskTracker,
     /// Key of the /inner API.
     pub inner_key: Secret,
     /// The configuration.
@@ -53,6 +63,8 @@ impl AppState {
         auth: Arc<Auth>,
         registry: Arc<Registry>,
         cluster: Cluster,
+        hub: Hub,
+        shutdown: CancellationToken,
         inner_key: Secret,
         config: Arc<Config>,
         node_id: String,
@@ -64,6 +76,9 @@ impl AppState {
             limiter,
             registry,
             cluster,
+            hub,
+            shutdown,
+            connections: TaskTracker::new(),
             inner_key,
             config,
             node_id,

@@ -135,8 +135,8 @@ config_keys! {
     log_partitions: u16 => u16 = 8, env "QUICKIM_LOG_PARTITIONS";
     /// Cursors older than this are answered with resync, seconds
     replay_retention_s: u64 => u64 = 86_400, env "QUICKIM_REPLAY_RETENTION_S";
-    /// Largest replay on resume; a bigger backlog is answered with resync
-    replay_max: u32 => u32 = 10_000, env "QUICKIM_REPLAY_MAX";
+    /// Messages per replay page on resume (and most events per long-poll answer)
+    replay_page: u32 => u32 = 500, env "QUICKIM_REPLAY_PAGE";
     /// Open /notify connections per user per gateway node
     max_connections_per_user: u32 => u32 = 32, env "QUICKIM_MAX_CONNECTIONS_PER_USER";
     /// Events queued per connection before it counts as a slow consumer
@@ -262,8 +262,8 @@ impl Config {
         if self.token_ttl_s == 0 || self.token_ttl_s > self.token_max_ttl_s {
             return fail("token_ttl_s must be > 0 and ≤ token_max_ttl_s".into());
         }
-        if self.replay_max == 0 {
-            return fail("replay_max must be at least 1".into());
+        if self.replay_page == 0 || self.replay_page > 10_000 {
+            return fail(format!("replay_page must be within 1–10000, not {}", self.replay_page));
         }
         for origin in &self.cors_origins {
             if origin == "*" {

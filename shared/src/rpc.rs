@@ -122,9 +122,10 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, subject: &str, payload: &[u8]) -> impl Future<Output = Bytes> + Send;
 }
 
-/// Serves `subject` (in `queue`) with `handler` until `shutdown`; at most `max_in_flight`
-/// requests run at once (further ones wait in the subscription's bounded buffer). On
-/// shutdown it stops taking requests and waits for the ones in flight.
+/// Subscribes `handler` to `subject` (in `queue`) and serves it in a task until `shutdown`;
+/// at most `max_in_flight` requests run at once (further ones wait in the subscription's
+/// bounded buffer). Returns once subscribed, so requests sent afterwards are served. On
+/// shutdown the task stops taking requests and waits for the ones in flight.
 pub async fn serve<H: Handler>(
     bus: &Bus,
     subject: &str,
@@ -132,8 +133,17 @@ pub async fn serve<H: Handler>(
     max_in_flight: usize,
     handler: Arc<H>,
     shutdown: CancellationToken,
-) -> Result<(), BusError> {
-    let mut sub = bus.subscribe(subject, Some(queue)).await?;
+) -> Result<tokio::task::JoinHandle<()>, BusError> {
+    let sub = bus.subscribe(subject, Some(queue)).await?;
+    Ok(tokio::spawn(serve_loop(sub, max_in_flight, handler, shutdown)))
+}
+
+async fn serve_loop<H: Handler>(
+    mut sub: crate::bus::Subscription,
+    max_in_flight: usize,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let tasks = TaskTracker::new();
     loop {
@@ -161,5 +171,4 @@ pub async fn serve<H: Handler>(
     drop(sub);
     tasks.close();
     tasks.wait().await;
-    Ok(())
 }

@@ -56,8 +56,13 @@ pub fn init(config: &Config, _service_name: &str) -> Result<Telemetry, ConfigErr
             .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
             .try_init()
     } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     result.map_err(|e| ConfigError(format!("logging already initialised: {e}")))?;

@@ -41,7 +41,7 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
     if !s.rpc.bus().is_connected() {
         return not_ready("bus disconnected");
     }
-    if !s.is_ready() {
+    if !s.is_ready() || !s.hub.is_ready() {
         return not_ready("starting");
     }
     match tokio::time::timeout(Duration::from_secs(2), s.rpc.call(&GetHeads {})).await {

@@ -112,7 +112,8 @@ pub fn public_router(state: AppState) -> Router {
             .route(
                 "/get_conversation_lastone_msg",
                 post(public::get_conversation_lastone_msg),
-            ),
+            )
+            .route("/notify", get(crate::notify::notify)),
     )
     .layer(Extension(BodyLimit(state.config.max_body_bytes)))
     .route_layer(axum::middleware::from_fn(track))

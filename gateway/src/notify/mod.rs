@@ -1,5 +1,133 @@
 //! /notify: realtime delivery over WebSocket, SSE and long-poll.
 //!
+//! - `hub.rs`: consumes the log in order (filling gaps from the store) and delivers to
+//!   connections through bounded queues;
+//! - `session.rs`: the one session core: authentication, attach, replay from a cursor, then
+//!   live events;
+//! - `transport/`: `ws.rs`, `sse.rs`, `poll.rs` — thin adapters from the session to a wire;
+//! - `cursor.rs`: the opaque cursor (one log offset per partition);
+//! - `disconnect.rs`: why a connection closes, its close code and reconnect policy;
 //! - `registry.rs`: the open connections of this node, by user.
 
+pub mod cursor;
+pub mod disconnect;
+pub mod hub;
 pub mod registry;
+pub mod session;
+pub mod transport;
+
+use axum::extract::{FromRequestParts, Query, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use quickim_shared::config::Config;
+use quickim_shared::error::ErrorCode;
+use serde::Deserialize;
+
+use crate::auth::Caller;
+use crate::http::error::ApiError;
+use crate::state::AppState;
+use cursor::Cursor;
+use session::Session;
+
+#[derive(Deserialize)]
+struct NotifyQuery {
+    protoc: Option<String>,
+    cursor: Option<String>,
+    last_event_id: Option<String>,
+    timeout: Option<String>,
+    #[serde(rename = "token")]
+    _token: Option<String>,
+}
+
+/// GET /notify?protoc=ws|sse|poll — see docs/protocol.md.
+pub async fn notify(State(state): State<AppState>, request: Request) -> Response {
+    match open(state, request).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
+    let (mut parts, _body) = request.into_parts();
+    let query = Query::<NotifyQuery>::try_from_uri(&parts.uri)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidParam, format!("bad query: {e}")))?
+        .0;
+    let protoc = match query.protoc.as_deref() {
+        Some(p @ ("ws" | "sse" | "poll")) => p,
+        None if parts.headers.get(header::UPGRADE).is_some() => "ws",
+        _ => return Err(ApiError::new(ErrorCode::InvalidParam, "protoc must be ws, sse or poll")),
+    };
+    let caller = Caller::from_request_parts(&mut parts, &state).await?;
+    let cursor_text = if protoc == "sse" {
+        parts
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or(query.last_event_id)
+            .or(query.cursor)
+    } else {
+        query.cursor
+    };
+    let resume = match cursor_text.filter(|c| !c.is_empty()) {
+        Some(c) => Some(
+            Cursor::decode(&c)
+                .map_err(|_| ApiError::new(ErrorCode::InvalidParam, "cursor is not a cursor from this service"))?,
+        ),
+        None => None,
+    };
+    let config = &state.config;
+    match protoc {
+        "ws" => {
+            if !origin_allowed(&parts.headers, config) {
+                return Err(ApiError::new(ErrorCode::Forbidden, "origin not allowed"));
+            }
+            let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
+                .await
+                .map_err(|e| ApiError::new(ErrorCode::InvalidParam, format!("not a WebSocket request: {e}")))?;
+            let session = Session::open(&state, caller, resume).await?;
+            Ok(transport::ws::respond(upgrade, session, state.clone()))
+        }
+        "sse" => {
+            let session = Session::open(&state, caller, resume).await?;
+            Ok(transport::sse::respond(
+                session,
+                std::time::Duration::from_secs(config.sse_heartbeat_s),
+                config.replay_page,
+            ))
+        }
+        _ => {
+            let timeout = match query.timeout.as_deref() {
+                None | Some("") => config.poll_timeout_s,
+                Some(t) => t
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|t| *t <= config.poll_max_timeout_s)
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::InvalidParam,
+                            format!("timeout must be 0–{} seconds", config.poll_max_timeout_s),
+                        )
+                    })?,
+            };
+            let session = Session::open(&state, caller, resume).await?;
+            Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page).await)
+        }
+    }
+}
+
+/// A browser's WebSocket must come from an allowed origin (`cors_origins`) or from the
+/// gateway's own origin; clients that send no Origin are not browsers and pass.
+fn origin_allowed(headers: &HeaderMap, config: &Config) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    if config.cors_origins.iter().any(|o| o == origin) {
+        return true;
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    host.is_some() && origin_host == host
+}

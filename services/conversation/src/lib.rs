@@ -22,6 +22,7 @@ use quickim_shared::protocol::service::{
 };
 use quickim_shared::rpc::{self, Handler, answer};
 use quickim_store::{NewConversation, Store};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Most users or conversations one request may name.
@@ -39,8 +40,9 @@ impl ConversationService {
         ConversationService { store, bus }
     }
 
-    /// Serves requests until `shutdown`, then finishes the ones in flight.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+    /// Subscribes, then serves requests in a task until `shutdown` (finishing the ones in
+    /// flight). Returns once requests can be sent.
+    pub async fn start(self, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
         let bus = self.bus.clone();
         rpc::serve(
             &bus,

@@ -21,11 +21,12 @@ use quickim_shared::fanout::publish_entries;
 use quickim_shared::ids::check_conversation_id;
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::service::{
-    Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayAnswer, Reply,
-    SendBatch, SendMessage,
+    Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayPage, Reply, SendBatch,
+    SendMessage,
 };
 use quickim_shared::rpc::{self, Handler, answer};
 use quickim_store::{Dialect, Store};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use batcher::Batcher;
@@ -37,8 +38,8 @@ pub struct MessageLimits {
     pub max_content_bytes: usize,
     /// Most messages per history answer.
     pub range_max: u32,
-    /// Largest replay; beyond, the client must resync.
-    pub replay_max: u32,
+    /// Most entries per replay page.
+    pub replay_page: u32,
     /// Replay window, ms.
     pub retention_ms: i64,
     /// Most items in one batch request.
@@ -67,8 +68,9 @@ impl MessageService {
         }
     }
 
-    /// Serves requests and runs housekeeping until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+    /// Subscribes, then serves requests and runs housekeeping in tasks until `shutdown`.
+    /// Returns once requests can be sent.
+    pub async fn start(self, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
         let bus = self.bus.clone();
         let housekeeping = tokio::spawn(housekeeping::run(
             self.store.clone(),
@@ -78,9 +80,11 @@ impl MessageService {
             Duration::from_secs(60),
             shutdown.clone(),
         ));
-        let result = rpc::serve(&bus, MESSAGE_SUBJECTS, MESSAGE_QUEUE, 4096, Arc::new(self), shutdown).await;
-        let _ = housekeeping.await;
-        result
+        let serving = rpc::serve(&bus, MESSAGE_SUBJECTS, MESSAGE_QUEUE, 4096, Arc::new(self), shutdown).await?;
+        Ok(tokio::spawn(async move {
+            let _ = serving.await;
+            let _ = housekeeping.await;
+        }))
     }
 
     async fn send(&self, r: SendMessage) -> Reply<Message> {
@@ -128,13 +132,21 @@ impl MessageService {
             .await?)
     }
 
-    async fn replay(&self, r: Replay) -> Reply<ReplayAnswer> {
-        let limit = r.limit.clamp(1, self.limits.replay_max);
-        let (entries, complete) = self
+    async fn replay(&self, r: Replay) -> Reply<ReplayPage> {
+        let limit = r.limit.clamp(1, self.limits.replay_page);
+        // Keep a page well within one bus message.
+        let max_bytes = 256 * 1024;
+        Ok(self
             .store
-            .replay(&r.user_id, &r.after, &r.upto, limit, self.limits.retention_ms)
-            .await?;
-        Ok(ReplayAnswer { entries, complete })
+            .replay(
+                &r.user_id,
+                &r.after,
+                &r.upto,
+                limit,
+                max_bytes,
+                self.limits.retention_ms,
+            )
+            .await?)
     }
 }
 

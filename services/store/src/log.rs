@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::event::LogEntry;
-use quickim_shared::protocol::service::LogHeads;
+use quickim_shared::protocol::service::{LogHeads, ReplayPage};
 use quickim_shared::time::now_ms;
 use sqlx::AnyPool;
 use sqlx::{AnyConnection, Row};
@@ -263,35 +263,40 @@ impl Store {
         rows.iter().map(log_entry).collect()
     }
 
-    /// What `user_id` missed with `after < offset <= upto` (per partition), in (partition,
-    /// offset) order: messages of conversations it is a member of, from its join on, and for
-    /// conversations it left or was removed from, up to the message that recorded it.
-    /// `complete` is false — and nothing is answered — when the backlog exceeds `limit` or
-    /// `after` is older than the retention horizon.
+    /// One page of what `user_id` missed with `after < offset <= upto` (per partition), in
+    /// (partition, offset) order: messages of conversations it is a member of, from its join
+    /// on, and for conversations it left or was removed from, up to the message that recorded
+    /// it. A page holds at most `limit` entries and stops after `max_bytes` of content.
+    /// Nothing is answered (`expired`) when `after` is older than the retention horizon.
     pub async fn replay(
         &self,
         user_id: &str,
         after: &[u64],
         upto: &[u64],
         limit: u32,
+        max_bytes: usize,
         retention_ms: i64,
-    ) -> Result<(Vec<LogEntry>, bool)> {
+    ) -> Result<ReplayPage> {
         let parts = usize::from(self.partitions());
+        let expired = ReplayPage {
+            entries: Vec::new(),
+            more: false,
+            expired: true,
+        };
         if after.len() != parts || upto.len() != parts {
-            return Ok((Vec::new(), false));
+            return Ok(expired);
         }
-        let horizon = self.horizon(retention_ms).await?;
-        if let Some(h) = horizon
+        if let Some(h) = self.horizon(retention_ms).await?
             && after.iter().zip(&h).any(|(a, h)| a < h)
         {
-            return Ok((Vec::new(), false));
+            return Ok(expired);
         }
         let ranges: Vec<(u16, u64, u64)> = (0..self.partitions())
             .map(|p| (p, after[usize::from(p)], upto[usize::from(p)]))
             .filter(|(_, a, u)| u > a)
             .collect();
         if ranges.is_empty() {
-            return Ok((Vec::new(), true));
+            return Ok(ReplayPage::default());
         }
         let mut p = Params::default();
         let values = ranges.iter().map(|_| p.row(3)).collect::<Vec<_>>().join(", ");
@@ -313,12 +318,25 @@ impl Store {
         for (part, a, u) in &ranges {
             q = q.bind(i32::from(*part)).bind(db_int(*a)).bind(db_int(*u));
         }
-        q = q.bind(user_id).bind(i64::from(limit) + 1);
+        q = q.bind(user_id).bind(i64::from(limit.max(1)) + 1);
         let rows = q.fetch_all(self.pool()).await?;
-        if rows.len() > limit as usize {
-            return Ok((Vec::new(), false));
+        let mut more = rows.len() > limit.max(1) as usize;
+        let mut entries = Vec::with_capacity(rows.len().min(limit.max(1) as usize));
+        let mut bytes = 0;
+        for row in rows.iter().take(limit.max(1) as usize) {
+            let entry = log_entry(row)?;
+            bytes += entry.message.content.len();
+            entries.push(entry);
+            if bytes >= max_bytes {
+                more = more || entries.len() < rows.len();
+                break;
+            }
         }
-        Ok((rows.iter().map(log_entry).collect::<Result<_>>()?, true))
+        Ok(ReplayPage {
+            entries,
+            more,
+            expired: false,
+        })
     }
 
     /// Records the current heads (called periodically); forgets checkpoints older than

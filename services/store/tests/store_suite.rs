@@ -401,8 +401,9 @@ async fn replay_follows_membership(db: &Db) {
     send(s, "later", "x", "after join").await;
     send(s, "stay", "x", "s2").await;
     let upto = s.heads().await.unwrap().heads;
-    let (entries, complete) = s.replay("u", &cursor, &upto, 100, 86_400_000).await.unwrap();
-    assert!(complete);
+    let page = s.replay("u", &cursor, &upto, 100, 1 << 20, 86_400_000).await.unwrap();
+    assert!(!page.more && !page.expired);
+    let entries = page.entries;
     let got: Vec<(String, String)> = entries
         .iter()
         .map(|e| (e.message.conversation_id.clone(), e.message.content.clone()))
@@ -422,12 +423,35 @@ async fn replay_follows_membership(db: &Db) {
     for w in entries.windows(2) {
         assert!((w[0].part, w[0].offset) < (w[1].part, w[1].offset));
     }
-    // A bounded replay refuses a bigger backlog instead of answering part of it.
-    let (entries, complete) = s.replay("u", &cursor, &upto, 2, 86_400_000).await.unwrap();
-    assert!(!complete && entries.is_empty());
-    // Wrong cursor width: incomplete.
-    let (_, complete) = s.replay("u", &[0], &upto, 100, 86_400_000).await.unwrap();
-    assert!(!complete);
+    // Paging: pages of 2 continue exactly where the previous one stopped.
+    let mut after = cursor.clone();
+    let mut paged = Vec::new();
+    loop {
+        let page = s.replay("u", &after, &upto, 2, 1 << 20, 86_400_000).await.unwrap();
+        assert!(page.entries.len() <= 2);
+        if let Some(last) = page.entries.last() {
+            for q in 0..usize::from(last.part) {
+                after[q] = upto[q];
+            }
+            after[usize::from(last.part)] = last.offset;
+        }
+        paged.extend(page.entries);
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(paged, entries);
+    // A byte budget cuts a page short (at least one entry per page).
+    let page = s.replay("u", &cursor, &upto, 100, 1, 86_400_000).await.unwrap();
+    assert_eq!(page.entries.len(), 1);
+    assert!(page.more);
+    // Wrong cursor width: expired (resync).
+    assert!(
+        s.replay("u", &[0], &upto, 100, 1 << 20, 86_400_000)
+            .await
+            .unwrap()
+            .expired
+    );
 }
 
 async fn log_reads_and_heads(db: &Db) {
@@ -542,10 +566,13 @@ async fn retention_horizon_forces_resync(db: &Db) {
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     send(s, "c", "x", "2").await;
     let upto = s.heads().await.unwrap().heads;
-    let (_, complete) = s.replay("u", &old, &upto, 100, 1).await.unwrap();
-    assert!(!complete, "a cursor behind the horizon gets resync");
-    let (entries, complete) = s.replay("u", &old, &upto, 100, 86_400_000).await.unwrap();
-    assert!(complete);
-    assert_eq!(entries.len(), 2);
+    let page = s.replay("u", &old, &upto, 100, 1 << 20, 1).await.unwrap();
+    assert!(
+        page.expired && page.entries.is_empty(),
+        "a cursor behind the horizon gets resync"
+    );
+    let page = s.replay("u", &old, &upto, 100, 1 << 20, 86_400_000).await.unwrap();
+    assert!(!page.expired);
+    assert_eq!(page.entries.len(), 2);
     assert!(s.horizon(1).await.unwrap().is_some());
 }

@@ -323,7 +323,7 @@ pub struct ReadLog {
 }
 call!(ReadLog, "quickim.msg.read_log", Vec<LogEntry>);
 
-/// What a user missed between two log positions (resume).
+/// One page of what a user missed between two log positions (resume).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Replay {
     /// The user.
@@ -332,16 +332,20 @@ pub struct Replay {
     pub after: Vec<u64>,
     /// Inclusive upper bounds, one per partition.
     pub upto: Vec<u64>,
-    /// Most entries to answer; more means the client must resync.
+    /// Most entries in this page.
     pub limit: u32,
 }
-call!(Replay, "quickim.msg.replay", ReplayAnswer);
+call!(Replay, "quickim.msg.replay", ReplayPage);
 
 /// Answer to [`Replay`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReplayAnswer {
-    /// Entries in (partition, offset) order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReplayPage {
+    /// Entries in (partition, offset) order. The next page starts after the last one: for
+    /// its partition at its offset, for the partitions before it at `upto`.
     pub entries: Vec<LogEntry>,
-    /// False when the cursor is beyond the retention window, or the backlog is over `limit`.
-    pub complete: bool,
+    /// More entries follow.
+    pub more: bool,
+    /// `after` is older than the retention window (or not of this database's shape):
+    /// nothing is answered; the client must resync.
+    pub expired: bool,
 }

@@ -1,0 +1,916 @@
+//! The hub: one task per gateway that turns the log into deliveries.
+//!
+//! It consumes every log partition in offset order. Entries arrive over the bus
+//! (at-most-once, possibly out of order between message-service instances); the hub holds
+//! early ones back, and when a gap stays open for `gap_fill_ms` — or a heads announcement
+//! shows entries it never got — it reads the missing ones from the store. So live delivery
+//! never depends on the bus not losing anything, and each partition's `position` means
+//! "every entry up to here has been dispatched".
+//!
+//! Membership for delivery is kept per user (shared by that user's connections on this
+//! node) and is updated by the log itself: a JOINED entry subscribes the user from that
+//! message on, a LEFT/KICKED entry is delivered to the user and then unsubscribes it. A
+//! user's first connection installs a snapshot of its memberships taken from the store;
+//! membership entries that arrive while the snapshot is in flight are kept and applied on top
+//! of it when they are newer than the snapshot.
+//!
+//! Each connection has a bounded queue (events and bytes). A message event is encoded once
+//! and shared by every connection that gets it. A full queue means a slow consumer: the hub
+//! drops the connection from delivery and signals it, and the client resumes from its last
+//! cursor.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use quickim_shared::bus::{Bus, BusError, Incoming};
+use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::event::{HEADS_SUBJECT, LOG_SUBJECT_ALL, LogEntry};
+use quickim_shared::protocol::service::{GetHeads, GetMemberships, LogHeads, Memberships, ReadLog};
+use quickim_shared::protocol::system::MembershipChange;
+use quickim_shared::rpc::RpcClient;
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::cursor;
+
+/// Identifies a connection to the hub.
+pub type SessionId = u64;
+
+/// How long a user's membership is kept after its last connection closed (so that the next
+/// long-poll of the same user needs no snapshot).
+const LINGER: Duration = Duration::from_secs(30);
+/// Most membership changes kept for a user whose snapshot is in flight.
+const MAX_PENDING: usize = 10_000;
+/// Most early entries held back per partition.
+const MAX_HELD: usize = 100_000;
+/// Snapshots fetched at once.
+const SNAPSHOT_CONCURRENCY: usize = 64;
+
+/// An event encoded once, ready for any transport.
+#[derive(Debug)]
+pub struct Encoded {
+    /// `message`, `cursor`, ...
+    pub kind: &'static str,
+    /// The position after this event.
+    pub cursor: Arc<str>,
+    /// The whole event as JSON.
+    pub json: Bytes,
+}
+
+impl Encoded {
+    /// Encodes a message event.
+    pub fn message(cursor: Arc<str>, message: &Message) -> Encoded {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            cursor: &'a str,
+            message: &'a Message,
+        }
+        let json = serde_json::to_vec(&Wire {
+            kind: "message",
+            cursor: &cursor,
+            message,
+        })
+        .unwrap_or_default();
+        Encoded {
+            kind: "message",
+            cursor,
+            json: json.into(),
+        }
+    }
+}
+
+/// What the hub sends a connection.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A message event.
+    Event(Arc<Encoded>),
+    /// The connection is live: it gets every entry after this position.
+    Installed(Arc<[u64]>),
+    /// The user's memberships could not be read; the connection should close and retry.
+    InstallFailed,
+}
+
+/// The hub's end of a connection's queue.
+struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+    closed: CancellationToken,
+}
+
+/// The connection's end of its queue.
+pub struct Inbox {
+    rx: mpsc::Receiver<Outgoing>,
+    bytes: Arc<AtomicUsize>,
+    /// Cancelled when the hub stopped delivering (slow consumer, database reset).
+    pub closed: CancellationToken,
+}
+
+impl Inbox {
+    /// The next item (cancel-safe). None when the hub is gone.
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        let item = self.rx.recv().await;
+        self.release(&item);
+        item
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// The next item if one is queued.
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
+        let item = self.rx.try_recv().ok();
+        self.release(&item);
+        item
+    }
+
+    fn release(&self, item: &Option<Outgoing>) {
+        if let Some(Outgoing::Event(e)) = item {
+            self.bytes.fetch_sub(e.json.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// How an attached connection starts.
+#[derive(Debug)]
+pub enum Start {
+    /// Live at once, from this position.
+    Live(Arc<[u64]>),
+    /// Wait for [`Outgoing::Installed`] (the user's memberships are being read).
+    Waiting,
+}
+
+/// A connection attached to the hub; detaches on drop.
+pub struct Attachment {
+    /// Its id.
+    pub id: SessionId,
+    /// How it starts.
+    pub start: Start,
+    hub: Hub,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.hub.detach(self.id);
+    }
+}
+
+enum Command {
+    Attach {
+        user: String,
+        client: Option<Vec<u64>>,
+        outbox: Outbox,
+        reply: oneshot::Sender<(SessionId, Start)>,
+    },
+    Detach {
+        id: SessionId,
+    },
+    Install {
+        user: Arc<str>,
+        snapshot: Option<Memberships>,
+    },
+    Filled {
+        part: u16,
+        entries: Option<Vec<LogEntry>>,
+    },
+}
+
+/// What every connection may read without asking the hub.
+struct Shared {
+    ready: AtomicBool,
+    /// (epoch, position, encoded cursor) after the last dispatched entry.
+    position: RwLock<(u32, Arc<[u64]>, Arc<str>)>,
+}
+
+/// Handle to the hub task.
+#[derive(Clone)]
+pub struct Hub {
+    cmds: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// The hub stopped (the gateway is shutting down).
+#[derive(Debug)]
+pub struct HubGone;
+
+impl Hub {
+    /// Subscribes to the log and starts the hub task; it becomes ready once it has read the
+    /// log heads from the message service.
+    pub async fn start(
+        bus: Bus,
+        rpc: RpcClient,
+        gap_fill: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<Hub, BusError> {
+        let log = bus.subscribe(LOG_SUBJECT_ALL, None).await?;
+        let heads = bus.subscribe(HEADS_SUBJECT, None).await?;
+        let (cmds, cmd_rx) = mpsc::channel(8192);
+        let shared = Arc::new(Shared {
+            ready: AtomicBool::new(false),
+            position: RwLock::new((0, Arc::from(Vec::new()), Arc::from(""))),
+        });
+        let hub = Hub {
+            cmds: cmds.clone(),
+            shared: shared.clone(),
+        };
+        tokio::spawn(async move {
+            let Some(start) = initial_heads(&rpc, &shutdown).await else {
+                return;
+            };
+            let mut state = State::new(start, rpc, cmds, shared, gap_fill);
+            state.run(futures::stream::select(log, heads), cmd_rx, shutdown).await;
+        });
+        Ok(hub)
+    }
+
+    /// Whether the hub knows where the log is.
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Relaxed)
+    }
+
+    /// The database epoch, the position every connection has been served up to, and its
+    /// encoded cursor.
+    pub fn position(&self) -> (u32, Arc<[u64]>, Arc<str>) {
+        self.shared.position.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Attaches a connection of `user_id` that resumes from `client` (if any); its queue holds
+    /// at most `max_events` events and `max_bytes` bytes.
+    pub async fn attach(
+        &self,
+        user_id: &str,
+        client: Option<Vec<u64>>,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<(Attachment, Inbox), HubGone> {
+        let (tx, rx) = mpsc::channel(max_events.max(1));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let closed = CancellationToken::new();
+        let outbox = Outbox {
+            tx,
+            bytes: bytes.clone(),
+            max_bytes,
+            closed: closed.clone(),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.cmds
+            .send(Command::Attach {
+                user: user_id.to_string(),
+                client,
+                outbox,
+                reply,
+            })
+            .await
+            .map_err(|_| HubGone)?;
+        let (id, start) = answer.await.map_err(|_| HubGone)?;
+        Ok((
+            Attachment {
+                id,
+                start,
+                hub: self.clone(),
+            },
+            Inbox { rx, bytes, closed },
+        ))
+    }
+
+    fn detach(&self, id: SessionId) {
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.cmds.try_send(Command::Detach { id }) {
+            let cmds = self.cmds.clone();
+            tokio::spawn(async move {
+                let _ = cmds.send(cmd).await;
+            });
+        }
+    }
+}
+
+async fn initial_heads(rpc: &RpcClient, shutdown: &CancellationToken) -> Option<LogHeads> {
+    loop {
+        match rpc.call(&GetHeads {}).await {
+            Ok(h) => return Some(h),
+            Err(e) => tracing::warn!(error = %e.message, "hub waiting for the message service"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Join,
+    Leave,
+}
+
+struct PendingChange {
+    part: usize,
+    offset: u64,
+    conversation: Arc<str>,
+    msg_id: u64,
+    change: Change,
+}
+
+#[derive(Default)]
+struct UserState {
+    /// Conversation → the msg_id from which the user gets it.
+    conversations: HashMap<Arc<str>, u64>,
+    sessions: Vec<SessionId>,
+    installed: bool,
+    installing: bool,
+    pending: Vec<PendingChange>,
+    idle_since: Option<Instant>,
+}
+
+struct Slot {
+    user: Arc<str>,
+    outbox: Outbox,
+    live: bool,
+    /// The client's cursor where it is ahead of the hub (it came from another node):
+    /// entries up to it are not sent again.
+    skip: Option<Vec<u64>>,
+    client: Option<Vec<u64>>,
+}
+
+struct State {
+    epoch: u32,
+    position: Vec<u64>,
+    /// Highest offset known to exist, per partition.
+    known: Vec<u64>,
+    held: Vec<BTreeMap<u64, LogEntry>>,
+    gap_since: Vec<Option<Instant>>,
+    filling: Vec<bool>,
+    users: HashMap<Arc<str>, UserState>,
+    sessions: HashMap<SessionId, Slot>,
+    by_conversation: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// Connections with a `skip` (few, briefly).
+    skipping: HashSet<SessionId>,
+    next_id: SessionId,
+    rpc: RpcClient,
+    cmds: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    gap_fill: Duration,
+    snapshots: Arc<Semaphore>,
+}
+
+impl State {
+    fn new(
+        heads: LogHeads,
+        rpc: RpcClient,
+        cmds: mpsc::Sender<Command>,
+        shared: Arc<Shared>,
+        gap_fill: Duration,
+    ) -> State {
+        let n = heads.heads.len();
+        let state = State {
+            epoch: heads.epoch,
+            position: heads.heads.clone(),
+            known: heads.heads,
+            held: (0..n).map(|_| BTreeMap::new()).collect(),
+            gap_since: vec![None; n],
+            filling: vec![false; n],
+            users: HashMap::new(),
+            sessions: HashMap::new(),
+            by_conversation: HashMap::new(),
+            skipping: HashSet::new(),
+            next_id: 1,
+            rpc,
+            cmds,
+            shared,
+            gap_fill,
+            snapshots: Arc::new(Semaphore::new(SNAPSHOT_CONCURRENCY)),
+        };
+        state.publish_position();
+        state.shared.ready.store(true, Ordering::Relaxed);
+        tracing::info!(epoch = state.epoch, partitions = n, "hub ready");
+        state
+    }
+
+    async fn run(
+        &mut self,
+        mut bus: impl futures::Stream<Item = Incoming> + Unpin,
+        mut cmds: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval((self.gap_fill / 2).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = cmds.recv() => self.command(cmd),
+                Some(msg) = bus.next() => self.incoming(msg),
+                _ = tick.tick() => self.fill_gaps(),
+                _ = sweep.tick() => self.sweep(),
+            }
+        }
+        self.shared.ready.store(false, Ordering::Relaxed);
+    }
+
+    fn publish_position(&self) {
+        let cursor: Arc<str> = Arc::from(cursor::encode(self.epoch, &self.position));
+        let mut shared = self.shared.position.write().unwrap_or_else(|e| e.into_inner());
+        *shared = (self.epoch, Arc::from(self.position.clone()), cursor);
+    }
+
+    // ------------------------------------------------------------ commands
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Attach {
+                user,
+                client,
+                outbox,
+                reply,
+            } => self.attach(user, client, outbox, reply),
+            Command::Detach { id } => self.detach(id),
+            Command::Install { user, snapshot } => self.install(user, snapshot),
+            Command::Filled { part, entries } => {
+                let p = usize::from(part);
+                if p < self.filling.len() {
+                    self.filling[p] = false;
+                }
+                match entries {
+                    Some(entries) => {
+                        metrics::counter!("quickim_hub_gap_filled_entries_total").increment(entries.len() as u64);
+                        for e in entries {
+                            self.entry(e);
+                        }
+                    }
+                    None => tracing::warn!(part, "gap fill failed; retrying"),
+                }
+            }
+        }
+    }
+
+    fn attach(
+        &mut self,
+        user: String,
+        client: Option<Vec<u64>>,
+        outbox: Outbox,
+        reply: oneshot::Sender<(SessionId, Start)>,
+    ) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let user: Arc<str> = match self.users.get_key_value(user.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(user),
+        };
+        let us = self.users.entry(user.clone()).or_default();
+        us.sessions.push(id);
+        us.idle_since = None;
+        let mut slot = Slot {
+            user: user.clone(),
+            outbox,
+            live: false,
+            skip: None,
+            client,
+        };
+        let start = if us.installed {
+            slot.live = true;
+            slot.skip = skip_for(slot.client.as_deref(), &self.position);
+            if slot.skip.is_some() {
+                self.skipping.insert(id);
+            }
+            Start::Live(Arc::from(self.position.clone()))
+        } else {
+            if !us.installing {
+                us.installing = true;
+                self.fetch_snapshot(user);
+            }
+            Start::Waiting
+        };
+        self.sessions.insert(id, slot);
+        if reply.send((id, start)).is_err() {
+            self.detach(id);
+        }
+        metrics::gauge!("quickim_hub_sessions").set(self.sessions.len() as f64);
+    }
+
+    fn fetch_snapshot(&self, user: Arc<str>) {
+        let (rpc, cmds, permits) = (self.rpc.clone(), self.cmds.clone(), self.snapshots.clone());
+        tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let snapshot = match rpc
+                .call(&GetMemberships {
+                    user_id: user.to_string(),
+                })
+                .await
+            {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "cannot read memberships");
+                    None
+                }
+            };
+            let _ = cmds.send(Command::Install { user, snapshot }).await;
+        });
+    }
+
+    fn detach(&mut self, id: SessionId) {
+        self.skipping.remove(&id);
+        let Some(slot) = self.sessions.remove(&id) else { return };
+        if let Some(us) = self.users.get_mut(&slot.user) {
+            us.sessions.retain(|s| *s != id);
+            if us.sessions.is_empty() {
+                if us.installed {
+                    us.idle_since = Some(Instant::now());
+                } else if !us.installing {
+                    self.forget_user(&slot.user);
+                }
+            }
+        }
+        metrics::gauge!("quickim_hub_sessions").set(self.sessions.len() as f64);
+    }
+
+    fn install(&mut self, user: Arc<str>, snapshot: Option<Memberships>) {
+        if !self.users.contains_key(&user) {
+            return;
+        }
+        let snapshot = snapshot.filter(|s| s.heads.len() == self.position.len());
+        let conversations: Option<HashMap<Arc<str>, u64>> = snapshot.as_ref().map(|s| {
+            s.conversations
+                .iter()
+                .map(|row| (self.intern(&row.conversation_id), row.joined_msg_id))
+                .collect()
+        });
+        let Some(us) = self.users.get_mut(&user) else { return };
+        us.installing = false;
+        let (Some(snapshot), Some(conversations)) = (snapshot, conversations) else {
+            us.pending.clear();
+            let sessions = us.sessions.clone();
+            for id in &sessions {
+                if let Some(slot) = self.sessions.get(id) {
+                    let _ = slot.outbox.tx.try_send(Outgoing::InstallFailed);
+                }
+            }
+            if sessions.is_empty() {
+                self.forget_user(&user);
+            }
+            return;
+        };
+        let pending = std::mem::take(&mut us.pending);
+        us.conversations = conversations;
+        us.installed = true;
+        for change in pending {
+            if change.offset > snapshot.heads[change.part] {
+                apply(us, &change.conversation, change.msg_id, change.change);
+            }
+        }
+        let convs: Vec<Arc<str>> = us.conversations.keys().cloned().collect();
+        let sessions = us.sessions.clone();
+        if sessions.is_empty() {
+            us.idle_since = Some(Instant::now());
+        }
+        for c in convs {
+            self.by_conversation.entry(c).or_default().insert(user.clone());
+        }
+        let position: Arc<[u64]> = Arc::from(self.position.clone());
+        for id in sessions {
+            if let Some(slot) = self.sessions.get_mut(&id) {
+                slot.live = true;
+                slot.skip = skip_for(slot.client.as_deref(), &self.position);
+                if slot.skip.is_some() {
+                    self.skipping.insert(id);
+                }
+                let _ = slot.outbox.tx.try_send(Outgoing::Installed(position.clone()));
+            }
+        }
+    }
+
+    fn intern(&self, conversation: &str) -> Arc<str> {
+        match self.by_conversation.get_key_value(conversation) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(conversation),
+        }
+    }
+
+    fn forget_user(&mut self, user: &Arc<str>) {
+        if let Some(us) = self.users.remove(user) {
+            for c in us.conversations.keys() {
+                if let Some(set) = self.by_conversation.get_mut(c) {
+                    set.remove(user);
+                    if set.is_empty() {
+                        self.by_conversation.remove(c);
+                    }
+                }
+            }
+        }
+    }
+
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let idle: Vec<Arc<str>> = self
+            .users
+            .iter()
+            .filter(|(_, u)| {
+                u.sessions.is_empty() && !u.installing && u.idle_since.is_none_or(|t| now.duration_since(t) > LINGER)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for u in idle {
+            self.forget_user(&u);
+        }
+    }
+
+    // ------------------------------------------------------------ the log
+
+    fn incoming(&mut self, msg: Incoming) {
+        if msg.subject == HEADS_SUBJECT {
+            if let Ok(heads) = serde_json::from_slice::<LogHeads>(&msg.payload) {
+                self.heads(heads);
+            }
+            return;
+        }
+        match serde_json::from_slice::<LogEntry>(&msg.payload) {
+            Ok(entry) => self.entry(entry),
+            Err(e) => tracing::warn!(error = %e, subject = %msg.subject, "undecodable log entry"),
+        }
+    }
+
+    fn heads(&mut self, heads: LogHeads) {
+        if heads.epoch != self.epoch || heads.heads.len() != self.position.len() {
+            tracing::error!(
+                old = self.epoch,
+                new = heads.epoch,
+                "the database changed under the gateway; restarting delivery"
+            );
+            self.reset(heads);
+            return;
+        }
+        let now = Instant::now();
+        for (p, &h) in heads.heads.iter().enumerate() {
+            if h > self.known[p] {
+                self.known[p] = h;
+            }
+            if self.known[p] > self.position[p] && self.gap_since[p].is_none() {
+                self.gap_since[p] = Some(now);
+            }
+        }
+    }
+
+    /// The database was replaced: every connection starts over (its cursor gets resync).
+    fn reset(&mut self, heads: LogHeads) {
+        for slot in self.sessions.values() {
+            slot.outbox.closed.cancel();
+        }
+        self.sessions.clear();
+        self.skipping.clear();
+        self.users.clear();
+        self.by_conversation.clear();
+        let n = heads.heads.len();
+        self.epoch = heads.epoch;
+        self.position = heads.heads.clone();
+        self.known = heads.heads;
+        self.held = (0..n).map(|_| BTreeMap::new()).collect();
+        self.gap_since = vec![None; n];
+        self.filling = vec![false; n];
+        self.publish_position();
+    }
+
+    fn entry(&mut self, entry: LogEntry) {
+        let p = usize::from(entry.part);
+        if p >= self.position.len() || entry.offset <= self.position[p] {
+            return;
+        }
+        if entry.offset > self.known[p] {
+            self.known[p] = entry.offset;
+        }
+        if entry.offset != self.position[p] + 1 {
+            if self.held[p].len() < MAX_HELD {
+                self.held[p].insert(entry.offset, entry);
+            }
+            if self.gap_since[p].is_none() {
+                self.gap_since[p] = Some(Instant::now());
+            }
+            return;
+        }
+        self.dispatch(entry);
+        while let Some(next) = self.held[p].remove(&(self.position[p] + 1)) {
+            self.dispatch(next);
+        }
+        let below = self.held[p]
+            .range(..=self.position[p])
+            .map(|(k, _)| *k)
+            .collect::<Vec<_>>();
+        for k in below {
+            self.held[p].remove(&k);
+        }
+        self.gap_since[p] = (self.known[p] > self.position[p]).then(Instant::now);
+        self.publish_position();
+    }
+
+    fn fill_gaps(&mut self) {
+        let now = Instant::now();
+        for p in 0..self.position.len() {
+            let Some(since) = self.gap_since[p] else { continue };
+            if self.filling[p] || now.duration_since(since) < self.gap_fill {
+                continue;
+            }
+            let upto = self.held[p]
+                .keys()
+                .next()
+                .map(|first| first - 1)
+                .unwrap_or(self.known[p]);
+            if upto <= self.position[p] {
+                self.gap_since[p] = None;
+                continue;
+            }
+            self.filling[p] = true;
+            metrics::counter!("quickim_hub_gap_fills_total").increment(1);
+            let request = ReadLog {
+                part: p as u16,
+                after: self.position[p],
+                upto,
+                limit: 1000,
+            };
+            let (rpc, cmds) = (self.rpc.clone(), self.cmds.clone());
+            tokio::spawn(async move {
+                let entries = rpc.call(&request).await.ok();
+                let _ = cmds
+                    .send(Command::Filled {
+                        part: request.part,
+                        entries,
+                    })
+                    .await;
+            });
+        }
+    }
+
+    // ------------------------------------------------------------ delivery
+
+    fn dispatch(&mut self, entry: LogEntry) {
+        let p = usize::from(entry.part);
+        self.position[p] = entry.offset;
+        let message = &entry.message;
+        let msg_id = message.msg_id;
+        let change = MembershipChange::of(message);
+        let conversation = self.intern(&message.conversation_id);
+
+        if let Some(MembershipChange::Joined(users)) = &change {
+            for u in users {
+                self.change(u, p, entry.offset, &conversation, msg_id, Change::Join);
+            }
+        }
+
+        let mut shared: Option<Arc<Encoded>> = None;
+        let mut overflowed = Vec::new();
+        let mut delivered = 0u64;
+        if let Some(users) = self.by_conversation.get(&conversation) {
+            for user in users {
+                let Some(us) = self.users.get(user) else { continue };
+                if us.conversations.get(&conversation).is_none_or(|from| *from > msg_id) {
+                    continue;
+                }
+                for id in &us.sessions {
+                    let Some(slot) = self.sessions.get_mut(id) else {
+                        continue;
+                    };
+                    if !slot.live {
+                        continue;
+                    }
+                    let event = match &slot.skip {
+                        Some(skip) if entry.offset <= skip[p] => continue,
+                        Some(skip) => {
+                            let own = cursor::max_position(skip, &self.position);
+                            Arc::new(Encoded::message(Arc::from(cursor::encode(self.epoch, &own)), message))
+                        }
+                        None => shared
+                            .get_or_insert_with(|| {
+                                Arc::new(Encoded::message(
+                                    Arc::from(cursor::encode(self.epoch, &self.position)),
+                                    message,
+                                ))
+                            })
+                            .clone(),
+                    };
+                    if push(&slot.outbox, event) {
+                        delivered += 1;
+                    } else {
+                        overflowed.push(*id);
+                    }
+                }
+            }
+        }
+        metrics::counter!("quickim_hub_deliveries_total").increment(delivered);
+
+        if let Some(MembershipChange::Left(users) | MembershipChange::Kicked(users)) = &change {
+            for u in users {
+                self.change(u, p, entry.offset, &conversation, msg_id, Change::Leave);
+            }
+        }
+        for id in overflowed {
+            metrics::counter!("quickim_slow_consumer_disconnects_total").increment(1);
+            self.detach(id);
+        }
+        // Connections that came from a node ahead of this one catch up.
+        if !self.skipping.is_empty() {
+            let position = &self.position;
+            let sessions = &mut self.sessions;
+            self.skipping.retain(|id| match sessions.get_mut(id) {
+                Some(slot)
+                    if slot
+                        .skip
+                        .as_ref()
+                        .is_some_and(|s| s.iter().zip(position).all(|(s, p)| p >= s)) =>
+                {
+                    slot.skip = None;
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            });
+        }
+    }
+
+    fn change(&mut self, user: &str, part: usize, offset: u64, conversation: &Arc<str>, msg_id: u64, change: Change) {
+        let Some(us) = self.users.get_mut(user) else { return };
+        if !us.installed {
+            if us.installing && us.pending.len() < MAX_PENDING {
+                us.pending.push(PendingChange {
+                    part,
+                    offset,
+                    conversation: conversation.clone(),
+                    msg_id,
+                    change,
+                });
+            }
+            return;
+        }
+        let Some(key) = self.users.get_key_value(user).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let Some(us) = self.users.get_mut(&key) else { return };
+        let before = us.conversations.contains_key(conversation);
+        apply(us, conversation, msg_id, change);
+        let after = us.conversations.contains_key(conversation);
+        if after && !before {
+            self.by_conversation
+                .entry(conversation.clone())
+                .or_default()
+                .insert(key);
+        } else if before
+            && !after
+            && let Some(set) = self.by_conversation.get_mut(conversation)
+        {
+            set.remove(&key);
+            if set.is_empty() {
+                self.by_conversation.remove(conversation);
+            }
+        }
+    }
+}
+
+/// Applies one membership change to an installed user. Changes are ordered per conversation
+/// (one partition), but the snapshot may already include a later state: a join never moves
+/// the start back, a leave only ends a membership that began before it.
+fn apply(us: &mut UserState, conversation: &Arc<str>, msg_id: u64, change: Change) {
+    match change {
+        Change::Join => {
+            let from = us.conversations.entry(conversation.clone()).or_insert(msg_id);
+            *from = (*from).max(msg_id);
+        }
+        Change::Leave => {
+            if us.conversations.get(conversation).is_some_and(|from| *from <= msg_id) {
+                us.conversations.remove(conversation);
+            }
+        }
+    }
+}
+
+/// The client's cursor, where it is ahead of `position` in some partition.
+fn skip_for(client: Option<&[u64]>, position: &[u64]) -> Option<Vec<u64>> {
+    let client = client?;
+    (client.len() == position.len() && client.iter().zip(position).any(|(c, p)| c > p)).then(|| client.to_vec())
+}
+
+/// Queues an event; false when the queue is full (events or bytes) or gone.
+fn push(outbox: &Outbox, event: Arc<Encoded>) -> bool {
+    if outbox.closed.is_cancelled() {
+        return false;
+    }
+    let len = event.json.len();
+    if outbox.bytes.load(Ordering::Relaxed) + len > outbox.max_bytes {
+        outbox.closed.cancel();
+        return false;
+    }
+    match outbox.tx.try_send(Outgoing::Event(event)) {
+        Ok(()) => {
+            outbox.bytes.fetch_add(len, Ordering::Relaxed);
+            true
+        }
+        Err(_) => {
+            outbox.closed.cancel();
+            false
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The three transports: thin adapters from a [`Session`](super::session::Session) to a wire.
+
+pub mod poll;
+pub mod sse;
+pub mod ws;
