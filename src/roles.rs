@@ -106,10 +106,7 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(
-            grace_s = grace.as_secs(),
-            "grace period over; stopping the remaining work"
-        );
+        tracing::warn!(grace_s = grace.as_secs(), "grace period over; stopping the remaining work");
         tasks.abort_all();
     }
     bus.drain().await;
@@ -127,9 +124,7 @@ async fn start_services(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     if conversation {
-        let serving = ConversationService::new(store.clone(), bus.clone())
-            .start(shutdown.clone())
-            .await?;
+        let serving = ConversationService::new(store.clone(), bus.clone()).start(shutdown.clone()).await?;
         tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("conversation service: {e}")) });
     }
     if message {
@@ -140,9 +135,7 @@ async fn start_services(
             retention_ms: (config.replay_retention_s as i64).saturating_mul(1000),
             send_batch_max: config.send_batch_max,
         };
-        let serving = MessageService::new(store, bus.clone(), limits)
-            .start(shutdown.clone())
-            .await?;
+        let serving = MessageService::new(store, bus.clone(), limits).start(shutdown.clone()).await?;
         tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("message service: {e}")) });
     }
     Ok(())
@@ -183,12 +176,7 @@ fn kept_secret(path: &Path) -> anyhow::Result<String> {
 fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(content.as_bytes())
 }
 

@@ -76,10 +76,7 @@ pub struct Auth {
 impl Auth {
     /// Builds from the configuration (`jwt_secret` must be set by now).
     pub fn from_config(config: &Config) -> Result<Auth, ConfigError> {
-        let secret = config
-            .jwt_secret
-            .as_ref()
-            .ok_or_else(|| ConfigError("jwt_secret is not set".into()))?;
+        let secret = config.jwt_secret.as_ref().ok_or_else(|| ConfigError("jwt_secret is not set".into()))?;
         let mut rsa = Vec::new();
         let mut ed = Vec::new();
         for path in &config.jwt_public_keys {
@@ -113,20 +110,11 @@ impl Auth {
         check_platform(platform)?;
         let ttl = ttl_s.unwrap_or(self.default_ttl_s);
         if ttl == 0 || ttl > self.max_ttl_s {
-            return Err(ServiceError::invalid(format!(
-                "ttl_s must be within 1–{}",
-                self.max_ttl_s
-            )));
+            return Err(ServiceError::invalid(format!("ttl_s must be within 1–{}", self.max_ttl_s)));
         }
         let now = now_ms();
         let exp = now / 1000 + ttl as i64;
-        let claims = Claims {
-            sub: user_id.into(),
-            plt: platform.into(),
-            iat: now / 1000,
-            iat_ms: Some(now),
-            exp,
-        };
+        let claims = Claims { sub: user_id.into(), plt: platform.into(), iat: now / 1000, iat_ms: Some(now), exp };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| ServiceError::internal(format!("cannot sign a token: {e}")))?;
         Ok((token, exp * 1000))
@@ -172,20 +160,14 @@ impl Auth {
         if self.is_revoked(&claims.sub, &claims.plt, issued) {
             return Err(invalid("token revoked"));
         }
-        Ok(Caller {
-            user_id: claims.sub,
-            platform: claims.plt,
-            issued_ms: issued,
-            expires_ms: claims.exp * 1000,
-        })
+        Ok(Caller { user_id: claims.sub, platform: claims.plt, issued_ms: issued, expires_ms: claims.exp * 1000 })
     }
 
     /// Whether a token of `user_id` on `platform` issued at `issued_ms` is revoked.
     pub fn is_revoked(&self, user_id: &str, platform: &str, issued_ms: i64) -> bool {
         let revoked = self.revoked.read().unwrap_or_else(|e| e.into_inner());
         revoked.get(user_id).is_some_and(|list| {
-            list.iter()
-                .any(|(p, before)| issued_ms < *before && p.as_deref().is_none_or(|p| p == platform))
+            list.iter().any(|(p, before)| issued_ms < *before && p.as_deref().is_none_or(|p| p == platform))
         })
     }
 
@@ -221,10 +203,7 @@ mod tests {
     use quickim_shared::config::Secret;
 
     fn auth() -> Auth {
-        let config = Config {
-            jwt_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
-            ..Config::default()
-        };
+        let config = Config { jwt_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")), ..Config::default() };
         Auth::from_config(&config).unwrap()
     }
 
@@ -247,21 +226,12 @@ mod tests {
         .unwrap();
         let (forged, _) = other.issue("alice", "web", None).unwrap();
         assert_eq!(a.verify(&forged).unwrap_err().message, "bad token signature");
-        let claims = Claims {
-            sub: "alice".into(),
-            plt: "web".into(),
-            iat: 0,
-            iat_ms: None,
-            exp: now_ms() / 1000 - 60,
-        };
+        let claims = Claims { sub: "alice".into(), plt: "web".into(), iat: 0, iat_ms: None, exp: now_ms() / 1000 - 60 };
         let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&expired).unwrap_err().message, "token expired");
         assert_eq!(a.verify("not.a.token").unwrap_err().code, ErrorCode::InvalidToken);
         // alg=none and foreign algorithms are refused.
-        let none = format!(
-            "{}.{}.",
-            "eyJhbGciOiJub25lIn0", "eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ"
-        );
+        let none = format!("{}.{}.", "eyJhbGciOiJub25lIn0", "eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ");
         assert_eq!(a.verify(&none).unwrap_err().code, ErrorCode::InvalidToken);
         // A token without exp is refused.
         #[derive(Serialize)]
@@ -277,21 +247,13 @@ mod tests {
         let a = auth();
         let (old, _) = a.issue("alice", "web", None).unwrap();
         let (ios, _) = a.issue("alice", "ios", None).unwrap();
-        a.revoke(&Revocation {
-            user_id: "alice".into(),
-            platform: Some("web".into()),
-            before_ms: now_ms() + 1,
-        });
+        a.revoke(&Revocation { user_id: "alice".into(), platform: Some("web".into()), before_ms: now_ms() + 1 });
         assert_eq!(a.verify(&old).unwrap_err().message, "token revoked");
         assert!(a.verify(&ios).is_ok(), "another platform is untouched");
         std::thread::sleep(std::time::Duration::from_millis(3));
         let (fresh, _) = a.issue("alice", "web", None).unwrap();
         assert!(a.verify(&fresh).is_ok(), "tokens issued after the kick work");
-        a.revoke(&Revocation {
-            user_id: "alice".into(),
-            platform: None,
-            before_ms: now_ms() + 1,
-        });
+        a.revoke(&Revocation { user_id: "alice".into(), platform: None, before_ms: now_ms() + 1 });
         assert!(a.verify(&ios).is_err());
     }
 
@@ -300,10 +262,7 @@ mod tests {
         let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
         let config = Config {
             jwt_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
-            jwt_public_keys: vec![
-                format!("{keys}/ed25519.pub.pem").into(),
-                format!("{keys}/rsa.pub.pem").into(),
-            ],
+            jwt_public_keys: vec![format!("{keys}/ed25519.pub.pem").into(), format!("{keys}/rsa.pub.pem").into()],
             ..Config::default()
         };
         let a = Auth::from_config(&config).unwrap();
@@ -323,10 +282,7 @@ mod tests {
         // Without the public keys configured, the same tokens are refused.
         assert!(auth().verify(&t).is_err());
         // A key file that is not a public key stops start-up.
-        let bad = Config {
-            jwt_public_keys: vec![format!("{keys}/missing.pem").into()],
-            ..config
-        };
+        let bad = Config { jwt_public_keys: vec![format!("{keys}/missing.pem").into()], ..config };
         assert!(Auth::from_config(&bad).is_err());
     }
 

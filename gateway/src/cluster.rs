@@ -31,6 +31,10 @@ const GATHER_TIMEOUT: Duration = Duration::from_millis(800);
 #[derive(Serialize, Deserialize)]
 struct Heartbeat {
     node_id: String,
+    /// A node that just joined asks the others to beat back at once, so that everyone knows
+    /// everyone within milliseconds instead of one heartbeat period.
+    #[serde(default)]
+    hello: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -77,23 +81,20 @@ impl Cluster {
         auth: Arc<Auth>,
         shutdown: CancellationToken,
     ) -> Result<Cluster, BusError> {
-        let cluster = Cluster {
-            bus: bus.clone(),
-            node_id: node_id.clone(),
-            nodes: Arc::default(),
-        };
+        let cluster = Cluster { bus: bus.clone(), node_id: node_id.clone(), nodes: Arc::default() };
         let mut subs = futures::stream::select_all([
             bus.subscribe(HEARTBEAT, None).await?,
             bus.subscribe(PRESENCE, None).await?,
             bus.subscribe(KICK_USER, None).await?,
         ]);
         let me = cluster.clone();
+        cluster.beat(true).await;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT_EVERY, HEARTBEAT_EVERY);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => me.beat().await,
+                    _ = tick.tick() => me.beat(false).await,
                     msg = subs.next() => match msg {
                         Some(msg) => me.answer(msg, &registry, &auth).await,
                         None => break,
@@ -104,11 +105,9 @@ impl Cluster {
         Ok(cluster)
     }
 
-    async fn beat(&self) {
+    async fn beat(&self, hello: bool) {
         self.seen(&self.node_id);
-        if let Ok(payload) = serde_json::to_vec(&Heartbeat {
-            node_id: self.node_id.clone(),
-        }) {
+        if let Ok(payload) = serde_json::to_vec(&Heartbeat { node_id: self.node_id.clone(), hello }) {
             let _ = self.bus.publish(HEARTBEAT, Vec::new(), payload.into()).await;
         }
     }
@@ -130,34 +129,28 @@ impl Cluster {
             HEARTBEAT => {
                 if let Ok(h) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
                     self.seen(&h.node_id);
+                    if h.hello && h.node_id != self.node_id {
+                        self.beat(false).await;
+                    }
                 }
                 None
             }
-            PRESENCE => serde_json::from_slice::<PresenceQuery>(&msg.payload)
-                .ok()
-                .and_then(|q| {
-                    let users = q
-                        .user_ids
-                        .into_iter()
-                        .filter_map(|u| {
-                            let (platforms, connections) = registry.presence(&u);
-                            (connections > 0).then_some((u, NodePresence { platforms, connections }))
-                        })
-                        .collect();
-                    serde_json::to_vec(&PresenceAnswer {
-                        node_id: self.node_id.clone(),
-                        users,
+
+            PRESENCE => serde_json::from_slice::<PresenceQuery>(&msg.payload).ok().and_then(|q| {
+                let users = q
+                    .user_ids
+                    .into_iter()
+                    .filter_map(|u| {
+                        let (platforms, connections) = registry.presence(&u);
+                        (connections > 0).then_some((u, NodePresence { platforms, connections }))
                     })
-                    .ok()
-                }),
+                    .collect();
+                serde_json::to_vec(&PresenceAnswer { node_id: self.node_id.clone(), users }).ok()
+            }),
             KICK_USER => serde_json::from_slice::<Revocation>(&msg.payload).ok().and_then(|r| {
                 auth.revoke(&r);
                 let closed = registry.kick(&r.user_id, r.platform.as_deref());
-                serde_json::to_vec(&KickAnswer {
-                    node_id: self.node_id.clone(),
-                    closed,
-                })
-                .ok()
+                serde_json::to_vec(&KickAnswer { node_id: self.node_id.clone(), closed }).ok()
             }),
             _ => None,
         };
@@ -171,14 +164,8 @@ impl Cluster {
     /// Every node's connections of `user_ids`; answers them merged, with the number of
     /// nodes that answered.
     pub async fn presence(&self, user_ids: &[String]) -> Result<(HashMap<String, NodePresence>, u32), BusError> {
-        let payload = serde_json::to_vec(&PresenceQuery {
-            user_ids: user_ids.to_vec(),
-        })
-        .unwrap_or_default();
-        let replies = self
-            .bus
-            .gather(PRESENCE, Vec::new(), payload.into(), GATHER_TIMEOUT, self.alive())
-            .await?;
+        let payload = serde_json::to_vec(&PresenceQuery { user_ids: user_ids.to_vec() }).unwrap_or_default();
+        let replies = self.bus.gather(PRESENCE, Vec::new(), payload.into(), GATHER_TIMEOUT, self.alive()).await?;
         let mut merged: HashMap<String, NodePresence> = HashMap::new();
         let mut nodes = 0;
         for r in replies {
@@ -187,10 +174,7 @@ impl Cluster {
             };
             nodes += 1;
             for (user, p) in answer.users {
-                let e = merged.entry(user).or_insert(NodePresence {
-                    platforms: Vec::new(),
-                    connections: 0,
-                });
+                let e = merged.entry(user).or_insert(NodePresence { platforms: Vec::new(), connections: 0 });
                 e.connections += p.connections;
                 e.platforms.extend(p.platforms);
                 e.platforms.sort();
@@ -203,10 +187,7 @@ impl Cluster {
     /// Tells every node to revoke and close; answers connections closed and nodes that answered.
     pub async fn kick_user(&self, revocation: &Revocation) -> Result<(u32, u32), BusError> {
         let payload = serde_json::to_vec(revocation).unwrap_or_default();
-        let replies = self
-            .bus
-            .gather(KICK_USER, Vec::new(), payload.into(), GATHER_TIMEOUT, self.alive())
-            .await?;
+        let replies = self.bus.gather(KICK_USER, Vec::new(), payload.into(), GATHER_TIMEOUT, self.alive()).await?;
         let mut closed = 0;
         let mut nodes = 0;
         for r in replies {

@@ -74,55 +74,24 @@ impl Gateway {
         node_id: String,
         shutdown: CancellationToken,
     ) -> Result<Gateway, GatewayError> {
-        let inner_key = config
-            .inner_key
-            .clone()
-            .ok_or_else(|| ConfigError("inner_key is not set".into()))?;
+        let inner_key = config.inner_key.clone().ok_or_else(|| ConfigError("inner_key is not set".into()))?;
         let auth = Arc::new(Auth::from_config(&config)?);
         let registry = Arc::new(Registry::default());
-        let cluster = Cluster::start(
-            bus.clone(),
-            node_id.clone(),
-            registry.clone(),
-            auth.clone(),
-            shutdown.clone(),
-        )
-        .await?;
+        let cluster =
+            Cluster::start(bus.clone(), node_id.clone(), registry.clone(), auth.clone(), shutdown.clone()).await?;
         let rpc = RpcClient::new(bus.clone(), Duration::from_millis(config.request_timeout_ms));
-        let hub = Hub::start(
-            bus,
-            rpc.clone(),
-            Duration::from_millis(config.gap_fill_ms),
-            shutdown.clone(),
-        )
-        .await?;
-        let state = AppState::new(
-            rpc,
-            auth,
-            registry,
-            cluster,
-            hub,
-            shutdown.clone(),
-            inner_key,
-            config.clone(),
-            node_id,
-        );
+        let hub = Hub::start(bus, rpc.clone(), Duration::from_millis(config.gap_fill_ms), shutdown.clone()).await?;
+        let state =
+            AppState::new(rpc, auth, registry, cluster, hub, shutdown.clone(), inner_key, config.clone(), node_id);
         let public = bind(config.public_addr).await?;
         let inner = bind(config.inner_addr).await?;
         tokio::spawn(load_revocations(state.clone(), shutdown.clone()));
-        Ok(Gateway {
-            state,
-            public,
-            inner,
-            shutdown,
-        })
+        Ok(Gateway { state, public, inner, shutdown })
     }
 
     /// Where the public listener listens.
     pub fn public_addr(&self) -> SocketAddr {
-        self.public
-            .local_addr()
-            .unwrap_or_else(|_| self.state.config.public_addr)
+        self.public.local_addr().unwrap_or_else(|_| self.state.config.public_addr)
     }
 
     /// Where the inner listener listens.
@@ -138,12 +107,7 @@ impl Gateway {
     /// Serves until the shutdown token is cancelled, then stops accepting and lets requests
     /// in flight finish.
     pub async fn run(self) -> Result<(), GatewayError> {
-        let Gateway {
-            state,
-            public,
-            inner,
-            shutdown,
-        } = self;
+        let Gateway { state, public, inner, shutdown } = self;
         let stop = shutdown.clone();
         let draining = state.clone();
         tokio::spawn(async move {
@@ -163,9 +127,7 @@ impl Gateway {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source })
 }
 
 /// Loads token revocations now and every minute (a kick broadcast this node missed is

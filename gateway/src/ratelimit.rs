@@ -41,10 +41,7 @@ impl RateLimiter {
             let (rate, burst) = (self.rate, self.burst);
             buckets.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
         }
-        let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
-            tokens: self.burst,
-            last: now,
-        });
+        let bucket = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, last: now });
         bucket.tokens = (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.rate).min(self.burst);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
@@ -57,9 +54,7 @@ impl RateLimiter {
 }
 
 fn shard_of(key: &str) -> usize {
-    key.bytes()
-        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)))
-        % SHARDS
+    key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b))) % SHARDS
 }
 
 #[cfg(test)]

@@ -214,25 +214,16 @@ impl Config {
     pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError(m));
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
-            return fail(format!(
-                "trace_sample_ratio must be within 0.0–1.0, not {}",
-                self.trace_sample_ratio
-            ));
+            return fail(format!("trace_sample_ratio must be within 0.0–1.0, not {}", self.trace_sample_ratio));
         }
         if !matches!(self.otlp_protocol.as_str(), "grpc" | "http") {
-            return fail(format!(
-                "otlp_protocol must be grpc or http, not {:?}",
-                self.otlp_protocol
-            ));
+            return fail(format!("otlp_protocol must be grpc or http, not {:?}", self.otlp_protocol));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return fail(format!("log_format must be text or json, not {:?}", self.log_format));
         }
         if self.log_partitions == 0 || self.log_partitions > 256 {
-            return fail(format!(
-                "log_partitions must be within 1–256, not {}",
-                self.log_partitions
-            ));
+            return fail(format!("log_partitions must be within 1–256, not {}", self.log_partitions));
         }
         if self.max_content_bytes == 0 || self.max_body_bytes < self.max_content_bytes {
             return fail("max_body_bytes must be at least max_content_bytes (> 0)".into());
@@ -244,10 +235,7 @@ impl Config {
             return fail("send_batch_max must be at least 1".into());
         }
         if self.sse_heartbeat_s == 0 || self.sse_heartbeat_s > 15 {
-            return fail(format!(
-                "sse_heartbeat_s must be within 1–15, not {}",
-                self.sse_heartbeat_s
-            ));
+            return fail(format!("sse_heartbeat_s must be within 1–15, not {}", self.sse_heartbeat_s));
         }
         if self.ws_ping_s == 0 {
             return fail("ws_ping_s must be at least 1".into());
@@ -270,9 +258,7 @@ impl Config {
                 return fail("cors_origins must list origins; \"*\" is not accepted".into());
             }
             if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/') {
-                return fail(format!(
-                    "cors_origins entry {origin:?} must look like https://host[:port]"
-                ));
+                return fail(format!("cors_origins entry {origin:?} must look like https://host[:port]"));
             }
         }
         if let Some(secret) = &self.jwt_secret {
@@ -292,11 +278,7 @@ impl Config {
             }
         }
         let need = |present: bool, key: &str| -> Result<(), ConfigError> {
-            if present {
-                Ok(())
-            } else {
-                Err(ConfigError(format!("`quickim {}` needs {key}", role.name())))
-            }
+            if present { Ok(()) } else { Err(ConfigError(format!("`quickim {}` needs {key}", role.name()))) }
         };
         match role {
             Role::Standalone => {}
@@ -326,15 +308,8 @@ impl Config {
     /// This node's name: `node_id`, or role-host-pid.
     pub fn node_name(&self, role: Role) -> String {
         self.node_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_default();
-            format!(
-                "{}-{}-{}",
-                role.name(),
-                if host.is_empty() { "host" } else { &host },
-                std::process::id()
-            )
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+            format!("{}-{}-{}", role.name(), if host.is_empty() { "host" } else { &host }, std::process::id())
         })
     }
 }
@@ -412,11 +387,8 @@ mod tests {
         assert!(err.0.contains("jwt_secret"), "{err}");
         let err = Config::load(&parse(&["--jwt-secret", "short"]), Role::Standalone).unwrap_err();
         assert!(err.0.contains("32"), "{err}");
-        let err = Config::load(
-            &parse(&["--jwt-secret", "change-me-change-me-change-me-change-me"]),
-            Role::Standalone,
-        )
-        .unwrap_err();
+        let err = Config::load(&parse(&["--jwt-secret", "change-me-change-me-change-me-change-me"]), Role::Standalone)
+            .unwrap_err();
         assert!(err.0.contains("example"), "{err}");
         let ok = parse(&[
             "--nats-url",
@@ -427,20 +399,14 @@ mod tests {
             "0123456789abcdef",
         ]);
         assert!(Config::load(&ok, Role::Gateway).is_ok());
-        let err = Config::load(
-            &parse(&["--nats-url", "nats://x", "--database-url", "sqlite://x"]),
-            Role::Message,
-        )
-        .unwrap_err();
+        let err = Config::load(&parse(&["--nats-url", "nats://x", "--database-url", "sqlite://x"]), Role::Message)
+            .unwrap_err();
         assert!(err.0.contains("postgres"), "{err}");
     }
 
     #[test]
     fn secrets_do_not_show_in_debug() {
-        let c = Config {
-            jwt_secret: Some(Secret::new("super-secret-value-123456789012345")),
-            ..Config::default()
-        };
+        let c = Config { jwt_secret: Some(Secret::new("super-secret-value-123456789012345")), ..Config::default() };
         assert!(!format!("{c:?}").contains("super-secret"));
     }
 
@@ -458,10 +424,7 @@ mod docs_tests {
     fn operations_md_lists_every_key() {
         let doc = include_str!("../../docs/operations.md");
         for (key, env) in super::KEYS {
-            assert!(
-                doc.contains(&format!("| `{key}` | `{env}` |")),
-                "docs/operations.md lacks {key}"
-            );
+            assert!(doc.contains(&format!("| `{key}` | `{env}` |")), "docs/operations.md lacks {key}");
         }
     }
 }

@@ -131,10 +131,7 @@ pub struct ServiceError {
 impl ServiceError {
     /// A failure of the given kind with a client-facing message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ServiceError {
-            code,
-            message: message.into(),
-        }
+        ServiceError { code, message: message.into() }
     }
 
     /// 400 with a message naming the bad field.

@@ -20,9 +20,7 @@ pub fn check_id(field: &str, value: &str, max_len: usize) -> Result<(), ServiceE
         return Err(ServiceError::invalid(format!("{field} must not be empty")));
     }
     if value.len() > max_len {
-        return Err(ServiceError::invalid(format!(
-            "{field} is longer than {max_len} characters"
-        )));
+        return Err(ServiceError::invalid(format!("{field} is longer than {max_len} characters")));
     }
     if let Some(bad) = value.chars().find(|c| !allowed(*c)) {
         return Err(ServiceError::invalid(format!(

@@ -51,11 +51,7 @@ impl RpcClient {
         async {
             let payload = serde_json::to_vec(request).map_err(ServiceError::internal)?;
             let headers = telemetry::inject_context();
-            let reply = self
-                .bus
-                .request(C::SUBJECT, headers, payload.into(), self.timeout)
-                .await
-                .map_err(bus_error)?;
+            let reply = self.bus.request(C::SUBJECT, headers, payload.into(), self.timeout).await.map_err(bus_error)?;
             let answer: Reply<C::Reply> = serde_json::from_slice(&reply.payload)
                 .map_err(|e| ServiceError::internal(format!("undecodable answer on {}: {e}", C::SUBJECT)))?;
             answer
@@ -110,10 +106,7 @@ where
 
 /// The answer for a subject nobody handles.
 pub fn unknown_operation(subject: &str) -> Bytes {
-    encode::<()>(&Err(ServiceError::new(
-        ErrorCode::NotFound,
-        format!("unknown operation {subject}"),
-    )))
+    encode::<()>(&Err(ServiceError::new(ErrorCode::NotFound, format!("unknown operation {subject}"))))
 }
 
 /// Something that answers requests by subject.

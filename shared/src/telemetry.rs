@@ -22,9 +22,7 @@ impl Telemetry {
 static METRICS: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = std::sync::OnceLock::new();
 
 /// Latency buckets (seconds) for every `_seconds` histogram.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Installs the process-wide Prometheus recorder (once; later calls reuse it).
 pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
@@ -52,18 +50,10 @@ pub fn init(config: &Config, _service_name: &str) -> Result<Telemetry, ConfigErr
         EnvFilter::try_new(&config.log).map_err(|e| ConfigError(format!("log filter {:?}: {e}", config.log)))?;
     let registry = tracing_subscriber::registry().with(filter);
     let result = if config.log_format == "json" {
-        registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
-            .try_init()
+        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
     } else {
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(ansi)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init()
+        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).try_init()
     };
     result.map_err(|e| ConfigError(format!("logging already initialised: {e}")))?;
     install_metrics();

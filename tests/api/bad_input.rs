@@ -12,19 +12,11 @@ fn code(v: &Value) -> i64 {
 }
 
 fn token_with(secret: &str, claims: Value) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 #[tokio::test]
@@ -38,39 +30,15 @@ async fn malformed_requests_are_400_and_change_nothing() {
         ("malformed JSON", "{\"conversation_id\":".into()),
         ("empty body", "".into()),
         ("not an object", "[1,2]".into()),
-        (
-            "unknown field",
-            json!({"conversation_id":"c","type":1,"content":"x","from":"mallory"}).to_string(),
-        ),
-        (
-            "wrong type",
-            json!({"conversation_id":"c","type":"one","content":"x"}).to_string(),
-        ),
+        ("unknown field", json!({"conversation_id":"c","type":1,"content":"x","from":"mallory"}).to_string()),
+        ("wrong type", json!({"conversation_id":"c","type":"one","content":"x"}).to_string()),
         ("missing field", json!({"conversation_id":"c","type":1}).to_string()),
-        (
-            "null field",
-            json!({"conversation_id":null,"type":1,"content":"x"}).to_string(),
-        ),
-        (
-            "over-long id",
-            json!({"conversation_id":long,"type":1,"content":"x"}).to_string(),
-        ),
-        (
-            "bad id characters",
-            json!({"conversation_id":"a/b","type":1,"content":"x"}).to_string(),
-        ),
-        (
-            "empty id",
-            json!({"conversation_id":"","type":1,"content":"x"}).to_string(),
-        ),
-        (
-            "negative type",
-            json!({"conversation_id":"c","type":-1,"content":"x"}).to_string(),
-        ),
-        (
-            "type out of i32",
-            json!({"conversation_id":"c","type":4_294_967_296i64,"content":"x"}).to_string(),
-        ),
+        ("null field", json!({"conversation_id":null,"type":1,"content":"x"}).to_string()),
+        ("over-long id", json!({"conversation_id":long,"type":1,"content":"x"}).to_string()),
+        ("bad id characters", json!({"conversation_id":"a/b","type":1,"content":"x"}).to_string()),
+        ("empty id", json!({"conversation_id":"","type":1,"content":"x"}).to_string()),
+        ("negative type", json!({"conversation_id":"c","type":-1,"content":"x"}).to_string()),
+        ("type out of i32", json!({"conversation_id":"c","type":4_294_967_296i64,"content":"x"}).to_string()),
         (
             "bad client_msg_id",
             json!({"conversation_id":"c","type":1,"content":"x","client_msg_id":"has space"}).to_string(),
@@ -83,76 +51,38 @@ async fn malformed_requests_are_400_and_change_nothing() {
     for (what, body) in cases {
         let (s, v) = api.raw(Some(&t), "/send_msg", body).await;
         assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, 40000), "{what}: {v}");
-        assert!(
-            v["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "{what}: a human message"
-        );
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: a human message");
     }
     for (path, body) in [
         ("/get_joined_conversation", json!({"limit":0})),
         ("/get_joined_conversation", json!({"limit":101})),
         ("/get_joined_conversation", json!({"cursor":"not-a-cursor"})),
-        (
-            "/get_conversation_msg_by_range",
-            json!({"conversation_id":"c","start_msg_id":5,"end_msg_id":4}),
-        ),
-        (
-            "/get_conversation_msg_by_range",
-            json!({"conversation_id":"c","start_msg_id":-1,"end_msg_id":4}),
-        ),
+        ("/get_conversation_msg_by_range", json!({"conversation_id":"c","start_msg_id":5,"end_msg_id":4})),
+        ("/get_conversation_msg_by_range", json!({"conversation_id":"c","start_msg_id":-1,"end_msg_id":4})),
         ("/mark_read", json!({"conversation_id":"c","msg_id":"3"})),
         ("/create_conversation", json!({"conversation_type":1.5})),
     ] {
         let (s, v) = api.client(&t, path, body.clone()).await;
         assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, 40000), "{path} {body}: {v}");
     }
-    let (_, v) = api
-        .client(&t, "/get_lastone_msgid", json!({"conversation_id":"c"}))
-        .await;
+    let (_, v) = api.client(&t, "/get_lastone_msgid", json!({"conversation_id":"c"})).await;
     assert_eq!(v["data"]["msg_id"], 1, "nothing was written");
 }
 
 #[tokio::test]
 async fn oversize_content_and_bodies_are_413() {
-    let q = Standalone::start(
-        BIN,
-        &[
-            ("QUICKIM_MAX_CONTENT_BYTES", "1000"),
-            ("QUICKIM_MAX_BODY_BYTES", "4000"),
-        ],
-    )
-    .await;
+    let q = Standalone::start(BIN, &[("QUICKIM_MAX_CONTENT_BYTES", "1000"), ("QUICKIM_MAX_BODY_BYTES", "4000")]).await;
     let api = &q.api;
     api.conversation("c", &["alice"]).await;
     let t = api.token("alice", "web").await;
     // exactly at the limit, in UTF-8 bytes (500 × "é" = 1000 bytes)
-    let (s, _) = api
-        .client(
-            &t,
-            "/send_msg",
-            json!({"conversation_id":"c","type":1,"content":"é".repeat(500)}),
-        )
-        .await;
+    let (s, _) = api.client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"é".repeat(500)})).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, v) = api
-        .client(
-            &t,
-            "/send_msg",
-            json!({"conversation_id":"c","type":1,"content":"é".repeat(501)}),
-        )
-        .await;
+    let (s, v) = api.client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"é".repeat(501)})).await;
     assert_eq!((s, code(&v)), (StatusCode::PAYLOAD_TOO_LARGE, 41300), "{v}");
-    let (s, v) = api
-        .client(
-            &t,
-            "/send_msg",
-            json!({"conversation_id":"c","type":1,"content":"x".repeat(5000)}),
-        )
-        .await;
+    let (s, v) = api.client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"x".repeat(5000)})).await;
     assert_eq!((s, code(&v)), (StatusCode::PAYLOAD_TOO_LARGE, 41300), "body limit: {v}");
-    let (_, v) = api
-        .client(&t, "/get_lastone_msgid", json!({"conversation_id":"c"}))
-        .await;
+    let (_, v) = api.client(&t, "/get_lastone_msgid", json!({"conversation_id":"c"})).await;
     assert_eq!(v["data"]["msg_id"], 2, "only the message within the limit was stored");
 }
 
@@ -161,47 +91,23 @@ async fn bad_tokens_are_401() {
     let q = Standalone::start(BIN, &[]).await;
     let api = &q.api;
     api.conversation("c", &["alice"]).await;
-    let forged = token_with(
-        "some-other-secret-some-other-secret",
-        json!({"sub":"alice","plt":"web","exp":now()+600}),
-    );
-    let expired = token_with(
-        TEST_JWT_SECRET,
-        json!({"sub":"alice","plt":"web","iat":now()-7200,"exp":now()-3600}),
-    );
+    let forged = token_with("some-other-secret-some-other-secret", json!({"sub":"alice","plt":"web","exp":now()+600}));
+    let expired = token_with(TEST_JWT_SECRET, json!({"sub":"alice","plt":"web","iat":now()-7200,"exp":now()-3600}));
     let no_exp = token_with(TEST_JWT_SECRET, json!({"sub":"alice","plt":"web"}));
     let bad_sub = token_with(TEST_JWT_SECRET, json!({"sub":"a b","plt":"web","exp":now()+600}));
-    let good = token_with(
-        TEST_JWT_SECRET,
-        json!({"sub":"alice","plt":"web","iat":now(),"exp":now()+600}),
-    );
+    let good = token_with(TEST_JWT_SECRET, json!({"sub":"alice","plt":"web","iat":now(),"exp":now()+600}));
     for (what, token) in [
         ("forged", forged.as_str()),
         ("expired", expired.as_str()),
         ("without exp", no_exp.as_str()),
         ("bad subject", bad_sub.as_str()),
         ("garbage", "abc.def.ghi"),
-        (
-            "alg none",
-            "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.",
-        ),
+        ("alg none", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0."),
     ] {
-        let (s, v) = api
-            .client(
-                token,
-                "/send_msg",
-                json!({"conversation_id":"c","type":1,"content":"x"}),
-            )
-            .await;
+        let (s, v) = api.client(token, "/send_msg", json!({"conversation_id":"c","type":1,"content":"x"})).await;
         assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, 40100), "{what}: {v}");
     }
-    let (s, v) = api
-        .raw(
-            None,
-            "/send_msg",
-            json!({"conversation_id":"c","type":1,"content":"x"}).to_string(),
-        )
-        .await;
+    let (s, v) = api.raw(None, "/send_msg", json!({"conversation_id":"c","type":1,"content":"x"}).to_string()).await;
     assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, 40100));
     assert_eq!(v["error"], "missing token");
     // ?token= works where headers cannot be set; the header wins when both are given.
@@ -213,9 +119,7 @@ async fn bad_tokens_are_401() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let (_, v) = api
-        .client(&good, "/get_lastone_msgid", json!({"conversation_id":"c"}))
-        .await;
+    let (_, v) = api.client(&good, "/get_lastone_msgid", json!({"conversation_id":"c"})).await;
     assert_eq!(v["data"]["msg_id"], 1, "none of the bad requests stored anything");
 }
 
@@ -238,54 +142,27 @@ async fn inner_routes_need_the_inner_key_and_valid_lists() {
     }
     // A client token is not an inner key.
     let t = api.token("a", "web").await;
-    let resp = api
-        .http
-        .post(format!("{}/inner/get_token", api.inner))
-        .bearer_auth(&t)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let resp = api.http.post(format!("{}/inner/get_token", api.inner)).bearer_auth(&t).body("{}").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let too_many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
     for (path, body) in [
         ("/inner/get_token", json!({"user_id":"a","platform":"web","ttl_s":0})),
         ("/inner/get_token", json!({"user_id":"bad id","platform":"web"})),
         ("/inner/get_token", json!({"user_id":"a","platform":"p".repeat(33)})),
-        (
-            "/inner/create_conversation",
-            json!({"conversation_type":1,"members":[]}),
-        ),
-        (
-            "/inner/create_conversation",
-            json!({"conversation_type":1,"members":["ok","bad id"]}),
-        ),
+        ("/inner/create_conversation", json!({"conversation_type":1,"members":[]})),
+        ("/inner/create_conversation", json!({"conversation_type":1,"members":["ok","bad id"]})),
         ("/inner/join_conversation", json!({"conversation_id":"c","user_ids":[]})),
-        (
-            "/inner/kickout_conversation",
-            json!({"conversation_id":"c","user_ids":[]}),
-        ),
-        (
-            "/inner/set_archive_conversations",
-            json!({"conversation_ids":[],"archived":true}),
-        ),
+        ("/inner/kickout_conversation", json!({"conversation_id":"c","user_ids":[]})),
+        ("/inner/set_archive_conversations", json!({"conversation_ids":[],"archived":true})),
         ("/inner/send_msg_batch", json!({"msgs":[]})),
         ("/inner/get_users_online", json!({"user_ids":too_many})),
         ("/inner/kick_user", json!({"user_id":""})),
-        (
-            "/inner/send_msg",
-            json!({"conversation_id":"c","from":"a","type":1,"content":"x","extra":1}),
-        ),
+        ("/inner/send_msg", json!({"conversation_id":"c","from":"a","type":1,"content":"x","extra":1})),
     ] {
         let (s, v) = api.inner(path, body).await;
         assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, 40000), "{path}: {v}");
     }
-    let (s, v) = api
-        .inner(
-            "/inner/join_conversation",
-            json!({"conversation_id":"nope","user_ids":["a"]}),
-        )
-        .await;
+    let (s, v) = api.inner("/inner/join_conversation", json!({"conversation_id":"nope","user_ids":["a"]})).await;
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, 40400), "{v}");
 }
 
@@ -293,12 +170,7 @@ async fn inner_routes_need_the_inner_key_and_valid_lists() {
 async fn unknown_routes_and_methods_answer_in_the_envelope() {
     let q = Standalone::start(BIN, &[]).await;
     let api = &q.api;
-    let resp = api
-        .http
-        .post(format!("{}/no_such_route", api.public))
-        .send()
-        .await
-        .unwrap();
+    let resp = api.http.post(format!("{}/no_such_route", api.public)).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(code(&resp.json::<Value>().await.unwrap()), 40400);
     let resp = api.http.get(format!("{}/send_msg", api.public)).send().await.unwrap();

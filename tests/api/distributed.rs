@@ -16,17 +16,9 @@ async fn any_gateway_serves_any_request() {
     a.conversation("room", &["alice", "bob"]).await;
     let alice = a.token("alice", "web").await;
     let bob = b.token("bob", "web").await;
-    let (s, v) = b
-        .client(
-            &alice,
-            "/send_msg",
-            json!({"conversation_id":"room","type":1,"content":"via b"}),
-        )
-        .await;
+    let (s, v) = b.client(&alice, "/send_msg", json!({"conversation_id":"room","type":1,"content":"via b"})).await;
     assert_eq!(s, StatusCode::OK, "a token from gateway 0 works on gateway 1: {v}");
-    let (_, v) = a
-        .client(&bob, "/get_conversation_lastone_msg", json!({"conversation_id":"room"}))
-        .await;
+    let (_, v) = a.client(&bob, "/get_conversation_lastone_msg", json!({"conversation_id":"room"})).await;
     assert_eq!(v["data"]["msg"]["content"], "via b");
     let (_, v) = a.inner("/inner/get_users_online", json!({"user_ids":["alice"]})).await;
     assert_eq!(v["data"]["nodes"], 2, "presence asks every gateway: {v}");
@@ -56,11 +48,7 @@ async fn msg_ids_are_gap_free_with_two_message_services() {
             for i in 0..40usize {
                 let conv = if (w + i) % 3 == 0 { "warm" } else { "hot" };
                 let (s, v) = api
-                    .client(
-                        &t,
-                        "/send_msg",
-                        json!({"conversation_id":conv,"type":1,"content":format!("{w}-{i}")}),
-                    )
+                    .client(&t, "/send_msg", json!({"conversation_id":conv,"type":1,"content":format!("{w}-{i}")}))
                     .await;
                 assert_eq!(s, StatusCode::OK, "{v}");
                 got.push((conv.to_string(), v["data"]["msg_id"].as_u64().unwrap()));
@@ -79,18 +67,11 @@ async fn msg_ids_are_gap_free_with_two_message_services() {
         ids.sort_unstable();
         let expected: Vec<u64> = (2..2 + ids.len() as u64).collect();
         assert_eq!(ids, expected, "{c}: unique and gap-free");
-        let (_, v) = d
-            .api(1)
-            .client(&reader, "/get_lastone_msgid", json!({"conversation_id":c}))
-            .await;
+        let (_, v) = d.api(1).client(&reader, "/get_lastone_msgid", json!({"conversation_id":c})).await;
         assert_eq!(v["data"]["msg_id"].as_u64().unwrap(), 1 + ids.len() as u64);
     }
     // Both message services took part.
-    let served: usize = d
-        .message
-        .iter()
-        .filter(|p| p.log_text().contains("service running"))
-        .count();
+    let served: usize = d.message.iter().filter(|p| p.log_text().contains("service running")).count();
     assert_eq!(served, 2);
     d.finish().await;
 }
@@ -121,10 +102,7 @@ async fn concurrent_retries_across_gateways_store_once() {
         answers.insert(task.await.unwrap().to_string());
     }
     assert_eq!(answers.len(), 1, "every retry answers the same message");
-    let (_, v) = d
-        .api(1)
-        .client(&t, "/get_lastone_msgid", json!({"conversation_id":"c"}))
-        .await;
+    let (_, v) = d.api(1).client(&t, "/get_lastone_msgid", json!({"conversation_id":"c"})).await;
     assert_eq!(v["data"]["msg_id"], 2, "stored once");
     d.finish().await;
 }
@@ -135,29 +113,13 @@ async fn a_missing_service_is_503_and_recovers() {
     d.api(0).conversation("c", &["a"]).await;
     let t = d.api(0).token("a", "web").await;
     d.message[0].kill();
-    let (s, v) = d
-        .api(0)
-        .client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"x"}))
-        .await;
-    assert_eq!(
-        (s, v["code"].as_i64()),
-        (StatusCode::SERVICE_UNAVAILABLE, Some(50300)),
-        "{v}"
-    );
-    let ready = d
-        .api(0)
-        .http
-        .get(format!("{}/readyz", d.api(0).public))
-        .send()
-        .await
-        .unwrap();
+    let (s, v) = d.api(0).client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"x"})).await;
+    assert_eq!((s, v["code"].as_i64()), (StatusCode::SERVICE_UNAVAILABLE, Some(50300)), "{v}");
+    let ready = d.api(0).http.get(format!("{}/readyz", d.api(0).public)).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     d.add_service("message");
     d.api(0).wait_ready(Duration::from_secs(30)).await;
-    let (s, v) = d
-        .api(0)
-        .client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"x"}))
-        .await;
+    let (s, v) = d.api(0).client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"x"})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["data"]["msg_id"], 2, "the failed send stored nothing");
     d.finish().await;

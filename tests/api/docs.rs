@@ -19,12 +19,7 @@ fn api_md_lists_every_error_code_and_route() {
         .unwrap()
         .values()
         .filter_map(|r| r["description"].as_str())
-        .flat_map(|d| {
-            d.trim_start_matches("Failure: ")
-                .split(", ")
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|d| d.trim_start_matches("Failure: ").split(", ").map(str::to_string).collect::<Vec<_>>())
         .collect();
     assert!(error_names.len() >= 13, "{error_names:?}");
     for entry in error_names {
@@ -34,9 +29,6 @@ fn api_md_lists_every_error_code_and_route() {
         // "40301 not_member (403)"
         let mut parts = entry.split(' ');
         let (number, name) = (parts.next().unwrap(), parts.next().unwrap());
-        assert!(
-            api_md.contains(&format!("| {number} | `{name}` |")),
-            "docs/api.md lacks {number} {name}"
-        );
+        assert!(api_md.contains(&format!("| {number} | `{name}` |")), "docs/api.md lacks {number} {name}");
     }
 }

@@ -26,13 +26,8 @@ fn distributed_roles_refuse_to_start_without_their_settings() {
     let (code, err) = run(&["gateway", "--nats-url", "nats://127.0.0.1:1"], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("jwt_secret") && err.contains("no default secret"), "{err}");
-    let (code, err) = run(
-        &["gateway"],
-        &[
-            ("QUICKIM_NATS_URL", "nats://127.0.0.1:1"),
-            ("QUICKIM_JWT_SECRET", "too-short"),
-        ],
-    );
+    let (code, err) =
+        run(&["gateway"], &[("QUICKIM_NATS_URL", "nats://127.0.0.1:1"), ("QUICKIM_JWT_SECRET", "too-short")]);
     assert_eq!(code, 2);
     assert!(err.contains("at least 32"), "{err}");
     let (code, err) = run(&["message", "--nats-url", "nats://127.0.0.1:1"], &[]);
@@ -88,17 +83,8 @@ fn the_listeners_must_be_free() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let (code, err) = run(
-        &[
-            "--public-addr",
-            &addr,
-            "--inner-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, err) =
+        run(&["--public-addr", &addr, "--inner-addr", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()], &[]);
     assert_ne!(code, 0);
     assert!(err.contains(&addr), "{err}");
 }

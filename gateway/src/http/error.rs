@@ -24,11 +24,7 @@ pub struct ApiError {
 impl ApiError {
     /// A failure of `code` with `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: message.into(),
-            retry_after_s: None,
-        }
+        ApiError { code, message: message.into(), retry_after_s: None }
     }
 
     /// 429 with a Retry-After.
@@ -50,10 +46,7 @@ impl From<ServiceError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = ErrorBody {
-            code: self.code.number(),
-            error: self.message,
-        };
+        let body = ErrorBody { code: self.code.number(), error: self.message };
         let mut response = (status, Json(body)).into_response();
         if let Some(s) = self.retry_after_s
             && let Ok(v) = HeaderValue::from_str(&s.to_string())

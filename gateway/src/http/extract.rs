@@ -28,10 +28,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
         let limit = req.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(64 * 1024);
         let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
             if e.into_inner().is::<http_body_util::LengthLimitError>() {
-                ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!("request body is larger than {limit} bytes"),
-                )
+                ApiError::new(ErrorCode::PayloadTooLarge, format!("request body is larger than {limit} bytes"))
             } else {
                 ApiError::new(ErrorCode::InvalidParam, "could not read the request body")
             }

@@ -20,11 +20,7 @@ struct Status {
 
 /// GET /healthz: the process runs.
 pub async fn healthz(State(s): State<AppState>) -> Response {
-    Envelope(Status {
-        status: "ok",
-        node_id: s.node_id.clone(),
-    })
-    .into_response()
+    Envelope(Status { status: "ok", node_id: s.node_id.clone() }).into_response()
 }
 
 /// GET /readyz: the bus is connected, the services and their database answer, start-up is
@@ -45,11 +41,7 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
         return not_ready("starting");
     }
     match tokio::time::timeout(Duration::from_secs(2), s.rpc.call(&GetHeads {})).await {
-        Ok(Ok(_)) => Envelope(Status {
-            status: "ready",
-            node_id: s.node_id.clone(),
-        })
-        .into_response(),
+        Ok(Ok(_)) => Envelope(Status { status: "ready", node_id: s.node_id.clone() }).into_response(),
         Ok(Err(e)) => not_ready(&format!("message service: {}", e.message)),
         Err(_) => not_ready("message service did not answer in time"),
     }

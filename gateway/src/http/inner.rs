@@ -56,14 +56,8 @@ pub async fn join_conversation(
     _: InnerKey,
     Body(r): Body<InnerMembersRequest>,
 ) -> ApiResult<JoinedUsers> {
-    let joined = s
-        .rpc
-        .call(&Join {
-            conversation_id: r.conversation_id,
-            user_ids: r.user_ids,
-            self_join: false,
-        })
-        .await?;
+    let joined =
+        s.rpc.call(&Join { conversation_id: r.conversation_id, user_ids: r.user_ids, self_join: false }).await?;
     Ok(Envelope(joined))
 }
 
@@ -73,14 +67,7 @@ pub async fn kickout_conversation(
     _: InnerKey,
     Body(r): Body<InnerMembersRequest>,
 ) -> ApiResult<KickedUsers> {
-    Ok(Envelope(
-        s.rpc
-            .call(&Kick {
-                conversation_id: r.conversation_id,
-                user_ids: r.user_ids,
-            })
-            .await?,
-    ))
+    Ok(Envelope(s.rpc.call(&Kick { conversation_id: r.conversation_id, user_ids: r.user_ids }).await?))
 }
 
 /// POST /inner/set_archive_conversations
@@ -89,14 +76,7 @@ pub async fn set_archive_conversations(
     _: InnerKey,
     Body(r): Body<SetArchiveRequest>,
 ) -> ApiResult<ArchiveAnswer> {
-    Ok(Envelope(
-        s.rpc
-            .call(&SetArchived {
-                conversation_ids: r.conversation_ids,
-                archived: r.archived,
-            })
-            .await?,
-    ))
+    Ok(Envelope(s.rpc.call(&SetArchived { conversation_ids: r.conversation_ids, archived: r.archived }).await?))
 }
 
 fn inner_send(r: InnerSendMsgRequest) -> SendMessage {
@@ -139,27 +119,12 @@ pub async fn send_msg_batch(
     while let Some(item) = items.next() {
         bytes += item.content.len() + item.conversation_id.len() + item.from.len() + 128;
         chunk.push(item);
-        let full = items
-            .peek()
-            .is_some_and(|next| bytes + next.content.len() + 256 > BATCH_CHUNK_BYTES);
+        let full = items.peek().is_some_and(|next| bytes + next.content.len() + 256 > BATCH_CHUNK_BYTES);
         if full || items.peek().is_none() {
-            let answers = s
-                .rpc
-                .call(&SendBatch {
-                    items: std::mem::take(&mut chunk),
-                })
-                .await?;
+            let answers = s.rpc.call(&SendBatch { items: std::mem::take(&mut chunk) }).await?;
             results.extend(answers.into_iter().map(|a| match a {
-                Ok(m) => BatchItemResult {
-                    code: 0,
-                    data: Some(m),
-                    error: None,
-                },
-                Err(e) => BatchItemResult {
-                    code: e.code.number(),
-                    data: None,
-                    error: Some(e.message),
-                },
+                Ok(m) => BatchItemResult { code: 0, data: Some(m), error: None },
+                Err(e) => BatchItemResult { code: e.code.number(), data: None, error: Some(e.message) },
             }));
             bytes = 0;
         }
@@ -192,12 +157,7 @@ pub async fn get_users_online(
                 connections: p.connections,
                 user_id: u,
             },
-            None => UserOnline {
-                user_id: u,
-                online: false,
-                platforms: Vec::new(),
-                connections: 0,
-            },
+            None => UserOnline { user_id: u, online: false, platforms: Vec::new(), connections: 0 },
         })
         .collect();
     Ok(Envelope(UsersOnlineAnswer { users, nodes }))
@@ -215,22 +175,9 @@ pub async fn kick_user(
         check_platform(p)?;
     }
     let before_ms = now_ms() + 1;
-    s.rpc
-        .call(&RevokeTokens {
-            user_id: r.user_id.clone(),
-            platform: r.platform.clone(),
-            before_ms,
-        })
-        .await?;
-    let revocation = Revocation {
-        user_id: r.user_id,
-        platform: r.platform,
-        before_ms,
-    };
+    s.rpc.call(&RevokeTokens { user_id: r.user_id.clone(), platform: r.platform.clone(), before_ms }).await?;
+    let revocation = Revocation { user_id: r.user_id, platform: r.platform, before_ms };
     s.auth.revoke(&revocation);
     let (closed, _nodes) = s.cluster.kick_user(&revocation).await.map_err(bus_error)?;
-    Ok(Envelope(KickUserAnswer {
-        closed_connections: closed,
-        revoked_before: before_ms,
-    }))
+    Ok(Envelope(KickUserAnswer { closed_connections: closed, revoked_before: before_ms }))
 }

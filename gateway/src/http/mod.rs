@@ -29,10 +29,7 @@ use crate::state::AppState;
 use extract::BodyLimit;
 
 async fn metrics() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        quickim_shared::telemetry::render_metrics(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], quickim_shared::telemetry::render_metrics())
 }
 
 /// Counts every request and times it, by route (the matched path, never the raw URL).
@@ -93,26 +90,11 @@ pub fn public_router(state: AppState) -> Router {
             .route("/leave_conversation", post(public::leave_conversation))
             .route("/get_lastone_msgid", post(public::get_lastone_msgid))
             .route("/mark_read", post(public::mark_read))
-            .route(
-                "/get_conversation_msg_by_range",
-                post(public::get_conversation_msg_by_range),
-            )
-            .route(
-                "/get_conversation_30msg_before_the_id",
-                post(public::get_conversation_30msg_before_the_id),
-            )
-            .route(
-                "/get_conversation_30msg_after_the_id",
-                post(public::get_conversation_30msg_after_the_id),
-            )
-            .route(
-                "/get_conversation_last_30_msg",
-                post(public::get_conversation_last_30_msg),
-            )
-            .route(
-                "/get_conversation_lastone_msg",
-                post(public::get_conversation_lastone_msg),
-            )
+            .route("/get_conversation_msg_by_range", post(public::get_conversation_msg_by_range))
+            .route("/get_conversation_30msg_before_the_id", post(public::get_conversation_30msg_before_the_id))
+            .route("/get_conversation_30msg_after_the_id", post(public::get_conversation_30msg_after_the_id))
+            .route("/get_conversation_last_30_msg", post(public::get_conversation_last_30_msg))
+            .route("/get_conversation_lastone_msg", post(public::get_conversation_lastone_msg))
             .route("/notify", get(crate::notify::notify)),
     )
     .layer(Extension(BodyLimit(state.config.max_body_bytes)))
@@ -132,10 +114,7 @@ pub fn inner_router(state: AppState) -> Router {
             .route("/inner/create_conversation", post(inner::create_conversation))
             .route("/inner/join_conversation", post(inner::join_conversation))
             .route("/inner/kickout_conversation", post(inner::kickout_conversation))
-            .route(
-                "/inner/set_archive_conversations",
-                post(inner::set_archive_conversations),
-            )
+            .route("/inner/set_archive_conversations", post(inner::set_archive_conversations))
             .route("/inner/send_msg", post(inner::send_msg))
             .route("/inner/send_msg_batch", post(inner::send_msg_batch))
             .route("/inner/get_users_online", post(inner::get_users_online))
@@ -158,11 +137,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(list))
             .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-            .allow_headers([
-                header::AUTHORIZATION,
-                header::CONTENT_TYPE,
-                HeaderName::from_static("last-event-id"),
-            ])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("last-event-id")])
             .max_age(std::time::Duration::from_secs(600)),
     )
 }

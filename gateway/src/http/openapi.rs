@@ -38,24 +38,12 @@ const fn route(
     data: &'static str,
     access: Access,
 ) -> Route {
-    Route {
-        path,
-        summary,
-        request: Some(request),
-        data: Some(data),
-        access,
-    }
+    Route { path, summary, request: Some(request), data: Some(data), access }
 }
 
 /// Every POST route of the API, public and inner.
 const ROUTES: &[Route] = &[
-    route(
-        "/send_msg",
-        "Send a message (answers once it is stored)",
-        "SendMsgRequest",
-        "Message",
-        Access::Client,
-    ),
+    route("/send_msg", "Send a message (answers once it is stored)", "SendMsgRequest", "Message", Access::Client),
     route(
         "/check_joined_conversation",
         "Whether the caller is a member",
@@ -84,20 +72,8 @@ const ROUTES: &[Route] = &[
         "CreatedConversation",
         Access::Client,
     ),
-    route(
-        "/join_conversation",
-        "Join a joinable conversation",
-        "ConversationRequest",
-        "JoinedAnswer",
-        Access::Client,
-    ),
-    route(
-        "/leave_conversation",
-        "Leave a conversation",
-        "ConversationRequest",
-        "LeftAnswer",
-        Access::Client,
-    ),
+    route("/join_conversation", "Join a joinable conversation", "ConversationRequest", "JoinedAnswer", Access::Client),
+    route("/leave_conversation", "Leave a conversation", "ConversationRequest", "LeftAnswer", Access::Client),
     route(
         "/get_lastone_msgid",
         "Newest msg_id of a conversation",
@@ -105,13 +81,7 @@ const ROUTES: &[Route] = &[
         "MsgIdAnswer",
         Access::Client,
     ),
-    route(
-        "/mark_read",
-        "Move the caller's read position forward",
-        "MarkReadRequest",
-        "ReadAnswer",
-        Access::Client,
-    ),
+    route("/mark_read", "Move the caller's read position forward", "MarkReadRequest", "ReadAnswer", Access::Client),
     route(
         "/get_conversation_msg_by_range",
         "Messages start..=end (at most range_max)",
@@ -133,13 +103,7 @@ const ROUTES: &[Route] = &[
         "MsgsAnswer",
         Access::Client,
     ),
-    route(
-        "/get_conversation_last_30_msg",
-        "The newest 30 messages",
-        "LastMsgsRequest",
-        "MsgsAnswer",
-        Access::Client,
-    ),
+    route("/get_conversation_last_30_msg", "The newest 30 messages", "LastMsgsRequest", "MsgsAnswer", Access::Client),
     route(
         "/get_conversation_lastone_msg",
         "The newest message, or null",
@@ -147,13 +111,7 @@ const ROUTES: &[Route] = &[
         "LastOneAnswer",
         Access::Client,
     ),
-    route(
-        "/inner/get_token",
-        "Issue a client token",
-        "GetTokenRequest",
-        "TokenAnswer",
-        Access::Inner,
-    ),
+    route("/inner/get_token", "Issue a client token", "GetTokenRequest", "TokenAnswer", Access::Inner),
     route(
         "/inner/create_conversation",
         "Create a conversation (idempotent for a named id)",
@@ -161,13 +119,7 @@ const ROUTES: &[Route] = &[
         "CreatedConversation",
         Access::Inner,
     ),
-    route(
-        "/inner/join_conversation",
-        "Add members",
-        "InnerMembersRequest",
-        "JoinedUsers",
-        Access::Inner,
-    ),
+    route("/inner/join_conversation", "Add members", "InnerMembersRequest", "JoinedUsers", Access::Inner),
     route(
         "/inner/kickout_conversation",
         "Remove members (their streams stop getting the conversation)",
@@ -223,12 +175,7 @@ fn schema_ref(name: &str) -> RefOr<utoipa::openapi::schema::Schema> {
 
 fn envelope(data: Option<&str>) -> ObjectBuilder {
     let mut o = ObjectBuilder::new()
-        .property(
-            "code",
-            ObjectBuilder::new()
-                .schema_type(Type::Integer)
-                .description(Some("0 on success")),
-        )
+        .property("code", ObjectBuilder::new().schema_type(Type::Integer).description(Some("0 on success")))
         .required("code");
     if let Some(d) = data {
         o = o.property("data", schema_ref(d)).required("data");
@@ -237,10 +184,8 @@ fn envelope(data: Option<&str>) -> ObjectBuilder {
 }
 
 fn error_responses(op: OperationBuilder, access: Access) -> OperationBuilder {
-    let codes: Vec<String> = ErrorCode::ALL
-        .iter()
-        .map(|c| format!("{} {} ({})", c.number(), c.name(), c.http_status()))
-        .collect();
+    let codes: Vec<String> =
+        ErrorCode::ALL.iter().map(|c| format!("{} {} ({})", c.number(), c.name(), c.http_status())).collect();
     let mut op = op;
     let mut statuses: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.http_status()).collect();
     statuses.sort_unstable();
@@ -249,19 +194,12 @@ fn error_responses(op: OperationBuilder, access: Access) -> OperationBuilder {
         if access == Access::Open && status != 503 {
             continue;
         }
-        let here: Vec<&str> = codes
-            .iter()
-            .filter(|c| c.contains(&format!("({status})")))
-            .map(String::as_str)
-            .collect();
+        let here: Vec<&str> = codes.iter().filter(|c| c.contains(&format!("({status})"))).map(String::as_str).collect();
         op = op.response(
             status.to_string(),
             ResponseBuilder::new()
                 .description(format!("Failure: {}", here.join(", ")))
-                .content(
-                    "application/json",
-                    ContentBuilder::new().schema(Some(schema_ref("ErrorBody"))).build(),
-                ),
+                .content("application/json", ContentBuilder::new().schema(Some(schema_ref("ErrorBody"))).build()),
         );
     }
     op
@@ -274,28 +212,20 @@ fn post(r: &Route) -> PathItem {
         .tag(if r.access == Access::Inner { "inner" } else { "client" })
         .response(
             "200",
-            ResponseBuilder::new().description("Success").content(
-                "application/json",
-                ContentBuilder::new().schema(Some(envelope(r.data))).build(),
-            ),
+            ResponseBuilder::new()
+                .description("Success")
+                .content("application/json", ContentBuilder::new().schema(Some(envelope(r.data))).build()),
         );
     if let Some(req) = r.request {
         op = op.request_body(Some(
             RequestBodyBuilder::new()
                 .required(Some(utoipa::openapi::Required::True))
-                .content(
-                    "application/json",
-                    ContentBuilder::new().schema(Some(schema_ref(req))).build(),
-                )
+                .content("application/json", ContentBuilder::new().schema(Some(schema_ref(req))).build())
                 .build(),
         ));
     }
     op = op.security(SecurityRequirement::new(
-        if r.access == Access::Inner {
-            "inner_key"
-        } else {
-            "client_token"
-        },
+        if r.access == Access::Inner { "inner_key" } else { "client_token" },
         Vec::<String>::new(),
     ));
     PathItem::new(HttpMethod::Post, error_responses(op, r.access))
@@ -352,17 +282,9 @@ pub fn document() -> OpenApi {
     let mut components = ComponentsBuilder::new()
         .security_scheme(
             "client_token",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
         )
-        .security_scheme(
-            "inner_key",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
+        .security_scheme("inner_key", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
     macro_rules! schemas {
         ($($t:ty),* $(,)?) => { $( components = components.schema(<$t as ToSchema>::name(), <$t as utoipa::PartialSchema>::schema()); )* };
     }

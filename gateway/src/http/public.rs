@@ -40,13 +40,7 @@ pub async fn check_joined_conversation(
     caller: Caller,
     Body(r): Body<ConversationRequest>,
 ) -> ApiResult<JoinedAnswer> {
-    let joined = s
-        .rpc
-        .call(&CheckJoined {
-            user_id: caller.user_id,
-            conversation_id: r.conversation_id,
-        })
-        .await?;
+    let joined = s.rpc.call(&CheckJoined { user_id: caller.user_id, conversation_id: r.conversation_id }).await?;
     Ok(Envelope(JoinedAnswer { joined }))
 }
 
@@ -60,15 +54,8 @@ pub async fn get_joined_conversation(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::new(ErrorCode::InvalidParam, "limit must be within 1–100"));
     }
-    let page = s
-        .rpc
-        .call(&ListJoined {
-            user_id: caller.user_id,
-            archived: r.archived,
-            limit,
-            cursor: r.cursor,
-        })
-        .await?;
+    let page =
+        s.rpc.call(&ListJoined { user_id: caller.user_id, archived: r.archived, limit, cursor: r.cursor }).await?;
     Ok(Envelope(page))
 }
 
@@ -78,14 +65,7 @@ pub async fn get_conversation_detail(
     caller: Caller,
     Body(r): Body<ConversationRequest>,
 ) -> ApiResult<ConversationDetail> {
-    Ok(Envelope(
-        s.rpc
-            .call(&GetDetail {
-                user_id: caller.user_id,
-                conversation_id: r.conversation_id,
-            })
-            .await?,
-    ))
+    Ok(Envelope(s.rpc.call(&GetDetail { user_id: caller.user_id, conversation_id: r.conversation_id }).await?))
 }
 
 /// POST /create_conversation: the caller becomes the owner; others only where allowed.
@@ -120,13 +100,7 @@ pub async fn join_conversation(
     caller: Caller,
     Body(r): Body<ConversationRequest>,
 ) -> ApiResult<JoinedAnswer> {
-    s.rpc
-        .call(&Join {
-            conversation_id: r.conversation_id,
-            user_ids: vec![caller.user_id],
-            self_join: true,
-        })
-        .await?;
+    s.rpc.call(&Join { conversation_id: r.conversation_id, user_ids: vec![caller.user_id], self_join: true }).await?;
     Ok(Envelope(JoinedAnswer { joined: true }))
 }
 
@@ -136,14 +110,7 @@ pub async fn leave_conversation(
     caller: Caller,
     Body(r): Body<ConversationRequest>,
 ) -> ApiResult<LeftAnswer> {
-    Ok(Envelope(
-        s.rpc
-            .call(&Leave {
-                user_id: caller.user_id,
-                conversation_id: r.conversation_id,
-            })
-            .await?,
-    ))
+    Ok(Envelope(s.rpc.call(&Leave { user_id: caller.user_id, conversation_id: r.conversation_id }).await?))
 }
 
 /// POST /get_lastone_msgid
@@ -152,13 +119,7 @@ pub async fn get_lastone_msgid(
     caller: Caller,
     Body(r): Body<ConversationRequest>,
 ) -> ApiResult<MsgIdAnswer> {
-    let msg_id = s
-        .rpc
-        .call(&LastMsgId {
-            user_id: caller.user_id,
-            conversation_id: r.conversation_id,
-        })
-        .await?;
+    let msg_id = s.rpc.call(&LastMsgId { user_id: caller.user_id, conversation_id: r.conversation_id }).await?;
     Ok(Envelope(MsgIdAnswer { msg_id }))
 }
 
@@ -168,14 +129,8 @@ pub async fn mark_read(
     caller: Caller,
     Body(r): Body<MarkReadRequest>,
 ) -> ApiResult<ReadAnswer> {
-    let answer = s
-        .rpc
-        .call(&MarkRead {
-            user_id: caller.user_id,
-            conversation_id: r.conversation_id,
-            msg_id: r.msg_id,
-        })
-        .await?;
+    let answer =
+        s.rpc.call(&MarkRead { user_id: caller.user_id, conversation_id: r.conversation_id, msg_id: r.msg_id }).await?;
     Ok(Envelope(answer))
 }
 
@@ -186,14 +141,7 @@ async fn history(
     query: HistoryQuery,
     desc: bool,
 ) -> Result<Vec<Message>, ServiceError> {
-    s.rpc
-        .call(&History {
-            user_id: caller.user_id,
-            conversation_id,
-            query,
-            desc,
-        })
-        .await
+    s.rpc.call(&History { user_id: caller.user_id, conversation_id, query, desc }).await
 }
 
 /// POST /get_conversation_msg_by_range
@@ -202,10 +150,7 @@ pub async fn get_conversation_msg_by_range(
     caller: Caller,
     Body(r): Body<RangeRequest>,
 ) -> ApiResult<MsgsAnswer> {
-    let query = HistoryQuery::Range {
-        start: r.start_msg_id,
-        end: r.end_msg_id,
-    };
+    let query = HistoryQuery::Range { start: r.start_msg_id, end: r.end_msg_id };
     let msgs = history(&s, caller, r.conversation_id, query, r.desc).await?;
     Ok(Envelope(MsgsAnswer { msgs }))
 }
@@ -216,14 +161,7 @@ pub async fn get_conversation_30msg_before_the_id(
     caller: Caller,
     Body(r): Body<AroundRequest>,
 ) -> ApiResult<MsgsAnswer> {
-    let msgs = history(
-        &s,
-        caller,
-        r.conversation_id,
-        HistoryQuery::Before { msg_id: r.msg_id },
-        r.desc,
-    )
-    .await?;
+    let msgs = history(&s, caller, r.conversation_id, HistoryQuery::Before { msg_id: r.msg_id }, r.desc).await?;
     Ok(Envelope(MsgsAnswer { msgs }))
 }
 
@@ -233,14 +171,7 @@ pub async fn get_conversation_30msg_after_the_id(
     caller: Caller,
     Body(r): Body<AroundRequest>,
 ) -> ApiResult<MsgsAnswer> {
-    let msgs = history(
-        &s,
-        caller,
-        r.conversation_id,
-        HistoryQuery::After { msg_id: r.msg_id },
-        r.desc,
-    )
-    .await?;
+    let msgs = history(&s, caller, r.conversation_id, HistoryQuery::After { msg_id: r.msg_id }, r.desc).await?;
     Ok(Envelope(MsgsAnswer { msgs }))
 }
 
@@ -261,7 +192,5 @@ pub async fn get_conversation_lastone_msg(
     Body(r): Body<ConversationRequest>,
 ) -> ApiResult<LastOneAnswer> {
     let msgs = history(&s, caller, r.conversation_id, HistoryQuery::LastOne, false).await?;
-    Ok(Envelope(LastOneAnswer {
-        msg: msgs.into_iter().next(),
-    }))
+    Ok(Envelope(LastOneAnswer { msg: msgs.into_iter().next() }))
 }

@@ -72,17 +72,8 @@ impl Encoded {
             cursor: &'a str,
             message: &'a Message,
         }
-        let json = serde_json::to_vec(&Wire {
-            kind: "message",
-            cursor: &cursor,
-            message,
-        })
-        .unwrap_or_default();
-        Encoded {
-            kind: "message",
-            cursor,
-            json: json.into(),
-        }
+        let json = serde_json::to_vec(&Wire { kind: "message", cursor: &cursor, message }).unwrap_or_default();
+        Encoded { kind: "message", cursor, json: json.into() }
     }
 }
 
@@ -165,23 +156,10 @@ impl Drop for Attachment {
 }
 
 enum Command {
-    Attach {
-        user: String,
-        client: Option<Vec<u64>>,
-        outbox: Outbox,
-        reply: oneshot::Sender<(SessionId, Start)>,
-    },
-    Detach {
-        id: SessionId,
-    },
-    Install {
-        user: Arc<str>,
-        snapshot: Option<Memberships>,
-    },
-    Filled {
-        part: u16,
-        entries: Option<Vec<LogEntry>>,
-    },
+    Attach { user: String, client: Option<Vec<u64>>, outbox: Outbox, reply: oneshot::Sender<(SessionId, Start)> },
+    Detach { id: SessionId },
+    Install { user: Arc<str>, snapshot: Option<Memberships> },
+    Filled { part: u16, entries: Option<Vec<LogEntry>> },
 }
 
 /// What every connection may read without asking the hub.
@@ -218,10 +196,7 @@ impl Hub {
             ready: AtomicBool::new(false),
             position: RwLock::new((0, Arc::from(Vec::new()), Arc::from(""))),
         });
-        let hub = Hub {
-            cmds: cmds.clone(),
-            shared: shared.clone(),
-        };
+        let hub = Hub { cmds: cmds.clone(), shared: shared.clone() };
         tokio::spawn(async move {
             let Some(start) = initial_heads(&rpc, &shutdown).await else {
                 return;
@@ -255,31 +230,14 @@ impl Hub {
         let (tx, rx) = mpsc::channel(max_events.max(1));
         let bytes = Arc::new(AtomicUsize::new(0));
         let closed = CancellationToken::new();
-        let outbox = Outbox {
-            tx,
-            bytes: bytes.clone(),
-            max_bytes,
-            closed: closed.clone(),
-        };
+        let outbox = Outbox { tx, bytes: bytes.clone(), max_bytes, closed: closed.clone() };
         let (reply, answer) = oneshot::channel();
         self.cmds
-            .send(Command::Attach {
-                user: user_id.to_string(),
-                client,
-                outbox,
-                reply,
-            })
+            .send(Command::Attach { user: user_id.to_string(), client, outbox, reply })
             .await
             .map_err(|_| HubGone)?;
         let (id, start) = answer.await.map_err(|_| HubGone)?;
-        Ok((
-            Attachment {
-                id,
-                start,
-                hub: self.clone(),
-            },
-            Inbox { rx, bytes, closed },
-        ))
+        Ok((Attachment { id, start, hub: self.clone() }, Inbox { rx, bytes, closed }))
     }
 
     fn detach(&self, id: SessionId) {
@@ -426,12 +384,7 @@ impl State {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Attach {
-                user,
-                client,
-                outbox,
-                reply,
-            } => self.attach(user, client, outbox, reply),
+            Command::Attach { user, client, outbox, reply } => self.attach(user, client, outbox, reply),
             Command::Detach { id } => self.detach(id),
             Command::Install { user, snapshot } => self.install(user, snapshot),
             Command::Filled { part, entries } => {
@@ -468,13 +421,7 @@ impl State {
         let us = self.users.entry(user.clone()).or_default();
         us.sessions.push(id);
         us.idle_since = None;
-        let mut slot = Slot {
-            user: user.clone(),
-            outbox,
-            live: false,
-            skip: None,
-            client,
-        };
+        let mut slot = Slot { user: user.clone(), outbox, live: false, skip: None, client };
         let start = if us.installed {
             slot.live = true;
             slot.skip = skip_for(slot.client.as_deref(), &self.position);
@@ -500,12 +447,7 @@ impl State {
         let (rpc, cmds, permits) = (self.rpc.clone(), self.cmds.clone(), self.snapshots.clone());
         tokio::spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let snapshot = match rpc
-                .call(&GetMemberships {
-                    user_id: user.to_string(),
-                })
-                .await
-            {
+            let snapshot = match rpc.call(&GetMemberships { user_id: user.to_string() }).await {
                 Ok(m) => Some(m),
                 Err(e) => {
                     tracing::warn!(error = %e.message, "cannot read memberships");
@@ -538,10 +480,7 @@ impl State {
         }
         let snapshot = snapshot.filter(|s| s.heads.len() == self.position.len());
         let conversations: Option<HashMap<Arc<str>, u64>> = snapshot.as_ref().map(|s| {
-            s.conversations
-                .iter()
-                .map(|row| (self.intern(&row.conversation_id), row.joined_msg_id))
-                .collect()
+            s.conversations.iter().map(|row| (self.intern(&row.conversation_id), row.joined_msg_id)).collect()
         });
         let Some(us) = self.users.get_mut(&user) else { return };
         us.installing = false;
@@ -698,10 +637,7 @@ impl State {
         while let Some(next) = self.held[p].remove(&(self.position[p] + 1)) {
             self.dispatch(next);
         }
-        let below = self.held[p]
-            .range(..=self.position[p])
-            .map(|(k, _)| *k)
-            .collect::<Vec<_>>();
+        let below = self.held[p].range(..=self.position[p]).map(|(k, _)| *k).collect::<Vec<_>>();
         for k in below {
             self.held[p].remove(&k);
         }
@@ -716,32 +652,18 @@ impl State {
             if self.filling[p] || now.duration_since(since) < self.gap_fill {
                 continue;
             }
-            let upto = self.held[p]
-                .keys()
-                .next()
-                .map(|first| first - 1)
-                .unwrap_or(self.known[p]);
+            let upto = self.held[p].keys().next().map(|first| first - 1).unwrap_or(self.known[p]);
             if upto <= self.position[p] {
                 self.gap_since[p] = None;
                 continue;
             }
             self.filling[p] = true;
             metrics::counter!("quickim_hub_gap_fills_total").increment(1);
-            let request = ReadLog {
-                part: p as u16,
-                after: self.position[p],
-                upto,
-                limit: 1000,
-            };
+            let request = ReadLog { part: p as u16, after: self.position[p], upto, limit: 1000 };
             let (rpc, cmds) = (self.rpc.clone(), self.cmds.clone());
             tokio::spawn(async move {
                 let entries = rpc.call(&request).await.ok();
-                let _ = cmds
-                    .send(Command::Filled {
-                        part: request.part,
-                        entries,
-                    })
-                    .await;
+                let _ = cmds.send(Command::Filled { part: request.part, entries }).await;
             });
         }
     }
@@ -817,12 +739,7 @@ impl State {
             let position = &self.position;
             let sessions = &mut self.sessions;
             self.skipping.retain(|id| match sessions.get_mut(id) {
-                Some(slot)
-                    if slot
-                        .skip
-                        .as_ref()
-                        .is_some_and(|s| s.iter().zip(position).all(|(s, p)| p >= s)) =>
-                {
+                Some(slot) if slot.skip.as_ref().is_some_and(|s| s.iter().zip(position).all(|(s, p)| p >= s)) => {
                     slot.skip = None;
                     false
                 }
@@ -836,13 +753,7 @@ impl State {
         let Some(us) = self.users.get_mut(user) else { return };
         if !us.installed {
             if us.installing && us.pending.len() < MAX_PENDING {
-                us.pending.push(PendingChange {
-                    part,
-                    offset,
-                    conversation: conversation.clone(),
-                    msg_id,
-                    change,
-                });
+                us.pending.push(PendingChange { part, offset, conversation: conversation.clone(), msg_id, change });
             }
             return;
         }
@@ -854,10 +765,7 @@ impl State {
         apply(us, conversation, msg_id, change);
         let after = us.conversations.contains_key(conversation);
         if after && !before {
-            self.by_conversation
-                .entry(conversation.clone())
-                .or_default()
-                .insert(key);
+            self.by_conversation.entry(conversation.clone()).or_default().insert(key);
         } else if before
             && !after
             && let Some(set) = self.by_conversation.get_mut(conversation)

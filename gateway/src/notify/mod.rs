@@ -99,16 +99,12 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         _ => {
             let timeout = match query.timeout.as_deref() {
                 None | Some("") => config.poll_timeout_s,
-                Some(t) => t
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|t| *t <= config.poll_max_timeout_s)
-                    .ok_or_else(|| {
-                        ApiError::new(
-                            ErrorCode::InvalidParam,
-                            format!("timeout must be 0–{} seconds", config.poll_max_timeout_s),
-                        )
-                    })?,
+                Some(t) => t.parse::<u64>().ok().filter(|t| *t <= config.poll_max_timeout_s).ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidParam,
+                        format!("timeout must be 0–{} seconds", config.poll_max_timeout_s),
+                    )
+                })?,
             };
             let session = Session::open(&state, caller, resume).await?;
             Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page).await)
@@ -126,8 +122,6 @@ fn origin_allowed(headers: &HeaderMap, config: &Config) -> bool {
         return true;
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"));
+    let origin_host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
     host.is_some() && origin_host == host
 }

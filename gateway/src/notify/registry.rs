@@ -60,18 +60,9 @@ impl Registry {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kick = CancellationToken::new();
-        list.push(Entry {
-            id,
-            platform: platform.to_string(),
-            kick: kick.clone(),
-        });
+        list.push(Entry { id, platform: platform.to_string(), kick: kick.clone() });
         self.total.fetch_add(1, Ordering::Relaxed);
-        Ok(Registration {
-            registry: self.clone(),
-            user_id: user_id.to_string(),
-            id,
-            kicked: kick,
-        })
+        Ok(Registration { registry: self.clone(), user_id: user_id.to_string(), id, kicked: kick })
     }
 
     /// Platforms (sorted, distinct) and connection count of `user_id` on this node.
@@ -80,10 +71,12 @@ impl Registry {
         let Some(list) = users.get(user_id) else {
             return (Vec::new(), 0);
         };
-        let mut platforms: Vec<String> = list.iter().map(|e| e.platform.clone()).collect();
+        // A kicked connection is on its way out: it no longer counts.
+        let live: Vec<&Entry> = list.iter().filter(|e| !e.kick.is_cancelled()).collect();
+        let mut platforms: Vec<String> = live.iter().map(|e| e.platform.clone()).collect();
         platforms.sort();
         platforms.dedup();
-        (platforms, list.len() as u32)
+        (platforms, live.len() as u32)
     }
 
     /// Tells the user's connections (of `platform`, or all) to close; answers how many.
@@ -134,6 +127,8 @@ mod tests {
         assert_eq!(r.presence("u"), (vec!["ios".to_string(), "web".to_string()], 2));
         assert_eq!(r.kick("u", Some("web")), 1);
         assert!(a.kicked.is_cancelled() && !b.kicked.is_cancelled());
+        assert_eq!(r.presence("u"), (vec!["ios".to_string()], 1), "kicked connections do not count");
+
         drop(a);
         assert_eq!(r.presence("u").1, 1);
         drop(b);

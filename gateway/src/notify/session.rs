@@ -87,35 +87,19 @@ struct ResyncWire<'a> {
 
 fn simple(kind: &'static str, cursor: Arc<str>) -> Arc<Encoded> {
     let json = serde_json::to_vec(&CursorWire { kind, cursor: &cursor }).unwrap_or_default();
-    Arc::new(Encoded {
-        kind,
-        cursor,
-        json: Bytes::from(json),
-    })
+    Arc::new(Encoded { kind, cursor, json: Bytes::from(json) })
 }
 
 fn resync(cursor: Arc<str>, reason: &str) -> Arc<Encoded> {
-    let json = serde_json::to_vec(&ResyncWire {
-        kind: "resync",
-        cursor: &cursor,
-        reason,
-    })
-    .unwrap_or_default();
-    Arc::new(Encoded {
-        kind: "resync",
-        cursor,
-        json: Bytes::from(json),
-    })
+    let json = serde_json::to_vec(&ResyncWire { kind: "resync", cursor: &cursor, reason }).unwrap_or_default();
+    Arc::new(Encoded { kind: "resync", cursor, json: Bytes::from(json) })
 }
 
 impl Session {
     /// Opens a session for `caller`, resuming after `resume` if given.
     pub async fn open(state: &AppState, caller: Caller, resume: Option<Cursor>) -> Result<Session, ApiError> {
         if state.is_draining() {
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "this node is shutting down; connect to another",
-            ));
+            return Err(ApiError::new(ErrorCode::Unavailable, "this node is shutting down; connect to another"));
         }
         if !state.hub.is_ready() {
             return Err(ApiError::new(ErrorCode::Unavailable, "not ready yet, try again"));
@@ -141,12 +125,7 @@ impl Session {
         };
         let (attachment, mut inbox) = state
             .hub
-            .attach(
-                &caller.user_id,
-                client.clone(),
-                state.config.queue_max_events,
-                state.config.queue_max_bytes,
-            )
+            .attach(&caller.user_id, client.clone(), state.config.queue_max_events, state.config.queue_max_bytes)
             .await
             .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
         let live_from: Arc<[u64]> = match &attachment.start {
@@ -154,10 +133,7 @@ impl Session {
             Start::Waiting => match tokio::time::timeout(INSTALL_TIMEOUT, inbox.recv()).await {
                 Ok(Some(Outgoing::Installed(p))) => p,
                 _ => {
-                    return Err(ApiError::new(
-                        ErrorCode::Unavailable,
-                        "cannot read memberships, try again",
-                    ));
+                    return Err(ApiError::new(ErrorCode::Unavailable, "cannot read memberships, try again"));
                 }
             },
         };
@@ -170,10 +146,7 @@ impl Session {
                 let given: Arc<str> = Arc::from(cursor::encode(epoch, c));
                 buffered.push_back(simple("ready", given.clone()));
                 if c.iter().zip(live_from.iter()).any(|(c, h)| c < h) {
-                    replay = Some(ReplayState {
-                        after: c.clone(),
-                        upto: live_from.to_vec(),
-                    });
+                    replay = Some(ReplayState { after: c.clone(), upto: live_from.to_vec() });
                 }
                 if c.iter().zip(live_from.iter()).any(|(c, h)| c > h) {
                     ahead = Some(c.clone());
@@ -245,12 +218,8 @@ impl Session {
     /// Reads the next replay page into the buffer (not cancel-safe: await it on its own).
     pub async fn fill(&mut self, page: u32) -> Result<(), Disconnect> {
         let Some(r) = self.replay.as_mut() else { return Ok(()) };
-        let request = Replay {
-            user_id: self.caller.user_id.clone(),
-            after: r.after.clone(),
-            upto: r.upto.clone(),
-            limit: page,
-        };
+        let request =
+            Replay { user_id: self.caller.user_id.clone(), after: r.after.clone(), upto: r.upto.clone(), limit: page };
         let answer = self.state.rpc.call(&request).await.map_err(|e| {
             tracing::warn!(error = %e.message, "replay failed");
             Disconnect::Unavailable

@@ -44,15 +44,7 @@ impl ConversationService {
     /// flight). Returns once requests can be sent.
     pub async fn start(self, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
         let bus = self.bus.clone();
-        rpc::serve(
-            &bus,
-            CONVERSATION_SUBJECTS,
-            CONVERSATION_QUEUE,
-            256,
-            Arc::new(self),
-            shutdown,
-        )
-        .await
+        rpc::serve(&bus, CONVERSATION_SUBJECTS, CONVERSATION_QUEUE, 256, Arc::new(self), shutdown).await
     }
 
     async fn create(&self, r: CreateConversation) -> Reply<CreatedConversation> {
@@ -77,10 +69,7 @@ impl ConversationService {
             })
             .await?;
         publish_entries(&self.bus, &out.entries).await;
-        Ok(CreatedConversation {
-            conversation_id: out.conversation_id,
-            created: out.created,
-        })
+        Ok(CreatedConversation { conversation_id: out.conversation_id, created: out.created })
     }
 
     async fn join(&self, r: Join) -> Reply<JoinedUsers> {
@@ -115,9 +104,7 @@ impl ConversationService {
 
     async fn set_archived(&self, r: SetArchived) -> Reply<ArchiveAnswer> {
         if r.conversation_ids.is_empty() || r.conversation_ids.len() > MAX_LIST {
-            return Err(ServiceError::invalid(format!(
-                "conversation_ids must name 1–{MAX_LIST} conversations"
-            )));
+            return Err(ServiceError::invalid(format!("conversation_ids must name 1–{MAX_LIST} conversations")));
         }
         for id in &r.conversation_ids {
             check_conversation_id(id)?;
@@ -130,9 +117,7 @@ impl ConversationService {
 
 fn check_users(field: &str, users: &[String]) -> Result<(), ServiceError> {
     if users.len() > MAX_LIST {
-        return Err(ServiceError::invalid(format!(
-            "{field} may name at most {MAX_LIST} users"
-        )));
+        return Err(ServiceError::invalid(format!("{field} may name at most {MAX_LIST} users")));
     }
     users.iter().try_for_each(|u| check_user_id(field, u))
 }
@@ -155,10 +140,7 @@ impl Handler for ConversationService {
             ListJoined::SUBJECT => {
                 answer(payload, async |r: ListJoined| {
                     let limit = r.limit.clamp(1, 100);
-                    Ok(self
-                        .store
-                        .list_joined(&r.user_id, r.archived, limit, r.cursor.as_deref())
-                        .await?)
+                    Ok(self.store.list_joined(&r.user_id, r.archived, limit, r.cursor.as_deref()).await?)
                 })
                 .await
             }
@@ -178,10 +160,7 @@ impl Handler for ConversationService {
                 .await
             }
             GetMemberships::SUBJECT => {
-                answer(payload, async |r: GetMemberships| {
-                    Ok(self.store.memberships(&r.user_id).await?)
-                })
-                .await
+                answer(payload, async |r: GetMemberships| Ok(self.store.memberships(&r.user_id).await?)).await
             }
             RevokeTokens::SUBJECT => {
                 answer(payload, async |r: RevokeTokens| {
@@ -189,18 +168,12 @@ impl Handler for ConversationService {
                     if let Some(p) = &r.platform {
                         check_platform(p)?;
                     }
-                    Ok(self
-                        .store
-                        .revoke(&r.user_id, r.platform.as_deref(), r.before_ms)
-                        .await?)
+                    Ok(self.store.revoke(&r.user_id, r.platform.as_deref(), r.before_ms).await?)
                 })
                 .await
             }
             ListRevocations::SUBJECT => {
-                answer(payload, async |r: ListRevocations| {
-                    Ok(self.store.revocations(r.since_ms).await?)
-                })
-                .await
+                answer(payload, async |r: ListRevocations| Ok(self.store.revocations(r.since_ms).await?)).await
             }
             other => rpc::unknown_operation(other),
         }

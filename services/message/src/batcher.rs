@@ -52,9 +52,7 @@ impl Batcher {
             .send((item, done, tracing::Span::current()))
             .await
             .map_err(|_| ServiceError::unavailable("message service is stopping"))?;
-        result
-            .await
-            .map_err(|_| ServiceError::unavailable("message service is stopping"))?
+        result.await.map_err(|_| ServiceError::unavailable("message service is stopping"))?
     }
 }
 

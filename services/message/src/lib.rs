@@ -60,12 +60,7 @@ impl MessageService {
         // SQLite has one writer: one batch at a time. PostgreSQL takes a few in parallel.
         let writers = if store.dialect() == Dialect::Sqlite { 1 } else { 4 };
         let batcher = Batcher::start(store.clone(), bus.clone(), writers, 256);
-        MessageService {
-            store,
-            bus,
-            limits,
-            batcher,
-        }
+        MessageService { store, bus, limits, batcher }
     }
 
     /// Subscribes, then serves requests and runs housekeeping in tasks until `shutdown`.
@@ -77,7 +72,8 @@ impl MessageService {
             bus.clone(),
             self.limits.retention_ms,
             Duration::from_secs(1),
-            Duration::from_secs(60),
+            // Often enough that the horizon is never more than a quarter window late.
+            Duration::from_millis((self.limits.retention_ms / 4).clamp(1_000, 60_000) as u64),
             shutdown.clone(),
         ));
         let serving = rpc::serve(&bus, MESSAGE_SUBJECTS, MESSAGE_QUEUE, 4096, Arc::new(self), shutdown).await?;
@@ -94,31 +90,20 @@ impl MessageService {
 
     async fn send_batch(&self, r: SendBatch) -> Reply<Vec<Reply<Message>>> {
         if r.items.is_empty() || r.items.len() > self.limits.send_batch_max {
-            return Err(ServiceError::invalid(format!(
-                "a batch holds 1–{} messages",
-                self.limits.send_batch_max
-            )));
+            return Err(ServiceError::invalid(format!("a batch holds 1–{} messages", self.limits.send_batch_max)));
         }
         // Invalid items get their error; the valid ones are stored together, in order.
-        let checked: Vec<Reply<quickim_store::SendItem>> = r
-            .items
-            .into_iter()
-            .map(|i| validate::send_item(i, self.limits.max_content_bytes))
-            .collect();
+        let checked: Vec<Reply<quickim_store::SendItem>> =
+            r.items.into_iter().map(|i| validate::send_item(i, self.limits.max_content_bytes)).collect();
         let valid: Vec<quickim_store::SendItem> = checked.iter().filter_map(|c| c.as_ref().ok().cloned()).collect();
-        let (stored, entries) = if valid.is_empty() {
-            (Vec::new(), Vec::new())
-        } else {
-            self.store.send_batch(&valid).await?
-        };
+        let (stored, entries) =
+            if valid.is_empty() { (Vec::new(), Vec::new()) } else { self.store.send_batch(&valid).await? };
         publish_entries(&self.bus, &entries).await;
         let mut stored = stored.into_iter();
         Ok(checked
             .into_iter()
             .map(|c| match c {
-                Ok(_) => stored
-                    .next()
-                    .unwrap_or_else(|| Err(ServiceError::internal("batch result missing"))),
+                Ok(_) => stored.next().unwrap_or_else(|| Err(ServiceError::internal("batch result missing"))),
                 Err(e) => Err(e),
             })
             .collect())
@@ -126,27 +111,14 @@ impl MessageService {
 
     async fn history(&self, r: History) -> Reply<Vec<Message>> {
         check_conversation_id(&r.conversation_id)?;
-        Ok(self
-            .store
-            .history(&r.conversation_id, &r.user_id, r.query, r.desc, self.limits.range_max)
-            .await?)
+        Ok(self.store.history(&r.conversation_id, &r.user_id, r.query, r.desc, self.limits.range_max).await?)
     }
 
     async fn replay(&self, r: Replay) -> Reply<ReplayPage> {
         let limit = r.limit.clamp(1, self.limits.replay_page);
         // Keep a page well within one bus message.
         let max_bytes = 256 * 1024;
-        Ok(self
-            .store
-            .replay(
-                &r.user_id,
-                &r.after,
-                &r.upto,
-                limit,
-                max_bytes,
-                self.limits.retention_ms,
-            )
-            .await?)
+        Ok(self.store.replay(&r.user_id, &r.after, &r.upto, limit, max_bytes, self.limits.retention_ms).await?)
     }
 }
 
@@ -167,10 +139,7 @@ impl Handler for MessageService {
             GetHeads::SUBJECT => answer(payload, async |_: GetHeads| Ok(self.store.heads().await?)).await,
             ReadLog::SUBJECT => {
                 answer(payload, async |r: ReadLog| {
-                    Ok(self
-                        .store
-                        .read_log(r.part, r.after, r.upto, r.limit.clamp(1, 10_000))
-                        .await?)
+                    Ok(self.store.read_log(r.part, r.after, r.upto, r.limit.clamp(1, 10_000)).await?)
                 })
                 .await
             }

@@ -16,9 +16,7 @@ pub(crate) fn send_item(r: SendMessage, max_content_bytes: usize) -> Result<Send
         check_user_id("from", &r.from)?;
     }
     if r.msg_type < 0 {
-        return Err(ServiceError::invalid(
-            "type must be ≥ 0; negative types are reserved for system messages",
-        ));
+        return Err(ServiceError::invalid("type must be ≥ 0; negative types are reserved for system messages"));
     }
     if r.content.len() > max_content_bytes {
         return Err(ServiceError::new(
@@ -58,24 +56,12 @@ mod tests {
     fn checks_each_field() {
         assert!(send_item(req("a", 0, "x", Origin::Client), 10).is_ok());
         assert!(send_item(req("", 0, "x", Origin::Inner), 10).is_ok());
-        assert_eq!(
-            send_item(req("", 0, "x", Origin::Client), 10).unwrap_err().code,
-            ErrorCode::InvalidParam
-        );
-        assert_eq!(
-            send_item(req("a", -1, "x", Origin::Inner), 10).unwrap_err().code,
-            ErrorCode::InvalidParam
-        );
-        assert_eq!(
-            send_item(req("a b", 0, "x", Origin::Client), 10).unwrap_err().code,
-            ErrorCode::InvalidParam
-        );
+        assert_eq!(send_item(req("", 0, "x", Origin::Client), 10).unwrap_err().code, ErrorCode::InvalidParam);
+        assert_eq!(send_item(req("a", -1, "x", Origin::Inner), 10).unwrap_err().code, ErrorCode::InvalidParam);
+        assert_eq!(send_item(req("a b", 0, "x", Origin::Client), 10).unwrap_err().code, ErrorCode::InvalidParam);
         // The limit counts UTF-8 bytes: 4 × "é" is 8 bytes.
         assert!(send_item(req("a", 0, "éééé", Origin::Client), 8).is_ok());
-        assert_eq!(
-            send_item(req("a", 0, "ééééé", Origin::Client), 8).unwrap_err().code,
-            ErrorCode::PayloadTooLarge
-        );
+        assert_eq!(send_item(req("a", 0, "ééééé", Origin::Client), 8).unwrap_err().code, ErrorCode::PayloadTooLarge);
         let mut r = req("a", 0, "x", Origin::Client);
         r.client_msg_id = Some("has space".into());
         assert_eq!(send_item(r, 10).unwrap_err().code, ErrorCode::InvalidParam);

@@ -54,10 +54,7 @@ impl Store {
     /// an existing id again with the same type, owner and members is a no-op; anything else
     /// is a conflict.
     pub async fn create_conversation(&self, new: NewConversation) -> Result<CreateOutcome> {
-        let id = new
-            .conversation_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let id = new.conversation_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let mut members = new.members.clone();
         if let Some(owner) = &new.owner {
             members.insert(0, owner.clone());
@@ -65,11 +62,8 @@ impl Store {
         let members = dedup(&members);
         let mut sorted = members.clone();
         sorted.sort();
-        let created = system::Created {
-            conversation_type: new.conversation_type,
-            owner: new.owner.clone(),
-            user_ids: sorted,
-        };
+        let created =
+            system::Created { conversation_type: new.conversation_type, owner: new.owner.clone(), user_ids: sorted };
         let part = self.partition_for(&id);
         write_tx!(self, |tx| {
             let now = now_ms();
@@ -109,20 +103,12 @@ impl Store {
             let rows: Vec<(String, Role)> = members
                 .iter()
                 .map(|u| {
-                    let role = if Some(u) == new.owner.as_ref() {
-                        Role::Owner
-                    } else {
-                        Role::Member
-                    };
+                    let role = if Some(u) == new.owner.as_ref() { Role::Owner } else { Role::Member };
                     (u.clone(), role)
                 })
                 .collect();
             upsert_members(tx, &id, &rows, msg_id).await?;
-            Ok(CreateOutcome {
-                conversation_id: id.clone(),
-                created: true,
-                entries,
-            })
+            Ok(CreateOutcome { conversation_id: id.clone(), created: true, entries })
         })
     }
 
@@ -146,11 +132,7 @@ impl Store {
         };
         let same = existing.as_ref() == Some(wanted) && convs.get(id).map(|c| c.joinable) == Some(joinable);
         if same {
-            Ok(CreateOutcome {
-                conversation_id: id.to_string(),
-                created: false,
-                entries: Vec::new(),
-            })
+            Ok(CreateOutcome { conversation_id: id.to_string(), created: false, entries: Vec::new() })
         } else {
             Err(ServiceError::conflict("a different conversation with this conversation_id exists").into())
         }
@@ -179,13 +161,8 @@ impl Store {
             if new.is_empty() {
                 return Ok((users.clone(), Vec::new()));
             }
-            let entries = self
-                .append(
-                    tx,
-                    &mut convs,
-                    vec![system_entry(conversation_id, system::JOINED, &new)],
-                )
-                .await?;
+            let entries =
+                self.append(tx, &mut convs, vec![system_entry(conversation_id, system::JOINED, &new)]).await?;
             let msg_id = entries.first().map(|e| e.message.msg_id).unwrap_or_default();
             let rows: Vec<(String, Role)> = new.iter().map(|u| (u.clone(), Role::Member)).collect();
             upsert_members(tx, conversation_id, &rows, msg_id).await?;
@@ -201,9 +178,7 @@ impl Store {
             if !convs.contains_key(conversation_id) || active_members(tx, conversation_id, &user).await?.is_empty() {
                 return Err(ServiceError::not_member().into());
             }
-            let entries = self
-                .append(tx, &mut convs, vec![system_entry(conversation_id, system::LEFT, &user)])
-                .await?;
+            let entries = self.append(tx, &mut convs, vec![system_entry(conversation_id, system::LEFT, &user)]).await?;
             deactivate(tx, conversation_id, &user, &entries).await?;
             Ok(entries)
         })
@@ -222,13 +197,8 @@ impl Store {
             if kicked.is_empty() {
                 return Ok((kicked, Vec::new()));
             }
-            let entries = self
-                .append(
-                    tx,
-                    &mut convs,
-                    vec![system_entry(conversation_id, system::KICKED, &kicked)],
-                )
-                .await?;
+            let entries =
+                self.append(tx, &mut convs, vec![system_entry(conversation_id, system::KICKED, &kicked)]).await?;
             deactivate(tx, conversation_id, &kicked, &entries).await?;
             Ok((kicked, entries))
         })
@@ -299,11 +269,7 @@ impl Store {
 
     /// Fails with `not_member` unless `user_id` is an active member.
     pub async fn require_member(&self, conversation_id: &str, user_id: &str) -> Result<()> {
-        if self.is_member(conversation_id, user_id).await? {
-            Ok(())
-        } else {
-            Err(ServiceError::not_member().into())
-        }
+        if self.is_member(conversation_id, user_id).await? { Ok(()) } else { Err(ServiceError::not_member().into()) }
     }
 
     /// The conversation and its active members (caller must be one).
@@ -330,11 +296,7 @@ impl Store {
             .map(|r| {
                 Ok(MemberInfo {
                     user_id: r.try_get("user_id")?,
-                    role: if r.try_get::<String, _>("role")? == "owner" {
-                        Role::Owner
-                    } else {
-                        Role::Member
-                    },
+                    role: if r.try_get::<String, _>("role")? == "owner" { Role::Owner } else { Role::Member },
                     joined_msg_id: api_int(r.try_get("joined_msg_id")?),
                     read_msg_id: api_int(r.try_get("read_msg_id")?),
                 })
@@ -383,10 +345,7 @@ impl Store {
                 " AND (c.last_send_time < {t1} OR (c.last_send_time = {t2} AND c.conversation_id > {id}))"
             ));
         }
-        sql.push_str(&format!(
-            " ORDER BY c.last_send_time DESC, c.conversation_id ASC LIMIT {}",
-            p.next()
-        ));
+        sql.push_str(&format!(" ORDER BY c.last_send_time DESC, c.conversation_id ASC LIMIT {}", p.next()));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_id).bind(1i32);
         if let Some(a) = archived {
             q = q.bind(i32::from(a));
@@ -412,16 +371,11 @@ impl Store {
         }
         let next_cursor = if conversations.len() > limit as usize {
             conversations.truncate(limit as usize);
-            conversations
-                .last()
-                .map(|c| encode_page_cursor(c.last_send_time, &c.conversation_id))
+            conversations.last().map(|c| encode_page_cursor(c.last_send_time, &c.conversation_id))
         } else {
             None
         };
-        Ok(JoinedConversations {
-            conversations,
-            next_cursor,
-        })
+        Ok(JoinedConversations { conversations, next_cursor })
     }
 
     /// Moves the member's read position forward to `msg_id` (clamped to the newest message);
@@ -490,9 +444,7 @@ fn system_entry(conversation_id: &str, msg_type: i32, users: &[String]) -> NewEn
         conversation_id: conversation_id.to_string(),
         from: String::new(),
         msg_type,
-        content: system::content(&system::Users {
-            user_ids: users.to_vec(),
-        }),
+        content: system::content(&system::Users { user_ids: users.to_vec() }),
         client_msg_id: None,
     }
 }
@@ -566,10 +518,7 @@ async fn deactivate(
             p.next(),
             p.list(chunk.len())
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(0i32)
-            .bind(msg_id)
-            .bind(conversation_id);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(0i32).bind(msg_id).bind(conversation_id);
         for u in chunk {
             q = q.bind(u.as_str());
         }

@@ -151,15 +151,7 @@ impl Store {
             );
         }
         let write_lock = (dialect == Dialect::Sqlite).then(|| tokio::sync::Mutex::new(()));
-        Ok(Store {
-            inner: Arc::new(Inner {
-                pool,
-                dialect,
-                partitions,
-                epoch,
-                write_lock,
-            }),
-        })
+        Ok(Store { inner: Arc::new(Inner { pool, dialect, partitions, epoch, write_lock }) })
     }
 
     /// Log partitions of this database.
@@ -210,12 +202,7 @@ impl Store {
         Ok(match self.inner.dialect {
             // A deferred SQLite transaction reads one WAL snapshot from its first read.
             Dialect::Sqlite => self.inner.pool.begin_with("BEGIN").await?,
-            Dialect::Postgres => {
-                self.inner
-                    .pool
-                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .await?
-            }
+            Dialect::Postgres => self.inner.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?,
         })
     }
 
@@ -241,9 +228,7 @@ pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
 
 pub(crate) fn any_pool_options(max_connections: u32) -> AnyPoolOptions {
     sqlx::any::install_default_drivers();
-    AnyPoolOptions::new()
-        .max_connections(max_connections.max(2))
-        .acquire_timeout(std::time::Duration::from_secs(10))
+    AnyPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(std::time::Duration::from_secs(10))
 }
 
 /// Log partition of a conversation: FNV-1a of its id, modulo the partition count. Stored with

@@ -22,10 +22,7 @@ use crate::{Result, Store, StoreError, partition_of};
 pub(crate) async fn init_meta(pool: &AnyPool, partitions_if_new: u16) -> Result<(u16, u32)> {
     let mut tx = pool.begin().await?;
     let epoch: u32 = rand::random::<u32>() | 1;
-    for (key, value) in [
-        ("partitions", partitions_if_new.to_string()),
-        ("epoch", epoch.to_string()),
-    ] {
+    for (key, value) in [("partitions", partitions_if_new.to_string()), ("epoch", epoch.to_string())] {
         sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
             .bind(key)
             .bind(value)
@@ -165,9 +162,7 @@ impl Store {
             let conv = convs
                 .get_mut(&e.conversation_id)
                 .ok_or_else(|| StoreError::Corrupt("conversation not locked".into()))?;
-            let offset = next_offset
-                .get_mut(&conv.part)
-                .ok_or_else(|| StoreError::Corrupt("partition".into()))?;
+            let offset = next_offset.get_mut(&conv.part).ok_or_else(|| StoreError::Corrupt("partition".into()))?;
             let entry = LogEntry {
                 part: conv.part,
                 offset: api_int(*offset),
@@ -241,10 +236,7 @@ impl Store {
     /// Current heads of every partition.
     pub async fn heads(&self) -> Result<LogHeads> {
         let mut conn = self.pool().acquire().await?;
-        Ok(LogHeads {
-            epoch: self.epoch(),
-            heads: read_heads(&mut conn).await?,
-        })
+        Ok(LogHeads { epoch: self.epoch(), heads: read_heads(&mut conn).await? })
     }
 
     /// Entries of `part` with `after < offset <= upto`, in offset order, at most `limit`.
@@ -278,11 +270,7 @@ impl Store {
         retention_ms: i64,
     ) -> Result<ReplayPage> {
         let parts = usize::from(self.partitions());
-        let expired = ReplayPage {
-            entries: Vec::new(),
-            more: false,
-            expired: true,
-        };
+        let expired = ReplayPage { entries: Vec::new(), more: false, expired: true };
         if after.len() != parts || upto.len() != parts {
             return Ok(expired);
         }
@@ -332,11 +320,7 @@ impl Store {
                 break;
             }
         }
-        Ok(ReplayPage {
-            entries,
-            more,
-            expired: false,
-        })
+        Ok(ReplayPage { entries, more, expired: false })
     }
 
     /// Records the current heads (called periodically); forgets checkpoints older than
@@ -381,9 +365,7 @@ impl Store {
 }
 
 pub(crate) async fn read_heads(conn: &mut AnyConnection) -> Result<Vec<u64>> {
-    let rows = sqlx::query("SELECT head FROM log_partitions ORDER BY part")
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows = sqlx::query("SELECT head FROM log_partitions ORDER BY part").fetch_all(&mut *conn).await?;
     rows.iter().map(|r| Ok(api_int(r.try_get("head")?))).collect()
 }
 

@@ -46,9 +46,7 @@ impl SendItem {
         if m.conversation_id == self.conversation_id && m.msg_type == self.msg_type && m.content == self.content {
             Ok(m.clone())
         } else {
-            Err(ServiceError::conflict(
-                "client_msg_id was already used for a different message",
-            ))
+            Err(ServiceError::conflict("client_msg_id was already used for a different message"))
         }
     }
 }
@@ -102,9 +100,8 @@ impl Store {
                     continue;
                 }
                 if conflicted.contains(&key) {
-                    results[i] = Some(Err(ServiceError::conflict(
-                        "client_msg_id was already used for a different message",
-                    )));
+                    results[i] =
+                        Some(Err(ServiceError::conflict("client_msg_id was already used for a different message")));
                     continue;
                 }
                 if let Some(&first) = first_with_key.get(&key) {
@@ -115,10 +112,9 @@ impl Store {
             }
             let verdict = match convs.get(&item.conversation_id) {
                 None => Err(ServiceError::not_member()),
-                Some(c) if c.archived && item.origin == Origin::Client => Err(ServiceError::new(
-                    ErrorCode::ConversationArchived,
-                    "the conversation is archived",
-                )),
+                Some(c) if c.archived && item.origin == Origin::Client => {
+                    Err(ServiceError::new(ErrorCode::ConversationArchived, "the conversation is archived"))
+                }
                 Some(_) if item.from.is_empty() => {
                     if item.origin == Origin::Inner {
                         Ok(())
@@ -204,13 +200,7 @@ impl Store {
                     return Err(ServiceError::invalid("start_msg_id must not be greater than end_msg_id").into());
                 }
                 // Ascending answers start from `start`; descending ones from `end`.
-                (
-                    "m.msg_id >= $2 AND m.msg_id <= $3",
-                    db_int(start),
-                    db_int(end),
-                    desc,
-                    max,
-                )
+                ("m.msg_id >= $2 AND m.msg_id <= $3", db_int(start), db_int(end), desc, max)
             }
             HistoryQuery::Before { msg_id } => ("m.msg_id < $2 AND $3 = $3", db_int(msg_id), 0, true, page),
             HistoryQuery::After { msg_id } => ("m.msg_id > $2 AND $3 = $3", db_int(msg_id), 0, false, page),
@@ -271,10 +261,7 @@ async fn existing_keys(tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<K
             q = q.bind(s.as_str()).bind(k.as_str());
         }
         for row in q.fetch_all(&mut *tx).await? {
-            let key = (
-                row.try_get::<String, _>("key_sender")?,
-                row.try_get::<String, _>("key_id")?,
-            );
+            let key = (row.try_get::<String, _>("key_sender")?, row.try_get::<String, _>("key_id")?);
             out.insert(key, message(&row)?);
         }
     }
@@ -283,11 +270,8 @@ async fn existing_keys(tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<K
 
 /// (conversation, user) pairs among the items' senders that are active members.
 async fn active_pairs(tx: &mut AnyConnection, items: &[SendItem]) -> Result<HashSet<(String, String)>> {
-    let mut pairs: Vec<(&str, &str)> = items
-        .iter()
-        .filter(|i| !i.from.is_empty())
-        .map(|i| (i.conversation_id.as_str(), i.from.as_str()))
-        .collect();
+    let mut pairs: Vec<(&str, &str)> =
+        items.iter().filter(|i| !i.from.is_empty()).map(|i| (i.conversation_id.as_str(), i.from.as_str())).collect();
     pairs.sort_unstable();
     pairs.dedup();
     let mut out = HashSet::new();
@@ -325,23 +309,13 @@ async fn claim_keys(tx: &mut AnyConnection, claims: &[(Key, &str, i64)]) -> Resu
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for ((sender, key), conv, msg_id) in chunk.iter().map(|c| (&c.0, c.1, c.2)) {
-            q = q
-                .bind(sender.as_str())
-                .bind(key.as_str())
-                .bind(conv)
-                .bind(msg_id)
-                .bind(now);
+            q = q.bind(sender.as_str()).bind(key.as_str()).bind(conv).bind(msg_id).bind(now);
         }
         let won: HashSet<Key> = q
             .fetch_all(&mut *tx)
             .await?
             .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<String, _>("sender")?,
-                    r.try_get::<String, _>("client_msg_id")?,
-                ))
-            })
+            .map(|r| Ok((r.try_get::<String, _>("sender")?, r.try_get::<String, _>("client_msg_id")?)))
             .collect::<Result<_>>()?;
         lost.extend(chunk.iter().map(|c| c.0.clone()).filter(|k| !won.contains(k)));
     }

@@ -19,21 +19,13 @@ impl Db {
     async fn sqlite() -> Db {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("q.db"), 8, 4).await.unwrap();
-        Db {
-            store,
-            _dir: Some(dir),
-            pg: None,
-        }
+        Db { store, _dir: Some(dir), pg: None }
     }
 
     async fn postgres() -> Db {
         let pg = PgDatabase::create().await;
         let store = Store::open_postgres(&pg.url, 8, 4).await.unwrap();
-        Db {
-            store,
-            _dir: None,
-            pg: Some(pg),
-        }
+        Db { store, _dir: None, pg: Some(pg) }
     }
 
     /// A second, independent connection pool on the same database (a second service instance).
@@ -111,49 +103,26 @@ fn users(v: &[&str]) -> Vec<String> {
 
 async fn create_is_idempotent_and_conflicts_differ(db: &Db) {
     let s = &db.store;
-    let out = s
-        .create_conversation(conv("c1", &["bob", "alice"], Some("alice")))
-        .await
-        .unwrap();
+    let out = s.create_conversation(conv("c1", &["bob", "alice"], Some("alice"))).await.unwrap();
     assert!(out.created);
     assert_eq!(out.entries.len(), 1);
     assert_eq!(out.entries[0].message.msg_id, 1);
     assert_eq!(out.entries[0].message.msg_type, system::CREATED);
     // Same members in another order: idempotent, no new message.
-    let again = s
-        .create_conversation(conv("c1", &["alice", "bob"], Some("alice")))
-        .await
-        .unwrap();
+    let again = s.create_conversation(conv("c1", &["alice", "bob"], Some("alice"))).await.unwrap();
     assert!(!again.created);
     assert!(again.entries.is_empty());
     // Different members: conflict, nothing written.
-    let err = s
-        .create_conversation(conv("c1", &["alice", "carol"], Some("alice")))
-        .await
-        .unwrap_err();
+    let err = s.create_conversation(conv("c1", &["alice", "carol"], Some("alice"))).await.unwrap_err();
     assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::Conflict);
     assert_eq!(s.last_msg_id("c1", "alice").await.unwrap(), 1);
     // Generated ids are UUIDv7.
-    let generated = s
-        .create_conversation(NewConversation {
-            conversation_id: None,
-            ..conv("x", &["a"], None)
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        uuid::Uuid::parse_str(&generated.conversation_id)
-            .unwrap()
-            .get_version_num(),
-        7
-    );
+    let generated =
+        s.create_conversation(NewConversation { conversation_id: None, ..conv("x", &["a"], None) }).await.unwrap();
+    assert_eq!(uuid::Uuid::parse_str(&generated.conversation_id).unwrap().get_version_num(), 7);
     let d = s.detail("c1", "bob").await.unwrap();
     assert_eq!(d.members.len(), 2);
-    assert!(
-        d.members
-            .iter()
-            .any(|m| m.user_id == "alice" && m.role == quickim_shared::protocol::api::Role::Owner)
-    );
+    assert!(d.members.iter().any(|m| m.user_id == "alice" && m.role == quickim_shared::protocol::api::Role::Owner));
 }
 
 async fn membership_changes_are_messages(db: &Db) {
@@ -168,15 +137,9 @@ async fn membership_changes_are_messages(db: &Db) {
     assert!(e.is_empty());
     // Self-join of a private conversation: not_member, as for an unknown one.
     let err = s.join("c", &users(&["z"]), true).await.unwrap_err();
-    assert_eq!(
-        quickim_shared::error::ServiceError::from(err).code,
-        ErrorCode::NotMember
-    );
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotMember);
     let err = s.join("nope", &users(&["z"]), true).await.unwrap_err();
-    assert_eq!(
-        quickim_shared::error::ServiceError::from(err).code,
-        ErrorCode::NotMember
-    );
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotMember);
     let err = s.join("nope", &users(&["z"]), false).await.unwrap_err();
     assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotFound);
 
@@ -189,10 +152,7 @@ async fn membership_changes_are_messages(db: &Db) {
     assert_eq!(e[0].message.msg_type, system::KICKED);
     // Former members read nothing and send nothing.
     let err = s.history("c", "c", HistoryQuery::Last, false, 100).await.unwrap_err();
-    assert_eq!(
-        quickim_shared::error::ServiceError::from(err).code,
-        ErrorCode::NotMember
-    );
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotMember);
     let (r, _) = s.send_batch(&[item("c", "b", "x", None)]).await.unwrap();
     assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::NotMember);
     // Rejoined: reads the whole history, unread counts from the join.
@@ -265,10 +225,7 @@ async fn idempotent_retries_within_and_across_batches(db: &Db) {
     assert_eq!(r[0].clone().unwrap(), first);
     assert!(e.is_empty());
     // Same key, other conversation: conflict. Same key, other sender: independent.
-    let (r, _) = s
-        .send_batch(&[item("d", "a", "hi", Some("k1")), item("c", "b", "hi", Some("k1"))])
-        .await
-        .unwrap();
+    let (r, _) = s.send_batch(&[item("d", "a", "hi", Some("k1")), item("c", "b", "hi", Some("k1"))]).await.unwrap();
     assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::Conflict);
     assert_eq!(r[1].as_ref().unwrap().from, "b");
     // A rejected first use does not reserve the key.
@@ -287,49 +244,22 @@ async fn history_reads(db: &Db) {
     }
     // msg 1 is CREATED; user messages are 2..=121.
     let ids = |v: Vec<quickim_shared::protocol::api::Message>| v.into_iter().map(|m| m.msg_id).collect::<Vec<_>>();
-    let r = s
-        .history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, false, 100)
-        .await
-        .unwrap();
+    let r = s.history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, false, 100).await.unwrap();
     assert_eq!(ids(r), vec![10, 11, 12]);
-    let r = s
-        .history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, true, 100)
-        .await
-        .unwrap();
+    let r = s.history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, true, 100).await.unwrap();
     assert_eq!(ids(r), vec![12, 11, 10]);
-    let r = s
-        .history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, false, 100)
-        .await
-        .unwrap();
+    let r = s.history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, false, 100).await.unwrap();
     assert_eq!(r.len(), 100);
     assert_eq!(r[0].msg_id, 1);
-    let r = s
-        .history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, true, 100)
-        .await
-        .unwrap();
+    let r = s.history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, true, 100).await.unwrap();
     assert_eq!((r[0].msg_id, r[99].msg_id), (121, 22));
-    let err = s
-        .history("c", "a", HistoryQuery::Range { start: 5, end: 4 }, false, 100)
-        .await
-        .unwrap_err();
-    assert_eq!(
-        quickim_shared::error::ServiceError::from(err).code,
-        ErrorCode::InvalidParam
-    );
-    let r = s
-        .history("c", "a", HistoryQuery::Before { msg_id: 50 }, false, 100)
-        .await
-        .unwrap();
+    let err = s.history("c", "a", HistoryQuery::Range { start: 5, end: 4 }, false, 100).await.unwrap_err();
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::InvalidParam);
+    let r = s.history("c", "a", HistoryQuery::Before { msg_id: 50 }, false, 100).await.unwrap();
     assert_eq!(ids(r), (20..50).collect::<Vec<_>>());
-    let r = s
-        .history("c", "a", HistoryQuery::Before { msg_id: 50 }, true, 100)
-        .await
-        .unwrap();
+    let r = s.history("c", "a", HistoryQuery::Before { msg_id: 50 }, true, 100).await.unwrap();
     assert_eq!(ids(r), (20..50).rev().collect::<Vec<_>>());
-    let r = s
-        .history("c", "a", HistoryQuery::After { msg_id: 100 }, false, 100)
-        .await
-        .unwrap();
+    let r = s.history("c", "a", HistoryQuery::After { msg_id: 100 }, false, 100).await.unwrap();
     assert_eq!(ids(r), (101..=121).collect::<Vec<_>>());
     let r = s.history("c", "a", HistoryQuery::Last, false, 100).await.unwrap();
     assert_eq!(ids(r), (92..=121).collect::<Vec<_>>());
@@ -341,9 +271,7 @@ async fn history_reads(db: &Db) {
 async fn unread_and_joined_list(db: &Db) {
     let s = &db.store;
     for i in 0..5 {
-        s.create_conversation(conv(&format!("c{i}"), &["a", "b"], None))
-            .await
-            .unwrap();
+        s.create_conversation(conv(&format!("c{i}"), &["a", "b"], None)).await.unwrap();
     }
     for i in 0..5 {
         for _ in 0..i {
@@ -356,10 +284,7 @@ async fn unread_and_joined_list(db: &Db) {
     let page2 = s.list_joined("a", None, 2, page1.next_cursor.as_deref()).await.unwrap();
     let page3 = s.list_joined("a", None, 2, page2.next_cursor.as_deref()).await.unwrap();
     assert!(page3.next_cursor.is_none());
-    let all: Vec<_> = [page1, page2, page3]
-        .into_iter()
-        .flat_map(|p| p.conversations)
-        .collect();
+    let all: Vec<_> = [page1, page2, page3].into_iter().flat_map(|p| p.conversations).collect();
     let ids: HashSet<_> = all.iter().map(|c| c.conversation_id.clone()).collect();
     assert_eq!(ids.len(), 5);
     let c4 = all.iter().find(|c| c.conversation_id == "c4").unwrap();
@@ -370,19 +295,9 @@ async fn unread_and_joined_list(db: &Db) {
     let archived = s.list_joined("a", Some(true), 10, None).await.unwrap();
     assert_eq!(archived.conversations.len(), 1);
     assert!(archived.conversations[0].archived);
-    assert_eq!(
-        s.list_joined("a", Some(false), 10, None)
-            .await
-            .unwrap()
-            .conversations
-            .len(),
-        4
-    );
+    assert_eq!(s.list_joined("a", Some(false), 10, None).await.unwrap().conversations.len(), 4);
     let err = s.list_joined("a", None, 10, Some("garbage!")).await.unwrap_err();
-    assert_eq!(
-        quickim_shared::error::ServiceError::from(err).code,
-        ErrorCode::InvalidParam
-    );
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::InvalidParam);
 }
 
 async fn replay_follows_membership(db: &Db) {
@@ -404,16 +319,9 @@ async fn replay_follows_membership(db: &Db) {
     let page = s.replay("u", &cursor, &upto, 100, 1 << 20, 86_400_000).await.unwrap();
     assert!(!page.more && !page.expired);
     let entries = page.entries;
-    let got: Vec<(String, String)> = entries
-        .iter()
-        .map(|e| (e.message.conversation_id.clone(), e.message.content.clone()))
-        .collect();
-    let want = |c: &str| {
-        got.iter()
-            .filter(|(cc, _)| cc == c)
-            .map(|(_, m)| m.clone())
-            .collect::<Vec<_>>()
-    };
+    let got: Vec<(String, String)> =
+        entries.iter().map(|e| (e.message.conversation_id.clone(), e.message.content.clone())).collect();
+    let want = |c: &str| got.iter().filter(|(cc, _)| cc == c).map(|(_, m)| m.clone()).collect::<Vec<_>>();
     assert_eq!(want("stay"), vec!["s1", "s2"]);
     assert_eq!(want("leave").len(), 2, "backlog up to and including the kick: {got:?}");
     assert!(want("leave")[1].contains("user_ids"));
@@ -446,20 +354,13 @@ async fn replay_follows_membership(db: &Db) {
     assert_eq!(page.entries.len(), 1);
     assert!(page.more);
     // Wrong cursor width: expired (resync).
-    assert!(
-        s.replay("u", &[0], &upto, 100, 1 << 20, 86_400_000)
-            .await
-            .unwrap()
-            .expired
-    );
+    assert!(s.replay("u", &[0], &upto, 100, 1 << 20, 86_400_000).await.unwrap().expired);
 }
 
 async fn log_reads_and_heads(db: &Db) {
     let s = &db.store;
     for i in 0..6 {
-        s.create_conversation(conv(&format!("c{i}"), &["a"], None))
-            .await
-            .unwrap();
+        s.create_conversation(conv(&format!("c{i}"), &["a"], None)).await.unwrap();
         send(s, &format!("c{i}"), "a", "x").await;
     }
     let heads = s.heads().await.unwrap();
@@ -468,11 +369,7 @@ async fn log_reads_and_heads(db: &Db) {
     for part in 0..4u16 {
         let entries = s.read_log(part, 0, heads.heads[usize::from(part)], 1000).await.unwrap();
         let offsets: Vec<u64> = entries.iter().map(|e| e.offset).collect();
-        assert_eq!(
-            offsets,
-            (1..=heads.heads[usize::from(part)]).collect::<Vec<_>>(),
-            "gap-free partition {part}"
-        );
+        assert_eq!(offsets, (1..=heads.heads[usize::from(part)]).collect::<Vec<_>>(), "gap-free partition {part}");
         assert!(entries.iter().all(|e| e.part == part));
     }
     assert_eq!(s.epoch(), db.another_instance().await.epoch());
@@ -517,11 +414,7 @@ async fn concurrent_senders_stay_gap_free(db: &Db) {
         let mut ids: Vec<u64> = all.iter().filter(|(cc, _)| cc == c).map(|(_, id)| *id).collect();
         ids.sort_unstable();
         let n = ids.len() as u64;
-        assert_eq!(
-            ids,
-            (2..2 + n).collect::<Vec<_>>(),
-            "msg_ids of {c} are gap-free and unique"
-        );
+        assert_eq!(ids, (2..2 + n).collect::<Vec<_>>(), "msg_ids of {c} are gap-free and unique");
     }
     let heads = s.heads().await.unwrap();
     for part in 0..4u16 {
@@ -540,10 +433,7 @@ async fn concurrent_retries_store_once(db: &Db) {
     for w in 0..16 {
         let store = if w % 2 == 0 { s.clone() } else { other.clone() };
         tasks.push(tokio::spawn(async move {
-            let (mut r, _) = store
-                .send_batch(&[item("c", "a", "once", Some("retry-me"))])
-                .await
-                .unwrap();
+            let (mut r, _) = store.send_batch(&[item("c", "a", "once", Some("retry-me"))]).await.unwrap();
             r.remove(0).unwrap()
         }));
     }
@@ -567,10 +457,7 @@ async fn retention_horizon_forces_resync(db: &Db) {
     send(s, "c", "x", "2").await;
     let upto = s.heads().await.unwrap().heads;
     let page = s.replay("u", &old, &upto, 100, 1 << 20, 1).await.unwrap();
-    assert!(
-        page.expired && page.entries.is_empty(),
-        "a cursor behind the horizon gets resync"
-    );
+    assert!(page.expired && page.entries.is_empty(), "a cursor behind the horizon gets resync");
     let page = s.replay("u", &old, &upto, 100, 1 << 20, 86_400_000).await.unwrap();
     assert!(!page.expired);
     assert_eq!(page.entries.len(), 2);

@@ -47,11 +47,7 @@ impl LocalBus {
     pub(super) fn subscribe(&self, subject: &str, queue: Option<&str>) -> Subscription {
         let (tx, rx) = mpsc::channel(self.capacity);
         if !self.closed.load(Ordering::Relaxed) {
-            self.subs().push(LocalSub {
-                pattern: subject.to_string(),
-                queue: queue.map(str::to_string),
-                tx,
-            });
+            self.subs().push(LocalSub { pattern: subject.to_string(), queue: queue.map(str::to_string), tx });
         }
         ReceiverStream::new(rx).boxed()
     }
@@ -103,21 +99,12 @@ impl LocalBus {
             return Err(BusError::NoResponders(subject.to_string()));
         };
         let (reply_tx, reply_rx) = oneshot::channel();
-        let msg = Incoming {
-            subject: subject.to_string(),
-            headers,
-            payload,
-            reply: Some(ReplyTo::Local(reply_tx)),
-        };
+        let msg = Incoming { subject: subject.to_string(), headers, payload, reply: Some(ReplyTo::Local(reply_tx)) };
         let exchange = async {
-            tx.send(msg)
-                .await
-                .map_err(|_| BusError::NoResponders(subject.to_string()))?;
+            tx.send(msg).await.map_err(|_| BusError::NoResponders(subject.to_string()))?;
             reply_rx.await.map_err(|_| BusError::NoResponders(subject.to_string()))
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| BusError::TimedOut(subject.to_string()))?
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| BusError::TimedOut(subject.to_string()))?
     }
 
     pub(super) async fn gather(
@@ -191,17 +178,11 @@ mod tests {
             }
         });
         for i in 0..4u8 {
-            let r = bus
-                .request("svc.echo", vec![], Bytes::from(vec![i]), Duration::from_secs(1))
-                .await
-                .unwrap();
+            let r = bus.request("svc.echo", vec![], Bytes::from(vec![i]), Duration::from_secs(1)).await.unwrap();
             assert_eq!(&r.payload[..], &[i]);
         }
         server.await.unwrap();
-        let err = bus
-            .request("other.x", vec![], Bytes::new(), Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = bus.request("other.x", vec![], Bytes::new(), Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(err, BusError::NoResponders(_)));
     }
 
@@ -211,9 +192,7 @@ mod tests {
         let mut s1 = bus.subscribe("log.*", None).await.unwrap();
         let mut s2 = bus.subscribe("log.1", None).await.unwrap();
         for i in 0..3u8 {
-            bus.publish("log.1", vec![("k".into(), "v".into())], Bytes::from(vec![i]))
-                .await
-                .unwrap();
+            bus.publish("log.1", vec![("k".into(), "v".into())], Bytes::from(vec![i])).await.unwrap();
         }
         // capacity 2: the third publish is dropped for both subscribers
         assert_eq!(bus.dropped(), 2);
@@ -229,10 +208,7 @@ mod tests {
     async fn request_times_out_when_nobody_answers() {
         let bus = Bus::local(2);
         let _silent = bus.subscribe("svc.slow", None).await.unwrap();
-        let err = bus
-            .request("svc.slow", vec![], Bytes::new(), Duration::from_millis(50))
-            .await
-            .unwrap_err();
+        let err = bus.request("svc.slow", vec![], Bytes::new(), Duration::from_millis(50)).await.unwrap_err();
         assert!(matches!(err, BusError::TimedOut(_)));
     }
 }

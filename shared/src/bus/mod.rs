@@ -58,10 +58,7 @@ pub struct Incoming {
 
 enum ReplyTo {
     Local(oneshot::Sender<Reply>),
-    Nats {
-        client: async_nats::Client,
-        subject: async_nats::Subject,
-    },
+    Nats { client: async_nats::Client, subject: async_nats::Subject },
 }
 
 impl Incoming {
@@ -101,17 +98,13 @@ enum Backend {
 impl Bus {
     /// An in-process bus; each subscription buffers at most `capacity` messages.
     pub fn local(capacity: usize) -> Bus {
-        Bus {
-            backend: Arc::new(Backend::Local(local::LocalBus::new(capacity))),
-        }
+        Bus { backend: Arc::new(Backend::Local(local::LocalBus::new(capacity))) }
     }
 
     /// Connects to NATS at `url` (retries in the background after the first connection).
     pub async fn connect_nats(url: &str, name: &str) -> Result<Bus, BusError> {
         let bus = nats::NatsBus::connect(url, name).await?;
-        Ok(Bus {
-            backend: Arc::new(Backend::Nats(bus)),
-        })
+        Ok(Bus { backend: Arc::new(Backend::Nats(bus)) })
     }
 
     /// Sends a request and waits up to `timeout` for the answer.

@@ -34,9 +34,7 @@ impl NatsBus {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(BusError::Unavailable(format!(
-            "NATS at {url} did not accept a connection within 5 s"
-        )))
+        Err(BusError::Unavailable(format!("NATS at {url} did not accept a connection within 5 s")))
     }
 
     pub(super) async fn request(
@@ -46,26 +44,17 @@ impl NatsBus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Reply, BusError> {
-        let request = async_nats::Request::new()
-            .payload(payload)
-            .headers(to_header_map(&headers))
-            .timeout(Some(timeout));
-        let msg = self
-            .client
-            .send_request(subject.to_string(), request)
-            .await
-            .map_err(|e| {
-                use async_nats::client::RequestErrorKind as K;
-                match e.kind() {
-                    K::TimedOut => BusError::TimedOut(subject.to_string()),
-                    K::NoResponders => BusError::NoResponders(subject.to_string()),
-                    _ => BusError::Unavailable(e.to_string()),
-                }
-            })?;
-        Ok(Reply {
-            headers: from_header_map(msg.headers.as_ref()),
-            payload: msg.payload,
-        })
+        let request =
+            async_nats::Request::new().payload(payload).headers(to_header_map(&headers)).timeout(Some(timeout));
+        let msg = self.client.send_request(subject.to_string(), request).await.map_err(|e| {
+            use async_nats::client::RequestErrorKind as K;
+            match e.kind() {
+                K::TimedOut => BusError::TimedOut(subject.to_string()),
+                K::NoResponders => BusError::NoResponders(subject.to_string()),
+                _ => BusError::Unavailable(e.to_string()),
+            }
+        })?;
+        Ok(Reply { headers: from_header_map(msg.headers.as_ref()), payload: msg.payload })
     }
 
     pub(super) async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
@@ -84,10 +73,7 @@ impl NatsBus {
                 subject: m.subject.to_string(),
                 headers: from_header_map(m.headers.as_ref()),
                 payload: m.payload,
-                reply: m.reply.map(|subject| ReplyTo::Nats {
-                    client: client.clone(),
-                    subject,
-                }),
+                reply: m.reply.map(|subject| ReplyTo::Nats { client: client.clone(), subject }),
             })
             .boxed())
     }
@@ -101,11 +87,7 @@ impl NatsBus {
         expect: usize,
     ) -> Result<Vec<Reply>, BusError> {
         let inbox = self.client.new_inbox();
-        let mut sub = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let mut sub = self.client.subscribe(inbox.clone()).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
         self.client
             .publish_with_reply_and_headers(subject.to_string(), inbox, to_header_map(&headers), payload)
             .await
@@ -114,10 +96,7 @@ impl NatsBus {
         let deadline = tokio::time::Instant::now() + timeout;
         while replies.len() < expect {
             match tokio::time::timeout_at(deadline, sub.next()).await {
-                Ok(Some(m)) => replies.push(Reply {
-                    headers: from_header_map(m.headers.as_ref()),
-                    payload: m.payload,
-                }),
+                Ok(Some(m)) => replies.push(Reply { headers: from_header_map(m.headers.as_ref()), payload: m.payload }),
                 _ => break,
             }
         }
@@ -125,10 +104,7 @@ impl NatsBus {
     }
 
     pub(super) async fn flush(&self) -> Result<(), BusError> {
-        self.client
-            .flush()
-            .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))
+        self.client.flush().await.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
     pub(super) fn is_connected(&self) -> bool {
@@ -151,9 +127,7 @@ pub(super) async fn publish(
     let result = if headers.is_empty() {
         client.publish(subject, payload).await
     } else {
-        client
-            .publish_with_headers(subject, to_header_map(headers), payload)
-            .await
+        client.publish_with_headers(subject, to_header_map(headers), payload).await
     };
     result.map_err(|e| BusError::Unavailable(e.to_string()))
 }
@@ -168,7 +142,5 @@ fn to_header_map(headers: &Headers) -> HeaderMap {
 
 fn from_header_map(map: Option<&HeaderMap>) -> Headers {
     let Some(map) = map else { return Vec::new() };
-    map.iter()
-        .filter_map(|(k, vs)| vs.first().map(|v| (k.to_string(), v.to_string())))
-        .collect()
+    map.iter().filter_map(|(k, vs)| vs.first().map(|v| (k.to_string(), v.to_string()))).collect()
 }

@@ -141,48 +141,23 @@ mod tests {
     #[test]
     fn golden_events() {
         let cases = [
+            (Event::Ready { cursor: "AQ".into() }, r#"{"type":"ready","cursor":"AQ"}"#),
             (
-                Event::Ready { cursor: "AQ".into() },
-                r#"{"type":"ready","cursor":"AQ"}"#,
-            ),
-            (
-                Event::Message {
-                    cursor: "AQ".into(),
-                    message: message(),
-                },
+                Event::Message { cursor: "AQ".into(), message: message() },
                 r#"{"type":"message","cursor":"AQ","message":{"conversation_id":"c1","msg_id":3,"from":"alice","type":1,"content":"hi","send_time":1700000000000}}"#,
             ),
+            (Event::Cursor { cursor: "AQ".into() }, r#"{"type":"cursor","cursor":"AQ"}"#),
+            (Event::Kicked { reason: "kick_user".into() }, r#"{"type":"kicked","reason":"kick_user"}"#),
             (
-                Event::Cursor { cursor: "AQ".into() },
-                r#"{"type":"cursor","cursor":"AQ"}"#,
-            ),
-            (
-                Event::Kicked {
-                    reason: "kick_user".into(),
-                },
-                r#"{"type":"kicked","reason":"kick_user"}"#,
-            ),
-            (
-                Event::Resync {
-                    cursor: "AQ".into(),
-                    reason: "cursor_expired".into(),
-                },
+                Event::Resync { cursor: "AQ".into(), reason: "cursor_expired".into() },
                 r#"{"type":"resync","cursor":"AQ","reason":"cursor_expired"}"#,
             ),
             (
-                Event::Ack {
-                    req_id: serde_json::json!(7),
-                    message: None,
-                    read_msg_id: Some(3),
-                },
+                Event::Ack { req_id: serde_json::json!(7), message: None, read_msg_id: Some(3) },
                 r#"{"type":"ack","req_id":7,"read_msg_id":3}"#,
             ),
             (
-                Event::Error {
-                    req_id: Some(serde_json::json!("a")),
-                    code: 40301,
-                    error: "not a member".into(),
-                },
+                Event::Error { req_id: Some(serde_json::json!("a")), code: 40301, error: "not a member".into() },
                 r#"{"type":"error","req_id":"a","code":40301,"error":"not a member"}"#,
             ),
         ];

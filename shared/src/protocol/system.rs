@@ -63,9 +63,9 @@ impl MembershipChange {
             return None;
         }
         match message.msg_type {
-            CREATED => serde_json::from_str::<Created>(&message.content)
-                .ok()
-                .map(|c| MembershipChange::Joined(c.user_ids)),
+            CREATED => {
+                serde_json::from_str::<Created>(&message.content).ok().map(|c| MembershipChange::Joined(c.user_ids))
+            }
             JOINED => users(message).map(MembershipChange::Joined),
             LEFT => users(message).map(MembershipChange::Left),
             KICKED => users(message).map(MembershipChange::Kicked),
@@ -101,18 +101,13 @@ mod tests {
 
     #[test]
     fn reads_membership_changes_back() {
-        let created = content(&Created {
-            conversation_type: 1,
-            owner: Some("a".into()),
-            user_ids: vec!["a".into(), "b".into()],
-        });
+        let created =
+            content(&Created { conversation_type: 1, owner: Some("a".into()), user_ids: vec!["a".into(), "b".into()] });
         assert_eq!(
             MembershipChange::of(&msg(CREATED, "", created)),
             Some(MembershipChange::Joined(vec!["a".into(), "b".into()]))
         );
-        let kicked = content(&Users {
-            user_ids: vec!["b".into()],
-        });
+        let kicked = content(&Users { user_ids: vec!["b".into()] });
         assert_eq!(
             MembershipChange::of(&msg(KICKED, "", kicked.clone())),
             Some(MembershipChange::Kicked(vec!["b".into()]))

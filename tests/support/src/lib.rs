@@ -10,7 +10,9 @@
 //! PostgreSQL is found at `QUICKIM_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`).
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
+mod clients;
 mod quickim;
+pub use clients::*;
 pub use quickim::*;
 
 use std::net::TcpListener;
@@ -21,11 +23,7 @@ use sqlx::{Connection, Executor, PgConnection};
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Base URL of the PostgreSQL server used by tests.
@@ -46,26 +44,17 @@ impl PgDatabase {
         let mut conn = PgConnection::connect(&admin)
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed for this test: {e}"));
-        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await
-            .expect("create database");
+        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.expect("create database");
         conn.close().await.ok();
-        PgDatabase {
-            url: format!("{}/{name}", pg_base()),
-            name,
-        }
+        PgDatabase { url: format!("{}/{name}", pg_base()), name }
     }
 
     /// Drops the database (after every connection to it is closed).
     pub async fn drop_db(self) {
         let admin = format!("{}/postgres", pg_base());
         if let Ok(mut conn) = PgConnection::connect(&admin).await {
-            let _ = conn
-                .execute(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                )))
-                .await;
+            let _ =
+                conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))).await;
             conn.close().await.ok();
         }
     }
@@ -98,11 +87,7 @@ impl NatsServer {
             assert!(Instant::now() < deadline, "nats-server did not start on port {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        NatsServer {
-            child,
-            port,
-            url: format!("nats://127.0.0.1:{port}"),
-        }
+        NatsServer { child, port, url: format!("nats://127.0.0.1:{port}") }
     }
 }
 
@@ -115,11 +100,7 @@ impl Drop for NatsServer {
 
 fn nats_binary() -> String {
     std::env::var("QUICKIM_NATS_SERVER").unwrap_or_else(|_| {
-        for p in [
-            "/usr/sbin/nats-server",
-            "/usr/bin/nats-server",
-            "/usr/local/bin/nats-server",
-        ] {
+        for p in ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"] {
             if std::path::Path::new(p).exists() {
                 return p.to_string();
             }

@@ -30,19 +30,12 @@ impl Process {
         let child = Command::new(bin)
             .args(args)
             .envs(env)
-            .env(
-                "QUICKIM_LOG",
-                env.get("QUICKIM_LOG").map(String::as_str).unwrap_or("info"),
-            )
+            .env("QUICKIM_LOG", env.get("QUICKIM_LOG").map(String::as_str).unwrap_or("info"))
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .expect("spawn quickim");
-        Process {
-            child: Some(child),
-            name: name.to_string(),
-            log,
-        }
+        Process { child: Some(child), name: name.to_string(), log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -111,10 +104,7 @@ pub struct Api {
 impl Api {
     pub fn new(public: &str, inner: &str, key: &str) -> Api {
         Api {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("client"),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
             public: format!("http://{public}"),
             inner: format!("http://{inner}"),
             key: key.to_string(),
@@ -165,9 +155,7 @@ impl Api {
 
     /// A token for `user` on `platform`.
     pub async fn token(&self, user: &str, platform: &str) -> String {
-        let (status, v) = self
-            .inner("/inner/get_token", json!({ "user_id": user, "platform": platform }))
-            .await;
+        let (status, v) = self.inner("/inner/get_token", json!({ "user_id": user, "platform": platform })).await;
         assert_eq!(status, StatusCode::OK, "{v}");
         v["data"]["token"].as_str().expect("token").to_string()
     }
@@ -193,11 +181,7 @@ impl Api {
             {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "gateway at {} not ready within {within:?}",
-                self.public
-            );
+            assert!(Instant::now() < deadline, "gateway at {} not ready within {within:?}", self.public);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -216,10 +200,7 @@ impl Standalone {
     /// Starts with the test secrets and any extra `QUICKIM_*` settings.
     pub async fn start(bin: &str, extra: &[(&str, &str)]) -> Standalone {
         let data = tempfile::tempdir().expect("tempdir");
-        let (public, inner) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
+        let (public, inner) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
         let mut env: HashMap<String, String> = HashMap::from([
             ("QUICKIM_DATA_DIR".into(), data.path().display().to_string()),
             ("QUICKIM_PUBLIC_ADDR".into(), public.clone()),
@@ -231,34 +212,16 @@ impl Standalone {
             env.insert(k.to_string(), v.to_string());
         }
         let process = Process::spawn(bin, "standalone", &["standalone"], &env, data.path());
-        let api = Api::new(
-            &public,
-            &inner,
-            env.get("QUICKIM_INNER_KEY")
-                .map(String::as_str)
-                .unwrap_or(TEST_INNER_KEY),
-        );
+        let api = Api::new(&public, &inner, env.get("QUICKIM_INNER_KEY").map(String::as_str).unwrap_or(TEST_INNER_KEY));
         api.wait_ready(Duration::from_secs(30)).await;
-        Standalone {
-            process,
-            api,
-            data,
-            env,
-            bin: bin.to_string(),
-        }
+        Standalone { process, api, data, env, bin: bin.to_string() }
     }
 
     /// Stops (SIGTERM) and starts again on the same data directory and ports.
     pub async fn restart(&mut self) {
         let code = self.process.terminate(Duration::from_secs(20));
         assert_eq!(code, Some(0), "standalone did not stop cleanly");
-        self.process = Process::spawn(
-            &self.bin,
-            "standalone-restarted",
-            &["standalone"],
-            &self.env,
-            self.data.path(),
-        );
+        self.process = Process::spawn(&self.bin, "standalone-restarted", &["standalone"], &self.env, self.data.path());
         self.api.wait_ready(Duration::from_secs(30)).await;
     }
 }
@@ -271,6 +234,7 @@ pub struct Distributed {
     pub conversation: Vec<Process>,
     pub message: Vec<Process>,
     pub gateways: Vec<(Process, Api)>,
+    gateway_env: Vec<HashMap<String, String>>,
     bin: String,
     base_env: HashMap<String, String>,
 }
@@ -298,6 +262,7 @@ impl Distributed {
             conversation: Vec::new(),
             message: Vec::new(),
             gateways: Vec::new(),
+            gateway_env: Vec::new(),
             bin: bin.to_string(),
             base_env,
         };
@@ -318,20 +283,13 @@ impl Distributed {
         let mut env = self.base_env.clone();
         env.insert("QUICKIM_NODE_ID".into(), format!("{role}-{n}"));
         let p = Process::spawn(&self.bin, &format!("{role}-{n}"), &[role], &env, self.logs.path());
-        if role == "conversation" {
-            self.conversation.push(p)
-        } else {
-            self.message.push(p)
-        }
+        if role == "conversation" { self.conversation.push(p) } else { self.message.push(p) }
     }
 
     /// Starts one more gateway and waits until it is ready; answers its index.
     pub async fn add_gateway(&mut self) -> usize {
         let i = self.gateways.len();
-        let (public, inner) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
+        let (public, inner) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
         let mut env = self.base_env.clone();
         env.insert("QUICKIM_PUBLIC_ADDR".into(), public.clone());
         env.insert("QUICKIM_INNER_ADDR".into(), inner.clone());
@@ -340,7 +298,26 @@ impl Distributed {
         let api = Api::new(&public, &inner, TEST_INNER_KEY);
         api.wait_ready(Duration::from_secs(60)).await;
         self.gateways.push((p, api));
+        self.gateway_env.push(env);
         i
+    }
+
+    /// Stops gateway `i` (SIGTERM) and leaves it stopped.
+    pub fn stop_gateway(&mut self, i: usize) -> Option<i32> {
+        self.gateways[i].0.terminate(Duration::from_secs(20))
+    }
+
+    /// Starts gateway `i` again on the same addresses and waits until it is ready.
+    pub async fn start_gateway_again(&mut self, i: usize) {
+        let p = Process::spawn(
+            &self.bin,
+            &format!("gateway-{i}-again"),
+            &["gateway"],
+            &self.gateway_env[i],
+            self.logs.path(),
+        );
+        self.gateways[i].0 = p;
+        self.gateways[i].1.wait_ready(Duration::from_secs(60)).await;
     }
 
     pub fn api(&self, i: usize) -> &Api {

@@ -68,9 +68,5 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Resp
     body.put_slice(br#"],"cursor":"#);
     body.put_slice(serde_json::to_string(&*cursor).unwrap_or_default().as_bytes());
     body.put_slice(b"}}");
-    (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        body.freeze(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body.freeze()).into_response()
 }

@@ -73,17 +73,10 @@ impl Stream {
 pub fn respond(session: Session, heartbeat: Duration, page: u32) -> Response {
     let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stream = Stream {
-        session,
-        heartbeat: interval,
-        page,
-        done: false,
-    };
+    let stream = Stream { session, heartbeat: interval, page, done: false };
     let body =
         futures::stream::once(async { Ok::<Bytes, std::convert::Infallible>(Bytes::from_static(b"retry: 1000\n\n")) })
-            .chain(futures::stream::unfold(stream, |mut s| async move {
-                s.next().await.map(|b| (Ok(b), s))
-            }));
+            .chain(futures::stream::unfold(stream, |mut s| async move { s.next().await.map(|b| (Ok(b), s)) }));
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();

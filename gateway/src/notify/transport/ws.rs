@@ -28,15 +28,12 @@ const IN_FLIGHT: usize = 16;
 /// Completes the upgrade and runs the connection.
 pub fn respond(upgrade: WebSocketUpgrade, session: Session, state: AppState) -> Response {
     let max = state.config.ws_max_frame_bytes;
-    upgrade
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
+    upgrade.read_buffer_size(4 * 1024).write_buffer_size(0).max_message_size(max).max_frame_size(max).on_upgrade(
+        move |socket| {
             let tracker = state.connections.clone();
             tracker.track_future(run(socket, session, state))
-        })
+        },
+    )
 }
 
 enum ReaderEnd {
@@ -53,7 +50,17 @@ async fn run(socket: WebSocket, mut session: Session, state: AppState) {
     let reader_state = state.clone();
     let reader = tokio::spawn(async move {
         let end = read_loop(&mut stream, &reader_state, &caller_id, acks_tx, seen_tx).await;
+        let failed = matches!(end, ReaderEnd::Failed(_));
         let _ = end_tx.send(end).await;
+        if failed {
+            // Keep reading (and discarding) until the client answers our close frame: closing
+            // a socket with unread data makes TCP reset it, and the close frame would be lost.
+            while let Some(Ok(frame)) = stream.next().await {
+                if matches!(frame, WsMessage::Close(_)) {
+                    break;
+                }
+            }
+        }
     });
 
     let ping_every = Duration::from_secs(state.config.ws_ping_s);
@@ -113,15 +120,20 @@ async fn run(socket: WebSocket, mut session: Session, state: AppState) {
             }
         }
     };
+    // Out of delivery and presence before the closing handshake.
+    drop(session);
     if let Some(d) = close {
-        let frame = CloseFrame {
-            code: d.ws_code(),
-            reason: Utf8Bytes::from_static(d.reason()),
-        };
+        let frame = CloseFrame { code: d.ws_code(), reason: Utf8Bytes::from_static(d.reason()) };
         let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(WsMessage::Close(Some(frame)))).await;
         metrics::counter!("quickim_notify_closed_total", "protocol" => "ws", "reason" => d.reason()).increment(1);
+        // The closing handshake: give the client a moment to answer with its close frame.
+        let abort = reader.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(2), reader).await.is_err() {
+            abort.abort();
+        }
+    } else {
+        reader.abort();
     }
-    reader.abort();
 }
 
 fn text(json: &Bytes) -> WsMessage {
@@ -149,11 +161,7 @@ async fn read_loop(
                     e.into_inner().downcast_ref::<tungstenite::Error>(),
                     Some(tungstenite::Error::Capacity(_))
                 );
-                return if capacity {
-                    ReaderEnd::Failed(Disconnect::FrameTooLarge)
-                } else {
-                    ReaderEnd::ClientClosed
-                };
+                return if capacity { ReaderEnd::Failed(Disconnect::FrameTooLarge) } else { ReaderEnd::ClientClosed };
             }
         };
         let body = match frame {
@@ -181,20 +189,12 @@ async fn read_loop(
         let request = match serde_json::from_str::<ClientFrame>(&body) {
             Ok(r) => r,
             Err(e) => {
-                let _ = acks.try_send(error(
-                    req_id_of(&body),
-                    ErrorCode::InvalidParam,
-                    &format!("bad frame: {e}"),
-                ));
+                let _ = acks.try_send(error(req_id_of(&body), ErrorCode::InvalidParam, &format!("bad frame: {e}")));
                 continue;
             }
         };
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            let _ = acks.try_send(error(
-                req_id_of(&body),
-                ErrorCode::RateLimited,
-                "too many requests in flight",
-            ));
+            let _ = acks.try_send(error(req_id_of(&body), ErrorCode::RateLimited, "too many requests in flight"));
             continue;
         };
         let (state, user_id, acks) = (state.clone(), user_id.to_string(), acks.clone());
@@ -209,13 +209,7 @@ async fn read_loop(
 
 async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
     let (req_id, result) = match frame {
-        ClientFrame::Send {
-            req_id,
-            conversation_id,
-            msg_type,
-            content,
-            client_msg_id,
-        } => {
+        ClientFrame::Send { req_id, conversation_id, msg_type, content, client_msg_id } => {
             let r = state
                 .rpc
                 .call(&SendMessage {
@@ -227,31 +221,15 @@ async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
                     client_msg_id,
                 })
                 .await
-                .map(|m| Event::Ack {
-                    req_id: req_id.clone(),
-                    message: Some(m),
-                    read_msg_id: None,
-                });
+                .map(|m| Event::Ack { req_id: req_id.clone(), message: Some(m), read_msg_id: None });
             (req_id, r)
         }
-        ClientFrame::MarkRead {
-            req_id,
-            conversation_id,
-            msg_id,
-        } => {
+        ClientFrame::MarkRead { req_id, conversation_id, msg_id } => {
             let r = state
                 .rpc
-                .call(&MarkRead {
-                    user_id: user_id.to_string(),
-                    conversation_id,
-                    msg_id,
-                })
+                .call(&MarkRead { user_id: user_id.to_string(), conversation_id, msg_id })
                 .await
-                .map(|a| Event::Ack {
-                    req_id: req_id.clone(),
-                    message: None,
-                    read_msg_id: Some(a.read_msg_id),
-                });
+                .map(|a| Event::Ack { req_id: req_id.clone(), message: None, read_msg_id: Some(a.read_msg_id) });
             (req_id, r)
         }
     };
@@ -262,16 +240,9 @@ async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
 }
 
 fn req_id_of(body: &str) -> Option<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("req_id").cloned())
+    serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v.get("req_id").cloned())
 }
 
 fn error(req_id: Option<serde_json::Value>, code: ErrorCode, message: &str) -> String {
-    serde_json::to_string(&Event::Error {
-        req_id,
-        code: code.number(),
-        error: message.to_string(),
-    })
-    .unwrap_or_default()
+    serde_json::to_string(&Event::Error { req_id, code: code.number(), error: message.to_string() }).unwrap_or_default()
 }

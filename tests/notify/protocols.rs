@@ -1,0 +1,181 @@
+//! Each protocol on its own: the event format, ordering, multi-device, WS requests, poll
+//! batches, SSE heartbeats, bad requests.
+
+use std::time::{Duration, Instant};
+
+use quickim_testkit::{NotifyClient, Protocol, Standalone};
+use serde_json::json;
+
+use crate::{BIN, SOON, contents, messages, send};
+
+#[tokio::test]
+async fn every_protocol_starts_with_ready_and_delivers_in_order_to_every_device() {
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    let alice_web = q.api.token("alice", "web").await;
+    let alice_ios = q.api.token("alice", "ios").await;
+    let bob = q.api.token("bob", "pc").await;
+    let mut clients = Vec::new();
+    for (p, t) in
+        [(Protocol::Ws, &alice_web), (Protocol::Sse, &alice_ios), (Protocol::Poll, &alice_web), (Protocol::Ws, &bob)]
+    {
+        let mut c = NotifyClient::connect(&q.api.public, t, p, None).await.unwrap();
+        let first = c.next(SOON).await.expect("first event");
+        assert_eq!(first["type"], "ready", "{p:?}: {first}");
+        assert!(first["cursor"].as_str().is_some_and(|c| !c.is_empty()));
+        clients.push(c);
+    }
+    for i in 0..20 {
+        send(&q.api, "c", if i % 2 == 0 { "bob" } else { "alice" }, &format!("m{i}")).await;
+    }
+    for c in &mut clients {
+        let got = messages(c, 20).await;
+        let ids: Vec<u64> = got.iter().map(|m| m["msg_id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, (2..22).collect::<Vec<_>>(), "{:?}: in msg_id order, own messages included", c.protocol);
+        assert_eq!(contents(&got)[0], "m0");
+        assert!(got.iter().all(|m| m["conversation_id"] == "c" && m["send_time"].as_i64().unwrap() > 0));
+    }
+}
+
+#[tokio::test]
+async fn ws_clients_send_and_mark_read_over_the_socket() {
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    q.api.conversation("other", &["bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let mut ws = NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.unwrap();
+    assert_eq!(ws.next(SOON).await.unwrap()["type"], "ready");
+    ws.send_frame(
+        json!({"type":"send","req_id":1,"conversation_id":"c","msg_type":1,"content":"hi","client_msg_id":"k1"}),
+    )
+    .await;
+    let mut ack = None;
+    let mut delivered = None;
+    while ack.is_none() || delivered.is_none() {
+        let e = ws.next(SOON).await.expect("ack and delivery");
+        match e["type"].as_str() {
+            Some("ack") => ack = Some(e),
+            Some("message") => delivered = Some(e),
+            _ => {}
+        }
+    }
+    let ack = ack.unwrap();
+    assert_eq!(ack["req_id"], 1);
+    assert_eq!(ack["message"]["msg_id"], 2);
+    assert_eq!(delivered.unwrap()["message"], ack["message"], "the sender's own stream gets it too");
+    // idempotent retry over the socket
+    ws.send_frame(
+        json!({"type":"send","req_id":"again","conversation_id":"c","msg_type":1,"content":"hi","client_msg_id":"k1"}),
+    )
+    .await;
+    let e = ws.next(SOON).await.unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["req_id"].as_str(), e["message"]["msg_id"].as_u64()),
+        (Some("ack"), Some("again"), Some(2))
+    );
+    // errors answer with the code and the req_id
+    ws.send_frame(json!({"type":"send","req_id":3,"conversation_id":"other","msg_type":1,"content":"x"})).await;
+    let e = ws.next(SOON).await.unwrap();
+    assert_eq!((e["type"].as_str(), e["code"].as_u64(), e["req_id"].as_u64()), (Some("error"), Some(40301), Some(3)));
+    assert!(ws.send_text("{not json".into()).await);
+    let e = ws.next(SOON).await.unwrap();
+    assert_eq!((e["type"].as_str(), e["code"].as_u64()), (Some("error"), Some(40000)));
+    ws.send_frame(json!({"type":"send","req_id":4,"conversation_id":"c","msg_type":-1,"content":"x"})).await;
+    let e = ws.next(SOON).await.unwrap();
+    assert_eq!(e["code"], 40000, "negative types are reserved: {e}");
+    ws.send_frame(json!({"type":"mark_read","req_id":5,"conversation_id":"c","msg_id":2})).await;
+    let e = ws.next(SOON).await.unwrap();
+    assert_eq!((e["type"].as_str(), e["read_msg_id"].as_u64()), (Some("ack"), Some(2)));
+    let (_, v) = q.api.client(&t, "/get_joined_conversation", json!({})).await;
+    assert_eq!(v["data"]["conversations"][0]["unread"], 0);
+}
+
+#[tokio::test]
+async fn long_poll_answers_batches_at_once_and_waits_otherwise() {
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let get = |query: String| {
+        let (http, base, t) = (q.api.http.clone(), q.api.public.clone(), t.clone());
+        async move {
+            let r = http.get(format!("{base}/notify?protoc=poll&{query}")).bearer_auth(&t).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let started = Instant::now();
+    let (s, v) = get(String::new()).await;
+    assert_eq!(s, 200);
+    assert!(started.elapsed() < Duration::from_secs(2), "no cursor: ready at once");
+    assert_eq!(v["data"]["events"][0]["type"], "ready");
+    let cursor = v["data"]["cursor"].as_str().unwrap().to_string();
+    for i in 0..5 {
+        send(&q.api, "c", "bob", &format!("b{i}")).await;
+    }
+    let started = Instant::now();
+    let (_, v) = get(format!("cursor={cursor}&timeout=30")).await;
+    assert!(started.elapsed() < Duration::from_secs(2), "pending events: answered at once");
+    let events = v["data"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 5, "the whole batch in one answer: {v}");
+    let cursor = v["data"]["cursor"].as_str().unwrap().to_string();
+    assert_eq!(events[4]["cursor"], cursor.as_str());
+    // nothing pending: waits for the timeout, answers no events and a cursor
+    let started = Instant::now();
+    let (_, v) = get(format!("cursor={cursor}&timeout=1")).await;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(v["data"]["events"].as_array().unwrap().len(), 0);
+    // a message while waiting ends the wait
+    let api = q.api.clone();
+    let sender = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        send(&api, "c", "bob", "while waiting").await;
+    });
+    let started = Instant::now();
+    let (_, v) = get(format!("cursor={cursor}&timeout=20")).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(v["data"]["events"][0]["message"]["content"], "while waiting");
+    sender.await.unwrap();
+    for bad in ["timeout=61", "timeout=abc", "cursor=garbage!", "cursor=AAAA"] {
+        let (s, v) = get(bad.to_string()).await;
+        assert_eq!((s, v["code"].as_u64()), (400, Some(40000)), "{bad}: {v}");
+    }
+    let r =
+        q.api.http.get(format!("{}/notify?protoc=carrier-pigeon", q.api.public)).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = q.api.http.get(format!("{}/notify?protoc=poll", q.api.public)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn sse_sends_heartbeats_that_keep_the_cursor_fresh() {
+    let q = Standalone::start(BIN, &[("QUICKIM_SSE_HEARTBEAT_S", "1")]).await;
+    q.api.conversation("mine", &["alice"]).await;
+    q.api.conversation("theirs", &["bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let mut resp = q.api.http.get(format!("{}/notify?protoc=sse", q.api.public)).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(resp.headers().get("content-type").unwrap(), "text/event-stream");
+    // Traffic alice does not see moves the position; the heartbeat carries it as an id.
+    send(&q.api, "theirs", "bob", "not for alice").await;
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(text.contains(": heartbeat") && text.matches("id: ").count() >= 2) && Instant::now() < deadline {
+        if let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(3), resp.chunk()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    assert!(text.starts_with("retry: 1000\n\n"), "{text}");
+    assert!(text.contains(": heartbeat"), "{text}");
+    assert!(!text.contains("not for alice"));
+    let ids: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert!(ids.len() >= 2 && ids[0] != ids[ids.len() - 1], "the heartbeat moved Last-Event-ID on: {text}");
+}
+
+#[tokio::test]
+async fn a_token_that_expires_closes_the_stream() {
+    let q = Standalone::start(BIN, &[]).await;
+    let (_, v) = q.api.inner("/inner/get_token", json!({"user_id":"alice","platform":"web","ttl_s":2})).await;
+    let t = v["data"]["token"].as_str().unwrap().to_string();
+    let mut ws = NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.unwrap();
+    let closed = ws.wait_closed(Duration::from_secs(12)).await;
+    assert_eq!(closed, Some(quickim_testkit::Closed::Ws(4001, "token_expired".into())));
+}

@@ -1,0 +1,261 @@
+//! Exact resume: after a dropped connection, a restarted gateway, a killed gateway, across
+//! nodes; with memberships that changed while away; retention and foreign cursors.
+
+use std::time::Duration;
+
+use quickim_testkit::{Distributed, NotifyClient, Protocol, Standalone};
+use serde_json::json;
+
+use crate::{BIN, SOON, contents, messages, no_message, send};
+
+async fn resume_after_a_dropped_connection(p: Protocol) {
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let mut c = NotifyClient::connect(&q.api.public, &t, p, None).await.unwrap();
+    for i in 0..3 {
+        send(&q.api, "c", "bob", &format!("before{i}")).await;
+    }
+    assert_eq!(contents(&messages(&mut c, 3).await), vec!["before0", "before1", "before2"]);
+    let cursor = c.drop_connection().unwrap();
+    for i in 0..5 {
+        send(&q.api, "c", "bob", &format!("away{i}")).await;
+    }
+    let mut c = NotifyClient::connect(&q.api.public, &t, p, Some(&cursor)).await.unwrap();
+    let got = messages(&mut c, 5).await;
+    assert_eq!(contents(&got), vec!["away0", "away1", "away2", "away3", "away4"], "{p:?}");
+    send(&q.api, "c", "bob", "live").await;
+    assert_eq!(contents(&messages(&mut c, 1).await), vec!["live"]);
+    no_message(&mut c, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn ws_resumes_after_a_dropped_connection() {
+    resume_after_a_dropped_connection(Protocol::Ws).await;
+}
+
+#[tokio::test]
+async fn sse_resumes_after_a_dropped_connection() {
+    resume_after_a_dropped_connection(Protocol::Sse).await;
+}
+
+#[tokio::test]
+async fn poll_resumes_after_a_dropped_connection() {
+    resume_after_a_dropped_connection(Protocol::Poll).await;
+}
+
+#[tokio::test]
+async fn sse_takes_the_cursor_from_the_query_when_headers_cannot_be_set() {
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let mut c = NotifyClient::connect(&q.api.public, &t, Protocol::Sse, None).await.unwrap();
+    send(&q.api, "c", "bob", "one").await;
+    messages(&mut c, 1).await;
+    let cursor = c.drop_connection().unwrap();
+    send(&q.api, "c", "bob", "two").await;
+    let mut resp = q
+        .api
+        .http
+        .get(format!("{}/notify?protoc=sse&token={t}&last_event_id={cursor}", q.api.public))
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while !text.contains("\"two\"") {
+        let chunk = tokio::time::timeout(SOON, resp.chunk()).await.unwrap().unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!text.contains("\"one\""), "nothing twice: {text}");
+}
+
+#[tokio::test]
+async fn every_protocol_resumes_after_the_gateway_restarts() {
+    let mut q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let mut clients = Vec::new();
+    for p in Protocol::ALL {
+        let mut c = NotifyClient::connect(&q.api.public, &t, p, None).await.unwrap();
+        c.next(SOON).await.unwrap();
+        clients.push(c);
+    }
+    send(&q.api, "c", "bob", "before").await;
+    for c in &mut clients {
+        assert_eq!(contents(&messages(c, 1).await), vec!["before"]);
+    }
+    q.restart().await;
+    for i in 0..4 {
+        send(&q.api, "c", "bob", &format!("after{i}")).await;
+    }
+    for c in clients {
+        let p = c.protocol;
+        let mut c = c.reconnect(&q.api.public).await.unwrap();
+        assert_eq!(contents(&messages(&mut c, 4).await), vec!["after0", "after1", "after2", "after3"], "{p:?}");
+        no_message(&mut c, Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resume_on_another_node_after_a_gateway_is_killed() {
+    let mut d = Distributed::start(BIN, 1, 1, 2, &[]).await;
+    d.api(0).conversation("c", &["alice", "bob"]).await;
+    let t = d.api(0).token("alice", "web").await;
+    let mut clients = Vec::new();
+    for p in Protocol::ALL {
+        let mut c = NotifyClient::connect(&d.api(0).public, &t, p, None).await.unwrap();
+        c.next(SOON).await.unwrap();
+        clients.push(c);
+    }
+    send(d.api(0), "c", "bob", "seen").await;
+    for c in &mut clients {
+        messages(c, 1).await;
+    }
+    d.gateways[0].0.kill();
+    for i in 0..6 {
+        send(d.api(1), "c", "bob", &format!("missed{i}")).await;
+    }
+    let other = d.api(1).public.clone();
+    let mut resumed = Vec::new();
+    for c in clients {
+        let p = c.protocol;
+        let mut c = c.reconnect(&other).await.unwrap();
+        let got = messages(&mut c, 6).await;
+        assert_eq!(contents(&got), (0..6).map(|i| format!("missed{i}")).collect::<Vec<_>>(), "{p:?}");
+        resumed.push(c);
+    }
+    send(d.api(1), "c", "bob", "live").await;
+    for c in &mut resumed {
+        assert_eq!(contents(&messages(c, 1).await), vec!["live"], "{:?}", c.protocol);
+        no_message(c, std::time::Duration::from_millis(300)).await;
+    }
+
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hopping_between_nodes_never_duplicates() {
+    let d = Distributed::start(BIN, 1, 1, 2, &[]).await;
+    d.api(0).conversation("c", &["alice", "bob"]).await;
+    let t = d.api(0).token("alice", "web").await;
+    let mut c = NotifyClient::connect(&d.api(0).public, &t, Protocol::Ws, None).await.unwrap();
+    c.next(SOON).await.unwrap();
+    let mut got = Vec::new();
+    for round in 0..10 {
+        for i in 0..5 {
+            send(d.api(round % 2), "c", "bob", &format!("{round}-{i}")).await;
+        }
+        // Take what arrived, then move to the other node with the last cursor at once: the
+        // other node may not have seen these entries yet (its copy of the log is behind).
+        got.extend(messages(&mut c, 2).await);
+        c = c.reconnect(&d.api((round + 1) % 2).public).await.unwrap();
+        assert_eq!(c.next(SOON).await.unwrap()["type"], "ready");
+    }
+    while let Some(m) = c.next_message(Duration::from_secs(2)).await {
+        got.push(m);
+    }
+    let ids: Vec<u64> = got.iter().map(|m| m["msg_id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, (2..52).collect::<Vec<_>>(), "every message once, in order");
+    d.finish().await;
+}
+
+#[tokio::test]
+async fn resume_follows_membership_changes_made_while_away() {
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("stay", &["alice", "bob"]).await;
+    q.api.conversation("leave", &["alice", "bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    for p in Protocol::ALL {
+        let mut c = NotifyClient::connect(&q.api.public, &t, p, None).await.unwrap();
+        c.next(SOON).await.unwrap();
+        let cursor = c.drop_connection().unwrap();
+        let new_conv = format!("new-{}", p.name());
+        q.api.conversation(&new_conv, &["bob"]).await;
+        send(&q.api, &new_conv, "bob", "before alice joined").await;
+        q.api.inner("/inner/join_conversation", json!({"conversation_id":new_conv,"user_ids":["alice"]})).await;
+        send(&q.api, &new_conv, "bob", "after alice joined").await;
+        send(&q.api, "leave", "bob", &format!("before kick {}", p.name())).await;
+        if p == Protocol::Ws {
+            q.api.inner("/inner/kickout_conversation", json!({"conversation_id":"leave","user_ids":["alice"]})).await;
+        }
+        send(&q.api, "leave", "bob", &format!("after kick {}", p.name())).await;
+        send(&q.api, "stay", "bob", &format!("stay {}", p.name())).await;
+        let mut c = NotifyClient::connect(&q.api.public, &t, p, Some(&cursor)).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(m) = c.next_message(Duration::from_secs(2)).await {
+            got.push(m);
+        }
+        let of = |conv: &str| got.iter().filter(|m| m["conversation_id"] == conv).cloned().collect::<Vec<_>>();
+        let joined = of(&new_conv);
+        assert_eq!(joined.len(), 2, "{p:?}: the join message and what followed, not what came before: {got:?}");
+        assert_eq!(joined[0]["type"], -2);
+        assert_eq!(joined[1]["content"], "after alice joined");
+        assert_eq!(contents(&of("stay")), vec![format!("stay {}", p.name())]);
+        let left = of("leave");
+        if p == Protocol::Ws {
+            // the backlog before the kick, the kick itself, nothing after
+            assert_eq!(left.len(), 2, "{got:?}");
+            assert_eq!(left[0]["content"], "before kick ws");
+            assert_eq!(left[1]["type"], -4);
+        } else {
+            assert!(left.is_empty(), "{p:?}: kicked earlier, nothing from it: {got:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_beyond_the_retention_window_gets_resync() {
+    let q = Standalone::start(BIN, &[("QUICKIM_REPLAY_RETENTION_S", "1")]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let mut c = NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.unwrap();
+    c.next(SOON).await.unwrap();
+    let old = c.drop_connection().unwrap();
+    // Traffic for a few retention windows, so that checkpoints older than the window exist
+    // and lie beyond the old cursor.
+    for i in 0..12 {
+        send(&q.api, "c", "bob", &format!("{i}")).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for p in Protocol::ALL {
+        let mut c = NotifyClient::connect(&q.api.public, &t, p, Some(&old)).await.unwrap();
+        let mut first = c.next(SOON).await.unwrap();
+        if first["type"] == "ready" {
+            first = c.next(SOON).await.unwrap();
+        }
+        assert_eq!(first["type"], "resync", "{p:?}: {first}");
+        assert_eq!(first["reason"], "cursor_expired");
+        let fresh = first["cursor"].as_str().unwrap().to_string();
+        no_message(&mut c, Duration::from_millis(300)).await;
+        // continuing from the resync cursor works
+        send(&q.api, "c", "bob", "next").await;
+        assert_eq!(contents(&messages(&mut c, 1).await), vec!["next"]);
+        assert_ne!(fresh, old);
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_from_another_database_gets_resync_and_garbage_is_400() {
+    let a = Standalone::start(BIN, &[]).await;
+    let b = Standalone::start(BIN, &[]).await;
+    let ta = a.api.token("alice", "web").await;
+    let tb = b.api.token("alice", "web").await;
+    let mut c = NotifyClient::connect(&a.api.public, &ta, Protocol::Ws, None).await.unwrap();
+    let foreign = c.next(SOON).await.unwrap()["cursor"].as_str().unwrap().to_string();
+    for p in Protocol::ALL {
+        let mut c = NotifyClient::connect(&b.api.public, &tb, p, Some(&foreign)).await.unwrap();
+        let mut e = c.next(SOON).await.unwrap();
+        if e["type"] == "ready" {
+            e = c.next(SOON).await.unwrap();
+        }
+        assert_eq!(
+            (e["type"].as_str(), e["reason"].as_str()),
+            (Some("resync"), Some("cursor_from_another_database")),
+            "{p:?}"
+        );
+    }
+    for p in Protocol::ALL {
+        let err = NotifyClient::connect(&b.api.public, &tb, p, Some("not-a-cursor")).await.err().expect("refused");
+        assert_eq!((err.status, err.body["code"].as_u64()), (400, Some(40000)), "{p:?}");
+    }
+}

@@ -1,0 +1,59 @@
+//! Graceful shutdown: streams close with a reconnect code, the node exits within its grace
+//! period, clients resume on another node with nothing lost.
+
+use std::time::{Duration, Instant};
+
+use quickim_testkit::{Closed, Distributed, NotifyClient, Protocol};
+
+use crate::{BIN, SOON, contents, messages, send};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_gateway_closes_streams_and_clients_resume_elsewhere() {
+    let mut d = Distributed::start(BIN, 1, 1, 2, &[("QUICKIM_SHUTDOWN_GRACE_S", "5")]).await;
+    d.api(0).conversation("c", &["alice", "bob"]).await;
+    let t = d.api(0).token("alice", "web").await;
+    let mut clients = Vec::new();
+    for p in Protocol::ALL {
+        let mut c = NotifyClient::connect(&d.api(0).public, &t, p, None).await.unwrap();
+        c.next(SOON).await.unwrap();
+        clients.push(c);
+    }
+    send(d.api(1), "c", "bob", "before").await;
+    for c in &mut clients {
+        messages(c, 1).await;
+    }
+    // A poll waiting on the stopping node must come back at once, not after its timeout.
+    let poller = {
+        let (http, base, t, cursor) =
+            (d.api(0).http.clone(), d.api(0).public.clone(), t.clone(), clients[2].cursor.clone().unwrap());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r =
+                http.get(format!("{base}/notify?protoc=poll&timeout=30&cursor={cursor}")).bearer_auth(&t).send().await;
+            (started.elapsed(), r.map(|r| r.status().as_u16()))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let code = d.gateways[0].0.terminate(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "clean exit");
+    assert!(started.elapsed() < Duration::from_secs(6), "within the grace period: {:?}", started.elapsed());
+    let (waited, status) = poller.await.unwrap();
+    assert!(waited < Duration::from_secs(6), "the waiting poll was answered at shutdown ({waited:?}, {status:?})");
+    assert_eq!(clients[0].wait_closed(SOON).await, Some(Closed::Ws(1001, "shutdown".into())));
+    assert_eq!(clients[1].wait_closed(SOON).await, Some(Closed::Ended));
+    for i in 0..5 {
+        send(d.api(1), "c", "bob", &format!("during{i}")).await;
+    }
+    let other = d.api(1).public.clone();
+    for c in clients {
+        let p = c.protocol;
+        let mut c = c.reconnect(&other).await.unwrap();
+        assert_eq!(
+            contents(&messages(&mut c, 5).await),
+            (0..5).map(|i| format!("during{i}")).collect::<Vec<_>>(),
+            "{p:?}"
+        );
+    }
+    d.finish().await;
+}
