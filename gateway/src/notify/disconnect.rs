@@ -107,6 +107,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn protocol_md_documents_every_close() {
+        let doc = include_str!("../../../docs/protocol.md");
+        for d in Disconnect::ALL {
+            assert!(doc.contains(&format!("`{}`", d.reason())), "docs/protocol.md lacks {}", d.reason());
+            assert!(doc.contains(&format!("| {} ", d.ws_code())), "docs/protocol.md lacks code {}", d.ws_code());
+        }
+    }
+
+    #[test]
     fn codes_are_distinct_and_in_the_allowed_ranges() {
         let mut seen = std::collections::HashSet::new();
         for d in Disconnect::ALL {
