@@ -1,6 +1,7 @@
 //! `quickim`: one binary, four roles. Parses the command line, loads the configuration,
 //! starts telemetry and hands over to [`roles`].
 
+mod ops;
 mod roles;
 
 use clap::{Parser, Subcommand};

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
     let node_id = config.node_name(role);
     let grace = Duration::from_secs(config.shutdown_grace_s);
-    let telemetry = telemetry::init(&config, &format!("quickim-{}", role.name()))?;
+    let telemetry = telemetry::init(&config, &format!("quickim-{}", role.name()), &node_id)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
@@ -38,6 +38,7 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             .await
             .context("opening the SQLite database")?;
             let bus = Bus::local(8192);
+            crate::ops::pool_gauges(store.clone(), shutdown.clone());
             start_services(&mut tasks, &config, store, &bus, true, true, &shutdown).await?;
             let config = Arc::new(config);
             let gateway = Gateway::start(config.clone(), bus.clone(), node_id.clone(), shutdown.clone()).await?;
@@ -70,6 +71,10 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             let store = Store::open_postgres(&url, config.db_max_connections, config.log_partitions)
                 .await
                 .context("connecting to PostgreSQL")?;
+            let ops =
+                crate::ops::serve(config.ops_addr_for(role), bus.clone(), store.clone(), shutdown.clone()).await?;
+            tasks.spawn(async move { ops.await.map_err(|e| anyhow::anyhow!("ops listener: {e}")) });
+            crate::ops::pool_gauges(store.clone(), shutdown.clone());
             start_services(
                 &mut tasks,
                 &config,

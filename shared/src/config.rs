@@ -90,6 +90,8 @@ config_keys! {
     token_ttl_s: u64 => u64 = 86_400, env "QUICKIM_TOKEN_TTL_S";
     /// Longest lifetime /inner/get_token grants, seconds
     token_max_ttl_s: u64 => u64 = 30 * 86_400, env "QUICKIM_TOKEN_MAX_TTL_S";
+    /// Service roles: listener for /healthz, /readyz and /metrics (default 127.0.0.1:9090 for conversation, :9091 for message)
+    ops_addr: Option<SocketAddr> => SocketAddr = None, env "QUICKIM_OPS_ADDR";
     /// Standalone SQLite file and generated secrets
     data_dir: PathBuf => PathBuf = PathBuf::from("./data"), env "QUICKIM_DATA_DIR";
     /// postgres://… for the distributed services
@@ -303,6 +305,14 @@ impl Config {
             return fail("database_url must be a postgres:// URL for the distributed services".into());
         }
         Ok(())
+    }
+
+    /// Where a service role serves /healthz, /readyz and /metrics.
+    pub fn ops_addr_for(&self, role: Role) -> SocketAddr {
+        self.ops_addr.unwrap_or_else(|| {
+            let port = if role == Role::Message { 9091 } else { 9090 };
+            SocketAddr::from(([127, 0, 0, 1], port))
+        })
     }
 
     /// This node's name: `node_id`, or role-host-pid.

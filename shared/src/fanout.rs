@@ -6,6 +6,7 @@
 use crate::bus::Bus;
 use crate::protocol::event::{LogEntry, log_subject};
 use crate::telemetry;
+use tracing::Instrument;
 
 /// Publishes each entry on its partition's subject, in order.
 pub async fn publish_entries(bus: &Bus, entries: &[LogEntry]) {
@@ -17,19 +18,24 @@ pub async fn publish_entries(bus: &Bus, entries: &[LogEntry]) {
                 continue;
             }
         };
+        let subject = log_subject(entry.part);
         let span = tracing::info_span!(
             "log.publish",
+            otel.name = %format_args!("publish {subject}"),
             otel.kind = "producer",
             messaging.system = "quickim-bus",
-            messaging.destination.name = %log_subject(entry.part),
+            messaging.destination.name = %subject,
+            messaging.operation.type = "publish",
             conversation_id = %entry.message.conversation_id,
             msg_id = entry.message.msg_id,
         );
-        let _enter = span.enter();
-        let headers = telemetry::inject_context();
-        drop(_enter);
-        if let Err(e) = bus.publish(&log_subject(entry.part), headers, payload.into()).await {
-            tracing::warn!(error = %e, part = entry.part, offset = entry.offset, "publish failed; gateways will fill the gap from the store");
+        async {
+            let headers = telemetry::inject_context();
+            if let Err(e) = bus.publish(&subject, headers, payload.into()).await {
+                tracing::warn!(error = %e, part = entry.part, offset = entry.offset, "publish failed; gateways will fill the gap from the store");
+            }
         }
+        .instrument(span)
+        .await;
     }
 }

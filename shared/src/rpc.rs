@@ -44,20 +44,40 @@ impl RpcClient {
     pub async fn call<C: Call>(&self, request: &C) -> Result<C::Reply, ServiceError> {
         let span = tracing::info_span!(
             "bus.request",
+            otel.name = C::SUBJECT,
             otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
             messaging.system = "quickim-bus",
             messaging.destination.name = C::SUBJECT,
+            messaging.operation.type = "send",
         );
-        async {
+        let start = std::time::Instant::now();
+        let result = async {
             let payload = serde_json::to_vec(request).map_err(ServiceError::internal)?;
             let headers = telemetry::inject_context();
-            let reply = self.bus.request(C::SUBJECT, headers, payload.into(), self.timeout).await.map_err(bus_error)?;
+            let reply = match self.bus.request(C::SUBJECT, headers, payload.into(), self.timeout).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let kind = match &e {
+                        BusError::NoResponders(_) => "no_responders",
+                        BusError::TimedOut(_) => "timeout",
+                        BusError::Unavailable(_) => "unavailable",
+                    };
+                    metrics::counter!("quickim_bus_request_errors_total", "subject" => C::SUBJECT, "kind" => kind)
+                        .increment(1);
+                    tracing::Span::current().record("otel.status_code", "ERROR");
+                    return Err(bus_error(e));
+                }
+            };
             let answer: Reply<C::Reply> = serde_json::from_slice(&reply.payload)
                 .map_err(|e| ServiceError::internal(format!("undecodable answer on {}: {e}", C::SUBJECT)))?;
             answer
         }
         .instrument(span)
-        .await
+        .await;
+        metrics::histogram!("quickim_bus_request_duration_seconds", "subject" => C::SUBJECT)
+            .record(start.elapsed().as_secs_f64());
+        result
     }
 }
 
@@ -151,7 +171,10 @@ async fn serve_loop<H: Handler>(
         tasks.spawn(async move {
             let span = telemetry::server_span(&msg.subject, &msg.headers);
             async move {
+                let start = std::time::Instant::now();
                 let answer = handler.handle(&msg.subject, &msg.payload).await;
+                metrics::histogram!("quickim_service_request_duration_seconds", "subject" => msg.subject.clone())
+                    .record(start.elapsed().as_secs_f64());
                 if let Err(e) = msg.respond(Vec::new(), answer).await {
                     tracing::warn!(error = %e, "could not send an answer");
                 }

@@ -1,23 +1,29 @@
-//! Logging and tracing: set up once per process, and the trace context that travels in bus
-//! headers so that one request or message is one trace across processes.
+//! Logging, tracing and metrics: set up once per process.
+//!
+//! - Logs go to stderr (text or JSON), filtered by `log`.
+//! - Spans are exported over OTLP (gRPC or HTTP/protobuf) when `otlp_endpoint` is set, with
+//!   their own filter (every quickim span at INFO), so a quiet log level does not switch
+//!   tracing off. Sampling: `trace_sample_ratio` of new traces, children follow their parent.
+//! - The W3C trace context (`traceparent`, `tracestate`) travels in bus headers:
+//!   [`inject_context`] on the sending side, [`set_parent`] on the receiving side. So one
+//!   message is one trace across the gateway, the services and every delivering gateway.
+//! - Metrics: one Prometheus recorder per process, rendered by [`render_metrics`].
 
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Span;
-use tracing_subscriber::EnvFilter;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::bus::Headers;
 use crate::config::{Config, ConfigError};
-
-/// Keeps telemetry running; dropping it flushes what is buffered.
-pub struct Telemetry {
-    _private: (),
-}
-
-impl Telemetry {
-    /// Flushes and stops exporters (call before exit).
-    pub async fn shutdown(self) {}
-}
 
 static METRICS: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = std::sync::OnceLock::new();
 
@@ -44,33 +50,163 @@ pub fn render_metrics() -> String {
     install_metrics().map(|h| h.render()).unwrap_or_default()
 }
 
-/// Installs the global subscriber: logs to stderr in `log_format`, filtered by `log`.
-pub fn init(config: &Config, _service_name: &str) -> Result<Telemetry, ConfigError> {
-    let filter =
-        EnvFilter::try_new(&config.log).map_err(|e| ConfigError(format!("log filter {:?}: {e}", config.log)))?;
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = if config.log_format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
-    } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).try_init()
-    };
-    result.map_err(|e| ConfigError(format!("logging already initialised: {e}")))?;
-    install_metrics();
-    Ok(Telemetry { _private: () })
+/// Keeps telemetry running; [`Telemetry::shutdown`] flushes what is buffered.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
 }
 
-/// Headers carrying the current span's trace context (W3C `traceparent`/`tracestate`).
+impl Telemetry {
+    /// Exports the spans still buffered and stops the exporter.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            // Both calls block: keep them off the async threads.
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = provider.force_flush();
+                let _ = provider.shutdown();
+            })
+            .await;
+        }
+    }
+}
+
+/// Installs the global subscriber (logs, and spans to OTLP when configured) and the
+/// Prometheus recorder. `service_name` is the OpenTelemetry `service.name`.
+pub fn init(config: &Config, service_name: &str, node_id: &str) -> Result<Telemetry, ConfigError> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let log_filter =
+        EnvFilter::try_new(&config.log).map_err(|e| ConfigError(format!("log filter {:?}: {e}", config.log)))?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = if config.log_format == "json" {
+        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(log_filter).boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).with_filter(log_filter).boxed()
+    };
+    let provider = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            Some(tracer_provider(endpoint, &config.otlp_protocol, config.trace_sample_ratio, service_name, node_id)?)
+        }
+        None => None,
+    };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("quickim"))
+            .with_filter(EnvFilter::new("warn,quickim=info,quickim_gateway=info,quickim_shared=info,quickim_store=info,quickim_message=info,quickim_conversation=info"))
+    });
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| ConfigError(format!("logging already initialised: {e}")))?;
+    install_metrics();
+    if let (Some(endpoint), Some(_)) = (&config.otlp_endpoint, &provider) {
+        tracing::info!(%endpoint, protocol = %config.otlp_protocol, ratio = config.trace_sample_ratio, "exporting traces over OTLP");
+    }
+    Ok(Telemetry { provider })
+}
+
+/// Builds the OTLP exporter and tracer provider (also used by tests with their own subscriber).
+pub fn tracer_provider(
+    endpoint: &str,
+    protocol: &str,
+    sample_ratio: f64,
+    service_name: &str,
+    node_id: &str,
+) -> Result<SdkTracerProvider, ConfigError> {
+    let exporter = match protocol {
+        "http" => {
+            // An endpoint without a path gets the standard one.
+            let url = if endpoint.trim_end_matches('/').matches('/').count() <= 2 {
+                format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+            } else {
+                endpoint.to_string()
+            };
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(url)
+                .build()
+        }
+        _ => opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build(),
+    }
+    .map_err(|e| ConfigError(format!("otlp_endpoint {endpoint:?}: {e}")))?;
+    let resource = Resource::builder()
+        .with_service_name(service_name.to_string())
+        .with_attribute(KeyValue::new("service.instance.id", node_id.to_string()))
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(sample_ratio))))
+        .with_resource(resource)
+        .build())
+}
+
+struct HeaderInjector<'a>(&'a mut Headers);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.push((key.to_string(), value));
+    }
+}
+
+struct HeaderExtractor<'a>(&'a Headers);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}
+
+/// Headers carrying the current span's trace context (empty when there is none).
 pub fn inject_context() -> Headers {
-    Vec::new()
+    let cx = Span::current().context();
+    let mut headers = Vec::new();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut headers));
+    }
+    headers
+}
+
+/// Makes `span` a child of the trace context carried in `headers`, if any.
+pub fn set_parent(span: &Span, headers: &Headers) {
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// A trace context captured to parent spans created later, elsewhere (a socket write that
+/// happens after the hub dispatched the message).
+#[derive(Debug, Clone)]
+pub struct TraceContext(Context);
+
+impl TraceContext {
+    /// The current span's context, if it is being recorded (sampled and exported).
+    pub fn current() -> Option<TraceContext> {
+        let cx = Span::current().context();
+        let sc = cx.span().span_context().clone();
+        (sc.is_valid() && sc.is_sampled()).then_some(TraceContext(cx))
+    }
+
+    /// Makes `span` a child of this context.
+    pub fn adopt(&self, span: &Span) {
+        let _ = span.set_parent(self.0.clone());
+    }
 }
 
 /// The server-side span of a bus request, child of the caller's context in `headers`.
-pub fn server_span(subject: &str, _headers: &Headers) -> Span {
-    tracing::info_span!(
+pub fn server_span(subject: &str, headers: &Headers) -> Span {
+    let span = tracing::info_span!(
         "bus.serve",
+        otel.name = %subject,
         otel.kind = "server",
         messaging.system = "quickim-bus",
-        messaging.destination.name = subject,
-    )
+        messaging.destination.name = %subject,
+        messaging.operation.type = "process",
+    );
+    set_parent(&span, headers);
+    span
 }

@@ -61,6 +61,7 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or_else(|| ApiError::new(ErrorCode::InvalidToken, "missing token"))?;
         let caller = state.auth.verify(&token)?;
+        tracing::Span::current().record("enduser.id", caller.user_id.as_str());
         if let Err(wait) = state.limiter.check(&caller.user_id) {
             return Err(ApiError::rate_limited(wait));
         }

@@ -21,9 +21,8 @@ use axum::http::Request;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::state::AppState;
 use extract::BodyLimit;
@@ -32,17 +31,40 @@ async fn metrics() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], quickim_shared::telemetry::render_metrics())
 }
 
-/// Counts every request and times it, by route (the matched path, never the raw URL).
-async fn track(req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
+/// One server span per request (child of the caller's `traceparent`, if it sent one),
+/// counted and timed by route (the matched path, never the raw URL).
+async fn observe(req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().clone();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        enduser.id = tracing::field::Empty,
+    );
+    let incoming: quickim_shared::bus::Headers = ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|k| req.headers().get(*k).and_then(|v| v.to_str().ok()).map(|v| (k.to_string(), v.to_string())))
+        .collect();
+    quickim_shared::telemetry::set_parent(&span, &incoming);
     let start = std::time::Instant::now();
-    let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("quickim_http_requests_total", "route" => route.clone(), "status" => status).increment(1);
+    let response = next.run(req).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
+    metrics::counter!("quickim_http_requests_total", "route" => route.clone(), "status" => status.to_string())
+        .increment(1);
     metrics::histogram!("quickim_http_request_duration_seconds", "route" => route)
         .record(start.elapsed().as_secs_f64());
     response
@@ -59,21 +81,6 @@ fn common(router: Router<AppState>) -> Router<AppState> {
         .route("/openapi.json", get(openapi_json))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-}
-
-type TraceLayerFor = TraceLayer<SharedClassifier<ServerErrorsAsFailures>, fn(&Request<Body>) -> tracing::Span>;
-
-fn request_span(req: &Request<Body>) -> tracing::Span {
-    tracing::info_span!(
-        "http.request",
-        otel.kind = "server",
-        http.request.method = %req.method(),
-        url.path = %req.uri().path(),
-    )
-}
-
-fn trace_layer() -> TraceLayerFor {
-    TraceLayer::new_for_http().make_span_with(request_span as fn(&Request<Body>) -> tracing::Span)
 }
 
 /// The public listener's routes.
@@ -98,8 +105,7 @@ pub fn public_router(state: AppState) -> Router {
             .route("/notify", get(crate::notify::notify)),
     )
     .layer(Extension(BodyLimit(state.config.max_body_bytes)))
-    .route_layer(axum::middleware::from_fn(track))
-    .layer(trace_layer());
+    .route_layer(axum::middleware::from_fn(observe));
     if let Some(cors) = cors {
         router = router.layer(cors);
     }
@@ -122,8 +128,7 @@ pub fn inner_router(state: AppState) -> Router {
             .route("/metrics", get(metrics)),
     )
     .layer(Extension(BodyLimit(state.config.inner_max_body_bytes)))
-    .route_layer(axum::middleware::from_fn(track))
-    .layer(trace_layer())
+    .route_layer(axum::middleware::from_fn(observe))
     .with_state(state)
 }
 

@@ -97,6 +97,7 @@ impl Disconnect {
                 kind: "kicked",
                 cursor: Arc::from(""),
                 json: bytes::Bytes::from_static(br#"{"type":"kicked","reason":"kick_user"}"#),
+                meta: None,
             })
         })
     }

@@ -26,12 +26,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use quickim_shared::bus::{Bus, BusError, Incoming};
+use quickim_shared::bus::{Bus, BusError, Headers, Incoming};
 use quickim_shared::protocol::api::Message;
-use quickim_shared::protocol::event::{HEADS_SUBJECT, LOG_SUBJECT_ALL, LogEntry};
+use quickim_shared::protocol::event::{HEADS_SUBJECT, LOG_SUBJECT_ALL, LogEntry, log_subject};
 use quickim_shared::protocol::service::{GetHeads, GetMemberships, LogHeads, Memberships, ReadLog};
 use quickim_shared::protocol::system::MembershipChange;
 use quickim_shared::rpc::RpcClient;
+use quickim_shared::telemetry::{TraceContext, set_parent};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -60,11 +61,31 @@ pub struct Encoded {
     pub cursor: Arc<str>,
     /// The whole event as JSON.
     pub json: Bytes,
+    /// For message events: what the socket write records.
+    pub meta: Option<Meta>,
+}
+
+/// What a transport needs to trace and measure the write of a message event.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// The message's conversation.
+    pub conversation_id: Arc<str>,
+    /// The message's msg_id.
+    pub msg_id: u64,
+    /// When it was committed (ms), for the delivery-lag histogram.
+    pub send_time: i64,
+    /// The delivery's trace context, when the trace is recorded.
+    pub trace: Option<TraceContext>,
 }
 
 impl Encoded {
     /// Encodes a message event.
     pub fn message(cursor: Arc<str>, message: &Message) -> Encoded {
+        Self::traced(cursor, message, None)
+    }
+
+    /// Encodes a message event whose write belongs to the trace `trace`.
+    pub fn traced(cursor: Arc<str>, message: &Message, trace: Option<TraceContext>) -> Encoded {
         #[derive(Serialize)]
         struct Wire<'a> {
             #[serde(rename = "type")]
@@ -73,7 +94,13 @@ impl Encoded {
             message: &'a Message,
         }
         let json = serde_json::to_vec(&Wire { kind: "message", cursor: &cursor, message }).unwrap_or_default();
-        Encoded { kind: "message", cursor, json: json.into() }
+        let meta = Meta {
+            conversation_id: Arc::from(message.conversation_id.as_str()),
+            msg_id: message.msg_id,
+            send_time: message.send_time,
+            trace,
+        };
+        Encoded { kind: "message", cursor, json: json.into(), meta: Some(meta) }
     }
 }
 
@@ -303,7 +330,7 @@ struct State {
     position: Vec<u64>,
     /// Highest offset known to exist, per partition.
     known: Vec<u64>,
-    held: Vec<BTreeMap<u64, LogEntry>>,
+    held: Vec<BTreeMap<u64, (LogEntry, Headers)>>,
     gap_since: Vec<Option<Instant>>,
     filling: Vec<bool>,
     users: HashMap<Arc<str>, UserState>,
@@ -396,7 +423,7 @@ impl State {
                     Some(entries) => {
                         metrics::counter!("quickim_hub_gap_filled_entries_total").increment(entries.len() as u64);
                         for e in entries {
-                            self.entry(e);
+                            self.entry(e, Headers::new());
                         }
                     }
                     None => tracing::warn!(part, "gap fill failed; retrying"),
@@ -571,7 +598,7 @@ impl State {
             return;
         }
         match serde_json::from_slice::<LogEntry>(&msg.payload) {
-            Ok(entry) => self.entry(entry),
+            Ok(entry) => self.entry(entry, msg.headers),
             Err(e) => tracing::warn!(error = %e, subject = %msg.subject, "undecodable log entry"),
         }
     }
@@ -616,7 +643,7 @@ impl State {
         self.publish_position();
     }
 
-    fn entry(&mut self, entry: LogEntry) {
+    fn entry(&mut self, entry: LogEntry, headers: Headers) {
         let p = usize::from(entry.part);
         if p >= self.position.len() || entry.offset <= self.position[p] {
             return;
@@ -626,16 +653,16 @@ impl State {
         }
         if entry.offset != self.position[p] + 1 {
             if self.held[p].len() < MAX_HELD {
-                self.held[p].insert(entry.offset, entry);
+                self.held[p].insert(entry.offset, (entry, headers));
             }
             if self.gap_since[p].is_none() {
                 self.gap_since[p] = Some(Instant::now());
             }
             return;
         }
-        self.dispatch(entry);
-        while let Some(next) = self.held[p].remove(&(self.position[p] + 1)) {
-            self.dispatch(next);
+        self.dispatch(entry, &headers);
+        while let Some((next, headers)) = self.held[p].remove(&(self.position[p] + 1)) {
+            self.dispatch(next, &headers);
         }
         let below = self.held[p].range(..=self.position[p]).map(|(k, _)| *k).collect::<Vec<_>>();
         for k in below {
@@ -670,8 +697,22 @@ impl State {
 
     // ------------------------------------------------------------ delivery
 
-    fn dispatch(&mut self, entry: LogEntry) {
+    fn dispatch(&mut self, entry: LogEntry, headers: &Headers) {
         let p = usize::from(entry.part);
+        let span = tracing::info_span!(
+            "log.deliver",
+            otel.name = %format_args!("deliver {}", log_subject(entry.part)),
+            otel.kind = "consumer",
+            messaging.system = "quickim-bus",
+            messaging.destination.name = %log_subject(entry.part),
+            messaging.operation.type = "process",
+            conversation_id = %entry.message.conversation_id,
+            msg_id = entry.message.msg_id,
+            deliveries = tracing::field::Empty,
+        );
+        set_parent(&span, headers);
+        let _enter = span.enter();
+        let trace = TraceContext::current();
         self.position[p] = entry.offset;
         let message = &entry.message;
         let msg_id = message.msg_id;
@@ -704,14 +745,13 @@ impl State {
                         Some(skip) if entry.offset <= skip[p] => continue,
                         Some(skip) => {
                             let own = cursor::max_position(skip, &self.position);
-                            Arc::new(Encoded::message(Arc::from(cursor::encode(self.epoch, &own)), message))
+                            let cursor = Arc::from(cursor::encode(self.epoch, &own));
+                            Arc::new(Encoded::traced(cursor, message, trace.clone()))
                         }
                         None => shared
                             .get_or_insert_with(|| {
-                                Arc::new(Encoded::message(
-                                    Arc::from(cursor::encode(self.epoch, &self.position)),
-                                    message,
-                                ))
+                                let cursor = Arc::from(cursor::encode(self.epoch, &self.position));
+                                Arc::new(Encoded::traced(cursor, message, trace.clone()))
                             })
                             .clone(),
                     };
@@ -724,6 +764,7 @@ impl State {
             }
         }
         metrics::counter!("quickim_hub_deliveries_total").increment(delivered);
+        span.record("deliveries", delivered);
 
         if let Some(MembershipChange::Left(users) | MembershipChange::Kicked(users)) = &change {
             for u in users {

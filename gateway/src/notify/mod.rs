@@ -85,11 +85,11 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
             let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
                 .await
                 .map_err(|e| ApiError::new(ErrorCode::InvalidParam, format!("not a WebSocket request: {e}")))?;
-            let session = Session::open(&state, caller, resume).await?;
+            let session = Session::open(&state, caller, "ws", resume).await?;
             Ok(transport::ws::respond(upgrade, session, state.clone()))
         }
         "sse" => {
-            let session = Session::open(&state, caller, resume).await?;
+            let session = Session::open(&state, caller, "sse", resume).await?;
             Ok(transport::sse::respond(
                 session,
                 std::time::Duration::from_secs(config.sse_heartbeat_s),
@@ -106,7 +106,7 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
                     )
                 })?,
             };
-            let session = Session::open(&state, caller, resume).await?;
+            let session = Session::open(&state, caller, "poll", resume).await?;
             Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page).await)
         }
     }

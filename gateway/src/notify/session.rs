@@ -19,9 +19,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use quickim_shared::error::ErrorCode;
 use quickim_shared::protocol::service::Replay;
+use quickim_shared::telemetry::TraceContext;
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::cursor::{self, Cursor};
 use super::disconnect::Disconnect;
@@ -50,6 +52,9 @@ struct ReplayState {
 
 /// One client connection.
 pub struct Session {
+    protocol: &'static str,
+    /// The connect span's context: replay pages are its children.
+    trace: Option<TraceContext>,
     state: AppState,
     caller: Caller,
     _registration: Registration,
@@ -87,17 +92,38 @@ struct ResyncWire<'a> {
 
 fn simple(kind: &'static str, cursor: Arc<str>) -> Arc<Encoded> {
     let json = serde_json::to_vec(&CursorWire { kind, cursor: &cursor }).unwrap_or_default();
-    Arc::new(Encoded { kind, cursor, json: Bytes::from(json) })
+    Arc::new(Encoded { kind, cursor, json: Bytes::from(json), meta: None })
 }
 
 fn resync(cursor: Arc<str>, reason: &str) -> Arc<Encoded> {
     let json = serde_json::to_vec(&ResyncWire { kind: "resync", cursor: &cursor, reason }).unwrap_or_default();
-    Arc::new(Encoded { kind: "resync", cursor, json: Bytes::from(json) })
+    Arc::new(Encoded { kind: "resync", cursor, json: Bytes::from(json), meta: None })
 }
 
 impl Session {
     /// Opens a session for `caller`, resuming after `resume` if given.
-    pub async fn open(state: &AppState, caller: Caller, resume: Option<Cursor>) -> Result<Session, ApiError> {
+    pub async fn open(
+        state: &AppState,
+        caller: Caller,
+        protocol: &'static str,
+        resume: Option<Cursor>,
+    ) -> Result<Session, ApiError> {
+        let span = tracing::info_span!(
+            "notify.connect",
+            otel.kind = "server",
+            network.protocol.name = protocol,
+            enduser.id = %caller.user_id,
+            resumed = resume.is_some(),
+        );
+        Self::open_in(state, caller, protocol, resume).instrument(span).await
+    }
+
+    async fn open_in(
+        state: &AppState,
+        caller: Caller,
+        protocol: &'static str,
+        resume: Option<Cursor>,
+    ) -> Result<Session, ApiError> {
         if state.is_draining() {
             return Err(ApiError::new(ErrorCode::Unavailable, "this node is shutting down; connect to another"));
         }
@@ -165,9 +191,12 @@ impl Session {
         };
         let expires = Instant::now()
             + Duration::from_millis(u64::try_from(caller.expires_ms - quickim_shared::time::now_ms()).unwrap_or(0));
-        metrics::counter!("quickim_notify_connects_total", "resume" => if resume.is_some() { "yes" } else { "no" })
+        metrics::counter!("quickim_notify_connects_total", "protocol" => protocol, "resume" => if resume.is_some() { "yes" } else { "no" })
             .increment(1);
+        metrics::gauge!("quickim_notify_connections", "protocol" => protocol).increment(1.0);
         Ok(Session {
+            protocol,
+            trace: TraceContext::current(),
             state: state.clone(),
             kicked: registration.kicked.clone(),
             _registration: registration,
@@ -184,6 +213,38 @@ impl Session {
             shutdown: state.shutdown.clone(),
             replayed: 0,
         })
+    }
+
+    /// The transport's name (`ws`, `sse`, `poll`).
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    /// Records that `event` was written to the client: counted by protocol, the delivery lag
+    /// measured, and — when its trace is recorded — a `notify.write` span, child of the hub's
+    /// delivery, around `write`.
+    pub async fn written<R>(&self, event: &Encoded, write: impl Future<Output = R>) -> R {
+        let Some(meta) = &event.meta else { return write.await };
+        let result = match &meta.trace {
+            Some(trace) => {
+                let span = tracing::info_span!(
+                    "notify.write",
+                    otel.name = %format_args!("write {}", self.protocol),
+                    otel.kind = "producer",
+                    network.protocol.name = self.protocol,
+                    enduser.id = %self.caller.user_id,
+                    conversation_id = %meta.conversation_id,
+                    msg_id = meta.msg_id,
+                );
+                trace.adopt(&span);
+                write.instrument(span).await
+            }
+            None => write.await,
+        };
+        metrics::counter!("quickim_notify_events_delivered_total", "protocol" => self.protocol).increment(1);
+        let lag = (quickim_shared::time::now_ms() - meta.send_time).max(0) as f64 / 1000.0;
+        metrics::histogram!("quickim_delivery_lag_seconds", "protocol" => self.protocol).record(lag);
+        result
     }
 
     /// The authenticated user.
@@ -220,10 +281,21 @@ impl Session {
         let Some(r) = self.replay.as_mut() else { return Ok(()) };
         let request =
             Replay { user_id: self.caller.user_id.clone(), after: r.after.clone(), upto: r.upto.clone(), limit: page };
-        let answer = self.state.rpc.call(&request).await.map_err(|e| {
+        let span = tracing::info_span!(
+            "notify.replay",
+            otel.kind = "internal",
+            network.protocol.name = self.protocol,
+            enduser.id = %self.caller.user_id,
+            messages = tracing::field::Empty,
+        );
+        if let Some(trace) = &self.trace {
+            trace.adopt(&span);
+        }
+        let answer = self.state.rpc.call(&request).instrument(span.clone()).await.map_err(|e| {
             tracing::warn!(error = %e.message, "replay failed");
             Disconnect::Unavailable
         })?;
+        span.record("messages", answer.entries.len());
         if answer.expired {
             let upto: Arc<str> = Arc::from(cursor::encode(self.epoch, &r.upto));
             self.buffered.push_back(resync(upto, "cursor_expired"));
@@ -320,6 +392,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        metrics::counter!("quickim_notify_disconnects_total").increment(1);
+        metrics::counter!("quickim_notify_disconnects_total", "protocol" => self.protocol).increment(1);
+        metrics::gauge!("quickim_notify_connections", "protocol" => self.protocol).decrement(1.0);
     }
 }

@@ -10,6 +10,7 @@ use quickim_shared::bus::Bus;
 use quickim_shared::error::ServiceError;
 use quickim_shared::fanout::publish_entries;
 use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::event::LogEntry;
 use quickim_store::{SendItem, Store};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -57,18 +58,33 @@ impl Batcher {
 }
 
 async fn write_batch(store: &Store, bus: &Bus, jobs: Vec<Job>) {
-    let span = tracing::info_span!("send.batch", batch_size = jobs.len());
-    for (_, _, parent) in &jobs {
+    // The batch's statements belong to the first sender's trace; the others link to it.
+    let span =
+        tracing::info_span!(parent: jobs.first().and_then(|(_, _, s)| s.id()), "send.batch", batch_size = jobs.len());
+    for (_, _, parent) in jobs.iter().skip(1) {
         span.follows_from(parent.id());
     }
+    metrics::histogram!("quickim_send_batch_size").record(jobs.len() as f64);
     async {
         let items: Vec<SendItem> = jobs.iter().map(|(item, _, _)| item.clone()).collect();
         match store.send_batch(&items).await {
             Ok((results, entries)) => {
-                for ((_, done, _), result) in jobs.into_iter().zip(results) {
+                metrics::counter!("quickim_messages_stored_total").increment(entries.len() as u64);
+                let mut entries: std::collections::HashMap<(String, u64), LogEntry> =
+                    entries.into_iter().map(|e| ((e.message.conversation_id.clone(), e.message.msg_id), e)).collect();
+                let mut publish = Vec::with_capacity(jobs.len());
+                for ((_, done, parent), result) in jobs.into_iter().zip(results) {
+                    let entry =
+                        result.as_ref().ok().and_then(|m| entries.remove(&(m.conversation_id.clone(), m.msg_id)));
                     let _ = done.send(result);
+                    if let Some(e) = entry {
+                        publish.push((e, parent));
+                    }
                 }
-                publish_entries(bus, &entries).await;
+                // Each entry is published in its own sender's trace, in allocation order.
+                for (entry, parent) in publish {
+                    publish_entries(bus, std::slice::from_ref(&entry)).instrument(parent).await;
+                }
             }
             Err(e) => {
                 let err = ServiceError::from(e);

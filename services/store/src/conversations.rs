@@ -3,6 +3,7 @@
 //! msg_id order and in the log that /notify follows.
 
 use std::collections::HashSet;
+use tracing::Instrument;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,7 +17,7 @@ use sqlx::{AnyConnection, Row};
 
 use crate::log::{NewEntry, read_heads};
 use crate::sql::{Params, api_int, db_int, get_bool};
-use crate::{Result, Store, StoreError};
+use crate::{Result, Store, StoreError, sql_span};
 
 /// A conversation to create.
 #[derive(Debug, Clone)]
@@ -80,6 +81,7 @@ impl Store {
             .bind(now)
             .bind(i32::from(part))
             .execute(&mut **tx)
+            .instrument(sql_span(self.system(), "INSERT", "conversations"))
             .await?
             .rows_affected();
             if inserted == 0 {
@@ -107,7 +109,7 @@ impl Store {
                     (u.clone(), role)
                 })
                 .collect();
-            upsert_members(tx, &id, &rows, msg_id).await?;
+            upsert_members(self.system(), tx, &id, &rows, msg_id).await?;
             Ok(CreateOutcome { conversation_id: id.clone(), created: true, entries })
         })
     }
@@ -125,6 +127,7 @@ impl Store {
                 .bind(id)
                 .bind(system::CREATED)
                 .fetch_optional(&mut *tx)
+                .instrument(sql_span(self.system(), "SELECT", "messages"))
                 .await?;
         let existing: Option<system::Created> = match row {
             Some(r) => serde_json::from_str(&r.try_get::<String, _>("content")?).ok(),
@@ -156,7 +159,7 @@ impl Store {
             if self_join && !conv.joinable {
                 return Err(ServiceError::not_member().into());
             }
-            let active = active_members(tx, conversation_id, &users).await?;
+            let active = active_members(self.system(), tx, conversation_id, &users).await?;
             let new: Vec<String> = users.iter().filter(|u| !active.contains(*u)).cloned().collect();
             if new.is_empty() {
                 return Ok((users.clone(), Vec::new()));
@@ -165,7 +168,7 @@ impl Store {
                 self.append(tx, &mut convs, vec![system_entry(conversation_id, system::JOINED, &new)]).await?;
             let msg_id = entries.first().map(|e| e.message.msg_id).unwrap_or_default();
             let rows: Vec<(String, Role)> = new.iter().map(|u| (u.clone(), Role::Member)).collect();
-            upsert_members(tx, conversation_id, &rows, msg_id).await?;
+            upsert_members(self.system(), tx, conversation_id, &rows, msg_id).await?;
             Ok((users.clone(), entries))
         })
     }
@@ -175,11 +178,13 @@ impl Store {
         let user = vec![user_id.to_string()];
         write_tx!(self, |tx| {
             let mut convs = self.lock_conversations(tx, &[conversation_id]).await?;
-            if !convs.contains_key(conversation_id) || active_members(tx, conversation_id, &user).await?.is_empty() {
+            if !convs.contains_key(conversation_id)
+                || active_members(self.system(), tx, conversation_id, &user).await?.is_empty()
+            {
                 return Err(ServiceError::not_member().into());
             }
             let entries = self.append(tx, &mut convs, vec![system_entry(conversation_id, system::LEFT, &user)]).await?;
-            deactivate(tx, conversation_id, &user, &entries).await?;
+            deactivate(self.system(), tx, conversation_id, &user, &entries).await?;
             Ok(entries)
         })
     }
@@ -192,14 +197,14 @@ impl Store {
             if !convs.contains_key(conversation_id) {
                 return Err(missing(false));
             }
-            let active = active_members(tx, conversation_id, &users).await?;
+            let active = active_members(self.system(), tx, conversation_id, &users).await?;
             let kicked: Vec<String> = users.iter().filter(|u| active.contains(*u)).cloned().collect();
             if kicked.is_empty() {
                 return Ok((kicked, Vec::new()));
             }
             let entries =
                 self.append(tx, &mut convs, vec![system_entry(conversation_id, system::KICKED, &kicked)]).await?;
-            deactivate(tx, conversation_id, &kicked, &entries).await?;
+            deactivate(self.system(), tx, conversation_id, &kicked, &entries).await?;
             Ok((kicked, entries))
         })
     }
@@ -233,7 +238,7 @@ impl Store {
             for id in &changed {
                 q = q.bind(id.as_str());
             }
-            q.execute(&mut **tx).await?;
+            q.execute(&mut **tx).instrument(sql_span(self.system(), "UPDATE", "conversations")).await?;
             let content = system::content(&system::Archived { archived });
             let new: Vec<NewEntry> = changed
                 .iter()
@@ -263,6 +268,7 @@ impl Store {
                 .bind(user_id)
                 .bind(1i32)
                 .fetch_optional(self.pool())
+                .instrument(sql_span(self.system(), "SELECT", "members"))
                 .await?;
         Ok(row.is_some())
     }
@@ -281,6 +287,7 @@ impl Store {
         )
         .bind(conversation_id)
         .fetch_optional(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "conversations"))
         .await?
         .ok_or_else(ServiceError::not_member)?;
         let rows = sqlx::query(
@@ -290,6 +297,7 @@ impl Store {
         .bind(conversation_id)
         .bind(1i32)
         .fetch_all(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "members"))
         .await?;
         let members = rows
             .iter()
@@ -354,7 +362,7 @@ impl Store {
             q = q.bind(*t).bind(*t).bind(id.as_str());
         }
         q = q.bind(i64::from(limit) + 1);
-        let rows = q.fetch_all(self.pool()).await?;
+        let rows = q.fetch_all(self.pool()).instrument(sql_span(self.system(), "SELECT", "members")).await?;
         let mut conversations = Vec::with_capacity(rows.len());
         for r in &rows {
             let last = api_int(r.try_get("last_msg_id")?);
@@ -388,7 +396,7 @@ impl Store {
         .bind(conversation_id)
         .bind(user_id)
         .bind(1i32)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.pool()).instrument(sql_span(self.system(), "SELECT", "members"))
         .await?
         .ok_or_else(ServiceError::not_member)?;
         let last: i64 = row.try_get("last_msg_id")?;
@@ -403,6 +411,7 @@ impl Store {
             .bind(user_id)
             .bind(target)
             .execute(self.pool())
+            .instrument(sql_span(self.system(), "UPDATE", "members"))
             .await?;
         }
         Ok(api_int(target.max(read)))
@@ -411,11 +420,12 @@ impl Store {
     /// The user's active memberships and the log heads, from one consistent snapshot.
     pub async fn memberships(&self, user_id: &str) -> Result<Memberships> {
         let mut tx = self.snapshot().await?;
-        let heads = read_heads(&mut tx).await?;
+        let heads = read_heads(self.system(), &mut tx).await?;
         let rows = sqlx::query("SELECT conversation_id, joined_msg_id FROM members WHERE user_id = $1 AND active = $2")
             .bind(user_id)
             .bind(1i32)
             .fetch_all(&mut *tx)
+            .instrument(sql_span(self.system(), "SELECT", "members"))
             .await?;
         tx.commit().await?;
         let conversations = rows
@@ -450,7 +460,12 @@ fn system_entry(conversation_id: &str, msg_type: i32, users: &[String]) -> NewEn
 }
 
 /// Which of `users` are active members.
-async fn active_members(tx: &mut AnyConnection, conversation_id: &str, users: &[String]) -> Result<HashSet<String>> {
+async fn active_members(
+    system: &'static str,
+    tx: &mut AnyConnection,
+    conversation_id: &str,
+    users: &[String],
+) -> Result<HashSet<String>> {
     let mut out = HashSet::new();
     for chunk in users.chunks(500) {
         let mut p = Params::default();
@@ -464,7 +479,7 @@ async fn active_members(tx: &mut AnyConnection, conversation_id: &str, users: &[
         for u in chunk {
             q = q.bind(u.as_str());
         }
-        for row in q.fetch_all(&mut *tx).await? {
+        for row in q.fetch_all(&mut *tx).instrument(sql_span(system, "SELECT", "members")).await? {
             out.insert(row.try_get::<String, _>("user_id")?);
         }
     }
@@ -473,6 +488,7 @@ async fn active_members(tx: &mut AnyConnection, conversation_id: &str, users: &[
 
 /// Makes `users` active members from `msg_id` on (their read position starts there).
 async fn upsert_members(
+    system: &'static str,
     tx: &mut AnyConnection,
     conversation_id: &str,
     users: &[(String, Role)],
@@ -496,13 +512,14 @@ async fn upsert_members(
                 .bind(db_int(msg_id))
                 .bind(db_int(msg_id));
         }
-        q.execute(&mut *tx).await?;
+        q.execute(&mut *tx).instrument(sql_span(system, "INSERT", "members")).await?;
     }
     Ok(())
 }
 
 /// Marks `users` as former members, as of the message in `entries`.
 async fn deactivate(
+    system: &'static str,
     tx: &mut AnyConnection,
     conversation_id: &str,
     users: &[String],
@@ -522,7 +539,7 @@ async fn deactivate(
         for u in chunk {
             q = q.bind(u.as_str());
         }
-        q.execute(&mut *tx).await?;
+        q.execute(&mut *tx).instrument(sql_span(system, "UPDATE", "members")).await?;
     }
     Ok(())
 }

@@ -32,7 +32,10 @@ macro_rules! write_tx {
             }
             .await;
             let result = match result {
-                Ok(v) => owned_tx.commit().await.map(|_| v).map_err($crate::StoreError::from),
+                Ok(v) => tracing::Instrument::instrument(owned_tx.commit(), $crate::sql_span($store.system(), "COMMIT", ""))
+                    .await
+                    .map(|_| v)
+                    .map_err($crate::StoreError::from),
                 Err(e) => {
                     let _ = owned_tx.rollback().await;
                     Err(e)
@@ -142,7 +145,11 @@ impl Store {
 
     async fn init(pool: AnyPool, dialect: Dialect, partitions_if_new: u16) -> Result<Store> {
         MIGRATOR.run(&pool).await.map_err(|e| StoreError::Database(e.into()))?;
-        let (partitions, epoch) = log::init_meta(&pool, partitions_if_new).await?;
+        let system = match dialect {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgresql",
+        };
+        let (partitions, epoch) = log::init_meta(system, &pool, partitions_if_new).await?;
         if partitions != partitions_if_new {
             tracing::info!(
                 partitions,
@@ -210,6 +217,14 @@ impl Store {
         &self.inner.pool
     }
 
+    /// The OpenTelemetry `db.system.name` of this database.
+    pub(crate) fn system(&self) -> &'static str {
+        match self.inner.dialect {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgresql",
+        }
+    }
+
     /// ` FOR UPDATE` where the database has it (SQLite writers are serialized anyway).
     pub(crate) fn for_update(&self) -> &'static str {
         match self.inner.dialect {
@@ -217,6 +232,19 @@ impl Store {
             Dialect::Postgres => " FOR UPDATE",
         }
     }
+}
+
+/// The span of one SQL statement (OpenTelemetry database conventions). The statement text is
+/// never recorded with values: only the operation and the table.
+pub(crate) fn sql_span(system: &'static str, operation: &'static str, collection: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "db.query",
+        otel.name = %format_args!("{operation} {collection}"),
+        otel.kind = "client",
+        db.system.name = system,
+        db.operation.name = operation,
+        db.collection.name = collection,
+    )
 }
 
 pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {

@@ -7,6 +7,7 @@
 //! seen every offset below N. That is what makes a cursor (one offset per partition) exact.
 
 use std::collections::{BTreeMap, HashMap};
+use tracing::Instrument;
 
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::event::LogEntry;
@@ -16,10 +17,10 @@ use sqlx::AnyPool;
 use sqlx::{AnyConnection, Row};
 
 use crate::sql::{MESSAGE_COLUMNS, Params, api_int, db_int, get_bool, log_entry};
-use crate::{Result, Store, StoreError, partition_of};
+use crate::{Result, Store, StoreError, partition_of, sql_span};
 
 /// Creates the meta rows and partitions of a new database; answers (partitions, epoch).
-pub(crate) async fn init_meta(pool: &AnyPool, partitions_if_new: u16) -> Result<(u16, u32)> {
+pub(crate) async fn init_meta(system: &'static str, pool: &AnyPool, partitions_if_new: u16) -> Result<(u16, u32)> {
     let mut tx = pool.begin().await?;
     let epoch: u32 = rand::random::<u32>() | 1;
     for (key, value) in [("partitions", partitions_if_new.to_string()), ("epoch", epoch.to_string())] {
@@ -27,9 +28,13 @@ pub(crate) async fn init_meta(pool: &AnyPool, partitions_if_new: u16) -> Result<
             .bind(key)
             .bind(value)
             .execute(&mut *tx)
+            .instrument(sql_span(system, "INSERT", "meta"))
             .await?;
     }
-    let rows = sqlx::query("SELECT key, value FROM meta").fetch_all(&mut *tx).await?;
+    let rows = sqlx::query("SELECT key, value FROM meta")
+        .fetch_all(&mut *tx)
+        .instrument(sql_span(system, "SELECT", "meta"))
+        .await?;
     let mut meta = HashMap::new();
     for row in rows {
         meta.insert(row.try_get::<String, _>("key")?, row.try_get::<String, _>("value")?);
@@ -45,6 +50,7 @@ pub(crate) async fn init_meta(pool: &AnyPool, partitions_if_new: u16) -> Result<
         sqlx::query("INSERT INTO log_partitions (part, head) VALUES ($1, 0) ON CONFLICT (part) DO NOTHING")
             .bind(i32::from(part))
             .execute(&mut *tx)
+            .instrument(sql_span(system, "INSERT", "log_partitions"))
             .await?;
     }
     tx.commit().await?;
@@ -95,7 +101,7 @@ impl Store {
             for id in chunk {
                 q = q.bind(*id);
             }
-            for row in q.fetch_all(&mut *tx).await? {
+            for row in q.fetch_all(&mut *tx).instrument(sql_span(self.system(), "SELECT", "conversations")).await? {
                 out.insert(
                     row.try_get("conversation_id")?,
                     LockedConversation {
@@ -153,6 +159,7 @@ impl Store {
                 .bind(*count)
                 .bind(i32::from(*part))
                 .fetch_one(&mut *tx)
+                .instrument(sql_span(self.system(), "UPDATE", "log_partitions"))
                 .await?;
             let head: i64 = row.try_get("head")?;
             next_offset.insert(*part, head - count + 1);
@@ -181,7 +188,7 @@ impl Store {
             conv.last_send_time = now;
             out.push(entry);
         }
-        insert_messages(tx, &out).await?;
+        insert_messages(self.system(), tx, &out).await?;
         self.update_heads(tx, convs, &out).await?;
         Ok(out)
     }
@@ -227,7 +234,7 @@ impl Store {
             for (id, _) in chunk {
                 q = q.bind(*id);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut *tx).instrument(sql_span(self.system(), "UPDATE", "conversations")).await?;
             debug_assert!(chunk.iter().all(|(id, _)| convs.contains_key(*id)));
         }
         Ok(())
@@ -236,7 +243,7 @@ impl Store {
     /// Current heads of every partition.
     pub async fn heads(&self) -> Result<LogHeads> {
         let mut conn = self.pool().acquire().await?;
-        Ok(LogHeads { epoch: self.epoch(), heads: read_heads(&mut conn).await? })
+        Ok(LogHeads { epoch: self.epoch(), heads: read_heads(self.system(), &mut conn).await? })
     }
 
     /// Entries of `part` with `after < offset <= upto`, in offset order, at most `limit`.
@@ -251,6 +258,7 @@ impl Store {
             .bind(db_int(upto))
             .bind(i64::from(limit))
             .fetch_all(self.pool())
+            .instrument(sql_span(self.system(), "SELECT", "messages"))
             .await?;
         rows.iter().map(log_entry).collect()
     }
@@ -307,7 +315,7 @@ impl Store {
             q = q.bind(i32::from(*part)).bind(db_int(*a)).bind(db_int(*u));
         }
         q = q.bind(user_id).bind(i64::from(limit.max(1)) + 1);
-        let rows = q.fetch_all(self.pool()).await?;
+        let rows = q.fetch_all(self.pool()).instrument(sql_span(self.system(), "SELECT", "members")).await?;
         let mut more = rows.len() > limit.max(1) as usize;
         let mut entries = Vec::with_capacity(rows.len().min(limit.max(1) as usize));
         let mut bytes = 0;
@@ -333,10 +341,12 @@ impl Store {
             .bind(now)
             .bind(text)
             .execute(self.pool())
+            .instrument(sql_span(self.system(), "INSERT", "log_checkpoints"))
             .await?;
         sqlx::query("DELETE FROM log_checkpoints WHERE taken_at < $1")
             .bind(now - 2 * retention_ms.max(1))
             .execute(self.pool())
+            .instrument(sql_span(self.system(), "DELETE", "log_checkpoints"))
             .await?;
         Ok(())
     }
@@ -347,6 +357,7 @@ impl Store {
         let row = sqlx::query("SELECT heads FROM log_checkpoints WHERE taken_at <= $1 ORDER BY taken_at DESC LIMIT 1")
             .bind(now_ms() - retention_ms)
             .fetch_optional(self.pool())
+            .instrument(sql_span(self.system(), "SELECT", "log_checkpoints"))
             .await?;
         match row {
             None => Ok(None),
@@ -364,12 +375,15 @@ impl Store {
     }
 }
 
-pub(crate) async fn read_heads(conn: &mut AnyConnection) -> Result<Vec<u64>> {
-    let rows = sqlx::query("SELECT head FROM log_partitions ORDER BY part").fetch_all(&mut *conn).await?;
+pub(crate) async fn read_heads(system: &'static str, conn: &mut AnyConnection) -> Result<Vec<u64>> {
+    let rows = sqlx::query("SELECT head FROM log_partitions ORDER BY part")
+        .fetch_all(&mut *conn)
+        .instrument(sql_span(system, "SELECT", "log_partitions"))
+        .await?;
     rows.iter().map(|r| Ok(api_int(r.try_get("head")?))).collect()
 }
 
-async fn insert_messages(tx: &mut AnyConnection, entries: &[LogEntry]) -> Result<()> {
+async fn insert_messages(system: &'static str, tx: &mut AnyConnection, entries: &[LogEntry]) -> Result<()> {
     for chunk in entries.chunks(100) {
         let mut p = Params::default();
         let rows = chunk.iter().map(|_| p.row(9)).collect::<Vec<_>>().join(", ");
@@ -391,7 +405,7 @@ async fn insert_messages(tx: &mut AnyConnection, entries: &[LogEntry]) -> Result
                 .bind(m.client_msg_id.as_deref())
                 .bind(m.send_time);
         }
-        q.execute(&mut *tx).await?;
+        q.execute(&mut *tx).instrument(sql_span(system, "INSERT", "messages")).await?;
     }
     Ok(())
 }

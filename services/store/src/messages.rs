@@ -6,6 +6,7 @@
 //! conflict (the batch is re-run without it, so msg_ids stay gap-free).
 
 use std::collections::{HashMap, HashSet};
+use tracing::Instrument;
 
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::Message;
@@ -16,7 +17,7 @@ use sqlx::{AnyConnection, Row};
 
 use crate::log::NewEntry;
 use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message};
-use crate::{Result, Store, StoreError};
+use crate::{Result, Store, StoreError, sql_span};
 
 /// One message to store (already validated for shape by the message service).
 #[derive(Debug, Clone)]
@@ -86,8 +87,8 @@ impl Store {
         let conv_ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
         let mut convs = self.lock_conversations(tx, &conv_ids).await?;
         let keys: Vec<Key> = items.iter().filter_map(SendItem::key).collect();
-        let existing = existing_keys(tx, &keys).await?;
-        let members = active_pairs(tx, items).await?;
+        let existing = existing_keys(self.system(), tx, &keys).await?;
+        let members = active_pairs(self.system(), tx, items).await?;
 
         let mut results: Vec<Option<std::result::Result<Message, ServiceError>>> = vec![None; items.len()];
         let mut alias: Vec<(usize, usize)> = Vec::new();
@@ -159,7 +160,7 @@ impl Store {
             .zip(&msg_ids)
             .filter_map(|(&i, &id)| items[i].key().map(|k| (k, items[i].conversation_id.as_str(), id)))
             .collect();
-        let lost = claim_keys(tx, &claims).await?;
+        let lost = claim_keys(self.system(), tx, &claims).await?;
         if !lost.is_empty() {
             return Ok(Attempt::Conflicts(lost));
         }
@@ -218,6 +219,7 @@ impl Store {
             .bind(b)
             .bind(limit)
             .fetch_all(self.pool())
+            .instrument(sql_span(self.system(), "SELECT", "messages"))
             .await?;
         let mut msgs = rows.iter().map(message).collect::<Result<Vec<_>>>()?;
         if scan_desc != desc {
@@ -236,6 +238,7 @@ impl Store {
         .bind(user_id)
         .bind(1i32)
         .fetch_optional(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "conversations"))
         .await?
         .ok_or_else(ServiceError::not_member)?;
         Ok(crate::sql::api_int(row.try_get("last_msg_id")?))
@@ -243,7 +246,7 @@ impl Store {
 }
 
 /// Messages already stored under any of `keys`.
-async fn existing_keys(tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<Key, Message>> {
+async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<Key, Message>> {
     let mut out = HashMap::new();
     let mut keys: Vec<&Key> = keys.iter().collect();
     keys.sort();
@@ -260,7 +263,7 @@ async fn existing_keys(tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<K
         for (s, k) in chunk {
             q = q.bind(s.as_str()).bind(k.as_str());
         }
-        for row in q.fetch_all(&mut *tx).await? {
+        for row in q.fetch_all(&mut *tx).instrument(sql_span(system, "SELECT", "idempotency")).await? {
             let key = (row.try_get::<String, _>("key_sender")?, row.try_get::<String, _>("key_id")?);
             out.insert(key, message(&row)?);
         }
@@ -269,7 +272,11 @@ async fn existing_keys(tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<K
 }
 
 /// (conversation, user) pairs among the items' senders that are active members.
-async fn active_pairs(tx: &mut AnyConnection, items: &[SendItem]) -> Result<HashSet<(String, String)>> {
+async fn active_pairs(
+    system: &'static str,
+    tx: &mut AnyConnection,
+    items: &[SendItem],
+) -> Result<HashSet<(String, String)>> {
     let mut pairs: Vec<(&str, &str)> =
         items.iter().filter(|i| !i.from.is_empty()).map(|i| (i.conversation_id.as_str(), i.from.as_str())).collect();
     pairs.sort_unstable();
@@ -287,7 +294,7 @@ async fn active_pairs(tx: &mut AnyConnection, items: &[SendItem]) -> Result<Hash
         for (c, u) in chunk {
             q = q.bind(*c).bind(*u);
         }
-        for row in q.fetch_all(&mut *tx).await? {
+        for row in q.fetch_all(&mut *tx).instrument(sql_span(system, "SELECT", "members")).await? {
             out.insert((row.try_get("conversation_id")?, row.try_get("user_id")?));
         }
     }
@@ -295,7 +302,7 @@ async fn active_pairs(tx: &mut AnyConnection, items: &[SendItem]) -> Result<Hash
 }
 
 /// Claims idempotency keys (in key order); answers the keys someone else holds.
-async fn claim_keys(tx: &mut AnyConnection, claims: &[(Key, &str, i64)]) -> Result<Vec<Key>> {
+async fn claim_keys(system: &'static str, tx: &mut AnyConnection, claims: &[(Key, &str, i64)]) -> Result<Vec<Key>> {
     let mut sorted: Vec<&(Key, &str, i64)> = claims.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let now = now_ms();
@@ -313,6 +320,7 @@ async fn claim_keys(tx: &mut AnyConnection, claims: &[(Key, &str, i64)]) -> Resu
         }
         let won: HashSet<Key> = q
             .fetch_all(&mut *tx)
+            .instrument(sql_span(system, "INSERT", "idempotency"))
             .await?
             .iter()
             .map(|r| Ok((r.try_get::<String, _>("sender")?, r.try_get::<String, _>("client_msg_id")?)))

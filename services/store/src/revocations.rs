@@ -2,8 +2,9 @@
 
 use quickim_shared::protocol::service::Revocation;
 use sqlx::Row;
+use tracing::Instrument;
 
-use crate::{Result, Store};
+use crate::{Result, Store, sql_span};
 
 impl Store {
     /// Rejects the user's tokens (of `platform`, or all) issued before `before_ms`.
@@ -17,6 +18,7 @@ impl Store {
         .bind(platform.unwrap_or(""))
         .bind(before_ms)
         .execute(self.pool())
+        .instrument(sql_span(self.system(), "INSERT", "revocations"))
         .await?;
         Ok(())
     }
@@ -26,6 +28,7 @@ impl Store {
         let rows = sqlx::query("SELECT user_id, platform, before_ms FROM revocations WHERE before_ms >= $1")
             .bind(since_ms)
             .fetch_all(self.pool())
+            .instrument(sql_span(self.system(), "SELECT", "revocations"))
             .await?;
         rows.iter()
             .map(|r| {

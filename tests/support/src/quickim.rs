@@ -235,6 +235,8 @@ pub struct Distributed {
     pub message: Vec<Process>,
     pub gateways: Vec<(Process, Api)>,
     gateway_env: Vec<HashMap<String, String>>,
+    /// The ops listener (host:port) of each service, in start order.
+    pub service_ops: Vec<String>,
     bin: String,
     base_env: HashMap<String, String>,
 }
@@ -263,6 +265,7 @@ impl Distributed {
             message: Vec::new(),
             gateways: Vec::new(),
             gateway_env: Vec::new(),
+            service_ops: Vec::new(),
             bin: bin.to_string(),
             base_env,
         };
@@ -282,6 +285,9 @@ impl Distributed {
         let n = self.conversation.len() + self.message.len();
         let mut env = self.base_env.clone();
         env.insert("QUICKIM_NODE_ID".into(), format!("{role}-{n}"));
+        let ops = format!("127.0.0.1:{}", free_port());
+        env.insert("QUICKIM_OPS_ADDR".into(), ops.clone());
+        self.service_ops.push(ops);
         let p = Process::spawn(&self.bin, &format!("{role}-{n}"), &[role], &env, self.logs.path());
         if role == "conversation" { self.conversation.push(p) } else { self.message.push(p) }
     }

@@ -63,7 +63,7 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Resp
         if i > 0 {
             body.put_u8(b',');
         }
-        body.put_slice(&e.json);
+        session.written(e, async { body.put_slice(&e.json) }).await;
     }
     body.put_slice(br#"],"cursor":"#);
     body.put_slice(serde_json::to_string(&*cursor).unwrap_or_default().as_bytes());

@@ -42,7 +42,7 @@ impl Stream {
         }
         loop {
             if let Some(e) = self.session.pop() {
-                return Some(frame(&e));
+                return Some(self.session.written(&e, async { frame(&e) }).await);
             }
             if self.session.replaying() {
                 if self.session.fill(self.page).await.is_err() {
@@ -53,7 +53,7 @@ impl Stream {
             }
             return tokio::select! {
                 step = self.session.live() => match step {
-                    Step::Event(e) => Some(frame(&e)),
+                    Step::Event(e) => Some(self.session.written(&e, async { frame(&e) }).await),
                     Step::Close(reason) => {
                         self.done = true;
                         tracing::debug!(reason = reason.reason(), "sse stream closes");

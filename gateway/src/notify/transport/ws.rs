@@ -70,7 +70,7 @@ async fn run(socket: WebSocket, mut session: Session, state: AppState) {
     let close = loop {
         // Ready and replay first (not cancel-safe: no select around them).
         if let Some(e) = session.pop() {
-            if sink.send(text(&e.json)).await.is_err() {
+            if session.written(&e, sink.send(text(&e.json))).await.is_err() {
                 break None;
             }
             continue;
@@ -84,7 +84,7 @@ async fn run(socket: WebSocket, mut session: Session, state: AppState) {
         tokio::select! {
             step = session.live() => match step {
                 Step::Event(e) => {
-                    if sink.send(text(&e.json)).await.is_err() {
+                    if session.written(&e, sink.send(text(&e.json))).await.is_err() {
                         break None;
                     }
                 }
