@@ -13,6 +13,11 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+# --- curl (deploy/local-cluster.sh waits on /readyz with it)
+if ! command -v curl >/dev/null 2>&1; then
+  apt_install curl
+fi
+
 # --- nats-server (tests start their own on free ports; only the binary is needed)
 if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
   apt_install nats-server

@@ -338,9 +338,8 @@ async fn replay_follows_membership(db: &Db) {
         let page = s.replay("u", &after, &upto, 2, 1 << 20, 86_400_000).await.unwrap();
         assert!(page.entries.len() <= 2);
         if let Some(last) = page.entries.last() {
-            for q in 0..usize::from(last.part) {
-                after[q] = upto[q];
-            }
+            let p = usize::from(last.part);
+            after[..p].copy_from_slice(&upto[..p]);
             after[usize::from(last.part)] = last.offset;
         }
         paged.extend(page.entries);
