@@ -59,7 +59,7 @@ impl MessageService {
     pub fn new(store: Store, bus: Bus, limits: MessageLimits) -> MessageService {
         // SQLite has one writer: one batch at a time. PostgreSQL takes a few in parallel.
         let writers = if store.dialect() == Dialect::Sqlite { 1 } else { 4 };
-        let batcher = Batcher::start(store.clone(), bus.clone(), writers, 256);
+        let batcher = Batcher::start(store.clone(), bus.clone(), writers, 1024);
         MessageService { store, bus, limits, batcher }
     }
 

@@ -53,9 +53,9 @@ CREATE TABLE messages (
     send_time       BIGINT NOT NULL,
     PRIMARY KEY (conversation_id, msg_id)
 );
--- Gap fill reads a partition by offset; resume reads a conversation by offset.
+-- Gap fill reads a partition by offset. (Resume walks the primary key: within a
+-- conversation msg_ids and offsets grow together.)
 CREATE UNIQUE INDEX messages_by_log ON messages (part, log_offset);
-CREATE INDEX messages_by_conversation_offset ON messages (conversation_id, log_offset);
 
 -- Idempotency keys: claimed in the same transaction as the message they name.
 CREATE TABLE idempotency (

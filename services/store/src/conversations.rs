@@ -16,7 +16,7 @@ use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
 use crate::log::{NewEntry, read_heads};
-use crate::sql::{Params, api_int, db_int, get_bool};
+use crate::sql::{Params, api_int, db_int, get_bool, padded, pow2_chunks};
 use crate::{Result, Store, StoreError, sql_span};
 
 /// A conversation to create.
@@ -228,7 +228,7 @@ impl Store {
             if changed.is_empty() {
                 return Ok((changed, Vec::new()));
             }
-            let mut p = Params::default();
+            let mut p = Params::new(self.system());
             let flag = p.next();
             let sql = format!(
                 "UPDATE conversations SET archived = {flag} WHERE conversation_id IN ({})",
@@ -336,7 +336,7 @@ impl Store {
                 decode_page_cursor(c).ok_or_else(|| ServiceError::invalid("cursor is not a cursor from this API"))?,
             ),
         };
-        let mut p = Params::default();
+        let mut p = Params::new(self.system());
         let mut sql = format!(
             "SELECT c.conversation_id, c.conversation_type, c.last_msg_id, c.last_send_time, c.archived, m.read_msg_id \
              FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id \
@@ -467,8 +467,8 @@ async fn active_members(
     users: &[String],
 ) -> Result<HashSet<String>> {
     let mut out = HashSet::new();
-    for chunk in users.chunks(500) {
-        let mut p = Params::default();
+    for chunk in users.chunks(512).map(padded) {
+        let mut p = Params::new(system);
         let sql = format!(
             "SELECT user_id FROM members WHERE conversation_id = {} AND active = {} AND user_id IN ({})",
             p.next(),
@@ -476,7 +476,7 @@ async fn active_members(
             p.list(chunk.len())
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(conversation_id).bind(1i32);
-        for u in chunk {
+        for u in &chunk {
             q = q.bind(u.as_str());
         }
         for row in q.fetch_all(&mut *tx).instrument(sql_span(system, "SELECT", "members")).await? {
@@ -494,8 +494,8 @@ async fn upsert_members(
     users: &[(String, Role)],
     msg_id: u64,
 ) -> Result<()> {
-    for chunk in users.chunks(100) {
-        let mut p = Params::default();
+    for chunk in pow2_chunks(users, 64) {
+        let mut p = Params::new(system);
         let rows = chunk.iter().map(|_| p.row(6)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "INSERT INTO members (conversation_id, user_id, role, active, joined_msg_id, read_msg_id) VALUES {rows} \
@@ -526,8 +526,8 @@ async fn deactivate(
     entries: &[LogEntry],
 ) -> Result<()> {
     let msg_id = entries.first().map(|e| db_int(e.message.msg_id)).unwrap_or_default();
-    for chunk in users.chunks(500) {
-        let mut p = Params::default();
+    for chunk in users.chunks(512).map(padded) {
+        let mut p = Params::new(system);
         let sql = format!(
             "UPDATE members SET active = {}, left_msg_id = {} WHERE conversation_id = {} AND user_id IN ({})",
             p.next(),
@@ -536,7 +536,7 @@ async fn deactivate(
             p.list(chunk.len())
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(0i32).bind(msg_id).bind(conversation_id);
-        for u in chunk {
+        for u in &chunk {
             q = q.bind(u.as_str());
         }
         q.execute(&mut *tx).instrument(sql_span(system, "UPDATE", "members")).await?;

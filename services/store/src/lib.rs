@@ -120,6 +120,9 @@ pub struct Store {
 
 struct Inner {
     pool: AnyPool,
+    /// Where write transactions run: for SQLite one dedicated connection (one warm worker
+    /// thread and statement cache for the single writer), for PostgreSQL the pool.
+    writer: AnyPool,
     dialect: Dialect,
     partitions: u16,
     epoch: u32,
@@ -134,16 +137,17 @@ impl Store {
     /// Opens (creating if needed) the SQLite database file at `path`.
     pub async fn open_sqlite(path: &Path, max_connections: u32, partitions_if_new: u16) -> Result<Store> {
         let pool = sqlite::open(path, max_connections).await?;
-        Self::init(pool, Dialect::Sqlite, partitions_if_new).await
+        let writer = sqlite::open(path, 1).await?;
+        Self::init(pool, writer, Dialect::Sqlite, partitions_if_new).await
     }
 
     /// Connects to PostgreSQL at `url`.
     pub async fn open_postgres(url: &str, max_connections: u32, partitions_if_new: u16) -> Result<Store> {
         let pool = postgres::open(url, max_connections).await?;
-        Self::init(pool, Dialect::Postgres, partitions_if_new).await
+        Self::init(pool.clone(), pool, Dialect::Postgres, partitions_if_new).await
     }
 
-    async fn init(pool: AnyPool, dialect: Dialect, partitions_if_new: u16) -> Result<Store> {
+    async fn init(pool: AnyPool, writer: AnyPool, dialect: Dialect, partitions_if_new: u16) -> Result<Store> {
         MIGRATOR.run(&pool).await.map_err(|e| StoreError::Database(e.into()))?;
         let system = match dialect {
             Dialect::Sqlite => "sqlite",
@@ -158,7 +162,7 @@ impl Store {
             );
         }
         let write_lock = (dialect == Dialect::Sqlite).then(|| tokio::sync::Mutex::new(()));
-        Ok(Store { inner: Arc::new(Inner { pool, dialect, partitions, epoch, write_lock }) })
+        Ok(Store { inner: Arc::new(Inner { pool, writer, dialect, partitions, epoch, write_lock }) })
     }
 
     /// Log partitions of this database.
@@ -188,6 +192,7 @@ impl Store {
 
     /// Closes every connection.
     pub async fn close(&self) {
+        self.inner.writer.close().await;
         self.inner.pool.close().await;
     }
 
@@ -198,8 +203,8 @@ impl Store {
             None => None,
         };
         let tx = match self.inner.dialect {
-            Dialect::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.inner.pool.begin().await?,
+            Dialect::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.inner.writer.begin().await?,
         };
         Ok((guard, tx))
     }
@@ -256,7 +261,7 @@ pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
 
 pub(crate) fn any_pool_options(max_connections: u32) -> AnyPoolOptions {
     sqlx::any::install_default_drivers();
-    AnyPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(std::time::Duration::from_secs(10))
+    AnyPoolOptions::new().max_connections(max_connections.max(1)).acquire_timeout(std::time::Duration::from_secs(10))
 }
 
 /// Log partition of a conversation: FNV-1a of its id, modulo the partition count. Stored with

@@ -16,8 +16,8 @@ use quickim_shared::time::now_ms;
 use sqlx::AnyPool;
 use sqlx::{AnyConnection, Row};
 
-use crate::sql::{MESSAGE_COLUMNS, Params, api_int, db_int, get_bool, log_entry};
-use crate::{Result, Store, StoreError, partition_of, sql_span};
+use crate::sql::{Arg, MESSAGE_COLUMNS, Params, Script, api_int, db_int, get_bool, log_entry, padded, pow2_chunks};
+use crate::{Dialect, Result, Store, StoreError, partition_of, sql_span};
 
 /// Creates the meta rows and partitions of a new database; answers (partitions, epoch).
 pub(crate) async fn init_meta(system: &'static str, pool: &AnyPool, partitions_if_new: u16) -> Result<(u16, u32)> {
@@ -88,8 +88,8 @@ impl Store {
         ids.sort_unstable();
         ids.dedup();
         let mut out = BTreeMap::new();
-        for chunk in ids.chunks(500) {
-            let mut p = Params::default();
+        for chunk in ids.chunks(512).map(padded) {
+            let mut p = Params::new(self.system());
             let sql = format!(
                 "SELECT conversation_id, joinable, archived, last_msg_id, \
                  last_send_time, part FROM conversations WHERE conversation_id IN ({}) \
@@ -98,7 +98,7 @@ impl Store {
                 self.for_update()
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in chunk {
+            for id in &chunk {
                 q = q.bind(*id);
             }
             for row in q.fetch_all(&mut *tx).instrument(sql_span(self.system(), "SELECT", "conversations")).await? {
@@ -154,15 +154,55 @@ impl Store {
             *per_part.entry(part).or_insert(0) += 1;
         }
         let mut next_offset: HashMap<u16, i64> = HashMap::new();
-        for (part, count) in &per_part {
-            let row = sqlx::query("UPDATE log_partitions SET head = head + $1 WHERE part = $2 RETURNING head")
-                .bind(*count)
-                .bind(i32::from(*part))
-                .fetch_one(&mut *tx)
-                .instrument(sql_span(self.system(), "UPDATE", "log_partitions"))
-                .await?;
-            let head: i64 = row.try_get("head")?;
-            next_offset.insert(*part, head - count + 1);
+        let mut script = Script::new(self.system());
+        match self.dialect() {
+            // Row locks: each partition's row is updated (and so locked until commit) in
+            // partition order; RETURNING gives the offsets.
+            Dialect::Postgres => {
+                for (part, count) in &per_part {
+                    let row = sqlx::query("UPDATE log_partitions SET head = head + $1 WHERE part = $2 RETURNING head")
+                        .bind(*count)
+                        .bind(i32::from(*part))
+                        .fetch_one(&mut *tx)
+                        .instrument(sql_span(self.system(), "UPDATE", "log_partitions"))
+                        .await?;
+                    let head: i64 = row.try_get("head")?;
+                    next_offset.insert(*part, head - count + 1);
+                }
+            }
+            // The write transaction holds SQLite's only write lock: read the heads, write the
+            // new ones with the other writes below, in one round trip.
+            Dialect::Sqlite => {
+                let rows = sqlx::query("SELECT part, head FROM log_partitions")
+                    .fetch_all(&mut *tx)
+                    .instrument(sql_span(self.system(), "SELECT", "log_partitions"))
+                    .await?;
+                let mut heads: HashMap<u16, i64> = HashMap::new();
+                for row in rows {
+                    let part = u16::try_from(row.try_get::<i64, _>("part")?)
+                        .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+                    heads.insert(part, row.try_get("head")?);
+                }
+                let mut p = script.params();
+                let mut case = String::new();
+                let mut args = Vec::new();
+                for (part, count) in &per_part {
+                    let head =
+                        heads.get(part).copied().ok_or_else(|| StoreError::Corrupt("partition missing".into()))?;
+                    next_offset.insert(*part, head + 1);
+                    case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
+                    args.push(Arg::I32(i32::from(*part)));
+                    args.push(Arg::I64(head + count));
+                }
+                let parts = p.list(per_part.len());
+                args.extend(per_part.keys().map(|part| Arg::I32(i32::from(*part))));
+                script.push(
+                    format!("UPDATE log_partitions SET head = CASE part{case} END WHERE part IN ({parts})"),
+                    args,
+                    "UPDATE",
+                    "log_partitions",
+                );
+            }
         }
         let mut out = Vec::with_capacity(entries.len());
         for (e, msg_id) in entries.into_iter().zip(msg_ids) {
@@ -188,56 +228,10 @@ impl Store {
             conv.last_send_time = now;
             out.push(entry);
         }
-        insert_messages(self.system(), tx, &out).await?;
-        self.update_heads(tx, convs, &out).await?;
+        insert_messages(&mut script, &out);
+        update_heads(&mut script, &out);
+        script.run(tx).await?;
         Ok(out)
-    }
-
-    async fn update_heads(
-        &self,
-        tx: &mut AnyConnection,
-        convs: &BTreeMap<String, LockedConversation>,
-        appended: &[LogEntry],
-    ) -> Result<()> {
-        // Newest entry per conversation.
-        let mut newest: BTreeMap<&str, &LogEntry> = BTreeMap::new();
-        for e in appended {
-            newest.insert(&e.message.conversation_id, e);
-        }
-        let newest: Vec<(&str, &LogEntry)> = newest.into_iter().collect();
-        for chunk in newest.chunks(200) {
-            let mut p = Params::default();
-            let mut msg_case = String::new();
-            let mut off_case = String::new();
-            for _ in chunk {
-                msg_case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
-            }
-            for _ in chunk {
-                off_case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
-            }
-            let time = p.next();
-            let ids = p.list(chunk.len());
-            let sql = format!(
-                "UPDATE conversations SET last_msg_id = CASE conversation_id{msg_case} END, \
-                 last_offset = CASE conversation_id{off_case} END, last_send_time = {time} \
-                 WHERE conversation_id IN ({ids})"
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (id, e) in chunk {
-                q = q.bind(*id).bind(db_int(e.message.msg_id));
-            }
-            for (id, e) in chunk {
-                q = q.bind(*id).bind(db_int(e.offset));
-            }
-            let time = chunk.first().map(|(_, e)| e.message.send_time).unwrap_or_else(now_ms);
-            q = q.bind(time);
-            for (id, _) in chunk {
-                q = q.bind(*id);
-            }
-            q.execute(&mut *tx).instrument(sql_span(self.system(), "UPDATE", "conversations")).await?;
-            debug_assert!(chunk.iter().all(|(id, _)| convs.contains_key(*id)));
-        }
-        Ok(())
     }
 
     /// Current heads of every partition.
@@ -263,6 +257,11 @@ impl Store {
         rows.iter().map(log_entry).collect()
     }
 
+    /// Within a conversation msg_ids and offsets grow together, so the messages after the
+    /// cursor are found by walking the conversation's primary key back from its newest
+    /// message to the first one at or below the cursor: the cost is the backlog, and no
+    /// index by offset is needed (one index fewer to write per message).
+    ///
     /// One page of what `user_id` missed with `after < offset <= upto` (per partition), in
     /// (partition, offset) order: messages of conversations it is a member of, from its join
     /// on, and for conversations it left or was removed from, up to the message that recorded
@@ -294,7 +293,7 @@ impl Store {
         if ranges.is_empty() {
             return Ok(ReplayPage::default());
         }
-        let mut p = Params::default();
+        let mut p = Params::new(self.system());
         let values = ranges.iter().map(|_| p.row(3)).collect::<Vec<_>>().join(", ");
         let user = p.next();
         let lim = p.next();
@@ -304,6 +303,9 @@ impl Store {
              JOIN conversations c ON c.conversation_id = mb.conversation_id \
              JOIN cur ON cur.p = c.part \
              JOIN messages m ON m.conversation_id = mb.conversation_id \
+               AND m.msg_id > COALESCE((SELECT m2.msg_id FROM messages m2 \
+                   WHERE m2.conversation_id = mb.conversation_id AND m2.log_offset <= cur.a \
+                   ORDER BY m2.msg_id DESC LIMIT 1), 0) \
              WHERE mb.user_id = {user} AND c.last_offset > cur.a \
                AND m.log_offset > cur.a AND m.log_offset <= cur.u \
                AND m.msg_id >= mb.joined_msg_id \
@@ -383,29 +385,67 @@ pub(crate) async fn read_heads(system: &'static str, conn: &mut AnyConnection) -
     rows.iter().map(|r| Ok(api_int(r.try_get("head")?))).collect()
 }
 
-async fn insert_messages(system: &'static str, tx: &mut AnyConnection, entries: &[LogEntry]) -> Result<()> {
-    for chunk in entries.chunks(100) {
-        let mut p = Params::default();
+/// Adds the inserts of `entries` to `script` (chunks of fixed sizes, so texts repeat).
+fn insert_messages<'a>(script: &mut Script<'a>, entries: &'a [LogEntry]) {
+    for chunk in pow2_chunks(entries, 64) {
+        let mut p = script.params();
         let rows = chunk.iter().map(|_| p.row(9)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, \
              client_msg_id, send_time) VALUES {rows}"
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut args = Vec::with_capacity(chunk.len() * 9);
         for e in chunk {
             let m = &e.message;
-            q = q
-                .bind(m.conversation_id.as_str())
-                .bind(db_int(m.msg_id))
-                .bind(i32::from(e.part))
-                .bind(db_int(e.offset))
-                .bind(m.from.as_str())
-                .bind(m.msg_type)
-                .bind(m.content.as_str())
-                .bind(m.client_msg_id.as_deref())
-                .bind(m.send_time);
+            args.extend([
+                Arg::Text(&m.conversation_id),
+                Arg::I64(db_int(m.msg_id)),
+                Arg::I32(i32::from(e.part)),
+                Arg::I64(db_int(e.offset)),
+                Arg::Text(&m.from),
+                Arg::I32(m.msg_type),
+                Arg::Text(&m.content),
+                Arg::OptText(m.client_msg_id.as_deref()),
+                Arg::I64(m.send_time),
+            ]);
         }
-        q.execute(&mut *tx).instrument(sql_span(system, "INSERT", "messages")).await?;
+        script.push(sql, args, "INSERT", "messages");
     }
-    Ok(())
+}
+
+/// Adds the moves of the conversations' heads (newest msg_id and offset) to `script`.
+fn update_heads<'a>(script: &mut Script<'a>, appended: &'a [LogEntry]) {
+    let mut newest: BTreeMap<&str, &LogEntry> = BTreeMap::new();
+    for e in appended {
+        newest.insert(&e.message.conversation_id, e);
+    }
+    let newest: Vec<(&str, &LogEntry)> = newest.into_iter().collect();
+    for chunk in newest.chunks(256).map(padded) {
+        let mut p = script.params();
+        let mut msg_case = String::new();
+        let mut off_case = String::new();
+        let mut args = Vec::with_capacity(chunk.len() * 5 + 1);
+        for (id, e) in &chunk {
+            msg_case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
+            args.extend([Arg::Text(id), Arg::I64(db_int(e.message.msg_id))]);
+        }
+        for (id, e) in &chunk {
+            off_case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
+            args.extend([Arg::Text(id), Arg::I64(db_int(e.offset))]);
+        }
+        let time = p.next();
+        args.push(Arg::I64(chunk.first().map(|(_, e)| e.message.send_time).unwrap_or_else(now_ms)));
+        let ids = p.list(chunk.len());
+        args.extend(chunk.iter().map(|(id, _)| Arg::Text(id)));
+        script.push(
+            format!(
+                "UPDATE conversations SET last_msg_id = CASE conversation_id{msg_case} END, \
+                 last_offset = CASE conversation_id{off_case} END, last_send_time = {time} \
+                 WHERE conversation_id IN ({ids})"
+            ),
+            args,
+            "UPDATE",
+            "conversations",
+        );
+    }
 }

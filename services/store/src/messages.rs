@@ -16,7 +16,7 @@ use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
 use crate::log::NewEntry;
-use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message};
+use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message, padded, pow2_chunks};
 use crate::{Result, Store, StoreError, sql_span};
 
 /// One message to store (already validated for shape by the message service).
@@ -251,8 +251,8 @@ async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key
     let mut keys: Vec<&Key> = keys.iter().collect();
     keys.sort();
     keys.dedup();
-    for chunk in keys.chunks(300) {
-        let mut p = Params::default();
+    for chunk in keys.chunks(256).map(padded) {
+        let mut p = Params::new(system);
         let list = chunk.iter().map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
@@ -260,7 +260,7 @@ async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key
              WHERE (i.sender, i.client_msg_id) IN (VALUES {list})"
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (s, k) in chunk {
+        for (s, k) in &chunk {
             q = q.bind(s.as_str()).bind(k.as_str());
         }
         for row in q.fetch_all(&mut *tx).instrument(sql_span(system, "SELECT", "idempotency")).await? {
@@ -282,8 +282,8 @@ async fn active_pairs(
     pairs.sort_unstable();
     pairs.dedup();
     let mut out = HashSet::new();
-    for chunk in pairs.chunks(300) {
-        let mut p = Params::default();
+    for chunk in pairs.chunks(256).map(padded) {
+        let mut p = Params::new(system);
         let active = p.next();
         let list = chunk.iter().map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
         let sql = format!(
@@ -291,7 +291,7 @@ async fn active_pairs(
              AND (conversation_id, user_id) IN (VALUES {list})"
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(1i32);
-        for (c, u) in chunk {
+        for (c, u) in &chunk {
             q = q.bind(*c).bind(*u);
         }
         for row in q.fetch_all(&mut *tx).instrument(sql_span(system, "SELECT", "members")).await? {
@@ -307,8 +307,8 @@ async fn claim_keys(system: &'static str, tx: &mut AnyConnection, claims: &[(Key
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let now = now_ms();
     let mut lost = Vec::new();
-    for chunk in sorted.chunks(100) {
-        let mut p = Params::default();
+    for chunk in pow2_chunks(&sorted, 64) {
+        let mut p = Params::new(system);
         let rows = chunk.iter().map(|_| p.row(5)).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "INSERT INTO idempotency (sender, client_msg_id, conversation_id, msg_id, created_at) VALUES {rows} \

@@ -7,17 +7,24 @@ use sqlx::any::AnyRow;
 
 use crate::{Result, StoreError};
 
-/// Hands out `$1`, `$2`, ... in binding order (both databases bind `$N` by number).
-#[derive(Default)]
+/// Hands out placeholders in binding order: `$1`, `$2`, ... for PostgreSQL, `?` for SQLite
+/// (sqlx looks every named SQLite parameter up by name, a linear scan per parameter, which
+/// makes statements with hundreds of parameters quadratic).
 pub(crate) struct Params {
     n: usize,
+    positional: bool,
 }
 
 impl Params {
+    /// Placeholders for the database `system` (`sqlite` or `postgresql`).
+    pub fn new(system: &str) -> Params {
+        Params { n: 0, positional: system == "sqlite" }
+    }
+
     /// The next placeholder.
     pub fn next(&mut self) -> String {
         self.n += 1;
-        format!("${}", self.n)
+        if self.positional { "?".to_string() } else { format!("${}", self.n) }
     }
 
     /// `count` placeholders separated by commas.
@@ -29,6 +36,122 @@ impl Params {
     pub fn row(&mut self, width: usize) -> String {
         format!("({})", self.list(width))
     }
+}
+
+/// A value bound to a statement of a [`Script`].
+pub(crate) enum Arg<'a> {
+    I64(i64),
+    I32(i32),
+    Text(&'a str),
+    OptText(Option<&'a str>),
+}
+
+/// Write statements that need no answer, run in order. SQLite takes them as one
+/// multi-statement query (one round trip to its worker thread); PostgreSQL, which does not
+/// take several statements in one prepared query, one by one.
+pub(crate) struct Script<'a> {
+    system: &'static str,
+    statements: Vec<(String, Vec<Arg<'a>>, &'static str, &'static str)>,
+}
+
+impl<'a> Script<'a> {
+    pub fn new(system: &'static str) -> Script<'a> {
+        Script { system, statements: Vec::new() }
+    }
+
+    /// Placeholders for the next statement.
+    pub fn params(&self) -> Params {
+        Params::new(self.system)
+    }
+
+    /// Adds a statement (`operation` and `collection` name its span).
+    pub fn push(&mut self, sql: String, args: Vec<Arg<'a>>, operation: &'static str, collection: &'static str) {
+        self.statements.push((sql, args, operation, collection));
+    }
+
+    fn bind(
+        mut q: sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>,
+        args: Vec<Arg<'a>>,
+    ) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments> {
+        for a in args {
+            q = match a {
+                Arg::I64(v) => q.bind(v),
+                Arg::I32(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+                Arg::OptText(v) => q.bind(v),
+            };
+        }
+        q
+    }
+
+    /// Runs the statements in `tx`.
+    pub async fn run(self, tx: &mut sqlx::AnyConnection) -> crate::Result<()> {
+        use tracing::Instrument;
+        let system = self.system;
+        if system == "sqlite" {
+            if self.statements.is_empty() {
+                return Ok(());
+            }
+            // One span for the one round trip, named after every statement it ran.
+            let mut names: Vec<String> = Vec::new();
+            for (_, _, op, table) in &self.statements {
+                let name = format!("{op} {table}");
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            let span = tracing::info_span!(
+                "db.query",
+                otel.name = %names.join("; "),
+                otel.kind = "client",
+                db.system.name = system,
+                db.operation.name = "BATCH",
+                db.operation.batch.size = self.statements.len(),
+            );
+            let mut sql = String::new();
+            let mut all = Vec::new();
+            for (s, args, _, _) in self.statements {
+                sql.push_str(&s);
+                sql.push_str(";\n");
+                all.extend(args);
+            }
+            let q = Self::bind(sqlx::query(sqlx::AssertSqlSafe(sql)), all);
+            q.execute(&mut *tx).instrument(span).await?;
+        } else {
+            for (sql, args, op, table) in self.statements {
+                let q = Self::bind(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
+                q.execute(&mut *tx).instrument(crate::sql_span(system, op, table)).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Chunks of `items` whose sizes are powers of two (at most `max`, a power of two): the SQL
+/// texts built from them repeat, so their prepared statements are reused.
+pub(crate) fn pow2_chunks<T>(items: &[T], max: usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let mut size = max;
+        while size > rest.len() {
+            size /= 2;
+        }
+        let (chunk, tail) = rest.split_at(size.max(1));
+        out.push(chunk);
+        rest = tail;
+    }
+    out
+}
+
+/// `items` padded to the next power of two by repeating the last one — for IN lists and CASE
+/// arms, where a repeat changes nothing — so that statement texts repeat.
+pub(crate) fn padded<T: Clone>(items: &[T]) -> Vec<T> {
+    let mut out = items.to_vec();
+    if let Some(last) = items.last().cloned() {
+        out.resize(items.len().next_power_of_two(), last);
+    }
+    out
 }
 
 /// A client-supplied u64 as a database BIGINT (values beyond i64 saturate: no row has them).
@@ -70,4 +193,21 @@ pub(crate) fn log_entry(row: &AnyRow) -> Result<LogEntry> {
         offset: api_int(row.try_get("log_offset")?),
         message: message(row)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_and_padding_keep_statement_shapes_few() {
+        let items: Vec<u32> = (0..13).collect();
+        let sizes: Vec<usize> = pow2_chunks(&items, 8).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![8, 4, 1]);
+        assert_eq!(pow2_chunks(&items, 8).concat(), items);
+        assert_eq!(padded(&[1, 2, 3]), vec![1, 2, 3, 3]);
+        assert!(padded::<u8>(&[]).is_empty());
+        assert_eq!(Params::new("sqlite").list(2), "?, ?");
+        assert_eq!(Params::new("postgresql").list(2), "$1, $2");
+    }
 }

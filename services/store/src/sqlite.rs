@@ -26,6 +26,10 @@ pub(crate) async fn open(path: &Path, max_connections: u32) -> Result<AnyPool> {
                 sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
                 sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
                 sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                // Statement journals (multi-row statements) in memory, not in temp files.
+                sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *conn).await?;
+                // 64 MiB of page cache per connection (negative = KiB).
+                sqlx::query("PRAGMA cache_size = -65536").execute(&mut *conn).await?;
                 Ok(())
             })
         })
