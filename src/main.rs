@@ -4,11 +4,6 @@
 mod ops;
 mod roles;
 
-/// mimalloc: the request path allocates many small, short-lived buffers; glibc's allocator
-/// spent a quarter of the request threads' time on them (see docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::{Parser, Subcommand};
 use quickim_shared::config::{Config, ConfigArgs, Role};
 

@@ -6,9 +6,34 @@ use std::time::Instant;
 
 const SHARDS: usize = 16;
 
-struct Bucket {
+/// One token bucket (for a single client, e.g. one WebSocket's frames).
+pub struct Bucket {
     tokens: f64,
     last: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn full(burst: u32) -> Bucket {
+        Bucket { tokens: f64::from(burst.max(1)), last: Instant::now() }
+    }
+
+    /// Takes one token at `rate` per second up to `burst`; on refusal answers the seconds
+    /// to wait. A rate of 0 never refuses.
+    pub fn take(&mut self, rate: f64, burst: f64) -> Result<(), u64> {
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - self.tokens) / rate).ceil() as u64)
+        }
+    }
 }
 
 /// Token buckets keyed by user; `rate` 0 disables the limit.
@@ -42,14 +67,7 @@ impl RateLimiter {
             buckets.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
         }
         let bucket = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, last: now });
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.rate).min(self.burst);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - bucket.tokens) / self.rate).ceil() as u64)
-        }
+        bucket.take(self.rate, self.burst)
     }
 }
 

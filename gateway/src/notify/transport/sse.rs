@@ -45,7 +45,7 @@ impl Stream {
                 return Some(self.session.written(&e, async { frame(&e) }).await);
             }
             if self.session.replaying() {
-                if self.session.fill(self.page).await.is_err() {
+                if Box::pin(self.session.fill(self.page)).await.is_err() {
                     self.done = true;
                     return None;
                 }

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite;
 
 use crate::notify::disconnect::Disconnect;
 use crate::notify::session::{Session, Step};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::Bucket;
 use crate::state::AppState;
 
 /// Client requests in flight per connection.
@@ -28,7 +28,7 @@ const IN_FLIGHT: usize = 16;
 /// Completes the upgrade and runs the connection.
 pub fn respond(upgrade: WebSocketUpgrade, session: Session, state: AppState) -> Response {
     let max = state.config.ws_max_frame_bytes;
-    upgrade.read_buffer_size(4 * 1024).write_buffer_size(0).max_message_size(max).max_frame_size(max).on_upgrade(
+    upgrade.read_buffer_size(1024).write_buffer_size(0).max_message_size(max).max_frame_size(max).on_upgrade(
         move |socket| {
             let tracker = state.connections.clone();
             tracker.track_future(run(socket, session, state))
@@ -76,7 +76,9 @@ async fn run(socket: WebSocket, mut session: Session, state: AppState) {
             continue;
         }
         if session.replaying() {
-            if let Err(d) = session.fill(page).await {
+            // Boxed: the replay's future is large and rare; inline it would make every idle
+            // connection's task as large.
+            if let Err(d) = Box::pin(session.fill(page)).await {
                 break Some(d);
             }
             continue;
@@ -101,7 +103,15 @@ async fn run(socket: WebSocket, mut session: Session, state: AppState) {
                 }
             }
             end = end_rx.recv() => match end {
-                Some(ReaderEnd::Failed(d)) => break Some(d),
+                Some(ReaderEnd::Failed(d)) => {
+                    // The errors the reader queued before giving up explain the close.
+                    while let Ok(ack) = acks_rx.try_recv() {
+                        if sink.send(WsMessage::Text(Utf8Bytes::from(ack))).await.is_err() {
+                            break;
+                        }
+                    }
+                    break Some(d);
+                }
                 _ => break None,
             },
             _ = ping.tick() => {
@@ -149,7 +159,8 @@ async fn read_loop(
     seen: tokio::sync::watch::Sender<Instant>,
 ) -> ReaderEnd {
     let rate = state.config.ws_frames_per_s;
-    let limiter = RateLimiter::new(rate, rate.saturating_mul(2));
+    let mut frames = Bucket::full(rate.saturating_mul(2));
+    let burst = f64::from(rate.saturating_mul(2).max(1));
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut refused = 0u32;
     while let Some(frame) = stream.next().await {
@@ -177,7 +188,7 @@ async fn read_loop(
             WsMessage::Close(_) => return ReaderEnd::ClientClosed,
             WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
         };
-        if limiter.check("frames").is_err() {
+        if frames.take(f64::from(rate), burst).is_err() {
             refused += 1;
             if refused > rate.saturating_mul(2).max(10) {
                 return ReaderEnd::Failed(Disconnect::RateLimited);
