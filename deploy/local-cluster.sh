@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The topology of deploy/compose.yaml on this machine, from the built binary, all on loopback:
 # a nats-server (JetStream on), a PostgreSQL database, 2 conversation services, 2 message
-# services, 2 gateways. For machines without a container engine.
+# services, 2 gateways (or as many as --services / --gateways say). For machines without a
+# container engine.
 #
 #   deploy/local-cluster.sh start [--dir DIR] [--base-port PORT] [--binary PATH] [--database NAME]
+#                                 [--gateways N] [--services N]
 #   deploy/local-cluster.sh status [--dir DIR]
 #   deploy/local-cluster.sh stop [--dir DIR] [--drop-database]
 #
 # Needs nats-server and a PostgreSQL server at $PG_URL (default postgres://postgres@127.0.0.1:5432).
 # Traces go wherever QUICKIM_OTLP_ENDPOINT (and QUICKIM_OTLP_PROTOCOL) point, if set.
 # `start` writes DIR/cluster.env with every address and the inner key; logs are DIR/*.log.
+# Ports from PORT (default 17000): NATS PORT; gateway i public/inner PORT+10i / PORT+10i+1 for
+# i ≤ 2, PORT+100+2i / PORT+101+2i beyond; ops listeners of services PORT+30+i (conversation) and
+# PORT+40+i (message) for i ≤ 2, PORT+200+i / PORT+300+i beyond.
 set -euo pipefail
 
 cmd=${1:-}
@@ -19,6 +24,8 @@ base=17000
 binary=
 database=quickim_cluster
 drop=no
+gateways=2
+services=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir=$2; shift 2 ;;
@@ -26,11 +33,17 @@ while [ $# -gt 0 ]; do
     --binary) binary=$2; shift 2 ;;
     --database) database=$2; shift 2 ;;
     --drop-database) drop=yes; shift ;;
+    --gateways) gateways=$2; shift 2 ;;
+    --services) services=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 pg_url=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 root=$(cd "$(dirname "$0")/.." && pwd)
+
+gateway_public() { if [ "$1" -le 2 ]; then echo $((base + 10 * $1)); else echo $((base + 100 + 2 * $1)); fi; }
+conversation_ops() { if [ "$1" -le 2 ]; then echo $((base + 30 + $1)); else echo $((base + 200 + $1)); fi; }
+message_ops() { if [ "$1" -le 2 ]; then echo $((base + 40 + $1)); else echo $((base + 300 + $1)); fi; }
 
 nats_bin() {
   for b in nats-server /usr/sbin/nats-server /usr/bin/nats-server; do
@@ -77,35 +90,40 @@ start() {
     echo "DATABASE_URL=$QUICKIM_DATABASE_URL"
     echo "DATABASE_NAME=$database"
     echo "INNER_KEY=$inner"
+    echo "JWT_SECRET=$jwt"
   } >"$dir/cluster.env"
 
+  # Each gateway may hold as many connections as the process may open files.
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   local i
-  for i in 1 2; do
-    QUICKIM_NODE_ID=conversation-$i QUICKIM_OPS_ADDR=127.0.0.1:$((base + 30 + i)) \
+  for i in $(seq 1 "$services"); do
+    QUICKIM_NODE_ID=conversation-$i QUICKIM_OPS_ADDR=127.0.0.1:$(conversation_ops "$i") \
       "$binary" conversation >"$dir/conversation-$i.log" 2>&1 &
     echo $! >"$dir/conversation-$i.pid"
-    echo "CONVERSATION_${i}_OPS=127.0.0.1:$((base + 30 + i))" >>"$dir/cluster.env"
-    QUICKIM_NODE_ID=message-$i QUICKIM_OPS_ADDR=127.0.0.1:$((base + 40 + i)) \
+    echo "CONVERSATION_${i}_OPS=127.0.0.1:$(conversation_ops "$i")" >>"$dir/cluster.env"
+    QUICKIM_NODE_ID=message-$i QUICKIM_OPS_ADDR=127.0.0.1:$(message_ops "$i") \
       "$binary" message >"$dir/message-$i.log" 2>&1 &
     echo $! >"$dir/message-$i.pid"
-    echo "MESSAGE_${i}_OPS=127.0.0.1:$((base + 40 + i))" >>"$dir/cluster.env"
+    echo "MESSAGE_${i}_OPS=127.0.0.1:$(message_ops "$i")" >>"$dir/cluster.env"
   done
-  for i in 1 2; do
-    local public=127.0.0.1:$((base + 10 * i)) inner=127.0.0.1:$((base + 10 * i + 1))
+  for i in $(seq 1 "$gateways"); do
+    local public=127.0.0.1:$(gateway_public "$i") inner=127.0.0.1:$(($(gateway_public "$i") + 1))
     QUICKIM_NODE_ID=gateway-$i QUICKIM_PUBLIC_ADDR=$public QUICKIM_INNER_ADDR=$inner \
       "$binary" gateway >"$dir/gateway-$i.log" 2>&1 &
     echo $! >"$dir/gateway-$i.pid"
     echo "GATEWAY_${i}_PUBLIC=$public" >>"$dir/cluster.env"
     echo "GATEWAY_${i}_INNER=$inner" >>"$dir/cluster.env"
   done
-  for i in 1 2; do
-    wait_http "http://127.0.0.1:$((base + 10 * i))/readyz" 60
-    wait_http "http://127.0.0.1:$((base + 30 + i))/readyz" 30
-    wait_http "http://127.0.0.1:$((base + 40 + i))/readyz" 30
+  for i in $(seq 1 "$gateways"); do
+    wait_http "http://127.0.0.1:$(gateway_public "$i")/readyz" 60
+  done
+  for i in $(seq 1 "$services"); do
+    wait_http "http://127.0.0.1:$(conversation_ops "$i")/readyz" 30
+    wait_http "http://127.0.0.1:$(message_ops "$i")/readyz" 30
   done
   echo "quickim cluster up (state and logs in $dir):"
-  sed 's/^/  /' "$dir/cluster.env" | grep -v INNER_KEY
-  echo "  inner key: see $dir/cluster.env"
+  sed 's/^/  /' "$dir/cluster.env" | grep -v 'INNER_KEY\|JWT_SECRET'
+  echo "  inner key and token secret: see $dir/cluster.env"
 }
 
 stop() {
@@ -144,5 +162,5 @@ case "$cmd" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

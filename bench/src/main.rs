@@ -551,7 +551,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     if a.mode == Mode::Idle && a.subscribers > 0 {
         result.rss_per_conn_kb =
-            result.rss_after_kb.saturating_sub(result.rss_before_kb) as f64 / f64::from(a.subscribers.max(1));
+            result.rss_after_kb.saturating_sub(result.rss_before_kb) as f64 / result.connected.max(1) as f64;
     }
     result.client_cpu_s += sys::cpu_seconds() - cpu_before;
     let line = serde_json::to_string(&result)?;

@@ -26,22 +26,51 @@ pub fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
-/// The process ids of every process whose command line contains `needle`.
+/// The process ids of every process whose command line contains `needle`, and of their
+/// descendants (nginx workers are children of the matched master).
 pub fn pids_matching(needle: &str) -> Vec<u32> {
-    let mut out = Vec::new();
+    let mut all = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
             if pid == std::process::id() {
                 continue;
             }
-            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                if cmd.contains(needle) {
-                    out.push(pid);
-                }
-            }
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            all.push((pid, parent_of(pid), cmd));
         }
     }
-    out
+    // Not this tool's own ancestors (a shell whose command line holds the needle).
+    let mut mine = vec![std::process::id()];
+    while let Some(&last) = mine.last() {
+        match parent_of(last) {
+            0 | 1 => break,
+            p => mine.push(p),
+        }
+    }
+    let mut out: Vec<u32> = all
+        .iter()
+        .filter(|(pid, _, cmd)| cmd.contains(needle) && !mine.contains(pid))
+        .map(|(pid, _, _)| *pid)
+        .collect();
+    loop {
+        let children: Vec<u32> = all
+            .iter()
+            .filter(|(pid, parent, _)| out.contains(parent) && !out.contains(pid) && !mine.contains(pid))
+            .map(|(pid, _, _)| *pid)
+            .collect();
+        if children.is_empty() {
+            return out;
+        }
+        out.extend(children);
+    }
+}
+
+fn parent_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
 }

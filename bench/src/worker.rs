@@ -216,8 +216,11 @@ async fn connect_all(shared: &Arc<Shared>, subs: &[Arc<Sub>]) {
 }
 
 fn source_address(spec: &Spec, j: u32) -> Ipv4Addr {
-    // At most 16,000 connections per source address (ephemeral ports are per address).
-    Ipv4Addr::new(127, 1 + ((j / 16_000) % 200) as u8, (spec.index % 250) as u8 + 1, 1)
+    // At most 16,000 connections per source address (ephemeral ports are per address), and
+    // a different address each run: the last run's ports linger in TIME_WAIT, and binding
+    // among them makes every connect scan the port range.
+    let run = u32::from_str_radix(&spec.names.run, 16).unwrap_or(0);
+    Ipv4Addr::new(127, 1 + ((j / 16_000) % 200) as u8, (spec.index % 250) as u8 + 1, (run % 250) as u8 + 1)
 }
 
 async fn connect_tcp(spec: &Spec, j: u32, host: &str) -> anyhow::Result<TcpStream> {

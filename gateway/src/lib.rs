@@ -114,11 +114,9 @@ impl Gateway {
             stop.cancelled().await;
             draining.set_draining();
         });
-        let public = axum::serve(public, http::public_router(state.clone()))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let inner =
-            axum::serve(inner, http::inner_router(state.clone())).with_graceful_shutdown(shutdown.cancelled_owned());
-        tokio::try_join!(async { public.await }, async { inner.await })?;
+        let public = http::server::serve(public, http::public_router(state.clone()), true, shutdown.clone());
+        let inner = http::server::serve(inner, http::inner_router(state.clone()), false, shutdown);
+        tokio::join!(public, inner);
         // Upgraded WebSockets are not the server's: wait for them too (they close on shutdown).
         state.connections.close();
         state.connections.wait().await;

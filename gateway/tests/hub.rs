@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use quickim_gateway::notify::hub::{Hub, Outgoing, Start};
+use quickim_gateway::notify::queue::Closed;
 use quickim_shared::bus::Bus;
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::event::{HEADS_SUBJECT, LogEntry, log_subject};
@@ -82,14 +83,14 @@ async fn append(bus: &Bus, log: &Log, offset: u64, publish: bool) {
     }
 }
 
-async fn next_message(inbox: &mut quickim_gateway::notify::hub::Inbox) -> String {
+async fn next_message(inbox: &mut quickim_gateway::notify::queue::Inbox) -> String {
     loop {
         match tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await.expect("an event in time") {
-            Some(Outgoing::Event(e)) => {
+            Ok(Outgoing::Event(e)) => {
                 let v: serde_json::Value = serde_json::from_slice(&e.json).unwrap();
                 return v["message"]["content"].as_str().unwrap().to_string();
             }
-            Some(Outgoing::Installed(_)) => continue,
+            Ok(Outgoing::Installed(_)) => continue,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -108,7 +109,7 @@ async fn gaps_reordering_and_lost_tails_are_repaired_from_the_store() {
     }
     let (attachment, mut inbox) = hub.attach("u", None, 1000, 1 << 20).await.unwrap();
     if let Start::Waiting = attachment.start {
-        assert!(matches!(inbox.recv().await, Some(Outgoing::Installed(_))));
+        assert!(matches!(inbox.recv().await, Ok(Outgoing::Installed(_))));
     }
 
     // 3 is lost on the bus: 1 and 2 come at once, 3 is read from the store, then 4 and 5.
@@ -154,11 +155,19 @@ async fn a_full_queue_cuts_the_connection_off() {
     while !hub.is_ready() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (_attachment, inbox) = hub.attach("u", None, 4, 1 << 20).await.unwrap();
+    let (_attachment, mut inbox) = hub.attach("u", None, 4, 1 << 20).await.unwrap();
     for o in 1..=10 {
         append(&bus, &log, o, true).await;
     }
-    tokio::time::timeout(Duration::from_secs(5), inbox.closed.cancelled())
-        .await
-        .expect("the slow connection is cut off");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut taken = 0;
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await.expect("the slow connection is cut off")
+        {
+            Ok(_) => taken += 1,
+            Err(closed) => break closed,
+        }
+    };
+    assert_eq!(closed, Closed::Overflow);
+    assert!(taken <= 4, "an overflowed queue hands out nothing more: {taken}");
 }

@@ -179,3 +179,96 @@ async fn a_token_that_expires_closes_the_stream() {
     let closed = ws.wait_closed(Duration::from_secs(12)).await;
     assert_eq!(closed, Some(quickim_testkit::Closed::Ws(4001, "token_expired".into())));
 }
+
+/// One HTTP/1.1 response with a Content-Length body off `stream` (bytes beyond it stay in `buf`).
+async fn read_response(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
+    read_until(stream, buf, b"\r\n\r\n").await;
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .unwrap_or_else(|| panic!("framed by Content-Length: {head}"))
+        .trim()
+        .parse()
+        .unwrap();
+    while buf.len() < end + len {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read(stream, &mut chunk))
+            .await
+            .expect("in time")
+            .unwrap();
+        assert!(n > 0, "closed inside a body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[end..end + len]).to_string();
+    buf.drain(..end + len);
+    (status, body)
+}
+
+/// Reads from `stream` until `buf` holds `needle` (or fails after SOON).
+async fn read_until(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, needle: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + SOON;
+    while !buf.windows(needle.len()).any(|w| w == needle) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), stream.read(&mut chunk))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert!(n > 0, "closed before {:?}: {}", String::from_utf8_lossy(needle), String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn raw_http_clients_get_the_same_answers_on_every_request_shape() {
+    use tokio::io::AsyncWriteExt;
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let host = q.api.public.trim_start_matches("http://").to_string();
+
+    // A WebSocket upgrade without protoc (the Upgrade header picks ws), as browsers' libraries
+    // sometimes send it: it takes the general HTTP path, not the /notify fast path.
+    let mut ws = tokio::net::TcpStream::connect(&host).await.unwrap();
+    ws.write_all(
+        format!(
+            "GET /notify?token={t} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    read_until(&mut ws, &mut got, b"\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&got).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    read_until(&mut ws, &mut got, b"\"ready\"").await;
+    send(&q.api, "c", "bob", "over the general path").await;
+    read_until(&mut ws, &mut got, b"over the general path").await;
+
+    // One keep-alive connection: a long-poll (fast path), then /healthz (general path), then
+    // a long-poll again: each answered in turn, framed so the next one can follow.
+    let mut conn = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let poll =
+        format!("GET /notify?protoc=poll&timeout=0 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {t}\r\n\r\n");
+    let health = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut buf = Vec::new();
+    for (request, expect) in [(&poll, "\"ready\""), (&health, "\"ok\""), (&poll, "\"ready\"")] {
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let (status, body) = read_response(&mut conn, &mut buf).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(expect), "{request}: {body}");
+    }
+    assert!(buf.is_empty(), "nothing beyond the three answers");
+
+    // A malformed head gets a 400 and changes nothing.
+    let mut bad = tokio::net::TcpStream::connect(&host).await.unwrap();
+    bad.write_all(b"GET /notify?protoc=sse HTTP/1.1\r\nBad Header\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut bad, &mut got, b"HTTP/1.1 400").await;
+}

@@ -4,6 +4,7 @@
 //! - `inner.rs`: /inner routes (inner key);
 //! - `health.rs`: /healthz, /readyz (and /metrics, on the inner listener, is rendered here);
 //! - `openapi.rs`: the OpenAPI document;
+//! - `server.rs`: the accept loop (hyper, and SSE / long-poll streams served directly);
 //! - `extract.rs`: body, token and key extractors (bad input → 4xx in the project's format);
 //! - `error.rs`: the one mapping from failures to HTTP answers.
 
@@ -13,6 +14,7 @@ pub mod health;
 pub mod inner;
 pub mod openapi;
 pub mod public;
+pub mod server;
 
 use axum::Router;
 use axum::body::Body;

@@ -20,7 +20,7 @@
 //! cursor.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::cursor;
+use super::queue::{self, Inbox, Outbox};
 
 /// Identifies a connection to the hub.
 pub type SessionId = u64;
@@ -113,49 +114,6 @@ pub enum Outgoing {
     Installed(Arc<[u64]>),
     /// The user's memberships could not be read; the connection should close and retry.
     InstallFailed,
-}
-
-/// The hub's end of a connection's queue.
-struct Outbox {
-    tx: mpsc::Sender<Outgoing>,
-    bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
-    closed: CancellationToken,
-}
-
-/// The connection's end of its queue.
-pub struct Inbox {
-    rx: mpsc::Receiver<Outgoing>,
-    bytes: Arc<AtomicUsize>,
-    /// Cancelled when the hub stopped delivering (slow consumer, database reset).
-    pub closed: CancellationToken,
-}
-
-impl Inbox {
-    /// The next item (cancel-safe). None when the hub is gone.
-    pub async fn recv(&mut self) -> Option<Outgoing> {
-        let item = self.rx.recv().await;
-        self.release(&item);
-        item
-    }
-
-    /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
-    }
-
-    /// The next item if one is queued.
-    pub fn try_recv(&mut self) -> Option<Outgoing> {
-        let item = self.rx.try_recv().ok();
-        self.release(&item);
-        item
-    }
-
-    fn release(&self, item: &Option<Outgoing>) {
-        if let Some(Outgoing::Event(e)) = item {
-            self.bytes.fetch_sub(e.json.len(), Ordering::Relaxed);
-        }
-    }
 }
 
 /// How an attached connection starts.
@@ -254,17 +212,14 @@ impl Hub {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<(Attachment, Inbox), HubGone> {
-        let (tx, rx) = mpsc::channel(max_events.max(1));
-        let bytes = Arc::new(AtomicUsize::new(0));
-        let closed = CancellationToken::new();
-        let outbox = Outbox { tx, bytes: bytes.clone(), max_bytes, closed: closed.clone() };
+        let (outbox, inbox) = queue::queue(max_events, max_bytes);
         let (reply, answer) = oneshot::channel();
         self.cmds
             .send(Command::Attach { user: user_id.to_string(), client, outbox, reply })
             .await
             .map_err(|_| HubGone)?;
         let (id, start) = answer.await.map_err(|_| HubGone)?;
-        Ok((Attachment { id, start, hub: self.clone() }, Inbox { rx, bytes, closed }))
+        Ok((Attachment { id, start, hub: self.clone() }, inbox))
     }
 
     fn detach(&self, id: SessionId) {
@@ -516,7 +471,7 @@ impl State {
             let sessions = us.sessions.clone();
             for id in &sessions {
                 if let Some(slot) = self.sessions.get(id) {
-                    let _ = slot.outbox.tx.try_send(Outgoing::InstallFailed);
+                    slot.outbox.push_control(Outgoing::InstallFailed);
                 }
             }
             if sessions.is_empty() {
@@ -548,7 +503,7 @@ impl State {
                 if slot.skip.is_some() {
                     self.skipping.insert(id);
                 }
-                let _ = slot.outbox.tx.try_send(Outgoing::Installed(position.clone()));
+                slot.outbox.push_control(Outgoing::Installed(position.clone()));
             }
         }
     }
@@ -627,7 +582,7 @@ impl State {
     /// The database was replaced: every connection starts over (its cursor gets resync).
     fn reset(&mut self, heads: LogHeads) {
         for slot in self.sessions.values() {
-            slot.outbox.closed.cancel();
+            slot.outbox.close();
         }
         self.sessions.clear();
         self.skipping.clear();
@@ -755,7 +710,7 @@ impl State {
                             })
                             .clone(),
                     };
-                    if push(&slot.outbox, event) {
+                    if slot.outbox.push_event(event) {
                         delivered += 1;
                     } else {
                         overflowed.push(*id);
@@ -840,26 +795,4 @@ fn apply(us: &mut UserState, conversation: &Arc<str>, msg_id: u64, change: Chang
 fn skip_for(client: Option<&[u64]>, position: &[u64]) -> Option<Vec<u64>> {
     let client = client?;
     (client.len() == position.len() && client.iter().zip(position).any(|(c, p)| c > p)).then(|| client.to_vec())
-}
-
-/// Queues an event; false when the queue is full (events or bytes) or gone.
-fn push(outbox: &Outbox, event: Arc<Encoded>) -> bool {
-    if outbox.closed.is_cancelled() {
-        return false;
-    }
-    let len = event.json.len();
-    if outbox.bytes.load(Ordering::Relaxed) + len > outbox.max_bytes {
-        outbox.closed.cancel();
-        return false;
-    }
-    match outbox.tx.try_send(Outgoing::Event(event)) {
-        Ok(()) => {
-            outbox.bytes.fetch_add(len, Ordering::Relaxed);
-            true
-        }
-        Err(_) => {
-            outbox.closed.cancel();
-            false
-        }
-    }
 }

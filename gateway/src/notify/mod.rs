@@ -2,6 +2,7 @@
 //!
 //! - `hub.rs`: consumes the log in order (filling gaps from the store) and delivers to
 //!   connections through bounded queues;
+//! - `queue.rs`: a connection's bounded outbound queue (events and bytes), empty = no buffer;
 //! - `session.rs`: the one session core: authentication, attach, replay from a cursor, then
 //!   live events;
 //! - `transport/`: `ws.rs`, `sse.rs`, `poll.rs` — thin adapters from the session to a wire;
@@ -12,19 +13,22 @@
 pub mod cursor;
 pub mod disconnect;
 pub mod hub;
+pub mod queue;
 pub mod registry;
 pub mod session;
 pub mod transport;
 
-use axum::extract::{FromRequestParts, Query, Request, State, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
 use quickim_shared::config::Config;
 use quickim_shared::error::ErrorCode;
 use serde::Deserialize;
 
 use crate::auth::Caller;
 use crate::http::error::ApiError;
+use crate::http::server::Takeover;
 use crate::state::AppState;
 use cursor::Cursor;
 use session::Session;
@@ -82,14 +86,33 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
             if !origin_allowed(&parts.headers, config) {
                 return Err(ApiError::new(ErrorCode::Forbidden, "origin not allowed"));
             }
-            let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
-                .await
-                .map_err(|e| ApiError::new(ErrorCode::InvalidParam, format!("not a WebSocket request: {e}")))?;
-            let session = Session::open(&state, caller, "ws", resume).await?;
-            Ok(transport::ws::respond(upgrade, session, state.clone()))
+            let response = transport::ws::handshake(&parts.headers)?;
+            // Served on the lean path: the server hands over the socket. Else hyper's upgrade.
+            let takeover = parts.extensions.remove::<Takeover>();
+            let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+            if takeover.is_none() && upgrade.is_none() {
+                return Err(ApiError::new(ErrorCode::InvalidParam, "this connection cannot switch protocols"));
+            }
+            let session = Box::pin(Session::open(&state, caller, "ws", resume)).await?;
+            let state = state.clone();
+            match (takeover, upgrade) {
+                (Some(takeover), _) => takeover.claim(Box::new(move |stream, ahead| {
+                    Box::pin(transport::ws::serve(stream, ahead, session, state))
+                })),
+                (None, Some(upgrade)) => {
+                    let tracker = state.connections.clone();
+                    tracker.spawn(async move {
+                        if let Ok(upgraded) = upgrade.await {
+                            transport::ws::serve(TokioIo::new(upgraded), Vec::new(), session, state).await;
+                        }
+                    });
+                }
+                (None, None) => {}
+            }
+            Ok(response)
         }
         "sse" => {
-            let session = Session::open(&state, caller, "sse", resume).await?;
+            let session = Box::pin(Session::open(&state, caller, "sse", resume)).await?;
             Ok(transport::sse::respond(
                 session,
                 std::time::Duration::from_secs(config.sse_heartbeat_s),
@@ -106,7 +129,7 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
                     )
                 })?,
             };
-            let session = Session::open(&state, caller, "poll", resume).await?;
+            let session = Box::pin(Session::open(&state, caller, "poll", resume)).await?;
             Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page).await)
         }
     }

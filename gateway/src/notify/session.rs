@@ -27,7 +27,8 @@ use tracing::Instrument;
 
 use super::cursor::{self, Cursor};
 use super::disconnect::Disconnect;
-use super::hub::{Attachment, Encoded, Inbox, Outgoing, Start};
+use super::hub::{Attachment, Encoded, Outgoing, Start};
+use super::queue::{Closed, Inbox};
 use super::registry::Registration;
 use crate::auth::Caller;
 use crate::http::error::ApiError;
@@ -157,7 +158,7 @@ impl Session {
         let live_from: Arc<[u64]> = match &attachment.start {
             Start::Live(p) => p.clone(),
             Start::Waiting => match tokio::time::timeout(INSTALL_TIMEOUT, inbox.recv()).await {
-                Ok(Some(Outgoing::Installed(p))) => p,
+                Ok(Ok(Outgoing::Installed(p))) => p,
                 _ => {
                     return Err(ApiError::new(ErrorCode::Unavailable, "cannot read memberships, try again"));
                 }
@@ -327,23 +328,22 @@ impl Session {
 
     /// The next live step (cancel-safe).
     pub async fn live(&mut self) -> Step {
-        let overflow = self.inbox.closed.clone();
         loop {
             let item = tokio::select! {
                 biased;
                 _ = self.kicked.cancelled() => return Step::Close(Disconnect::Kicked),
-                _ = overflow.cancelled() => return Step::Close(Disconnect::SlowConsumer),
                 _ = self.shutdown.cancelled() => return Step::Close(Disconnect::Shutdown),
                 _ = tokio::time::sleep_until(self.expires) => return Step::Close(Disconnect::TokenExpired),
                 item = self.inbox.recv() => item,
             };
             match item {
-                Some(Outgoing::Event(e)) => {
+                Ok(Outgoing::Event(e)) => {
                     self.cursor = e.cursor.clone();
                     return Step::Event(e);
                 }
-                Some(Outgoing::Installed(_)) => continue,
-                Some(Outgoing::InstallFailed) | None => return Step::Close(Disconnect::Unavailable),
+                Ok(Outgoing::Installed(_)) => continue,
+                Err(Closed::Overflow) => return Step::Close(Disconnect::SlowConsumer),
+                Ok(Outgoing::InstallFailed) | Err(Closed::HubGone) => return Step::Close(Disconnect::Unavailable),
             }
         }
     }

@@ -30,7 +30,7 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Resp
         if !session.replaying() {
             break;
         }
-        if session.fill(page).await.is_err() {
+        if Box::pin(session.fill(page)).await.is_err() {
             break;
         }
     }

@@ -1,22 +1,30 @@
-//! WebSocket: JSON text frames. A reader loop (client frames: `send`, `mark_read`; pongs) and
-//! a writer loop (session events, acks, pings) per connection. The server pings every
-//! `ws_ping_s` and closes a peer silent for two intervals; close codes come from
-//! [`Disconnect`].
+//! WebSocket: JSON text frames. One task per connection drives everything: session events
+//! out, client frames in (`send`, `mark_read`, answered by acks as they complete, at most
+//! [`IN_FLIGHT`] at once), and pings. The server pings every `ws_ping_s` and closes a peer
+//! silent for two intervals; close codes come from [`Disconnect`].
+//!
+//! One task (no reader task, no channels between halves) keeps an idle connection small.
 
-use std::sync::Arc;
+use std::pin::Pin;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::event::{ClientFrame, Event};
 use quickim_shared::protocol::service::{MarkRead, Origin, SendMessage};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
 
+use crate::http::error::ApiError;
 use crate::notify::disconnect::Disconnect;
 use crate::notify::session::{Session, Step};
 use crate::ratelimit::Bucket;
@@ -25,52 +33,146 @@ use crate::state::AppState;
 /// Client requests in flight per connection.
 const IN_FLIGHT: usize = 16;
 
-/// Completes the upgrade and runs the connection.
-pub fn respond(upgrade: WebSocketUpgrade, session: Session, state: AppState) -> Response {
+/// How long the closing handshake may take.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The answer to a valid opening handshake (RFC 6455 section 4.2.2): `101` with the
+/// `Sec-WebSocket-Accept` for the client's key.
+pub fn handshake(headers: &HeaderMap) -> Result<Response, ApiError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    };
+    let bad = |what: &str| ApiError::new(ErrorCode::InvalidParam, format!("not a WebSocket request: {what}"));
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err(bad("Upgrade: websocket is missing"));
+    }
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err(bad("Connection: upgrade is missing"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err(bad("Sec-WebSocket-Version must be 13"));
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or_else(|| bad("Sec-WebSocket-Key is missing"))?;
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::try_from(accept).map_err(|_| bad("key"))?);
+    Ok(response)
+}
+
+/// The socket's limits (frame size from `ws_max_frame_bytes`; small buffers: most sockets
+/// are idle).
+pub fn config(state: &AppState) -> WebSocketConfig {
     let max = state.config.ws_max_frame_bytes;
-    upgrade.read_buffer_size(1024).write_buffer_size(0).max_message_size(max).max_frame_size(max).on_upgrade(
-        move |socket| {
-            let tracker = state.connections.clone();
-            tracker.track_future(run(socket, session, state))
-        },
-    )
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
 }
 
-enum ReaderEnd {
+/// Runs the connection on `io` after the handshake; `ahead`: bytes the client sent after
+/// its request head.
+pub async fn serve<S>(io: S, ahead: Vec<u8>, session: Session, state: AppState)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let config = Some(config(&state));
+    let socket = if ahead.is_empty() {
+        WebSocketStream::from_raw_socket(io, Role::Server, config).await
+    } else {
+        WebSocketStream::from_partially_read(io, ahead, Role::Server, config).await
+    };
+    run(socket, session, state).await;
+}
+
+type Answer = Pin<Box<dyn Future<Output = String> + Send>>;
+
+/// What a client frame asks for.
+enum Inbound {
+    /// Nothing to do (pings, pongs).
+    Nothing,
+    /// Write this frame back (an error).
+    Reply(String),
+    /// Run this request; its answer is written when it completes.
+    Request(ClientFrame),
+    /// The client closed (or the socket failed).
     ClientClosed,
-    Failed(Disconnect),
+    /// Close with this reason.
+    Close(Disconnect),
 }
 
-async fn run(socket: WebSocket, mut session: Session, state: AppState) {
-    let (mut sink, mut stream) = socket.split();
-    let (acks_tx, mut acks_rx) = mpsc::channel::<String>(IN_FLIGHT * 2);
-    let (end_tx, mut end_rx) = mpsc::channel::<ReaderEnd>(1);
-    let (seen_tx, seen_rx) = tokio::sync::watch::channel(Instant::now());
-    let caller_id = session.caller().user_id.clone();
-    let reader_state = state.clone();
-    let reader = tokio::spawn(async move {
-        let end = read_loop(&mut stream, &reader_state, &caller_id, acks_tx, seen_tx).await;
-        let failed = matches!(end, ReaderEnd::Failed(_));
-        let _ = end_tx.send(end).await;
-        if failed {
-            // Keep reading (and discarding) until the client answers our close frame: closing
-            // a socket with unread data makes TCP reset it, and the close frame would be lost.
-            while let Some(Ok(frame)) = stream.next().await {
-                if matches!(frame, WsMessage::Close(_)) {
-                    break;
-                }
-            }
-        }
-    });
+/// The client-frame side's limits: frame rate and requests in flight.
+struct Limits {
+    rate: u32,
+    frames: Bucket,
+    refused: u32,
+}
 
+impl Limits {
+    fn new(rate: u32) -> Limits {
+        Limits { rate, frames: Bucket::full(rate.saturating_mul(2)), refused: 0 }
+    }
+
+    fn inbound(&mut self, frame: Option<Result<WsMessage, tungstenite::Error>>, in_flight: usize) -> Inbound {
+        let frame = match frame {
+            Some(Ok(f)) => f,
+            Some(Err(tungstenite::Error::Capacity(_))) => return Inbound::Close(Disconnect::FrameTooLarge),
+            Some(Err(_)) | None => return Inbound::ClientClosed,
+        };
+        let body = match frame {
+            WsMessage::Text(t) => t,
+            WsMessage::Binary(_) => {
+                return Inbound::Reply(error(
+                    None,
+                    ErrorCode::InvalidParam,
+                    "binary frames are not accepted; send JSON text",
+                ));
+            }
+            WsMessage::Close(_) => return Inbound::ClientClosed,
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => return Inbound::Nothing,
+        };
+        let burst = f64::from(self.rate.saturating_mul(2).max(1));
+        if self.frames.take(f64::from(self.rate), burst).is_err() {
+            self.refused += 1;
+            if self.refused > self.rate.saturating_mul(2).max(10) {
+                return Inbound::Close(Disconnect::RateLimited);
+            }
+            return Inbound::Reply(error(req_id_of(&body), ErrorCode::RateLimited, "too many frames"));
+        }
+        self.refused = 0;
+        match serde_json::from_str::<ClientFrame>(&body) {
+            Ok(_) if in_flight >= IN_FLIGHT => {
+                Inbound::Reply(error(req_id_of(&body), ErrorCode::RateLimited, "too many requests in flight"))
+            }
+            Ok(request) => Inbound::Request(request),
+            Err(e) => Inbound::Reply(error(req_id_of(&body), ErrorCode::InvalidParam, &format!("bad frame: {e}"))),
+        }
+    }
+}
+
+async fn run<S>(mut socket: WebSocketStream<S>, mut session: Session, state: AppState)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let ping_every = Duration::from_secs(state.config.ws_ping_s);
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let page = state.config.replay_page;
+    let mut limits = Limits::new(state.config.ws_frames_per_s);
+    // Created at the first request: most connections never send one.
+    let mut requests: Option<FuturesUnordered<Answer>> = None;
+    let mut seen = Instant::now();
     let close = loop {
         // Ready and replay first (not cancel-safe: no select around them).
         if let Some(e) = session.pop() {
-            if session.written(&e, sink.send(text(&e.json))).await.is_err() {
+            if session.written(&e, socket.send(text(&e.json))).await.is_err() {
                 break None;
             }
             continue;
@@ -83,48 +185,55 @@ async fn run(socket: WebSocket, mut session: Session, state: AppState) {
             }
             continue;
         }
+        let pending = requests.as_ref().map_or(0, FuturesUnordered::len);
         tokio::select! {
             step = session.live() => match step {
                 Step::Event(e) => {
-                    if session.written(&e, sink.send(text(&e.json))).await.is_err() {
+                    if session.written(&e, socket.send(text(&e.json))).await.is_err() {
                         break None;
                     }
                 }
                 Step::Close(d) => {
                     if let Some(e) = d.final_event() {
-                        let _ = sink.send(text(&e.json)).await;
+                        let _ = tokio::time::timeout(CLOSE_WAIT, socket.send(text(&e.json))).await;
                     }
                     break Some(d);
                 }
             },
-            Some(ack) = acks_rx.recv() => {
-                if sink.send(WsMessage::Text(Utf8Bytes::from(ack))).await.is_err() {
+            frame = socket.next() => {
+                seen = Instant::now();
+                match limits.inbound(frame, pending) {
+                    Inbound::Nothing => {}
+                    Inbound::Reply(reply) => {
+                        if socket.send(WsMessage::Text(Utf8Bytes::from(reply))).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Inbound::Request(request) => {
+                        let (state, user_id) = (state.clone(), session.caller().user_id.clone());
+                        requests
+                            .get_or_insert_with(FuturesUnordered::new)
+                            .push(Box::pin(async move { handle(&state, &user_id, request).await }));
+                    }
+                    Inbound::ClientClosed => break None,
+                    Inbound::Close(d) => break Some(d),
+                }
+            }
+            Some(answer) = next_answer(&mut requests), if pending > 0 => {
+                if socket.send(WsMessage::Text(Utf8Bytes::from(answer))).await.is_err() {
                     break None;
                 }
             }
-            end = end_rx.recv() => match end {
-                Some(ReaderEnd::Failed(d)) => {
-                    // The errors the reader queued before giving up explain the close.
-                    while let Ok(ack) = acks_rx.try_recv() {
-                        if sink.send(WsMessage::Text(Utf8Bytes::from(ack))).await.is_err() {
-                            break;
-                        }
-                    }
-                    break Some(d);
-                }
-                _ => break None,
-            },
             _ = ping.tick() => {
-                if seen_rx.borrow().elapsed() > ping_every * 2 {
+                if seen.elapsed() > ping_every * 2 {
                     break Some(Disconnect::PingTimeout);
                 }
                 if let Some(c) = session.refresh()
-                    && sink.send(text(&c.json)).await.is_err()
+                    && socket.send(text(&c.json)).await.is_err()
                 {
                     break None;
                 }
-
-                if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                if socket.send(WsMessage::Ping(Bytes::new())).await.is_err() {
                     break None;
                 }
             }
@@ -132,90 +241,30 @@ async fn run(socket: WebSocket, mut session: Session, state: AppState) {
     };
     // Out of delivery and presence before the closing handshake.
     drop(session);
-    if let Some(d) = close {
-        let frame = CloseFrame { code: d.ws_code(), reason: Utf8Bytes::from_static(d.reason()) };
-        let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(WsMessage::Close(Some(frame)))).await;
-        metrics::counter!("quickim_notify_closed_total", "protocol" => "ws", "reason" => d.reason()).increment(1);
-        // The closing handshake: give the client a moment to answer with its close frame.
-        let abort = reader.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(2), reader).await.is_err() {
-            abort.abort();
+    let Some(d) = close else { return };
+    let frame = CloseFrame { code: CloseCode::from(d.ws_code()), reason: Utf8Bytes::from_static(d.reason()) };
+    metrics::counter!("quickim_notify_closed_total", "protocol" => "ws", "reason" => d.reason()).increment(1);
+    let _ = tokio::time::timeout(CLOSE_WAIT, socket.send(WsMessage::Close(Some(frame)))).await;
+    // The closing handshake: read (and discard) until the client answers with its close
+    // frame. Closing a socket with unread data makes TCP reset it, and the close frame would
+    // be lost.
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(frame)) = socket.next().await {
+            if matches!(frame, WsMessage::Close(_)) {
+                break;
+            }
         }
-    } else {
-        reader.abort();
-    }
+    })
+    .await;
+}
+
+async fn next_answer(requests: &mut Option<FuturesUnordered<Answer>>) -> Option<String> {
+    requests.as_mut()?.next().await
 }
 
 fn text(json: &Bytes) -> WsMessage {
     // The hub encodes JSON, which is UTF-8.
     WsMessage::Text(Utf8Bytes::try_from(json.clone()).unwrap_or_default())
-}
-
-async fn read_loop(
-    stream: &mut futures::stream::SplitStream<WebSocket>,
-    state: &AppState,
-    user_id: &str,
-    acks: mpsc::Sender<String>,
-    seen: tokio::sync::watch::Sender<Instant>,
-) -> ReaderEnd {
-    let rate = state.config.ws_frames_per_s;
-    let mut frames = Bucket::full(rate.saturating_mul(2));
-    let burst = f64::from(rate.saturating_mul(2).max(1));
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut refused = 0u32;
-    while let Some(frame) = stream.next().await {
-        let _ = seen.send(Instant::now());
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                let capacity = matches!(
-                    e.into_inner().downcast_ref::<tungstenite::Error>(),
-                    Some(tungstenite::Error::Capacity(_))
-                );
-                return if capacity { ReaderEnd::Failed(Disconnect::FrameTooLarge) } else { ReaderEnd::ClientClosed };
-            }
-        };
-        let body = match frame {
-            WsMessage::Text(t) => t,
-            WsMessage::Binary(_) => {
-                let _ = acks.try_send(error(
-                    None,
-                    ErrorCode::InvalidParam,
-                    "binary frames are not accepted; send JSON text",
-                ));
-                continue;
-            }
-            WsMessage::Close(_) => return ReaderEnd::ClientClosed,
-            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
-        };
-        if frames.take(f64::from(rate), burst).is_err() {
-            refused += 1;
-            if refused > rate.saturating_mul(2).max(10) {
-                return ReaderEnd::Failed(Disconnect::RateLimited);
-            }
-            let _ = acks.try_send(error(req_id_of(&body), ErrorCode::RateLimited, "too many frames"));
-            continue;
-        }
-        refused = 0;
-        let request = match serde_json::from_str::<ClientFrame>(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = acks.try_send(error(req_id_of(&body), ErrorCode::InvalidParam, &format!("bad frame: {e}")));
-                continue;
-            }
-        };
-        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            let _ = acks.try_send(error(req_id_of(&body), ErrorCode::RateLimited, "too many requests in flight"));
-            continue;
-        };
-        let (state, user_id, acks) = (state.clone(), user_id.to_string(), acks.clone());
-        tokio::spawn(async move {
-            let answer = handle(&state, &user_id, request).await;
-            let _ = acks.send(answer).await;
-            drop(permit);
-        });
-    }
-    ReaderEnd::ClientClosed
 }
 
 async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {

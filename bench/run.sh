@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# The benchmark suite: nchan, quickim standalone and quickim distributed (NATS + PostgreSQL)
+# side by side on this machine, every scenario against each of them in turn, one result line
+# per run in RESULTS (JSON lines), then the chart and tables for docs/benchmarks.md.
+#
+#   bench/run.sh [--quick] [--only LIST] [--dir DIR] [--results FILE]
+#
+#   --quick      small counts (a smoke run of every scenario, about a minute)
+#   --only LIST  comma-separated scenario groups: idle, idle50k, idle100k, fanout, many, poll,
+#                resume, send (default: all)
+#   --dir DIR    working directory for the servers (default: ./data/bench)
+#   --results F  results file (default: DIR/results.jsonl; appended to)
+#
+# Needs: nginx + libnginx-mod-nchan (bench/nchan/start.sh installs them), nats-server and
+# PostgreSQL at $PG_URL (see deploy/local-cluster.sh). Everything listens on 127.0.0.1.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+quick=no
+only=idle,idle50k,idle100k,fanout,many,poll,resume,send
+dir=./data/bench
+results=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=yes; shift ;;
+    --only) only=$2; shift 2 ;;
+    --dir) dir=$2; shift 2 ;;
+    --results) results=$2; shift 2 ;;
+    *) sed -n '2,15p' "$0"; exit 2 ;;
+  esac
+done
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+results=${results:-$dir/results.jsonl}
+wants() { [[ ",$only," == *",$1,"* ]]; }
+log() { printf '\n== %s\n' "$*" >&2; }
+
+ulimit -n "$(ulimit -Hn)"
+cargo build --release -p quickim -p quickim-bench
+bin=$root/target/release/quickim
+bench=$root/target/release/quickim-bench
+
+# --- the servers -------------------------------------------------------------------------
+nchan_port=18090
+q_public=127.0.0.1:18080 q_inner=127.0.0.1:18081
+cluster_base=17500
+secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+key=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+
+stop_all() {
+  [ -f "$dir/nchan/nginx.pid" ] && kill "$(cat "$dir/nchan/nginx.pid")" 2>/dev/null || true
+  [ -f "$dir/standalone.pid" ] && kill "$(cat "$dir/standalone.pid")" 2>/dev/null || true
+  deploy/local-cluster.sh stop --dir "$dir/cluster" --drop-database >/dev/null 2>&1 || true
+}
+trap stop_all EXIT
+stop_all
+
+log "starting nchan on 127.0.0.1:$nchan_port"
+rm -rf "$dir/nchan"
+bench/nchan/start.sh "$dir/nchan" "$nchan_port" 4 >/dev/null
+
+# Rate limits are per user and protect a public deployment; the load generator publishes as
+# few users at thousands per second, so they are off here (the only non-default settings).
+export QUICKIM_RATE_LIMIT_PER_S=0 QUICKIM_LOG=warn
+log "starting quickim standalone on $q_public"
+rm -rf "$dir/standalone"
+QUICKIM_DATA_DIR=$dir/standalone QUICKIM_PUBLIC_ADDR=$q_public QUICKIM_INNER_ADDR=$q_inner \
+  QUICKIM_JWT_SECRET=$secret QUICKIM_INNER_KEY=$key "$bin" standalone >"$dir/standalone.log" 2>&1 &
+echo $! >"$dir/standalone.pid"
+for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://$q_public/readyz" 2>/dev/null && break; sleep 0.1; done
+
+log "starting quickim distributed (6 gateways, 2 conversation, 2 message services)"
+deploy/local-cluster.sh start --dir "$dir/cluster" --base-port "$cluster_base" --gateways 6 \
+  --database quickim_bench --binary "$bin" >/dev/null
+cenv() { sed -n "s/^$1=//p" "$dir/cluster/cluster.env"; }
+gateways=()
+for i in 1 2 3 4 5 6; do gateways+=("$(cenv "GATEWAY_${i}_PUBLIC")"); done
+two=$(IFS=,; echo "${gateways[*]:0:2}")
+six=$(IFS=,; echo "${gateways[*]}")
+
+# --- the targets ---------------------------------------------------------------------------
+nchan=(--target nchan --name nchan --hosts "127.0.0.1:$nchan_port" --pid-match "nginx -p $dir/nchan")
+standalone=(--target quickim --name quickim --hosts "$q_public" --inner "http://$q_inner"
+  --inner-key "$key" --jwt-secret "$secret" --pid-match "$bin standalone")
+cluster_args() { # hosts
+  echo --target quickim --name quickim-distributed --hosts "$1" --inner "http://$(cenv GATEWAY_1_INNER)" \
+    --inner-key "$(cenv INNER_KEY)" --jwt-secret "$(cenv JWT_SECRET)" --pid-match "$bin gateway"
+}
+read -r -a cluster2 <<<"$(cluster_args "$two")"
+read -r -a cluster6 <<<"$(cluster_args "$six")"
+
+run() { # scenario args... (target args come first)
+  "$bench" run --out "$results" "$@" || echo "{\"scenario\":\"failed\",\"args\":\"$*\"}" >&2
+  sleep 2
+}
+each() { # scenario-args... : runs them against nchan, standalone and distributed in turn
+  run "${nchan[@]}" "$@"
+  run "${standalone[@]}" "$@"
+  run "${cluster2[@]}" "$@"
+}
+
+# Sizes (the issue's; --quick divides them).
+if [ "$quick" = yes ]; then
+  n10k=500 n50k=1000 n100k=2000 fan=100 fan_msgs=200 many=200 many_msgs=1000 pollers=100 poll_msgs=500
+  resume_subs=100 sends=5000 send_rate_sa=2000 send_rate_dist=1000
+else
+  n10k=10000 n50k=50000 n100k=100000 fan=1000 fan_msgs=1000 many=5000 many_msgs=20000 pollers=1000 poll_msgs=5000
+  resume_subs=1000 sends=100000 send_rate_sa=10000 send_rate_dist=5000
+fi
+
+# (a) idle connections: memory per connection.
+if wants idle; then
+  for p in ws sse poll; do
+    each --scenario "a idle $p ${n10k}" --mode idle --protocol "$p" --subscribers "$n10k" --channels 100
+  done
+fi
+if wants idle50k; then
+  # One process may open 20,000 files here: 50,000 connections need several processes on
+  # either side (nchan: 4 workers; quickim: the distributed gateways).
+  for p in ws sse poll; do
+    run "${nchan[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
+    run "${cluster6[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
+  done
+fi
+if wants idle100k; then
+  run "${cluster6[@]}" --scenario "a idle ws ${n100k}" --mode idle --protocol ws --subscribers "$n100k" \
+    --channels 1000 --timeout 120
+fi
+
+# (b) fan-out: one conversation, many WebSocket subscribers.
+if wants fanout; then
+  each --scenario "b fan-out ${fan} ws, ${fan_msgs} msgs at 200/s" --mode deliver --protocol ws \
+    --subscribers "$fan" --channels 1 --messages "$fan_msgs" --rate 200 --concurrency 4
+  each --scenario "b fan-out ${fan} ws, ${fan_msgs} msgs full speed" --mode deliver --protocol ws \
+    --subscribers "$fan" --channels 1 --messages "$fan_msgs" --concurrency 16
+fi
+
+# (c) many small conversations: 2 members each.
+if wants many; then
+  each --scenario "c ${many} conversations x 2, ${many_msgs} msgs" --mode deliver --protocol ws \
+    --subscribers $((many * 2)) --channels "$many" --messages "$many_msgs" --concurrency 64
+fi
+
+# (d) long-poll.
+if wants poll; then
+  each --scenario "d ${pollers} pollers on 100 conversations, ${poll_msgs} msgs" --mode deliver --protocol poll \
+    --subscribers "$pollers" --channels 100 --messages "$poll_msgs" --rate 500 --concurrency 16
+fi
+
+# (e) resume: drop every connection, publish 100 per conversation, reconnect with cursors.
+if wants resume; then
+  # nchan's WebSocket subscriber has no resume position (its frames carry no message id), so
+  # nchan takes part over EventSource only, where Last-Event-ID resumes from its buffer.
+  each --scenario "e resume ${resume_subs} sse, 100 missed each" --mode resume --protocol sse \
+    --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
+  run "${standalone[@]}" --scenario "e resume ${resume_subs} ws, 100 missed each" --mode resume --protocol ws \
+    --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
+  run "${cluster2[@]}" --scenario "e resume ${resume_subs} ws, 100 missed each" --mode resume --protocol ws \
+    --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
+fi
+
+# (f) persisted sends (nchan's publish, kept in memory only, is shown for reference).
+if wants send; then
+  each --scenario "f sends full speed" --mode send --channels 1000 --messages "$sends" --concurrency 64
+  run "${standalone[@]}" --scenario "f sends at ${send_rate_sa}/s" --mode send --channels 1000 \
+    --messages $((send_rate_sa * 5)) --rate "$send_rate_sa" --concurrency 64
+  run "${cluster2[@]}" --scenario "f sends at ${send_rate_dist}/s" --mode send --channels 1000 \
+    --messages $((send_rate_dist * 5)) --rate "$send_rate_dist" --concurrency 64
+fi
+
+log "results in $results"
+"$bench" chart "$results" --svg "$dir/results.svg" --table "$dir/results.md"
+log "chart: $dir/results.svg, tables: $dir/results.md"
