@@ -49,16 +49,19 @@ secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 key=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
 stop_all() {
-  [ -f "$dir/nchan/nginx.pid" ] && kill "$(cat "$dir/nchan/nginx.pid")" 2>/dev/null || true
+  for n in nchan nchan4; do
+    [ -f "$dir/$n/nginx.pid" ] && kill "$(cat "$dir/$n/nginx.pid")" 2>/dev/null || true
+  done
   [ -f "$dir/standalone.pid" ] && kill "$(cat "$dir/standalone.pid")" 2>/dev/null || true
   deploy/local-cluster.sh stop --dir "$dir/cluster" --drop-database >/dev/null 2>&1 || true
 }
 trap stop_all EXIT
 stop_all
 
-log "starting nchan on 127.0.0.1:$nchan_port"
-rm -rf "$dir/nchan"
-bench/nchan/start.sh "$dir/nchan" "$nchan_port" 4 >/dev/null
+# nginx's usual setting: one worker per core (quickim runs one runtime thread per core).
+log "starting nchan on 127.0.0.1:$nchan_port (2 workers)"
+rm -rf "$dir/nchan" "$dir/nchan4"
+bench/nchan/start.sh "$dir/nchan" "$nchan_port" 2 >/dev/null
 
 # Rate limits are per user and protect a public deployment; the load generator publishes as
 # few users at thousands per second, so they are off here (the only non-default settings).
@@ -83,15 +86,13 @@ six=$(IFS=,; echo "${gateways[*]}")
 nchan=(--target nchan --name nchan --hosts "127.0.0.1:$nchan_port" --pid-match "nginx -p $dir/nchan")
 standalone=(--target quickim --name quickim --hosts "$q_public" --inner "http://$q_inner"
   --inner-key "$key" --jwt-secret "$secret" --pid-match "$bin standalone")
-cluster_args() { # hosts
-  echo --target quickim --name quickim-distributed --hosts "$1" --inner "http://$(cenv GATEWAY_1_INNER)" \
-    --inner-key "$(cenv INNER_KEY)" --jwt-secret "$(cenv JWT_SECRET)" --pid-match "$bin gateway"
-}
-read -r -a cluster2 <<<"$(cluster_args "$two")"
-read -r -a cluster6 <<<"$(cluster_args "$six")"
+cluster=(--target quickim --name quickim-distributed --inner "http://$(cenv GATEWAY_1_INNER)"
+  --inner-key "$(cenv INNER_KEY)" --jwt-secret "$(cenv JWT_SECRET)" --pid-match "$bin gateway")
+cluster2=("${cluster[@]}" --hosts "$two")
+cluster6=("${cluster[@]}" --hosts "$six")
 
 run() { # scenario args... (target args come first)
-  "$bench" run --out "$results" "$@" || echo "{\"scenario\":\"failed\",\"args\":\"$*\"}" >&2
+  "$bench" run --out "$results" "$@" || log "FAILED: $*"
   sleep 2
 }
 each() { # scenario-args... : runs them against nchan, standalone and distributed in turn
@@ -117,9 +118,11 @@ if wants idle; then
 fi
 if wants idle50k; then
   # One process may open 20,000 files here: 50,000 connections need several processes on
-  # either side (nchan: 4 workers; quickim: the distributed gateways).
+  # either side (nchan: a second instance with 4 workers; quickim: the distributed gateways).
+  bench/nchan/start.sh "$dir/nchan4" $((nchan_port + 1)) 4 >/dev/null
+  nchan4=(--target nchan --name nchan --hosts "127.0.0.1:$((nchan_port + 1))" --pid-match "nginx -p $dir/nchan4")
   for p in ws sse poll; do
-    run "${nchan[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
+    run "${nchan4[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
     run "${cluster6[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
   done
 fi
@@ -162,7 +165,7 @@ fi
 
 # (f) persisted sends (nchan's publish, kept in memory only, is shown for reference).
 if wants send; then
-  each --scenario "f sends full speed" --mode send --channels 1000 --messages "$sends" --concurrency 64
+  each --scenario "f sends full speed" --mode send --channels 1000 --messages "$sends" --concurrency 128
   run "${standalone[@]}" --scenario "f sends at ${send_rate_sa}/s" --mode send --channels 1000 \
     --messages $((send_rate_sa * 5)) --rate "$send_rate_sa" --concurrency 64
   run "${cluster2[@]}" --scenario "f sends at ${send_rate_dist}/s" --mode send --channels 1000 \

@@ -4,7 +4,9 @@
 //! is backpressure, not loss) and wait for its result. Each writer task takes whatever is
 //! queued (up to `max_batch`), stores it in one transaction, answers every sender, then
 //! publishes the log entries. Under low load a batch is one message and adds no delay;
-//! under high load one commit carries many messages.
+//! under high load one commit carries many messages. Log entries are published by a task of
+//! their own, in commit order, so the next batch does not wait for the previous one's
+//! publishing (a bounded hand-over: a publisher that falls behind slows the writers down).
 
 use quickim_shared::bus::Bus;
 use quickim_shared::error::ServiceError;
@@ -17,6 +19,12 @@ use tracing::Instrument;
 
 type Job = (SendItem, oneshot::Sender<Result<Message, ServiceError>>, tracing::Span);
 
+/// Committed entries waiting to be published, each with its sender's span.
+type Committed = Vec<(LogEntry, tracing::Span)>;
+
+/// Committed batches the publisher may lag behind by.
+const PUBLISH_BACKLOG: usize = 64;
+
 /// Handle to the writer tasks.
 #[derive(Clone)]
 pub struct Batcher {
@@ -28,21 +36,34 @@ impl Batcher {
     pub fn start(store: Store, bus: Bus, writers: usize, max_batch: usize) -> Batcher {
         let (tx, rx) = mpsc::channel::<Job>(max_batch * writers * 4);
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            let (store, bus, rx) = (store.clone(), bus.clone(), rx.clone());
-            tokio::spawn(async move {
-                loop {
-                    let mut jobs = Vec::with_capacity(max_batch);
-                    {
-                        let mut rx = rx.lock().await;
-                        if rx.recv_many(&mut jobs, max_batch).await == 0 {
-                            return;
-                        }
-                    }
-                    write_batch(&store, &bus, jobs).await;
+        let (publish_tx, mut publish_rx) = mpsc::channel::<Committed>(PUBLISH_BACKLOG);
+        tokio::spawn(async move {
+            // Ends once every writer has stopped and everything committed is published.
+            while let Some(committed) = publish_rx.recv().await {
+                // Each entry is published in its own sender's trace, in allocation order.
+                for (entry, parent) in committed {
+                    publish_entries(&bus, std::slice::from_ref(&entry)).instrument(parent).await;
                 }
-            });
-        }
+            }
+        });
+        let writers: Vec<_> = (0..writers.max(1))
+            .map(|_| {
+                let (store, publish_tx, rx) = (store.clone(), publish_tx.clone(), rx.clone());
+                async move {
+                    loop {
+                        let mut jobs = Vec::with_capacity(max_batch);
+                        {
+                            let mut rx = rx.lock().await;
+                            if rx.recv_many(&mut jobs, max_batch).await == 0 {
+                                return;
+                            }
+                        }
+                        write_batch(&store, &publish_tx, jobs).await;
+                    }
+                }
+            })
+            .collect();
+        run_writers(futures::future::join_all(writers));
         Batcher { tx }
     }
 
@@ -57,7 +78,37 @@ impl Batcher {
     }
 }
 
-async fn write_batch(store: &Store, bus: &Bus, jobs: Vec<Job>) {
+/// Runs the writers on a thread of their own. A batch awaits the database many times (the
+/// connection, each statement, the commit); on the shared runtime every one of those wake-ups
+/// queued behind the request tasks of a busy node, and the writer (SQLite has one) is the
+/// send path's critical section. Falls back to the shared runtime if no thread can be made.
+fn run_writers<F>(writers: F)
+where
+    F: std::future::Future + Send + 'static,
+{
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(writers)));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    if let Ok(runtime) = runtime {
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new().name("quickim-writer".into()).spawn(move || {
+            let writers = theirs.lock().ok().and_then(|mut w| w.take());
+            if let Some(writers) = writers {
+                runtime.block_on(writers);
+            }
+        });
+        if spawned.is_ok() {
+            return;
+        }
+    }
+    tracing::warn!("no thread for the message writers; they share the runtime");
+    if let Some(writers) = slot.lock().ok().and_then(|mut w| w.take()) {
+        tokio::spawn(async move {
+            writers.await;
+        });
+    }
+}
+
+async fn write_batch(store: &Store, publish: &mpsc::Sender<Committed>, jobs: Vec<Job>) {
     // The batch's statements belong to the first sender's trace; the others link to it.
     let span =
         tracing::info_span!(parent: jobs.first().and_then(|(_, _, s)| s.id()), "send.batch", batch_size = jobs.len());
@@ -67,23 +118,25 @@ async fn write_batch(store: &Store, bus: &Bus, jobs: Vec<Job>) {
     metrics::histogram!("quickim_send_batch_size").record(jobs.len() as f64);
     async {
         let items: Vec<SendItem> = jobs.iter().map(|(item, _, _)| item.clone()).collect();
-        match store.send_batch(&items).await {
+        let started = std::time::Instant::now();
+        let written = store.send_batch(&items).await;
+        metrics::histogram!("quickim_send_batch_seconds").record(started.elapsed().as_secs_f64());
+        match written {
             Ok((results, entries)) => {
                 metrics::counter!("quickim_messages_stored_total").increment(entries.len() as u64);
                 let mut entries: std::collections::HashMap<(String, u64), LogEntry> =
                     entries.into_iter().map(|e| ((e.message.conversation_id.clone(), e.message.msg_id), e)).collect();
-                let mut publish = Vec::with_capacity(jobs.len());
+                let mut committed = Vec::with_capacity(jobs.len());
                 for ((_, done, parent), result) in jobs.into_iter().zip(results) {
                     let entry =
                         result.as_ref().ok().and_then(|m| entries.remove(&(m.conversation_id.clone(), m.msg_id)));
                     let _ = done.send(result);
                     if let Some(e) = entry {
-                        publish.push((e, parent));
+                        committed.push((e, parent));
                     }
                 }
-                // Each entry is published in its own sender's trace, in allocation order.
-                for (entry, parent) in publish {
-                    publish_entries(bus, std::slice::from_ref(&entry)).instrument(parent).await;
+                if !committed.is_empty() && publish.send(committed).await.is_err() {
+                    tracing::warn!("log publisher stopped; gateways will fill the gap from the store");
                 }
             }
             Err(e) => {
