@@ -59,37 +59,57 @@ trap stop_all EXIT
 stop_all
 
 # nginx's usual setting: one worker per core (quickim runs one runtime thread per core).
-log "starting nchan on 127.0.0.1:$nchan_port (2 workers)"
-rm -rf "$dir/nchan" "$dir/nchan4"
-bench/nchan/start.sh "$dir/nchan" "$nchan_port" 2 >/dev/null
+start_nchan() {
+  [ -f "$dir/nchan/nginx.pid" ] && kill "$(cat "$dir/nchan/nginx.pid")" 2>/dev/null && sleep 1
+  rm -rf "$dir/nchan"
+  bench/nchan/start.sh "$dir/nchan" "$nchan_port" 2 >/dev/null
+}
 
 # Rate limits are per user and protect a public deployment; the load generator publishes as
 # few users at thousands per second, so they are off here (the only non-default settings).
 export QUICKIM_RATE_LIMIT_PER_S=0 QUICKIM_LOG=warn
-log "starting quickim standalone on $q_public"
-rm -rf "$dir/standalone"
-QUICKIM_DATA_DIR=$dir/standalone QUICKIM_PUBLIC_ADDR=$q_public QUICKIM_INNER_ADDR=$q_inner \
-  QUICKIM_JWT_SECRET=$secret QUICKIM_INNER_KEY=$key "$bin" standalone >"$dir/standalone.log" 2>&1 &
-echo $! >"$dir/standalone.pid"
-for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://$q_public/readyz" 2>/dev/null && break; sleep 0.1; done
+start_standalone() { # keeps its data directory across restarts
+  if [ -f "$dir/standalone.pid" ]; then
+    kill "$(cat "$dir/standalone.pid")" 2>/dev/null || true
+    while kill -0 "$(cat "$dir/standalone.pid")" 2>/dev/null; do sleep 0.1; done
+  fi
+  QUICKIM_DATA_DIR=$dir/standalone QUICKIM_PUBLIC_ADDR=$q_public QUICKIM_INNER_ADDR=$q_inner \
+    QUICKIM_JWT_SECRET=$secret QUICKIM_INNER_KEY=$key "$bin" standalone >>"$dir/standalone.log" 2>&1 &
+  echo $! >"$dir/standalone.pid"
+  for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://$q_public/readyz" 2>/dev/null && break; sleep 0.1; done
+}
 
-log "starting quickim distributed (6 gateways, 2 conversation, 2 message services)"
-deploy/local-cluster.sh start --dir "$dir/cluster" --base-port "$cluster_base" --gateways 6 \
-  --database quickim_bench --binary "$bin" >/dev/null
+start_cluster() { # keeps its database across restarts
+  deploy/local-cluster.sh stop --dir "$dir/cluster" >/dev/null 2>&1 || true
+  deploy/local-cluster.sh start --dir "$dir/cluster" --base-port "$cluster_base" --gateways 6 \
+    --database quickim_bench --binary "$bin" >/dev/null
+  local i gateways=()
+  for i in 1 2 3 4 5 6; do gateways+=("$(cenv "GATEWAY_${i}_PUBLIC")"); done
+  cluster=(--target quickim --name quickim-distributed --inner "http://$(cenv GATEWAY_1_INNER)"
+    --inner-key "$(cenv INNER_KEY)" --jwt-secret "$(cenv JWT_SECRET)" --pid-match "$bin gateway")
+  cluster2=("${cluster[@]}" --hosts "$(IFS=,; echo "${gateways[*]:0:2}")")
+  cluster6=("${cluster[@]}" --hosts "$(IFS=,; echo "${gateways[*]}")")
+}
 cenv() { sed -n "s/^$1=//p" "$dir/cluster/cluster.env"; }
-gateways=()
-for i in 1 2 3 4 5 6; do gateways+=("$(cenv "GATEWAY_${i}_PUBLIC")"); done
-two=$(IFS=,; echo "${gateways[*]:0:2}")
-six=$(IFS=,; echo "${gateways[*]}")
+
+# Memory per idle connection is measured on freshly started servers: memory freed by an
+# earlier scenario stays in a process and would be reused, hiding the cost.
+fresh() {
+  start_nchan
+  start_standalone
+  start_cluster
+}
+
+log "starting nchan (127.0.0.1:$nchan_port), quickim standalone ($q_public) and quickim distributed"
+rm -rf "$dir/standalone" "$dir/nchan4"
+psql "${PG_URL:-postgres://postgres@127.0.0.1:5432}/postgres" -qc "DROP DATABASE IF EXISTS quickim_bench WITH (FORCE)" >/dev/null
+fresh
 
 # --- the targets ---------------------------------------------------------------------------
-nchan=(--target nchan --name nchan --hosts "127.0.0.1:$nchan_port" --pid-match "nginx -p $dir/nchan")
+# (The trailing space keeps "nchan" from matching the "nchan4" instance.)
+nchan=(--target nchan --name nchan --hosts "127.0.0.1:$nchan_port" --pid-match "nginx -p $dir/nchan ")
 standalone=(--target quickim --name quickim --hosts "$q_public" --inner "http://$q_inner"
   --inner-key "$key" --jwt-secret "$secret" --pid-match "$bin standalone")
-cluster=(--target quickim --name quickim-distributed --inner "http://$(cenv GATEWAY_1_INNER)"
-  --inner-key "$(cenv INNER_KEY)" --jwt-secret "$(cenv JWT_SECRET)" --pid-match "$bin gateway")
-cluster2=("${cluster[@]}" --hosts "$two")
-cluster6=("${cluster[@]}" --hosts "$six")
 
 run() { # scenario args... (target args come first)
   "$bench" run --out "$results" "$@" || log "FAILED: $*"
@@ -113,6 +133,7 @@ fi
 # (a) idle connections: memory per connection.
 if wants idle; then
   for p in ws sse poll; do
+    fresh
     each --scenario "a idle $p ${n10k}" --mode idle --protocol "$p" --subscribers "$n10k" --channels 100
   done
 fi
@@ -120,13 +141,15 @@ if wants idle50k; then
   # One process may open 20,000 files here: 50,000 connections need several processes on
   # either side (nchan: a second instance with 4 workers; quickim: the distributed gateways).
   bench/nchan/start.sh "$dir/nchan4" $((nchan_port + 1)) 4 >/dev/null
-  nchan4=(--target nchan --name nchan --hosts "127.0.0.1:$((nchan_port + 1))" --pid-match "nginx -p $dir/nchan4")
+  nchan4=(--target nchan --name nchan --hosts "127.0.0.1:$((nchan_port + 1))" --pid-match "nginx -p $dir/nchan4 ")
   for p in ws sse poll; do
+    start_cluster
     run "${nchan4[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
     run "${cluster6[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
   done
 fi
 if wants idle100k; then
+  start_cluster
   run "${cluster6[@]}" --scenario "a idle ws ${n100k}" --mode idle --protocol ws --subscribers "$n100k" \
     --channels 1000 --timeout 120
 fi

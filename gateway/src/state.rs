@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::cluster::Cluster;
 use crate::notify::hub::Hub;
+use crate::notify::parked::Parked;
 use crate::notify::registry::Registry;
 use crate::ratelimit::RateLimiter;
 
@@ -32,6 +33,8 @@ pub struct State {
     pub hub: Hub,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
+    /// Answered long-polls' sessions, waiting for the same client's next poll.
+    pub parked: Parked,
     /// Upgraded WebSocket connections (the HTTP server does not wait for them).
     pub connections: TaskTracker,
     /// Key of the /inner API.
@@ -77,6 +80,7 @@ impl AppState {
             registry,
             cluster,
             hub,
+            parked: Parked::new(shutdown.clone()),
             shutdown,
             connections: TaskTracker::new(),
             inner_key,

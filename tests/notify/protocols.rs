@@ -272,3 +272,55 @@ async fn raw_http_clients_get_the_same_answers_on_every_request_shape() {
     let mut got = Vec::new();
     read_until(&mut bad, &mut got, b"HTTP/1.1 400").await;
 }
+
+#[tokio::test]
+async fn long_poll_continuations_lose_nothing_whichever_cursor_comes_back() {
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    let t = q.api.token("alice", "web").await;
+    let poll = |cursor: Option<String>| {
+        let (http, base, t) = (q.api.http.clone(), q.api.public.clone(), t.clone());
+        async move {
+            let mut url = format!("{base}/notify?protoc=poll&timeout=0");
+            if let Some(c) = cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let v: serde_json::Value = http.get(url).bearer_auth(&t).send().await.unwrap().json().await.unwrap();
+            let contents: Vec<String> = v["data"]["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["type"] == "message")
+                .map(|e| e["message"]["content"].as_str().unwrap().to_string())
+                .collect();
+            (contents, v["data"]["cursor"].as_str().unwrap().to_string())
+        }
+    };
+    let connects = || {
+        let (http, inner) = (q.api.http.clone(), q.api.inner.clone());
+        async move {
+            let text = http.get(format!("{inner}/metrics")).send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("quickim_notify_connects_total{") && l.contains("protocol=\"poll\""))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+                .sum::<u64>()
+        }
+    };
+    let (_, c0) = poll(None).await;
+    send(&q.api, "c", "bob", "m1").await;
+    send(&q.api, "c", "bob", "m2").await;
+    // The next poll continues the parked session: what came in between is there, in order.
+    let (got, c1) = poll(Some(c0.clone())).await;
+    assert_eq!(got, ["m1", "m2"]);
+    send(&q.api, "c", "bob", "m3").await;
+    // The first answer was "lost": the client asks again from the older cursor. Nothing is
+    // parked under it any more, so the store replays everything after it.
+    let (got, _) = poll(Some(c0)).await;
+    assert_eq!(got, ["m1", "m2", "m3"]);
+    // The cursor of the second answer still finds its parked session: m3 once.
+    let (got, c3) = poll(Some(c1)).await;
+    assert_eq!(got, ["m3"]);
+    let (got, _) = poll(Some(c3)).await;
+    assert!(got.is_empty(), "nothing twice: {got:?}");
+    assert_eq!(connects().await, 2, "only the first poll and the retry from an old cursor opened a session");
+}

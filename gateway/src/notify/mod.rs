@@ -8,11 +8,13 @@
 //! - `transport/`: `ws.rs`, `sse.rs`, `poll.rs` — thin adapters from the session to a wire;
 //! - `cursor.rs`: the opaque cursor (one log offset per partition);
 //! - `disconnect.rs`: why a connection closes, its close code and reconnect policy;
-//! - `registry.rs`: the open connections of this node, by user.
+//! - `registry.rs`: the open connections of this node, by user;
+//! - `parked.rs`: answered long-polls' sessions, kept for the next poll of the same client.
 
 pub mod cursor;
 pub mod disconnect;
 pub mod hub;
+pub mod parked;
 pub mod queue;
 pub mod registry;
 pub mod session;
@@ -73,7 +75,22 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
     } else {
         query.cursor
     };
-    let resume = match cursor_text.filter(|c| !c.is_empty()) {
+    let cursor_text = cursor_text.filter(|c| !c.is_empty());
+    // A poll that continues where this node's last answer to the same client left off.
+    if protoc == "poll"
+        && let Some(c) = &cursor_text
+        && let timeout = poll_timeout(query.timeout.as_deref(), &state.config)?
+        && !state.is_draining()
+        && let Some(session) = state.parked.take(&caller, c)
+    {
+        return Ok(transport::poll::respond(
+            session,
+            std::time::Duration::from_secs(timeout),
+            state.config.replay_page,
+        )
+        .await);
+    }
+    let resume = match cursor_text {
         Some(c) => Some(
             Cursor::decode(&c)
                 .map_err(|_| ApiError::new(ErrorCode::InvalidParam, "cursor is not a cursor from this service"))?,
@@ -120,18 +137,20 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
             ))
         }
         _ => {
-            let timeout = match query.timeout.as_deref() {
-                None | Some("") => config.poll_timeout_s,
-                Some(t) => t.parse::<u64>().ok().filter(|t| *t <= config.poll_max_timeout_s).ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::InvalidParam,
-                        format!("timeout must be 0–{} seconds", config.poll_max_timeout_s),
-                    )
-                })?,
-            };
+            let timeout = poll_timeout(query.timeout.as_deref(), config)?;
             let session = Box::pin(Session::open(&state, caller, "poll", resume)).await?;
             Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page).await)
         }
+    }
+}
+
+/// The long-poll wait asked for (or the default).
+fn poll_timeout(asked: Option<&str>, config: &Config) -> Result<u64, ApiError> {
+    match asked {
+        None | Some("") => Ok(config.poll_timeout_s),
+        Some(t) => t.parse::<u64>().ok().filter(|t| *t <= config.poll_max_timeout_s).ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidParam, format!("timeout must be 0–{} seconds", config.poll_max_timeout_s))
+        }),
     }
 }
 

@@ -248,6 +248,26 @@ impl Session {
         result
     }
 
+    /// Continues a parked long-poll session for a new request of the same client (whose
+    /// token may be a newer one).
+    pub fn renew(&mut self, caller: Caller) {
+        self.expires = Instant::now()
+            + Duration::from_millis(u64::try_from(caller.expires_ms - quickim_shared::time::now_ms()).unwrap_or(0));
+        self.caller = caller;
+        self.resumed = true;
+    }
+
+    /// Whether the user's connections were kicked.
+    pub fn is_kicked(&self) -> bool {
+        self.kicked.is_cancelled()
+    }
+
+    /// Parks this long-poll session for the same client's next poll (see `parked.rs`).
+    pub fn park(self) {
+        let state = self.state.clone();
+        state.parked.park(self);
+    }
+
     /// The authenticated user.
     pub fn caller(&self) -> &Caller {
         &self.caller

@@ -1,6 +1,8 @@
 //! Long-poll: answers at once with every pending event (up to `replay_page`), else waits up
 //! to `timeout` for the first one and answers with it and whatever else is queued by then.
-//! Stateless: the answer's cursor is all the next poll needs, on any node.
+//! Stateless: the answer's cursor is all the next poll needs, on any node. The answered
+//! session is parked (`notify/parked.rs`) so that the same client's next poll on this node
+//! continues it without a replay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Resp
     let max = page.max(1) as usize;
     let mut events: Vec<Arc<Encoded>> = Vec::new();
     let resumed = session.resumed();
+    let mut closed = false;
     'replay: loop {
         while let Some(e) = session.pop() {
             // A resumed poll knows where it is: no `ready` in its answers.
@@ -31,6 +34,7 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Resp
             break;
         }
         if Box::pin(session.fill(page)).await.is_err() {
+            closed = true;
             break;
         }
     }
@@ -40,7 +44,10 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Resp
         tokio::select! {
             step = session.live() => match step {
                 Step::Event(e) => events.push(e),
-                Step::Close(reason) => events.extend(reason.final_event()),
+                Step::Close(reason) => {
+                    closed = true;
+                    events.extend(reason.final_event());
+                }
             },
             _ = &mut deadline => {}
         }
@@ -68,5 +75,8 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Resp
     body.put_slice(br#"],"cursor":"#);
     body.put_slice(serde_json::to_string(&*cursor).unwrap_or_default().as_bytes());
     body.put_slice(b"}}");
+    if !closed {
+        session.park();
+    }
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body.freeze()).into_response()
 }
