@@ -79,12 +79,12 @@ start_standalone() { # keeps its data directory across restarts
   for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://$q_public/readyz" 2>/dev/null && break; sleep 0.1; done
 }
 
-start_cluster() { # keeps its database across restarts
+start_cluster() { # gateways; keeps its database across restarts
   deploy/local-cluster.sh stop --dir "$dir/cluster" >/dev/null 2>&1 || true
-  deploy/local-cluster.sh start --dir "$dir/cluster" --base-port "$cluster_base" --gateways 6 \
+  deploy/local-cluster.sh start --dir "$dir/cluster" --base-port "$cluster_base" --gateways "$1" \
     --database quickim_bench --binary "$bin" >/dev/null
   local i gateways=()
-  for i in 1 2 3 4 5 6; do gateways+=("$(cenv "GATEWAY_${i}_PUBLIC")"); done
+  for i in $(seq 1 "$1"); do gateways+=("$(cenv "GATEWAY_${i}_PUBLIC")"); done
   cluster=(--target quickim --name quickim-distributed --inner "http://$(cenv GATEWAY_1_INNER)"
     --inner-key "$(cenv INNER_KEY)" --jwt-secret "$(cenv JWT_SECRET)" --pid-match "$bin gateway")
   cluster2=("${cluster[@]}" --hosts "$(IFS=,; echo "${gateways[*]:0:2}")")
@@ -97,7 +97,7 @@ cenv() { sed -n "s/^$1=//p" "$dir/cluster/cluster.env"; }
 fresh() {
   start_nchan
   start_standalone
-  start_cluster
+  start_cluster 2
 }
 
 log "starting nchan (127.0.0.1:$nchan_port), quickim standalone ($q_public) and quickim distributed"
@@ -143,21 +143,27 @@ if wants idle50k; then
   bench/nchan/start.sh "$dir/nchan4" $((nchan_port + 1)) 4 >/dev/null
   nchan4=(--target nchan --name nchan --hosts "127.0.0.1:$((nchan_port + 1))" --pid-match "nginx -p $dir/nchan4 ")
   for p in ws sse poll; do
-    start_cluster
+    start_cluster 6
     run "${nchan4[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
     run "${cluster6[@]}" --scenario "a idle $p ${n50k}" --mode idle --protocol "$p" --subscribers "$n50k" --channels 100
   done
 fi
 if wants idle100k; then
-  start_cluster
+  start_cluster 6
   run "${cluster6[@]}" --scenario "a idle ws ${n100k}" --mode idle --protocol ws --subscribers "$n100k" \
     --channels 1000 --timeout 120
+fi
+
+# Every gateway receives every log entry: the delivery scenarios run on the compose
+# topology's two gateways.
+if wants idle50k || wants idle100k; then
+  start_cluster 2
 fi
 
 # (b) fan-out: one conversation, many WebSocket subscribers.
 if wants fanout; then
   each --scenario "b fan-out ${fan} ws, ${fan_msgs} msgs at 200/s" --mode deliver --protocol ws \
-    --subscribers "$fan" --channels 1 --messages "$fan_msgs" --rate 200 --concurrency 4
+    --subscribers "$fan" --channels 1 --messages "$fan_msgs" --rate 200 --concurrency 16
   each --scenario "b fan-out ${fan} ws, ${fan_msgs} msgs full speed" --mode deliver --protocol ws \
     --subscribers "$fan" --channels 1 --messages "$fan_msgs" --concurrency 16
 fi
@@ -190,9 +196,9 @@ fi
 if wants send; then
   each --scenario "f sends full speed" --mode send --channels 1000 --messages "$sends" --concurrency 128
   run "${standalone[@]}" --scenario "f sends at ${send_rate_sa}/s" --mode send --channels 1000 \
-    --messages $((send_rate_sa * 5)) --rate "$send_rate_sa" --concurrency 64
+    --messages $((send_rate_sa * 5)) --rate "$send_rate_sa" --concurrency 128
   run "${cluster2[@]}" --scenario "f sends at ${send_rate_dist}/s" --mode send --channels 1000 \
-    --messages $((send_rate_dist * 5)) --rate "$send_rate_dist" --concurrency 64
+    --messages $((send_rate_dist * 5)) --rate "$send_rate_dist" --concurrency 128
 fi
 
 log "results in $results"

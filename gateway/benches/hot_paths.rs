@@ -98,6 +98,8 @@ async fn hub_with_sessions(n: usize) -> (Bus, Hub, Vec<Inbox>, Vec<quickim_gatew
 
 fn fan_out(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // Sessions detach from the hub when dropped, which needs the runtime.
+    let _runtime = runtime.enter();
     let mut group = c.benchmark_group("hub fan-out of one log entry");
     group.sample_size(20).measurement_time(Duration::from_secs(5));
     for n in [1usize, 100, 1_000, 10_000] {

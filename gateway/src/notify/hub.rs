@@ -223,9 +223,12 @@ impl Hub {
     }
 
     fn detach(&self, id: SessionId) {
-        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.cmds.try_send(Command::Detach { id }) {
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.cmds.try_send(Command::Detach { id })
+            // Without a runtime the hub's task is gone too: nothing to detach from.
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
             let cmds = self.cmds.clone();
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 let _ = cmds.send(cmd).await;
             });
         }
