@@ -7,7 +7,8 @@
 //!
 //! A parked session keeps its place in the registry (the user stays online for the grace
 //! period, and it counts against the per-user connection limit) and its bounded queue (if
-//! that overflows, the parked session is dropped and the next poll replays).
+//! that overflows, the next poll is answered with the slow-consumer event, and the one after
+//! it replays from its cursor, as after any closed stream).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
