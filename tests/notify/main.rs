@@ -32,6 +32,17 @@ pub async fn send(api: &Api, conversation: &str, from: &str, content: &str) -> u
     v["data"]["msg_id"].as_u64().unwrap()
 }
 
+/// One client of `token` per protocol, each past its `ready` event.
+pub async fn connect_every_protocol(public: &str, token: &str) -> Vec<NotifyClient> {
+    let mut clients = Vec::new();
+    for p in quickim_testkit::Protocol::ALL {
+        let mut c = NotifyClient::connect(public, token, p, None).await.unwrap();
+        assert_eq!(c.next(SOON).await.expect("ready")["type"], "ready", "{p:?}");
+        clients.push(c);
+    }
+    clients
+}
+
 /// The next `n` messages of a client (panics if they do not come).
 pub async fn messages(client: &mut NotifyClient, n: usize) -> Vec<Value> {
     let mut out = Vec::with_capacity(n);

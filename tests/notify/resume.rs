@@ -6,7 +6,7 @@ use std::time::Duration;
 use quickim_testkit::{Distributed, NotifyClient, Protocol, Standalone};
 use serde_json::json;
 
-use crate::{BIN, SOON, contents, messages, no_message, send};
+use crate::{BIN, SOON, connect_every_protocol, contents, messages, no_message, send};
 
 async fn resume_after_a_dropped_connection(p: Protocol) {
     let q = Standalone::start(BIN, &[]).await;
@@ -74,12 +74,7 @@ async fn every_protocol_resumes_after_the_gateway_restarts() {
     let mut q = Standalone::start(BIN, &[]).await;
     q.api.conversation("c", &["alice", "bob"]).await;
     let t = q.api.token("alice", "web").await;
-    let mut clients = Vec::new();
-    for p in Protocol::ALL {
-        let mut c = NotifyClient::connect(&q.api.public, &t, p, None).await.unwrap();
-        c.next(SOON).await.unwrap();
-        clients.push(c);
-    }
+    let mut clients = connect_every_protocol(&q.api.public, &t).await;
     send(&q.api, "c", "bob", "before").await;
     for c in &mut clients {
         assert_eq!(contents(&messages(c, 1).await), vec!["before"]);
@@ -101,12 +96,7 @@ async fn resume_on_another_node_after_a_gateway_is_killed() {
     let mut d = Distributed::start(BIN, 1, 1, 2, &[]).await;
     d.api(0).conversation("c", &["alice", "bob"]).await;
     let t = d.api(0).token("alice", "web").await;
-    let mut clients = Vec::new();
-    for p in Protocol::ALL {
-        let mut c = NotifyClient::connect(&d.api(0).public, &t, p, None).await.unwrap();
-        c.next(SOON).await.unwrap();
-        clients.push(c);
-    }
+    let mut clients = connect_every_protocol(&d.api(0).public, &t).await;
     send(d.api(0), "c", "bob", "seen").await;
     for c in &mut clients {
         messages(c, 1).await;

@@ -3,21 +3,16 @@
 
 use std::time::{Duration, Instant};
 
-use quickim_testkit::{Closed, Distributed, NotifyClient, Protocol};
+use quickim_testkit::{Closed, Distributed};
 
-use crate::{BIN, SOON, contents, messages, send};
+use crate::{BIN, SOON, connect_every_protocol, contents, messages, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopping_gateway_closes_streams_and_clients_resume_elsewhere() {
     let mut d = Distributed::start(BIN, 1, 1, 2, &[("QUICKIM_SHUTDOWN_GRACE_S", "5")]).await;
     d.api(0).conversation("c", &["alice", "bob"]).await;
     let t = d.api(0).token("alice", "web").await;
-    let mut clients = Vec::new();
-    for p in Protocol::ALL {
-        let mut c = NotifyClient::connect(&d.api(0).public, &t, p, None).await.unwrap();
-        c.next(SOON).await.unwrap();
-        clients.push(c);
-    }
+    let mut clients = connect_every_protocol(&d.api(0).public, &t).await;
     send(d.api(1), "c", "bob", "before").await;
     for c in &mut clients {
         messages(c, 1).await;

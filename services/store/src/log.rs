@@ -218,7 +218,7 @@ impl Store {
         }
         match self.dialect() {
             Dialect::Sqlite => {
-                let mut script = Script::new(self.system());
+                let mut script = Script::new();
                 update_partitions(&mut script, &new_heads);
                 insert_messages(&mut script, &out);
                 update_heads(&mut script, &out);

@@ -46,22 +46,21 @@ pub(crate) enum Arg<'a> {
     OptText(Option<&'a str>),
 }
 
-/// Write statements that need no answer, run in order. SQLite takes them as one
-/// multi-statement query (one round trip to its worker thread); PostgreSQL, which does not
-/// take several statements in one prepared query, one by one.
+/// SQLite write statements that need no answer, run in order as one multi-statement query
+/// (one round trip to its worker thread). PostgreSQL, which does not take several statements
+/// in one prepared query, writes a batch with one statement of its own (`log.rs`).
 pub(crate) struct Script<'a> {
-    system: &'static str,
     statements: Vec<(String, Vec<Arg<'a>>, &'static str, &'static str)>,
 }
 
 impl<'a> Script<'a> {
-    pub fn new(system: &'static str) -> Script<'a> {
-        Script { system, statements: Vec::new() }
+    pub fn new() -> Script<'a> {
+        Script { statements: Vec::new() }
     }
 
     /// Placeholders for the next statement.
     pub fn params(&self) -> Params {
-        Params::new(self.system)
+        Params::new("sqlite")
     }
 
     /// Adds a statement (`operation` and `collection` name its span).
@@ -87,42 +86,33 @@ impl<'a> Script<'a> {
     /// Runs the statements in `tx`.
     pub async fn run(self, tx: &mut sqlx::AnyConnection) -> crate::Result<()> {
         use tracing::Instrument;
-        let system = self.system;
-        if system == "sqlite" {
-            if self.statements.is_empty() {
-                return Ok(());
-            }
-            // One span for the one round trip, named after every statement it ran.
-            let mut names: Vec<String> = Vec::new();
-            for (_, _, op, table) in &self.statements {
-                let name = format!("{op} {table}");
-                if !names.contains(&name) {
-                    names.push(name);
-                }
-            }
-            let span = tracing::info_span!(
-                "db.query",
-                otel.name = %names.join("; "),
-                otel.kind = "client",
-                db.system.name = system,
-                db.operation.name = "BATCH",
-                db.operation.batch.size = self.statements.len(),
-            );
-            let mut sql = String::new();
-            let mut all = Vec::new();
-            for (s, args, _, _) in self.statements {
-                sql.push_str(&s);
-                sql.push_str(";\n");
-                all.extend(args);
-            }
-            let q = Self::bind(sqlx::query(sqlx::AssertSqlSafe(sql)), all);
-            q.execute(&mut *tx).instrument(span).await?;
-        } else {
-            for (sql, args, op, table) in self.statements {
-                let q = Self::bind(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
-                q.execute(&mut *tx).instrument(crate::sql_span(system, op, table)).await?;
+        if self.statements.is_empty() {
+            return Ok(());
+        }
+        // One span for the one round trip, named after every statement it ran.
+        let mut names: Vec<String> = Vec::new();
+        for (_, _, op, table) in &self.statements {
+            let name = format!("{op} {table}");
+            if !names.contains(&name) {
+                names.push(name);
             }
         }
+        let span = tracing::info_span!(
+            "db.query",
+            otel.name = %names.join("; "),
+            otel.kind = "client",
+            db.system.name = "sqlite",
+            db.operation.name = "BATCH",
+            db.operation.batch.size = self.statements.len(),
+        );
+        let mut sql = String::new();
+        let mut all = Vec::new();
+        for (s, args, _, _) in self.statements {
+            sql.push_str(&s);
+            sql.push_str(";\n");
+            all.extend(args);
+        }
+        Self::bind(sqlx::query(sqlx::AssertSqlSafe(sql)), all).execute(&mut *tx).instrument(span).await?;
         Ok(())
     }
 }
