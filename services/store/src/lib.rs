@@ -138,7 +138,10 @@ impl Store {
     pub async fn open_sqlite(path: &Path, max_connections: u32, partitions_if_new: u16) -> Result<Store> {
         let pool = sqlite::open(path, max_connections).await?;
         let writer = sqlite::open(path, 1).await?;
-        Self::init(pool, writer, Dialect::Sqlite, partitions_if_new).await
+        let store = Self::init(pool, writer, Dialect::Sqlite, partitions_if_new).await?;
+        let inner = Arc::downgrade(&store.inner);
+        sqlite::checkpoints(store.inner.pool.clone(), move || inner.strong_count() > 0);
+        Ok(store)
     }
 
     /// Connects to PostgreSQL at `url`.
@@ -227,14 +230,6 @@ impl Store {
         match self.inner.dialect {
             Dialect::Sqlite => "sqlite",
             Dialect::Postgres => "postgresql",
-        }
-    }
-
-    /// ` FOR UPDATE` where the database has it (SQLite writers are serialized anyway).
-    pub(crate) fn for_update(&self) -> &'static str {
-        match self.inner.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE",
         }
     }
 }

@@ -16,7 +16,10 @@ use quickim_shared::time::now_ms;
 use sqlx::AnyPool;
 use sqlx::{AnyConnection, Row};
 
-use crate::sql::{Arg, MESSAGE_COLUMNS, Params, Script, api_int, db_int, get_bool, log_entry, padded, pow2_chunks};
+use crate::sql::{
+    MESSAGE_COLUMNS, Params, api_int, db_int, entries_as_json, entries_from_json, from_json, get_bool, log_entry,
+    padded, to_json,
+};
 use crate::{Dialect, Result, Store, StoreError, partition_of, sql_span};
 
 /// Creates the meta rows and partitions of a new database; answers (partitions, epoch).
@@ -88,14 +91,42 @@ impl Store {
         ids.sort_unstable();
         ids.dedup();
         let mut out = BTreeMap::new();
+        if self.dialect() == Dialect::Sqlite {
+            // The write transaction holds SQLite's one write lock already. One row, the
+            // conversations as a JSON array: SQLite hands a statement's rows over one by one,
+            // each a wake-up of the writer, which cost more than the rows themselves.
+            let row = sqlx::query(
+                "SELECT json_group_array(json_array(conversation_id, joinable, archived, last_msg_id, \
+                 last_send_time, part)) AS rows FROM conversations \
+                 WHERE conversation_id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(to_json(&ids)?)
+            .fetch_one(&mut *tx)
+            .instrument(sql_span(self.system(), "SELECT", "conversations"))
+            .await?;
+            let rows: Vec<(String, i64, i64, i64, i64, i64)> = from_json(&row.try_get::<String, _>("rows")?)?;
+            for (id, joinable, archived, last_msg_id, last_send_time, part) in rows {
+                let part = u16::try_from(part).map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+                out.insert(
+                    id,
+                    LockedConversation {
+                        joinable: joinable != 0,
+                        archived: archived != 0,
+                        last_msg_id,
+                        last_send_time,
+                        part,
+                    },
+                );
+            }
+            return Ok(out);
+        }
         for chunk in ids.chunks(512).map(padded) {
             let mut p = Params::new(self.system());
             let sql = format!(
                 "SELECT conversation_id, joinable, archived, last_msg_id, \
                  last_send_time, part FROM conversations WHERE conversation_id IN ({}) \
-                 ORDER BY conversation_id{}",
+                 ORDER BY conversation_id FOR UPDATE",
                 p.list(chunk.len()),
-                self.for_update()
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in &chunk {
@@ -159,7 +190,8 @@ impl Store {
         // commit, so the fewer round trips after this point the better. SQLite: the write
         // transaction already holds the only write lock; read the heads. Either way the new
         // heads are written with the other writes below, in one round trip.
-        let rows = match self.dialect() {
+        let mut heads: HashMap<u16, i64> = HashMap::new();
+        match self.dialect() {
             Dialect::Postgres => {
                 let mut p = Params::new(self.system());
                 let sql = format!(
@@ -170,20 +202,21 @@ impl Store {
                 for part in per_part.keys() {
                     q = q.bind(i32::from(*part));
                 }
-                q.fetch_all(&mut *tx).instrument(sql_span(self.system(), "SELECT", "log_partitions")).await?
+                let rows =
+                    q.fetch_all(&mut *tx).instrument(sql_span(self.system(), "SELECT", "log_partitions")).await?;
+                for row in rows {
+                    let part = u16::try_from(row.try_get::<i64, _>("part")?)
+                        .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+                    heads.insert(part, row.try_get("head")?);
+                }
             }
             Dialect::Sqlite => {
-                sqlx::query("SELECT part, head FROM log_partitions")
-                    .fetch_all(&mut *tx)
+                let row = sqlx::query("SELECT json_group_array(json_array(part, head)) AS rows FROM log_partitions")
+                    .fetch_one(&mut *tx)
                     .instrument(sql_span(self.system(), "SELECT", "log_partitions"))
-                    .await?
+                    .await?;
+                heads.extend(from_json::<Vec<(u16, i64)>>(&row.try_get::<String, _>("rows")?)?);
             }
-        };
-        let mut heads: HashMap<u16, i64> = HashMap::new();
-        for row in rows {
-            let part = u16::try_from(row.try_get::<i64, _>("part")?)
-                .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
-            heads.insert(part, row.try_get("head")?);
         }
         // New heads, in partition order.
         let mut new_heads: Vec<(u16, i64)> = Vec::with_capacity(per_part.len());
@@ -216,15 +249,10 @@ impl Store {
             conv.last_send_time = now;
             out.push(entry);
         }
+        let rows = AppendRows::of(&new_heads, &out)?;
         match self.dialect() {
-            Dialect::Sqlite => {
-                let mut script = Script::new();
-                update_partitions(&mut script, &new_heads);
-                insert_messages(&mut script, &out);
-                update_heads(&mut script, &out);
-                script.run(tx).await?;
-            }
-            Dialect::Postgres => write_postgres(tx, &new_heads, &out).await?,
+            Dialect::Sqlite => write_sqlite(tx, &rows).await?,
+            Dialect::Postgres => write_postgres(tx, &rows).await?,
         }
         Ok(out)
     }
@@ -241,15 +269,19 @@ impl Store {
             "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.part = $1 AND m.log_offset > $2 \
              AND m.log_offset <= $3 ORDER BY m.log_offset LIMIT $4"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let sqlite = self.dialect() == Dialect::Sqlite;
+        let sql = if sqlite { entries_as_json(&sql) } else { sql };
+        let q = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(i32::from(part))
             .bind(db_int(after))
             .bind(db_int(upto))
-            .bind(i64::from(limit))
-            .fetch_all(self.pool())
-            .instrument(sql_span(self.system(), "SELECT", "messages"))
-            .await?;
-        rows.iter().map(log_entry).collect()
+            .bind(i64::from(limit));
+        let span = sql_span(self.system(), "SELECT", "messages");
+        if sqlite {
+            let row = q.fetch_one(self.pool()).instrument(span).await?;
+            return entries_from_json(&row.try_get::<String, _>("rows")?);
+        }
+        q.fetch_all(self.pool()).instrument(span).await?.iter().map(log_entry).collect()
     }
 
     /// Within a conversation msg_ids and offsets grow together, so the messages after the
@@ -307,21 +339,29 @@ impl Store {
                AND (mb.active = 1 OR m.msg_id <= mb.left_msg_id) \
              ORDER BY m.part, m.log_offset LIMIT {lim}"
         );
+        let sqlite = self.dialect() == Dialect::Sqlite;
+        let sql = if sqlite { entries_as_json(&sql) } else { sql };
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (part, a, u) in &ranges {
             q = q.bind(i32::from(*part)).bind(db_int(*a)).bind(db_int(*u));
         }
         q = q.bind(user_id).bind(i64::from(limit.max(1)) + 1);
-        let rows = q.fetch_all(self.pool()).instrument(sql_span(self.system(), "SELECT", "members")).await?;
-        let mut more = rows.len() > limit.max(1) as usize;
-        let mut entries = Vec::with_capacity(rows.len().min(limit.max(1) as usize));
+        let span = sql_span(self.system(), "SELECT", "members");
+        let found = if sqlite {
+            let row = q.fetch_one(self.pool()).instrument(span).await?;
+            entries_from_json(&row.try_get::<String, _>("rows")?)?
+        } else {
+            q.fetch_all(self.pool()).instrument(span).await?.iter().map(log_entry).collect::<Result<Vec<_>>>()?
+        };
+        let mut more = found.len() > limit.max(1) as usize;
+        let total = found.len();
+        let mut entries = Vec::with_capacity(total.min(limit.max(1) as usize));
         let mut bytes = 0;
-        for row in rows.iter().take(limit.max(1) as usize) {
-            let entry = log_entry(row)?;
+        for entry in found.into_iter().take(limit.max(1) as usize) {
             bytes += entry.message.content.len();
             entries.push(entry);
             if bytes >= max_bytes {
-                more = more || entries.len() < rows.len();
+                more = more || entries.len() < total;
                 break;
             }
         }
@@ -380,162 +420,125 @@ pub(crate) async fn read_heads(system: &'static str, conn: &mut AnyConnection) -
     rows.iter().map(|r| Ok(api_int(r.try_get("head")?))).collect()
 }
 
-/// Adds the inserts of `entries` to `script` (chunks of fixed sizes, so texts repeat).
-fn insert_messages<'a>(script: &mut Script<'a>, entries: &'a [LogEntry]) {
-    for chunk in pow2_chunks(entries, 64) {
-        let mut p = script.params();
-        let rows = chunk.iter().map(|_| p.row(9)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, \
-             client_msg_id, send_time) VALUES {rows}"
-        );
-        let mut args = Vec::with_capacity(chunk.len() * 9);
-        for e in chunk {
-            let m = &e.message;
-            args.extend([
-                Arg::Text(&m.conversation_id),
-                Arg::I64(db_int(m.msg_id)),
-                Arg::I32(i32::from(e.part)),
-                Arg::I64(db_int(e.offset)),
-                Arg::Text(&m.from),
-                Arg::I32(m.msg_type),
-                Arg::Text(&m.content),
-                Arg::OptText(m.client_msg_id.as_deref()),
-                Arg::I64(m.send_time),
-            ]);
+/// The rows an append writes, as JSON arrays bound as one parameter per table: the
+/// statements' texts never change (they stay prepared however many rows a batch has), and a
+/// batch is written in one round trip.
+struct AppendRows {
+    /// `[[part, head], ...]`
+    parts: String,
+    /// `[[conversation_id, msg_id, part, log_offset, sender, msg_type, content,
+    /// client_msg_id, send_time], ...]`
+    messages: String,
+    /// `[[conversation_id, last_msg_id, last_offset, send_time], ...]` (one per conversation)
+    conversations: String,
+    counts: (i64, i64, i64),
+}
+
+impl AppendRows {
+    fn of(new_heads: &[(u16, i64)], appended: &[LogEntry]) -> Result<AppendRows> {
+        let messages: Vec<_> = appended
+            .iter()
+            .map(|e| {
+                let m = &e.message;
+                (
+                    &m.conversation_id,
+                    db_int(m.msg_id),
+                    e.part,
+                    db_int(e.offset),
+                    &m.from,
+                    m.msg_type,
+                    &m.content,
+                    &m.client_msg_id,
+                    m.send_time,
+                )
+            })
+            .collect();
+        let mut newest: BTreeMap<&str, &LogEntry> = BTreeMap::new();
+        for e in appended {
+            newest.insert(&e.message.conversation_id, e);
         }
-        script.push(sql, args, "INSERT", "messages");
+        let conversations: Vec<_> = newest
+            .into_iter()
+            .map(|(id, e)| (id, db_int(e.message.msg_id), db_int(e.offset), e.message.send_time))
+            .collect();
+        Ok(AppendRows {
+            parts: to_json(&new_heads)?,
+            messages: to_json(&messages)?,
+            conversations: to_json(&conversations)?,
+            counts: (new_heads.len() as i64, messages.len() as i64, conversations.len() as i64),
+        })
     }
 }
 
-/// Adds the partitions' new heads to `script` (SQLite).
-fn update_partitions(script: &mut Script<'_>, new_heads: &[(u16, i64)]) {
-    let mut p = script.params();
-    let mut case = String::new();
-    let mut args = Vec::with_capacity(new_heads.len() * 3);
-    for (part, head) in new_heads {
-        case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
-        args.push(Arg::I32(i32::from(*part)));
-        args.push(Arg::I64(*head));
-    }
-    let parts = p.list(new_heads.len());
-    args.extend(new_heads.iter().map(|(part, _)| Arg::I32(i32::from(*part))));
-    script.push(
-        format!("UPDATE log_partitions SET head = CASE part{case} END WHERE part IN ({parts})"),
-        args,
-        "UPDATE",
-        "log_partitions",
+/// SQLite: the partitions' new heads, the messages and the conversations' new heads, three
+/// statements in one round trip to the connection's worker thread.
+const APPEND_SQLITE: &str = "\
+UPDATE log_partitions SET head = v.value ->> 1 FROM json_each(?) AS v WHERE log_partitions.part = v.value ->> 0;
+INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, send_time)
+  SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7,
+    value ->> 8 FROM json_each(?);
+UPDATE conversations SET last_msg_id = v.value ->> 1, last_offset = v.value ->> 2, last_send_time = v.value ->> 3
+  FROM json_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0;";
+
+async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
+    let span = tracing::info_span!(
+        "db.query",
+        otel.name = "UPDATE log_partitions; INSERT messages; UPDATE conversations",
+        otel.kind = "client",
+        db.system.name = "sqlite",
+        db.operation.name = "BATCH",
+        db.operation.batch.size = 3,
     );
-}
-
-/// PostgreSQL: the partitions' new heads, the messages and the conversations' new heads in
-/// one statement — one round trip while the partition locks are held, where one statement
-/// per table (and per chunk of rows) took five or more. The rows travel as three JSON
-/// arrays, so the statement's text never changes and stays prepared.
-const APPEND_POSTGRES: &str = "\
-WITH parts AS (
-  UPDATE log_partitions p SET head = v.head
-  FROM json_to_recordset($1::json) AS v(part INTEGER, head BIGINT)
-  WHERE p.part = v.part RETURNING 1
-), msgs AS (
-  INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, send_time)
-  SELECT m.conversation_id, m.msg_id, m.part, m.log_offset, m.sender, m.msg_type, m.content, m.client_msg_id, m.send_time
-  FROM json_to_recordset($2::json) AS m(conversation_id TEXT, msg_id BIGINT, part INTEGER, log_offset BIGINT,
-    sender TEXT, msg_type INTEGER, content TEXT, client_msg_id TEXT, send_time BIGINT)
-  RETURNING 1
-), convs AS (
-  UPDATE conversations c SET last_msg_id = v.last_msg_id, last_offset = v.last_offset, last_send_time = v.send_time
-  FROM json_to_recordset($3::json) AS v(conversation_id TEXT, last_msg_id BIGINT, last_offset BIGINT, send_time BIGINT)
-  WHERE c.conversation_id = v.conversation_id RETURNING 1
-)
-SELECT (SELECT count(*) FROM parts) AS parts, (SELECT count(*) FROM msgs) AS msgs, (SELECT count(*) FROM convs) AS convs";
-
-async fn write_postgres(tx: &mut AnyConnection, new_heads: &[(u16, i64)], appended: &[LogEntry]) -> Result<()> {
-    use serde_json::json;
-    let parts: Vec<serde_json::Value> =
-        new_heads.iter().map(|(part, head)| json!({"part": part, "head": head})).collect();
-    let messages: Vec<serde_json::Value> = appended
-        .iter()
-        .map(|e| {
-            let m = &e.message;
-            json!({
-                "conversation_id": m.conversation_id,
-                "msg_id": db_int(m.msg_id),
-                "part": e.part,
-                "log_offset": db_int(e.offset),
-                "sender": m.from,
-                "msg_type": m.msg_type,
-                "content": m.content,
-                "client_msg_id": m.client_msg_id,
-                "send_time": m.send_time,
-            })
-        })
-        .collect();
-    let mut newest: BTreeMap<&str, &LogEntry> = BTreeMap::new();
-    for e in appended {
-        newest.insert(&e.message.conversation_id, e);
-    }
-    let conversations: Vec<serde_json::Value> = newest
-        .into_iter()
-        .map(|(id, e)| {
-            json!({
-                "conversation_id": id,
-                "last_msg_id": db_int(e.message.msg_id),
-                "last_offset": db_int(e.offset),
-                "send_time": e.message.send_time,
-            })
-        })
-        .collect();
-    let encode = |v: &Vec<serde_json::Value>| {
-        serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("cannot encode rows: {e}")))
-    };
-    let row = sqlx::query(APPEND_POSTGRES)
-        .bind(encode(&parts)?)
-        .bind(encode(&messages)?)
-        .bind(encode(&conversations)?)
-        .fetch_one(&mut *tx)
-        .instrument(sql_span("postgresql", "INSERT", "messages"))
+    let done = sqlx::query(APPEND_SQLITE)
+        .bind(rows.parts.as_str())
+        .bind(rows.messages.as_str())
+        .bind(rows.conversations.as_str())
+        .execute(&mut *tx)
+        .instrument(span)
         .await?;
-    let written = (row.try_get::<i64, _>("parts")?, row.try_get::<i64, _>("msgs")?, row.try_get::<i64, _>("convs")?);
-    if written != (parts.len() as i64, messages.len() as i64, conversations.len() as i64) {
-        return Err(StoreError::Corrupt(format!("append wrote {written:?} rows")));
+    let (parts, msgs, convs) = rows.counts;
+    if done.rows_affected() != (parts + msgs + convs) as u64 {
+        return Err(StoreError::Corrupt(format!(
+            "append wrote {} rows of {}",
+            done.rows_affected(),
+            parts + msgs + convs
+        )));
     }
     Ok(())
 }
 
-/// Adds the moves of the conversations' heads (newest msg_id and offset) to `script`.
-fn update_heads<'a>(script: &mut Script<'a>, appended: &'a [LogEntry]) {
-    let mut newest: BTreeMap<&str, &LogEntry> = BTreeMap::new();
-    for e in appended {
-        newest.insert(&e.message.conversation_id, e);
+/// PostgreSQL: the same three writes in one statement — one round trip while the partition
+/// locks are held, where one statement per table (and per chunk of rows) took five or more.
+const APPEND_POSTGRES: &str = "\
+WITH parts AS (
+  UPDATE log_partitions p SET head = (v.e ->> 1)::bigint
+  FROM jsonb_array_elements($1::jsonb) AS v(e)
+  WHERE p.part = (v.e ->> 0)::integer RETURNING 1
+), msgs AS (
+  INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, send_time)
+  SELECT e ->> 0, (e ->> 1)::bigint, (e ->> 2)::integer, (e ->> 3)::bigint, e ->> 4, (e ->> 5)::integer, e ->> 6,
+    e ->> 7, (e ->> 8)::bigint
+  FROM jsonb_array_elements($2::jsonb) AS v(e)
+  RETURNING 1
+), convs AS (
+  UPDATE conversations c SET last_msg_id = (v.e ->> 1)::bigint, last_offset = (v.e ->> 2)::bigint,
+    last_send_time = (v.e ->> 3)::bigint
+  FROM jsonb_array_elements($3::jsonb) AS v(e)
+  WHERE c.conversation_id = v.e ->> 0 RETURNING 1
+)
+SELECT (SELECT count(*) FROM parts) AS parts, (SELECT count(*) FROM msgs) AS msgs, (SELECT count(*) FROM convs) AS convs";
+
+async fn write_postgres(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
+    let row = sqlx::query(APPEND_POSTGRES)
+        .bind(rows.parts.as_str())
+        .bind(rows.messages.as_str())
+        .bind(rows.conversations.as_str())
+        .fetch_one(&mut *tx)
+        .instrument(sql_span("postgresql", "INSERT", "messages"))
+        .await?;
+    let written = (row.try_get::<i64, _>("parts")?, row.try_get::<i64, _>("msgs")?, row.try_get::<i64, _>("convs")?);
+    if written != rows.counts {
+        return Err(StoreError::Corrupt(format!("append wrote {written:?} rows")));
     }
-    let newest: Vec<(&str, &LogEntry)> = newest.into_iter().collect();
-    for chunk in newest.chunks(256).map(padded) {
-        let mut p = script.params();
-        let mut msg_case = String::new();
-        let mut off_case = String::new();
-        let mut args = Vec::with_capacity(chunk.len() * 5 + 1);
-        for (id, e) in &chunk {
-            msg_case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
-            args.extend([Arg::Text(id), Arg::I64(db_int(e.message.msg_id))]);
-        }
-        for (id, e) in &chunk {
-            off_case.push_str(&format!(" WHEN {} THEN {}", p.next(), p.next()));
-            args.extend([Arg::Text(id), Arg::I64(db_int(e.offset))]);
-        }
-        let time = p.next();
-        args.push(Arg::I64(chunk.first().map(|(_, e)| e.message.send_time).unwrap_or_else(now_ms)));
-        let ids = p.list(chunk.len());
-        args.extend(chunk.iter().map(|(id, _)| Arg::Text(id)));
-        script.push(
-            format!(
-                "UPDATE conversations SET last_msg_id = CASE conversation_id{msg_case} END, \
-                 last_offset = CASE conversation_id{off_case} END, last_send_time = {time} \
-                 WHERE conversation_id IN ({ids})"
-            ),
-            args,
-            "UPDATE",
-            "conversations",
-        );
-    }
+    Ok(())
 }

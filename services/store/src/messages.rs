@@ -16,7 +16,7 @@ use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
 use crate::log::NewEntry;
-use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message, padded, pow2_chunks};
+use crate::sql::{MESSAGE_COLUMNS, Params, db_int, from_json, message, padded, pow2_chunks, to_json};
 use crate::{Result, Store, StoreError, sql_span};
 
 /// One message to store (already validated for shape by the message service).
@@ -282,6 +282,19 @@ async fn active_pairs(
     pairs.sort_unstable();
     pairs.dedup();
     let mut out = HashSet::new();
+    if system == "sqlite" {
+        // One row (see `lock_conversations`).
+        let row = sqlx::query(
+            "SELECT json_group_array(json_array(m.conversation_id, m.user_id)) AS rows FROM json_each(?) j \
+             JOIN members m ON m.conversation_id = j.value ->> 0 AND m.user_id = j.value ->> 1 WHERE m.active = 1",
+        )
+        .bind(to_json(&pairs)?)
+        .fetch_one(&mut *tx)
+        .instrument(sql_span(system, "SELECT", "members"))
+        .await?;
+        out.extend(from_json::<Vec<(String, String)>>(&row.try_get::<String, _>("rows")?)?);
+        return Ok(out);
+    }
     for chunk in pairs.chunks(256).map(padded) {
         let mut p = Params::new(system);
         let active = p.next();

@@ -38,83 +38,15 @@ impl Params {
     }
 }
 
-/// A value bound to a statement of a [`Script`].
-pub(crate) enum Arg<'a> {
-    I64(i64),
-    I32(i32),
-    Text(&'a str),
-    OptText(Option<&'a str>),
+/// Rows as JSON text, bound as one parameter: a statement over `json_each` (SQLite) or
+/// `jsonb_array_elements` (PostgreSQL) keeps one text whatever the number of rows.
+pub(crate) fn to_json<T: serde::Serialize>(rows: &T) -> Result<String> {
+    serde_json::to_string(rows).map_err(|e| StoreError::Corrupt(format!("cannot encode rows: {e}")))
 }
 
-/// SQLite write statements that need no answer, run in order as one multi-statement query
-/// (one round trip to its worker thread). PostgreSQL, which does not take several statements
-/// in one prepared query, writes a batch with one statement of its own (`log.rs`).
-pub(crate) struct Script<'a> {
-    statements: Vec<(String, Vec<Arg<'a>>, &'static str, &'static str)>,
-}
-
-impl<'a> Script<'a> {
-    pub fn new() -> Script<'a> {
-        Script { statements: Vec::new() }
-    }
-
-    /// Placeholders for the next statement.
-    pub fn params(&self) -> Params {
-        Params::new("sqlite")
-    }
-
-    /// Adds a statement (`operation` and `collection` name its span).
-    pub fn push(&mut self, sql: String, args: Vec<Arg<'a>>, operation: &'static str, collection: &'static str) {
-        self.statements.push((sql, args, operation, collection));
-    }
-
-    fn bind(
-        mut q: sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>,
-        args: Vec<Arg<'a>>,
-    ) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments> {
-        for a in args {
-            q = match a {
-                Arg::I64(v) => q.bind(v),
-                Arg::I32(v) => q.bind(v),
-                Arg::Text(v) => q.bind(v),
-                Arg::OptText(v) => q.bind(v),
-            };
-        }
-        q
-    }
-
-    /// Runs the statements in `tx`.
-    pub async fn run(self, tx: &mut sqlx::AnyConnection) -> crate::Result<()> {
-        use tracing::Instrument;
-        if self.statements.is_empty() {
-            return Ok(());
-        }
-        // One span for the one round trip, named after every statement it ran.
-        let mut names: Vec<String> = Vec::new();
-        for (_, _, op, table) in &self.statements {
-            let name = format!("{op} {table}");
-            if !names.contains(&name) {
-                names.push(name);
-            }
-        }
-        let span = tracing::info_span!(
-            "db.query",
-            otel.name = %names.join("; "),
-            otel.kind = "client",
-            db.system.name = "sqlite",
-            db.operation.name = "BATCH",
-            db.operation.batch.size = self.statements.len(),
-        );
-        let mut sql = String::new();
-        let mut all = Vec::new();
-        for (s, args, _, _) in self.statements {
-            sql.push_str(&s);
-            sql.push_str(";\n");
-            all.extend(args);
-        }
-        Self::bind(sqlx::query(sqlx::AssertSqlSafe(sql)), all).execute(&mut *tx).instrument(span).await?;
-        Ok(())
-    }
+/// Rows a statement answered as one JSON array (`json_group_array`).
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(rows: &str) -> Result<T> {
+    serde_json::from_str(rows).map_err(|e| StoreError::Corrupt(format!("cannot decode rows: {e}")))
 }
 
 /// Chunks of `items` whose sizes are powers of two (at most `max`, a power of two): the SQL
@@ -162,6 +94,42 @@ pub(crate) fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
 /// The columns [`message`] reads, for a table aliased `m`.
 pub(crate) const MESSAGE_COLUMNS: &str =
     "m.conversation_id, m.msg_id, m.sender, m.msg_type, m.content, m.client_msg_id, m.send_time, m.part, m.log_offset";
+
+/// SQLite: `sql`, a query answering [`MESSAGE_COLUMNS`], wrapped to answer all its rows as
+/// one JSON row named `rows` (SQLite hands rows over one by one, each a thread wake-up).
+pub(crate) fn entries_as_json(sql: &str) -> String {
+    format!(
+        "SELECT json_group_array(json_array(conversation_id, msg_id, sender, msg_type, content, client_msg_id, \
+         send_time, part, log_offset)) AS rows FROM ({sql})"
+    )
+}
+
+/// The entries of an [`entries_as_json`] row, in (partition, offset) order.
+pub(crate) fn entries_from_json(rows: &str) -> Result<Vec<LogEntry>> {
+    type Row = (String, i64, String, i64, String, Option<String>, i64, i64, i64);
+    let rows: Vec<Row> = from_json(rows)?;
+    let mut entries = rows
+        .into_iter()
+        .map(|(conversation_id, msg_id, from, msg_type, content, client_msg_id, send_time, part, offset)| {
+            Ok(LogEntry {
+                part: u16::try_from(part).map_err(|_| StoreError::Corrupt("partition out of range".into()))?,
+                offset: api_int(offset),
+                message: Message {
+                    conversation_id,
+                    msg_id: api_int(msg_id),
+                    from,
+                    msg_type: i32::try_from(msg_type)
+                        .map_err(|_| StoreError::Corrupt("msg_type out of range".into()))?,
+                    content,
+                    client_msg_id,
+                    send_time,
+                },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    entries.sort_by_key(|e| (e.part, e.offset));
+    Ok(entries)
+}
 
 pub(crate) fn message(row: &AnyRow) -> Result<Message> {
     Ok(Message {

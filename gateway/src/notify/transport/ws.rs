@@ -6,6 +6,7 @@
 //! One task (no reader task, no channels between halves) keeps an idle connection small.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -26,7 +27,9 @@ use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
 
 use crate::http::error::ApiError;
 use crate::notify::disconnect::Disconnect;
+use crate::notify::hub::Encoded;
 use crate::notify::session::{Session, Step};
+use crate::notify::transport::coalesce::{BURST, BURST_BYTES, Coalesce};
 use crate::ratelimit::Bucket;
 use crate::state::AppState;
 
@@ -84,6 +87,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let config = Some(config(&state));
+    let io = Coalesce::new(io);
     let socket = if ahead.is_empty() {
         WebSocketStream::from_raw_socket(io, Role::Server, config).await
     } else {
@@ -157,7 +161,9 @@ impl Limits {
     }
 }
 
-async fn run<S>(mut socket: WebSocketStream<S>, mut session: Session, state: AppState)
+type Socket<S> = WebSocketStream<Coalesce<S>>;
+
+async fn run<S>(mut socket: Socket<S>, mut session: Session, state: AppState)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -172,7 +178,7 @@ where
     let close = loop {
         // Ready and replay first (not cancel-safe: no select around them).
         if let Some(e) = session.pop() {
-            if session.written(&e, socket.send(text(&e.json))).await.is_err() {
+            if write_burst(&mut socket, &mut session, e, Session::pop).await.is_err() {
                 break None;
             }
             continue;
@@ -189,7 +195,7 @@ where
         tokio::select! {
             step = session.live() => match step {
                 Step::Event(e) => {
-                    if session.written(&e, socket.send(text(&e.json))).await.is_err() {
+                    if write_burst(&mut socket, &mut session, e, Session::try_live).await.is_err() {
                         break None;
                     }
                 }
@@ -256,6 +262,30 @@ where
         }
     })
     .await;
+}
+
+/// Writes `first` and the events `next` hands out after it (at most [`BURST`] events or
+/// about [`BURST_BYTES`]) with one system call.
+async fn write_burst<S>(
+    socket: &mut Socket<S>,
+    session: &mut Session,
+    first: Arc<Encoded>,
+    next: fn(&mut Session) -> Option<Arc<Encoded>>,
+) -> Result<(), tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    socket.get_mut().hold(true);
+    let mut written = session.written(&first, socket.feed(text(&first.json))).await;
+    let mut count = 1;
+    while written.is_ok() && count < BURST && socket.get_ref().held() < BURST_BYTES {
+        let Some(e) = next(session) else { break };
+        written = session.written(&e, socket.feed(text(&e.json))).await;
+        count += 1;
+    }
+    socket.get_mut().hold(false);
+    written?;
+    socket.flush().await
 }
 
 async fn next_answer(requests: &mut Option<FuturesUnordered<Answer>>) -> Option<String> {
