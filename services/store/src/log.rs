@@ -98,7 +98,7 @@ impl Store {
             let row = sqlx::query(
                 "SELECT json_group_array(json_array(conversation_id, joinable, archived, last_msg_id, \
                  last_send_time, part)) AS rows FROM conversations \
-                 WHERE conversation_id IN (SELECT value FROM json_each(?))",
+                 WHERE conversation_id IN (SELECT value FROM jsonb_each(?))",
             )
             .bind(to_json(&ids)?)
             .fetch_one(&mut *tx)
@@ -473,12 +473,12 @@ impl AppendRows {
 /// SQLite: the partitions' new heads, the messages and the conversations' new heads, three
 /// statements in one round trip to the connection's worker thread.
 const APPEND_SQLITE: &str = "\
-UPDATE log_partitions SET head = v.value ->> 1 FROM json_each(?) AS v WHERE log_partitions.part = v.value ->> 0;
+UPDATE log_partitions SET head = v.value ->> 1 FROM jsonb_each(?) AS v WHERE log_partitions.part = v.value ->> 0;
 INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, send_time)
   SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7,
-    value ->> 8 FROM json_each(?);
+    value ->> 8 FROM jsonb_each(?);
 UPDATE conversations SET last_msg_id = v.value ->> 1, last_offset = v.value ->> 2, last_send_time = v.value ->> 3
-  FROM json_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0;";
+  FROM jsonb_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0;";
 
 async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
     let span = tracing::info_span!(

@@ -285,7 +285,7 @@ async fn active_pairs(
     if system == "sqlite" {
         // One row (see `lock_conversations`).
         let row = sqlx::query(
-            "SELECT json_group_array(json_array(m.conversation_id, m.user_id)) AS rows FROM json_each(?) j \
+            "SELECT json_group_array(json_array(m.conversation_id, m.user_id)) AS rows FROM jsonb_each(?) j \
              JOIN members m ON m.conversation_id = j.value ->> 0 AND m.user_id = j.value ->> 1 WHERE m.active = 1",
         )
         .bind(to_json(&pairs)?)

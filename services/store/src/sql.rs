@@ -38,7 +38,7 @@ impl Params {
     }
 }
 
-/// Rows as JSON text, bound as one parameter: a statement over `json_each` (SQLite) or
+/// Rows as JSON text, bound as one parameter: a statement over `jsonb_each` (SQLite) or
 /// `jsonb_array_elements` (PostgreSQL) keeps one text whatever the number of rows.
 pub(crate) fn to_json<T: serde::Serialize>(rows: &T) -> Result<String> {
     serde_json::to_string(rows).map_err(|e| StoreError::Corrupt(format!("cannot encode rows: {e}")))
