@@ -73,16 +73,7 @@ impl Conn {
         let mut bytes = req.into_bytes();
         bytes.extend_from_slice(body);
         self.stream.write_all(&bytes).await?;
-        let end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            if self.fill().await? == 0 {
-                bail!("connection closed before the response head");
-            }
-        };
-        let head_text = String::from_utf8_lossy(&self.buf[..end]).to_string();
-        self.buf.drain(..end + 4);
+        let head_text = self.take_until(b"\r\n\r\n", "before the response head").await?;
         let mut lines = head_text.split("\r\n");
         let status = lines
             .next()
@@ -103,6 +94,21 @@ impl Conn {
         self.chunk_left = 0;
         self.done = matches!(self.framing, Framing::Length(0));
         Ok(head)
+    }
+
+    /// The text before the next `delimiter` (reading as needed); consumes both.
+    async fn take_until(&mut self, delimiter: &[u8], what: &str) -> anyhow::Result<String> {
+        let end = loop {
+            if let Some(i) = self.buf.windows(delimiter.len()).position(|w| w == delimiter) {
+                break i;
+            }
+            if self.fill().await? == 0 {
+                bail!("connection closed {what}");
+            }
+        };
+        let text = String::from_utf8_lossy(&self.buf[..end]).to_string();
+        self.buf.drain(..end + delimiter.len());
+        Ok(text)
     }
 
     async fn fill(&mut self) -> anyhow::Result<usize> {
@@ -157,16 +163,7 @@ impl Conn {
                     self.buf.drain(..2);
                     self.chunk_left = 0;
                 }
-                let line_end = loop {
-                    if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                        break i;
-                    }
-                    if self.fill().await? == 0 {
-                        bail!("connection closed at a chunk size");
-                    }
-                };
-                let size_text = String::from_utf8_lossy(&self.buf[..line_end]).to_string();
-                self.buf.drain(..line_end + 2);
+                let size_text = self.take_until(b"\r\n", "at a chunk size").await?;
                 let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)?;
                 if size == 0 {
                     // trailer: skip to the empty line

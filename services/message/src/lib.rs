@@ -57,12 +57,7 @@ pub struct MessageService {
 impl MessageService {
     /// A service over `store`, publishing on `bus`.
     pub fn new(store: Store, bus: Bus, limits: MessageLimits) -> MessageService {
-        // One batch at a time per service. SQLite has one writer anyway; on PostgreSQL every
-        // batch locks the log partitions it appends to until it commits, so parallel batches
-        // of one service mostly wait for each other, and one writer gets bigger batches
-        // (measured: 4 writers, ~10 messages a batch, 3,500 msg/s with two services).
-        let writers = 1;
-        let batcher = Batcher::start(store.clone(), bus.clone(), writers, 1024);
+        let batcher = Batcher::start(store.clone(), bus.clone(), 1024);
         MessageService { store, bus, limits, batcher }
     }
 
