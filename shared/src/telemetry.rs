@@ -30,12 +30,18 @@ static METRICS: std::sync::OnceLock<Option<metrics_exporter_prometheus::Promethe
 /// Latency buckets (seconds) for every `_seconds` histogram.
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// Buckets for the histograms that count things (messages per group commit).
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
 /// Installs the process-wide Prometheus recorder (once; later calls reuse it).
 pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::Matcher;
     METRICS
         .get_or_init(|| {
             let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
                 .set_buckets(LATENCY_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full("quickim_send_batch_size".into()), COUNT_BUCKETS)
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();

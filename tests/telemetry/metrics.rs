@@ -65,6 +65,9 @@ async fn every_role_serves_its_metrics_and_health() {
     ] {
         assert!(message.contains(name), "message /metrics lacks {name}:\n{message}");
     }
+    // Batch sizes are counted in messages, not in the latency buckets of the `_seconds` ones.
+    assert!(message.contains("quickim_send_batch_size_bucket{le=\"1\"}"), "{message}");
+    assert!(!message.contains("quickim_send_batch_size_bucket{le=\"0.0005\"}"), "{message}");
     // Every metric any role emits is documented.
     let doc = include_str!("../../docs/operations.md");
     for text in [&gateway, &conversation, &message] {

@@ -68,6 +68,7 @@ use quickim_shared::error::ServiceError;
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, Transaction};
+use tracing::Instrument;
 
 pub use conversations::{CreateOutcome, NewConversation};
 pub use messages::SendItem;
@@ -111,6 +112,46 @@ impl From<StoreError> for ServiceError {
 
 pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub(crate) type Tx = Transaction<'static, Any>;
+
+/// A write transaction on SQLite's writer connection that the statements themselves open
+/// and commit (see [`Store::begin_write_fused`]).
+pub(crate) struct ManualTx {
+    conn: sqlx::pool::PoolConnection<Any>,
+    /// Whether a transaction may still be open on the connection.
+    open: bool,
+}
+
+impl ManualTx {
+    /// The connection, for the transaction's statements.
+    pub(crate) fn conn(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.conn
+    }
+
+    /// Ends the transaction: `committed` means its last statement committed it; otherwise
+    /// `commit` says whether to commit (else roll back) what is open. A connection whose
+    /// state is unknown after an error is closed rather than handed to the next writer.
+    pub(crate) async fn finish(mut self, committed: bool, commit: bool) -> Result<()> {
+        if committed {
+            self.open = false;
+            return Ok(());
+        }
+        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        let done = sqlx::query(sql).execute(&mut *self.conn).instrument(sql_span("sqlite", sql, "")).await;
+        if done.is_ok() {
+            self.open = false;
+        }
+        done.map(|_| ()).map_err(StoreError::from)
+    }
+}
+
+impl Drop for ManualTx {
+    fn drop(&mut self) {
+        if self.open {
+            // A ROLLBACK that failed (or never ran): the connection may hold a transaction.
+            self.conn.close_on_drop();
+        }
+    }
+}
 
 /// Cheap `Clone` handle to the database.
 #[derive(Clone)]
@@ -210,6 +251,19 @@ impl Store {
             Dialect::Postgres => self.inner.writer.begin().await?,
         };
         Ok((guard, tx))
+    }
+
+    /// SQLite: queues behind other writers and takes the writer connection with no
+    /// transaction open; the caller's first statement opens one (`BEGIN IMMEDIATE; ...`) and
+    /// its last one commits it, so the whole batch costs the writer's thread two hand-overs.
+    /// [`ManualTx::finish`] commits or rolls back whatever is still open.
+    pub(crate) async fn begin_write_fused(&self) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, ManualTx)> {
+        let guard = match &self.inner.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        let conn = self.inner.writer.acquire().await?;
+        Ok((guard, ManualTx { conn, open: true }))
     }
 
     /// A read-only transaction that sees one consistent snapshot.

@@ -70,6 +70,21 @@ pub(crate) struct LockedConversation {
     pub part: u16,
 }
 
+/// Conversations as read on SQLite: `[[id, joinable, archived, last_msg_id, last_send_time,
+/// part], ...]`.
+pub(crate) fn locked_from_json(json: &str) -> Result<BTreeMap<String, LockedConversation>> {
+    let rows: Vec<(String, i64, i64, i64, i64, i64)> = from_json(json)?;
+    let mut out = BTreeMap::new();
+    for (id, joinable, archived, last_msg_id, last_send_time, part) in rows {
+        let part = u16::try_from(part).map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+        out.insert(
+            id,
+            LockedConversation { joinable: joinable != 0, archived: archived != 0, last_msg_id, last_send_time, part },
+        );
+    }
+    Ok(out)
+}
+
 /// A message to append (its conversation must be locked in the same transaction).
 #[derive(Debug, Clone)]
 pub(crate) struct NewEntry {
@@ -104,21 +119,7 @@ impl Store {
             .fetch_one(&mut *tx)
             .instrument(sql_span(self.system(), "SELECT", "conversations"))
             .await?;
-            let rows: Vec<(String, i64, i64, i64, i64, i64)> = from_json(&row.try_get::<String, _>("rows")?)?;
-            for (id, joinable, archived, last_msg_id, last_send_time, part) in rows {
-                let part = u16::try_from(part).map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
-                out.insert(
-                    id,
-                    LockedConversation {
-                        joinable: joinable != 0,
-                        archived: archived != 0,
-                        last_msg_id,
-                        last_send_time,
-                        part,
-                    },
-                );
-            }
-            return Ok(out);
+            return locked_from_json(&row.try_get::<String, _>("rows")?);
         }
         for chunk in ids.chunks(512).map(padded) {
             let mut p = Params::new(self.system());
@@ -173,6 +174,20 @@ impl Store {
         convs: &mut BTreeMap<String, LockedConversation>,
         entries: Vec<NewEntry>,
     ) -> Result<Vec<LogEntry>> {
+        self.append_with(tx, convs, entries, None, false).await
+    }
+
+    /// [`Store::append`] with the partition heads already read in this transaction (`heads`),
+    /// and on SQLite with the transaction's COMMIT in the same statement (`commit`; the
+    /// caller's [`crate::ManualTx`] opened it). Nothing is committed when `entries` is empty.
+    pub(crate) async fn append_with(
+        &self,
+        tx: &mut AnyConnection,
+        convs: &mut BTreeMap<String, LockedConversation>,
+        entries: Vec<NewEntry>,
+        known_heads: Option<HashMap<u16, i64>>,
+        commit: bool,
+    ) -> Result<Vec<LogEntry>> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
@@ -190,8 +205,9 @@ impl Store {
         // commit, so the fewer round trips after this point the better. SQLite: the write
         // transaction already holds the only write lock; read the heads. Either way the new
         // heads are written with the other writes below, in one round trip.
-        let mut heads: HashMap<u16, i64> = HashMap::new();
+        let mut heads: HashMap<u16, i64> = known_heads.unwrap_or_default();
         match self.dialect() {
+            _ if !heads.is_empty() => {}
             Dialect::Postgres => {
                 let mut p = Params::new(self.system());
                 let sql = format!(
@@ -251,7 +267,7 @@ impl Store {
         }
         let rows = AppendRows::of(&new_heads, &out)?;
         match self.dialect() {
-            Dialect::Sqlite => write_sqlite(tx, &rows).await?,
+            Dialect::Sqlite => write_sqlite(tx, &rows, commit).await?,
             Dialect::Postgres => write_postgres(tx, &rows).await?,
         }
         Ok(out)
@@ -470,26 +486,40 @@ impl AppendRows {
     }
 }
 
-/// SQLite: the partitions' new heads, the messages and the conversations' new heads, three
-/// statements in one round trip to the connection's worker thread.
-const APPEND_SQLITE: &str = "\
+/// The text of [`APPEND_SQLITE`], so that [`APPEND_SQLITE_COMMIT`] can extend it.
+macro_rules! append_sqlite {
+    () => {
+        "\
 UPDATE log_partitions SET head = v.value ->> 1 FROM jsonb_each(?) AS v WHERE log_partitions.part = v.value ->> 0;
 INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, send_time)
   SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7,
     value ->> 8 FROM jsonb_each(?);
 UPDATE conversations SET last_msg_id = v.value ->> 1, last_offset = v.value ->> 2, last_send_time = v.value ->> 3
-  FROM jsonb_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0;";
+  FROM jsonb_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0;"
+    };
+}
 
-async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
+/// SQLite: the partitions' new heads, the messages and the conversations' new heads, three
+/// statements in one round trip to the connection's worker thread.
+const APPEND_SQLITE: &str = append_sqlite!();
+
+/// [`APPEND_SQLITE`] followed by the transaction's COMMIT: one hand-over to SQLite's thread.
+const APPEND_SQLITE_COMMIT: &str = concat!(append_sqlite!(), "\nCOMMIT;");
+
+async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows, commit: bool) -> Result<()> {
     let span = tracing::info_span!(
         "db.query",
-        otel.name = "UPDATE log_partitions; INSERT messages; UPDATE conversations",
+        otel.name = if commit {
+            "UPDATE log_partitions; INSERT messages; UPDATE conversations; COMMIT"
+        } else {
+            "UPDATE log_partitions; INSERT messages; UPDATE conversations"
+        },
         otel.kind = "client",
         db.system.name = "sqlite",
         db.operation.name = "BATCH",
-        db.operation.batch.size = 3,
+        db.operation.batch.size = if commit { 4 } else { 3 },
     );
-    let done = sqlx::query(APPEND_SQLITE)
+    let done = sqlx::query(if commit { APPEND_SQLITE_COMMIT } else { APPEND_SQLITE })
         .bind(rows.parts.as_str())
         .bind(rows.messages.as_str())
         .bind(rows.conversations.as_str())
@@ -497,12 +527,11 @@ async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
         .instrument(span)
         .await?;
     let (parts, msgs, convs) = rows.counts;
-    if done.rows_affected() != (parts + msgs + convs) as u64 {
-        return Err(StoreError::Corrupt(format!(
-            "append wrote {} rows of {}",
-            done.rows_affected(),
-            parts + msgs + convs
-        )));
+    // The total is summed over the statements from sqlite3_changes(), which a COMMIT leaves
+    // at the last UPDATE's count: that one is counted twice.
+    let expected = parts + msgs + convs + if commit { convs } else { 0 };
+    if done.rows_affected() != expected as u64 {
+        return Err(StoreError::Corrupt(format!("append wrote {} rows of {expected}", done.rows_affected())));
     }
     Ok(())
 }

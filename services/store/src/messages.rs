@@ -5,7 +5,7 @@
 //! is claimed concurrently by a transaction for another conversation makes that item a
 //! conflict (the batch is re-run without it, so msg_ids stay gap-free).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use tracing::Instrument;
 
 use quickim_shared::error::{ErrorCode, ServiceError};
@@ -15,9 +15,9 @@ use quickim_shared::protocol::service::{HistoryQuery, Origin};
 use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
-use crate::log::NewEntry;
+use crate::log::{LockedConversation, NewEntry, locked_from_json};
 use crate::sql::{MESSAGE_COLUMNS, Params, db_int, from_json, message, padded, pow2_chunks, to_json};
-use crate::{Result, Store, StoreError, sql_span};
+use crate::{Dialect, Result, Store, StoreError, sql_span};
 
 /// One message to store (already validated for shape by the message service).
 #[derive(Debug, Clone)]
@@ -67,7 +67,13 @@ impl Store {
     ) -> Result<(Vec<std::result::Result<Message, ServiceError>>, Vec<LogEntry>)> {
         let mut conflicted: HashSet<Key> = HashSet::new();
         for _ in 0..8 {
-            match write_tx!(self, |tx| { self.try_send_batch(tx, items, &conflicted).await })? {
+            let attempt = match self.dialect() {
+                Dialect::Sqlite => self.send_attempt_sqlite(items, &conflicted).await?,
+                Dialect::Postgres => {
+                    write_tx!(self, |tx| { self.try_send_batch(tx, items, &conflicted, false).await })?.0
+                }
+            };
+            match attempt {
                 Attempt::Done(results, entries) => return Ok((results, entries)),
                 Attempt::Conflicts(keys) => conflicted.extend(keys),
             }
@@ -78,17 +84,58 @@ impl Store {
         )))
     }
 
+    /// SQLite: one attempt in two hand-overs to SQLite's thread — `BEGIN IMMEDIATE` with
+    /// every read of the batch, then the writes with `COMMIT` (idempotency keys, when the
+    /// batch has any, add their own statements between the two). Under load each hand-over is
+    /// two thread wake-ups on the send path's critical section, and four of the six a batch
+    /// took are gone. Retried like [`write_tx!`] when the database is busy.
+    async fn send_attempt_sqlite(&self, items: &[SendItem], conflicted: &HashSet<Key>) -> Result<Attempt> {
+        let mut tries: u64 = 0;
+        loop {
+            tries += 1;
+            let (guard, mut tx) = self.begin_write_fused().await?;
+            let result = self.try_send_batch(tx.conn(), items, conflicted, true).await;
+            let result = match result {
+                Ok((attempt, committed)) => {
+                    let commit = matches!(attempt, Attempt::Done(..));
+                    tx.finish(committed, commit).await.map(|_| attempt)
+                }
+                Err(e) => {
+                    let _ = tx.finish(false, false).await;
+                    Err(e)
+                }
+            };
+            drop(guard);
+            match result {
+                Err(StoreError::Database(e)) if tries < 5 && crate::is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt = tries, "retrying transaction");
+                    tokio::time::sleep(std::time::Duration::from_millis(2 * tries)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt at the batch; answers whether the attempt's own statements committed
+    /// (`fused`: SQLite, where the transaction is opened by the reads and committed by the
+    /// append; otherwise the caller's transaction does both).
     async fn try_send_batch(
         &self,
         tx: &mut AnyConnection,
         items: &[SendItem],
         conflicted: &HashSet<Key>,
-    ) -> Result<Attempt> {
-        let conv_ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
-        let mut convs = self.lock_conversations(tx, &conv_ids).await?;
+        fused: bool,
+    ) -> Result<(Attempt, bool)> {
+        let (mut convs, members, heads) = if fused {
+            let (convs, members, heads) = open_with_reads(tx, items).await?;
+            (convs, members, Some(heads))
+        } else {
+            let conv_ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
+            let convs = self.lock_conversations(tx, &conv_ids).await?;
+            (convs, active_pairs(self.system(), tx, items).await?, None)
+        };
         let keys: Vec<Key> = items.iter().filter_map(SendItem::key).collect();
         let existing = existing_keys(self.system(), tx, &keys).await?;
-        let members = active_pairs(self.system(), tx, items).await?;
 
         let mut results: Vec<Option<std::result::Result<Message, ServiceError>>> = vec![None; items.len()];
         let mut alias: Vec<(usize, usize)> = Vec::new();
@@ -162,9 +209,10 @@ impl Store {
             .collect();
         let lost = claim_keys(self.system(), tx, &claims).await?;
         if !lost.is_empty() {
-            return Ok(Attempt::Conflicts(lost));
+            return Ok((Attempt::Conflicts(lost), false));
         }
-        let entries = self.append(tx, &mut convs, new).await?;
+        let committed = fused && !new.is_empty();
+        let entries = self.append_with(tx, &mut convs, new, heads, fused).await?;
         for (&i, e) in accepted.iter().zip(&entries) {
             results[i] = Some(Ok(e.message.clone()));
         }
@@ -179,7 +227,7 @@ impl Store {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("batch item without result"))))
             .collect();
-        Ok(Attempt::Done(results, entries))
+        Ok((Attempt::Done(results, entries), committed))
     }
 
     /// History of a conversation for an active member; at most `range_max` messages.
@@ -269,6 +317,46 @@ async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key
         }
     }
     Ok(out)
+}
+
+/// SQLite: opens the write transaction and reads, in one statement answering one row, the
+/// batch's conversations (as `lock_conversations`), which (conversation, sender) pairs are
+/// active members (as `active_pairs`) and the partition heads.
+async fn open_with_reads(
+    tx: &mut AnyConnection,
+    items: &[SendItem],
+) -> Result<(BTreeMap<String, LockedConversation>, HashSet<(String, String)>, HashMap<u16, i64>)> {
+    let mut ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut pairs: Vec<(&str, &str)> =
+        items.iter().filter(|i| !i.from.is_empty()).map(|i| (i.conversation_id.as_str(), i.from.as_str())).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let row = sqlx::query(
+        "BEGIN IMMEDIATE; \
+         SELECT (SELECT json_group_array(json_array(conversation_id, joinable, archived, last_msg_id, \
+           last_send_time, part)) FROM conversations WHERE conversation_id IN (SELECT value FROM jsonb_each(?))) \
+           AS convs, \
+         (SELECT json_group_array(json_array(m.conversation_id, m.user_id)) FROM jsonb_each(?) j \
+           JOIN members m ON m.conversation_id = j.value ->> 0 AND m.user_id = j.value ->> 1 WHERE m.active = 1) \
+           AS members, \
+         (SELECT json_group_array(json_array(part, head)) FROM log_partitions) AS heads",
+    )
+    .bind(to_json(&ids)?)
+    .bind(to_json(&pairs)?)
+    // (fetch_one would stop after BEGIN, the first statement.)
+    .fetch_all(&mut *tx)
+    .instrument(sql_span("sqlite", "BEGIN IMMEDIATE; SELECT", "conversations, members, log_partitions"))
+    .await?
+    .pop()
+    .ok_or_else(|| StoreError::Corrupt("the batch's reads answered no row".into()))?;
+    let convs = locked_from_json(&row.try_get::<String, _>("convs")?)?;
+    let members: HashSet<(String, String)> =
+        from_json::<Vec<(String, String)>>(&row.try_get::<String, _>("members")?)?.into_iter().collect();
+    let heads: HashMap<u16, i64> =
+        from_json::<Vec<(u16, i64)>>(&row.try_get::<String, _>("heads")?)?.into_iter().collect();
+    Ok((convs, members, heads))
 }
 
 /// (conversation, user) pairs among the items' senders that are active members.
