@@ -359,7 +359,8 @@ async fn open_with_reads(
     Ok((convs, members, heads))
 }
 
-/// (conversation, user) pairs among the items' senders that are active members.
+/// (conversation, user) pairs among the items' senders that are active members (PostgreSQL;
+/// SQLite reads them with the batch's other reads, in `open_with_reads`).
 async fn active_pairs(
     system: &'static str,
     tx: &mut AnyConnection,
@@ -370,19 +371,6 @@ async fn active_pairs(
     pairs.sort_unstable();
     pairs.dedup();
     let mut out = HashSet::new();
-    if system == "sqlite" {
-        // One row (see `lock_conversations`).
-        let row = sqlx::query(
-            "SELECT json_group_array(json_array(m.conversation_id, m.user_id)) AS rows FROM jsonb_each(?) j \
-             JOIN members m ON m.conversation_id = j.value ->> 0 AND m.user_id = j.value ->> 1 WHERE m.active = 1",
-        )
-        .bind(to_json(&pairs)?)
-        .fetch_one(&mut *tx)
-        .instrument(sql_span(system, "SELECT", "members"))
-        .await?;
-        out.extend(from_json::<Vec<(String, String)>>(&row.try_get::<String, _>("rows")?)?);
-        return Ok(out);
-    }
     for chunk in pairs.chunks(256).map(padded) {
         let mut p = Params::new(system);
         let active = p.next();
