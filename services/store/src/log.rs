@@ -70,6 +70,29 @@ pub(crate) struct LockedConversation {
     pub part: u16,
 }
 
+/// SQLite: the conversations whose ids are in the JSON array bound to `?`, as one JSON value
+/// (read back with [`locked_from_json`]).
+macro_rules! sqlite_conversations_json {
+    () => {
+        "SELECT json_group_array(json_array(conversation_id, joinable, archived, last_msg_id, \
+         last_send_time, part)) FROM conversations WHERE conversation_id IN (SELECT value FROM jsonb_each(?))"
+    };
+}
+pub(crate) use sqlite_conversations_json;
+
+/// SQLite: every partition's head as one JSON value (read back with [`heads_from_json`]).
+macro_rules! sqlite_heads_json {
+    () => {
+        "SELECT json_group_array(json_array(part, head)) FROM log_partitions"
+    };
+}
+pub(crate) use sqlite_heads_json;
+
+/// Partition heads as read on SQLite: `[[part, head], ...]`.
+pub(crate) fn heads_from_json(json: &str) -> Result<HashMap<u16, i64>> {
+    Ok(from_json::<Vec<(u16, i64)>>(json)?.into_iter().collect())
+}
+
 /// Conversations as read on SQLite: `[[id, joinable, archived, last_msg_id, last_send_time,
 /// part], ...]`.
 pub(crate) fn locked_from_json(json: &str) -> Result<BTreeMap<String, LockedConversation>> {
@@ -110,15 +133,11 @@ impl Store {
             // The write transaction holds SQLite's one write lock already. One row, the
             // conversations as a JSON array: SQLite hands a statement's rows over one by one,
             // each a wake-up of the writer, which cost more than the rows themselves.
-            let row = sqlx::query(
-                "SELECT json_group_array(json_array(conversation_id, joinable, archived, last_msg_id, \
-                 last_send_time, part)) AS rows FROM conversations \
-                 WHERE conversation_id IN (SELECT value FROM jsonb_each(?))",
-            )
-            .bind(to_json(&ids)?)
-            .fetch_one(&mut *tx)
-            .instrument(sql_span(self.system(), "SELECT", "conversations"))
-            .await?;
+            let row = sqlx::query(concat!("SELECT (", sqlite_conversations_json!(), ") AS rows"))
+                .bind(to_json(&ids)?)
+                .fetch_one(&mut *tx)
+                .instrument(sql_span(self.system(), "SELECT", "conversations"))
+                .await?;
             return locked_from_json(&row.try_get::<String, _>("rows")?);
         }
         for chunk in ids.chunks(512).map(padded) {
@@ -227,11 +246,11 @@ impl Store {
                 }
             }
             Dialect::Sqlite => {
-                let row = sqlx::query("SELECT json_group_array(json_array(part, head)) AS rows FROM log_partitions")
+                let row = sqlx::query(concat!("SELECT (", sqlite_heads_json!(), ") AS rows"))
                     .fetch_one(&mut *tx)
                     .instrument(sql_span(self.system(), "SELECT", "log_partitions"))
                     .await?;
-                heads.extend(from_json::<Vec<(u16, i64)>>(&row.try_get::<String, _>("rows")?)?);
+                heads = heads_from_json(&row.try_get::<String, _>("rows")?)?;
             }
         }
         // New heads, in partition order.

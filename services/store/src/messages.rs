@@ -15,7 +15,9 @@ use quickim_shared::protocol::service::{HistoryQuery, Origin};
 use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
-use crate::log::{LockedConversation, NewEntry, locked_from_json};
+use crate::log::{
+    LockedConversation, NewEntry, heads_from_json, locked_from_json, sqlite_conversations_json, sqlite_heads_json,
+};
 use crate::sql::{MESSAGE_COLUMNS, Params, db_int, from_json, message, padded, pow2_chunks, to_json};
 use crate::{Dialect, Result, Store, StoreError, sql_span};
 
@@ -88,30 +90,18 @@ impl Store {
     /// every read of the batch, then the writes with `COMMIT` (idempotency keys, when the
     /// batch has any, add their own statements between the two). Under load each hand-over is
     /// two thread wake-ups on the send path's critical section, and four of the six a batch
-    /// took are gone. Retried like [`write_tx!`] when the database is busy.
+    /// took are gone. (No retry loop as in [`write_tx!`]: SQLite has no deadlock or
+    /// serialization failure to retry, and a busy file waits in SQLite's busy handler.)
     async fn send_attempt_sqlite(&self, items: &[SendItem], conflicted: &HashSet<Key>) -> Result<Attempt> {
-        let mut tries: u64 = 0;
-        loop {
-            tries += 1;
-            let (guard, mut tx) = self.begin_write_fused().await?;
-            let result = self.try_send_batch(tx.conn(), items, conflicted, true).await;
-            let result = match result {
-                Ok((attempt, committed)) => {
-                    let commit = matches!(attempt, Attempt::Done(..));
-                    tx.finish(committed, commit).await.map(|_| attempt)
-                }
-                Err(e) => {
-                    let _ = tx.finish(false, false).await;
-                    Err(e)
-                }
-            };
-            drop(guard);
-            match result {
-                Err(StoreError::Database(e)) if tries < 5 && crate::is_retryable(&e) => {
-                    tracing::debug!(error = %e, attempt = tries, "retrying transaction");
-                    tokio::time::sleep(std::time::Duration::from_millis(2 * tries)).await;
-                }
-                other => return other,
+        let (_guard, mut tx) = self.begin_write_fused().await?;
+        match self.try_send_batch(tx.conn(), items, conflicted, true).await {
+            Ok((attempt, committed)) => {
+                let commit = matches!(attempt, Attempt::Done(..));
+                tx.finish(committed, commit).await.map(|_| attempt)
+            }
+            Err(e) => {
+                let _ = tx.finish(false, false).await;
+                Err(e)
             }
         }
     }
@@ -211,8 +201,9 @@ impl Store {
         if !lost.is_empty() {
             return Ok((Attempt::Conflicts(lost), false));
         }
-        let committed = fused && !new.is_empty();
         let entries = self.append_with(tx, &mut convs, new, heads, fused).await?;
+        // An empty append writes (and commits) nothing.
+        let committed = fused && !entries.is_empty();
         for (&i, e) in accepted.iter().zip(&entries) {
             results[i] = Some(Ok(e.message.clone()));
         }
@@ -333,16 +324,15 @@ async fn open_with_reads(
         items.iter().filter(|i| !i.from.is_empty()).map(|i| (i.conversation_id.as_str(), i.from.as_str())).collect();
     pairs.sort_unstable();
     pairs.dedup();
-    let row = sqlx::query(
-        "BEGIN IMMEDIATE; \
-         SELECT (SELECT json_group_array(json_array(conversation_id, joinable, archived, last_msg_id, \
-           last_send_time, part)) FROM conversations WHERE conversation_id IN (SELECT value FROM jsonb_each(?))) \
-           AS convs, \
-         (SELECT json_group_array(json_array(m.conversation_id, m.user_id)) FROM jsonb_each(?) j \
-           JOIN members m ON m.conversation_id = j.value ->> 0 AND m.user_id = j.value ->> 1 WHERE m.active = 1) \
-           AS members, \
-         (SELECT json_group_array(json_array(part, head)) FROM log_partitions) AS heads",
-    )
+    let row = sqlx::query(concat!(
+        "BEGIN IMMEDIATE; SELECT (",
+        sqlite_conversations_json!(),
+        ") AS convs, (SELECT json_group_array(json_array(m.conversation_id, m.user_id)) FROM jsonb_each(?) j \
+         JOIN members m ON m.conversation_id = j.value ->> 0 AND m.user_id = j.value ->> 1 WHERE m.active = 1) \
+         AS members, (",
+        sqlite_heads_json!(),
+        ") AS heads"
+    ))
     .bind(to_json(&ids)?)
     .bind(to_json(&pairs)?)
     // (fetch_one would stop after BEGIN, the first statement.)
@@ -354,8 +344,7 @@ async fn open_with_reads(
     let convs = locked_from_json(&row.try_get::<String, _>("convs")?)?;
     let members: HashSet<(String, String)> =
         from_json::<Vec<(String, String)>>(&row.try_get::<String, _>("members")?)?.into_iter().collect();
-    let heads: HashMap<u16, i64> =
-        from_json::<Vec<(u16, i64)>>(&row.try_get::<String, _>("heads")?)?.into_iter().collect();
+    let heads = heads_from_json(&row.try_get::<String, _>("heads")?)?;
     Ok((convs, members, heads))
 }
 
