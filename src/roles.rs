@@ -18,6 +18,14 @@ use quickim_store::Store;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// Log partitions of a new standalone database: partitions let several message services
+/// write at once, standalone has one writer, and every partition a commit touches is one
+/// more page in the WAL (with 8, a commit of a few dozen sends wrote about 7 more pages).
+const STANDALONE_PARTITIONS: u16 = 1;
+/// Log partitions of a new PostgreSQL database: message services writing at once lock
+/// different partitions.
+const DISTRIBUTED_PARTITIONS: u16 = 8;
+
 /// Runs `role` until a stop signal.
 pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
     let node_id = config.node_name(role);
@@ -33,7 +41,7 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             let store = Store::open_sqlite(
                 &config.data_dir.join("quickim.db"),
                 config.db_max_connections,
-                config.log_partitions,
+                config.log_partitions.unwrap_or(STANDALONE_PARTITIONS),
             )
             .await
             .context("opening the SQLite database")?;
@@ -68,7 +76,8 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         Role::Conversation | Role::Message => {
             let bus = connect_nats(&config, &node_id).await?;
             let url = config.database_url.clone().unwrap_or_default();
-            let store = Store::open_postgres(&url, config.db_max_connections, config.log_partitions)
+            let partitions = config.log_partitions.unwrap_or(DISTRIBUTED_PARTITIONS);
+            let store = Store::open_postgres(&url, config.db_max_connections, partitions)
                 .await
                 .context("connecting to PostgreSQL")?;
             let ops =

@@ -133,8 +133,8 @@ config_keys! {
     rate_limit_burst: u32 => u32 = 200, env "QUICKIM_RATE_LIMIT_BURST";
     /// How long the gateway waits for a service answer, ms
     request_timeout_ms: u64 => u64 = 5_000, env "QUICKIM_REQUEST_TIMEOUT_MS";
-    /// Log partitions of a new database (fixed once the database exists)
-    log_partitions: u16 => u16 = 8, env "QUICKIM_LOG_PARTITIONS";
+    /// Log partitions of a new database, fixed once it exists (default: 1 standalone, 8 distributed)
+    log_partitions: Option<u16> => u16 = None, env "QUICKIM_LOG_PARTITIONS";
     /// Cursors older than this are answered with resync, seconds
     replay_retention_s: u64 => u64 = 86_400, env "QUICKIM_REPLAY_RETENTION_S";
     /// Messages per replay page on resume (and most events per long-poll answer)
@@ -224,8 +224,8 @@ impl Config {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return fail(format!("log_format must be text or json, not {:?}", self.log_format));
         }
-        if self.log_partitions == 0 || self.log_partitions > 256 {
-            return fail(format!("log_partitions must be within 1–256, not {}", self.log_partitions));
+        if let Some(n) = self.log_partitions.filter(|n| *n == 0 || *n > 256) {
+            return fail(format!("log_partitions must be within 1–256, not {n}"));
         }
         if self.max_content_bytes == 0 || self.max_body_bytes < self.max_content_bytes {
             return fail("max_body_bytes must be at least max_content_bytes (> 0)".into());
