@@ -72,10 +72,12 @@ impl Batcher {
     }
 }
 
-/// Runs the writer on a thread of its own. A batch awaits the database many times (the
-/// connection, each statement, the commit); on the shared runtime every one of those wake-ups
-/// queued behind the request tasks of a busy node, and the writer (SQLite has one) is the
-/// send path's critical section. Falls back to the shared runtime if no thread can be made.
+/// Runs the writer on a thread of its own. On SQLite the batch's statements run right here,
+/// on this thread (`Store::send_batch`): no wake-up between them at all. On PostgreSQL a
+/// batch awaits the database many times (the connection, each statement, the commit); on
+/// the shared runtime every one of those wake-ups queued behind the request tasks of a busy
+/// node, and the writer is the send path's critical section. Falls back to the shared
+/// runtime if no thread can be made (SQLite then tells the runtime its worker blocks).
 fn run_writer<F>(writer: F)
 where
     F: std::future::Future + Send + 'static,

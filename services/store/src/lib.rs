@@ -9,6 +9,8 @@
 //! - `conversations.rs`: conversations and membership (each change writes its system
 //!   message through the log, in the same transaction);
 //! - `messages.rs`: sending (membership, archive and idempotency checks) and history;
+//! - `messages_sqlite.rs`: a send batch's statements on SQLite, run by the calling thread on
+//!   a connection of their own (no hand-over to a pooled connection's worker thread);
 //! - `revocations.rs`: token revocations;
 //! - `sql.rs`: placeholder building and row decoding shared by the above.
 //!
@@ -56,6 +58,7 @@ macro_rules! write_tx {
 mod conversations;
 mod log;
 mod messages;
+mod messages_sqlite;
 mod postgres;
 mod revocations;
 mod sql;
@@ -68,7 +71,6 @@ use quickim_shared::error::ServiceError;
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, Transaction};
-use tracing::Instrument;
 
 pub use conversations::{CreateOutcome, NewConversation};
 pub use messages::SendItem;
@@ -92,6 +94,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// SQLite failed, on the connection that stores send batches.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// The database holds something this version cannot read.
     #[error("database content: {0}")]
     Corrupt(String),
@@ -105,6 +110,16 @@ impl From<StoreError> for ServiceError {
                 tracing::error!(error = %e, "database unavailable");
                 ServiceError::unavailable("database unavailable, try again")
             }
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error {
+                    code: rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked,
+                    ..
+                },
+                _,
+            )) => {
+                tracing::error!(error = %e, "database busy");
+                ServiceError::unavailable("database busy, try again")
+            }
             other => ServiceError::internal(other),
         }
     }
@@ -112,46 +127,6 @@ impl From<StoreError> for ServiceError {
 
 pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub(crate) type Tx = Transaction<'static, Any>;
-
-/// A write transaction on SQLite's writer connection that the statements themselves open
-/// and commit (see [`Store::begin_write_fused`]).
-pub(crate) struct ManualTx {
-    conn: sqlx::pool::PoolConnection<Any>,
-    /// Whether a transaction may still be open on the connection.
-    open: bool,
-}
-
-impl ManualTx {
-    /// The connection, for the transaction's statements.
-    pub(crate) fn conn(&mut self) -> &mut sqlx::AnyConnection {
-        &mut self.conn
-    }
-
-    /// Ends the transaction: `committed` means its last statement committed it; otherwise
-    /// `commit` says whether to commit (else roll back) what is open. A connection whose
-    /// state is unknown after an error is closed rather than handed to the next writer.
-    pub(crate) async fn finish(mut self, committed: bool, commit: bool) -> Result<()> {
-        if committed {
-            self.open = false;
-            return Ok(());
-        }
-        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
-        let done = sqlx::query(sql).execute(&mut *self.conn).instrument(sql_span("sqlite", sql, "")).await;
-        if done.is_ok() {
-            self.open = false;
-        }
-        done.map(|_| ()).map_err(StoreError::from)
-    }
-}
-
-impl Drop for ManualTx {
-    fn drop(&mut self) {
-        if self.open {
-            // A ROLLBACK that failed (or never ran): the connection may hold a transaction.
-            self.conn.close_on_drop();
-        }
-    }
-}
 
 /// Cheap `Clone` handle to the database.
 #[derive(Clone)]
@@ -170,6 +145,8 @@ struct Inner {
     /// SQLite takes one writer at a time: writers queue here instead of spinning in
     /// SQLite's busy handler.
     write_lock: Option<tokio::sync::Mutex<()>>,
+    /// SQLite: the connection that stores send batches (see `sqlite::open_direct`).
+    direct: Option<std::sync::Mutex<rusqlite::Connection>>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -179,7 +156,8 @@ impl Store {
     pub async fn open_sqlite(path: &Path, max_connections: u32, partitions_if_new: u16) -> Result<Store> {
         let pool = sqlite::open(path, max_connections).await?;
         let writer = sqlite::open(path, 1).await?;
-        let store = Self::init(pool, writer, Dialect::Sqlite, partitions_if_new).await?;
+        let direct = sqlite::open_direct(path)?;
+        let store = Self::init(pool, writer, Some(direct), Dialect::Sqlite, partitions_if_new).await?;
         let inner = Arc::downgrade(&store.inner);
         sqlite::checkpoints(store.inner.pool.clone(), move || inner.strong_count() > 0);
         Ok(store)
@@ -188,10 +166,16 @@ impl Store {
     /// Connects to PostgreSQL at `url`.
     pub async fn open_postgres(url: &str, max_connections: u32, partitions_if_new: u16) -> Result<Store> {
         let pool = postgres::open(url, max_connections).await?;
-        Self::init(pool.clone(), pool, Dialect::Postgres, partitions_if_new).await
+        Self::init(pool.clone(), pool, None, Dialect::Postgres, partitions_if_new).await
     }
 
-    async fn init(pool: AnyPool, writer: AnyPool, dialect: Dialect, partitions_if_new: u16) -> Result<Store> {
+    async fn init(
+        pool: AnyPool,
+        writer: AnyPool,
+        direct: Option<rusqlite::Connection>,
+        dialect: Dialect,
+        partitions_if_new: u16,
+    ) -> Result<Store> {
         MIGRATOR.run(&pool).await.map_err(|e| StoreError::Database(e.into()))?;
         let system = match dialect {
             Dialect::Sqlite => "sqlite",
@@ -206,7 +190,8 @@ impl Store {
             );
         }
         let write_lock = (dialect == Dialect::Sqlite).then(|| tokio::sync::Mutex::new(()));
-        Ok(Store { inner: Arc::new(Inner { pool, writer, dialect, partitions, epoch, write_lock }) })
+        let direct = direct.map(std::sync::Mutex::new);
+        Ok(Store { inner: Arc::new(Inner { pool, writer, dialect, partitions, epoch, write_lock, direct }) })
     }
 
     /// Log partitions of this database.
@@ -253,17 +238,24 @@ impl Store {
         Ok((guard, tx))
     }
 
-    /// SQLite: queues behind other writers and takes the writer connection with no
-    /// transaction open; the caller's first statement opens one (`BEGIN IMMEDIATE; ...`) and
-    /// its last one commits it, so the whole batch costs the writer's thread two hand-overs.
-    /// [`ManualTx::finish`] commits or rolls back whatever is still open.
-    pub(crate) async fn begin_write_fused(&self) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, ManualTx)> {
-        let guard = match &self.inner.write_lock {
+    /// SQLite: queues behind other writers, then runs `f` on the calling thread with the
+    /// connection that stores send batches. Meant for a thread of its own (the message
+    /// writer's, or a test's); on a multi-threaded runtime's worker the runtime is told the
+    /// worker blocks.
+    pub(crate) async fn with_direct<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T> {
+        let _guard = match &self.inner.write_lock {
             Some(lock) => Some(lock.lock().await),
             None => None,
         };
-        let conn = self.inner.writer.acquire().await?;
-        Ok((guard, ManualTx { conn, open: true }))
+        let direct = self.inner.direct.as_ref().ok_or_else(|| StoreError::Corrupt("no SQLite connection".into()))?;
+        let run = || {
+            let conn = direct.lock().map_err(|_| StoreError::Corrupt("SQLite connection poisoned".into()))?;
+            f(&conn)
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+            _ => run(),
+        }
     }
 
     /// A read-only transaction that sees one consistent snapshot.

@@ -193,48 +193,25 @@ impl Store {
         convs: &mut BTreeMap<String, LockedConversation>,
         entries: Vec<NewEntry>,
     ) -> Result<Vec<LogEntry>> {
-        self.append_with(tx, convs, entries, None, false).await
-    }
-
-    /// [`Store::append`] with the partition heads already read in this transaction (`heads`),
-    /// and on SQLite with the transaction's COMMIT in the same statement (`commit`; the
-    /// caller's [`crate::ManualTx`] opened it). Nothing is committed when `entries` is empty.
-    pub(crate) async fn append_with(
-        &self,
-        tx: &mut AnyConnection,
-        convs: &mut BTreeMap<String, LockedConversation>,
-        entries: Vec<NewEntry>,
-        known_heads: Option<HashMap<u16, i64>>,
-        commit: bool,
-    ) -> Result<Vec<LogEntry>> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let now = now_ms();
-        let msg_ids = Self::plan_msg_ids(convs, &entries)?;
-        // Offsets: lock each partition once, in partition order, for all its entries.
-        let mut per_part: BTreeMap<u16, i64> = BTreeMap::new();
-        for e in &entries {
-            let part = convs.get(&e.conversation_id).map(|c| c.part).unwrap_or(0);
-            *per_part.entry(part).or_insert(0) += 1;
-        }
-        let mut next_offset: HashMap<u16, i64> = HashMap::new();
         // PostgreSQL: lock the partitions' rows in partition order (FOR UPDATE takes the locks
         // after the sort) and read their heads, in one round trip; the locks are held until
         // commit, so the fewer round trips after this point the better. SQLite: the write
         // transaction already holds the only write lock; read the heads. Either way the new
         // heads are written with the other writes below, in one round trip.
-        let mut heads: HashMap<u16, i64> = known_heads.unwrap_or_default();
+        let mut heads: HashMap<u16, i64> = HashMap::new();
         match self.dialect() {
-            _ if !heads.is_empty() => {}
             Dialect::Postgres => {
+                let parts = entries_per_part(convs, &entries);
                 let mut p = Params::new(self.system());
                 let sql = format!(
                     "SELECT part, head FROM log_partitions WHERE part IN ({}) ORDER BY part FOR UPDATE",
-                    p.list(per_part.len())
+                    p.list(parts.len())
                 );
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for part in per_part.keys() {
+                for part in parts.keys() {
                     q = q.bind(i32::from(*part));
                 }
                 let rows =
@@ -253,40 +230,9 @@ impl Store {
                 heads = heads_from_json(&row.try_get::<String, _>("rows")?)?;
             }
         }
-        // New heads, in partition order.
-        let mut new_heads: Vec<(u16, i64)> = Vec::with_capacity(per_part.len());
-        for (part, count) in &per_part {
-            let head = heads.get(part).copied().ok_or_else(|| StoreError::Corrupt("partition missing".into()))?;
-            next_offset.insert(*part, head + 1);
-            new_heads.push((*part, head + count));
-        }
-        let mut out = Vec::with_capacity(entries.len());
-        for (e, msg_id) in entries.into_iter().zip(msg_ids) {
-            let conv = convs
-                .get_mut(&e.conversation_id)
-                .ok_or_else(|| StoreError::Corrupt("conversation not locked".into()))?;
-            let offset = next_offset.get_mut(&conv.part).ok_or_else(|| StoreError::Corrupt("partition".into()))?;
-            let entry = LogEntry {
-                part: conv.part,
-                offset: api_int(*offset),
-                message: Message {
-                    conversation_id: e.conversation_id,
-                    msg_id: api_int(msg_id),
-                    from: e.from,
-                    msg_type: e.msg_type,
-                    content: e.content,
-                    client_msg_id: e.client_msg_id,
-                    send_time: now,
-                },
-            };
-            *offset += 1;
-            conv.last_msg_id = msg_id;
-            conv.last_send_time = now;
-            out.push(entry);
-        }
-        let rows = AppendRows::of(&new_heads, &out)?;
+        let (out, rows) = plan_append(convs, entries, &heads)?;
         match self.dialect() {
-            Dialect::Sqlite => write_sqlite(tx, &rows, commit).await?,
+            Dialect::Sqlite => write_sqlite(tx, &rows).await?,
             Dialect::Postgres => write_postgres(tx, &rows).await?,
         }
         Ok(out)
@@ -455,18 +401,75 @@ pub(crate) async fn read_heads(system: &'static str, conn: &mut AnyConnection) -
     rows.iter().map(|r| Ok(api_int(r.try_get("head")?))).collect()
 }
 
+/// How many of `entries` go to each partition (by their locked conversations).
+fn entries_per_part(convs: &BTreeMap<String, LockedConversation>, entries: &[NewEntry]) -> BTreeMap<u16, i64> {
+    let mut per_part: BTreeMap<u16, i64> = BTreeMap::new();
+    for e in entries {
+        let part = convs.get(&e.conversation_id).map(|c| c.part).unwrap_or(0);
+        *per_part.entry(part).or_insert(0) += 1;
+    }
+    per_part
+}
+
+/// The in-memory half of an append, given the partitions' current `heads`: allocates the
+/// entries' msg_ids and offsets (moving the locked conversations' heads along) and answers
+/// the log entries with the rows that write them.
+pub(crate) fn plan_append(
+    convs: &mut BTreeMap<String, LockedConversation>,
+    entries: Vec<NewEntry>,
+    heads: &HashMap<u16, i64>,
+) -> Result<(Vec<LogEntry>, AppendRows)> {
+    let now = now_ms();
+    let msg_ids = Store::plan_msg_ids(convs, &entries)?;
+    // Offsets: each partition's entries follow its head, in order.
+    let per_part = entries_per_part(convs, &entries);
+    let mut next_offset: HashMap<u16, i64> = HashMap::new();
+    let mut new_heads: Vec<(u16, i64)> = Vec::with_capacity(per_part.len());
+    for (part, count) in &per_part {
+        let head = heads.get(part).copied().ok_or_else(|| StoreError::Corrupt("partition missing".into()))?;
+        next_offset.insert(*part, head + 1);
+        new_heads.push((*part, head + count));
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for (e, msg_id) in entries.into_iter().zip(msg_ids) {
+        let conv =
+            convs.get_mut(&e.conversation_id).ok_or_else(|| StoreError::Corrupt("conversation not locked".into()))?;
+        let offset = next_offset.get_mut(&conv.part).ok_or_else(|| StoreError::Corrupt("partition".into()))?;
+        let entry = LogEntry {
+            part: conv.part,
+            offset: api_int(*offset),
+            message: Message {
+                conversation_id: e.conversation_id,
+                msg_id: api_int(msg_id),
+                from: e.from,
+                msg_type: e.msg_type,
+                content: e.content,
+                client_msg_id: e.client_msg_id,
+                send_time: now,
+            },
+        };
+        *offset += 1;
+        conv.last_msg_id = msg_id;
+        conv.last_send_time = now;
+        out.push(entry);
+    }
+    let rows = AppendRows::of(&new_heads, &out)?;
+    Ok((out, rows))
+}
+
 /// The rows an append writes, as JSON arrays bound as one parameter per table: the
 /// statements' texts never change (they stay prepared however many rows a batch has), and a
 /// batch is written in one round trip.
-struct AppendRows {
+pub(crate) struct AppendRows {
     /// `[[part, head], ...]`
-    parts: String,
+    pub(crate) parts: String,
     /// `[[conversation_id, msg_id, part, log_offset, sender, msg_type, content,
     /// client_msg_id, send_time], ...]`
-    messages: String,
+    pub(crate) messages: String,
     /// `[[conversation_id, last_msg_id, last_offset, send_time], ...]` (one per conversation)
-    conversations: String,
-    counts: (i64, i64, i64),
+    pub(crate) conversations: String,
+    /// Rows of each: (partitions, messages, conversations).
+    pub(crate) counts: (i64, i64, i64),
 }
 
 impl AppendRows {
@@ -505,50 +508,58 @@ impl AppendRows {
     }
 }
 
-/// The text of [`APPEND_SQLITE`], so that [`APPEND_SQLITE_COMMIT`] can extend it.
-macro_rules! append_sqlite {
+/// SQLite: the partitions' new heads (`AppendRows::parts`).
+macro_rules! append_parts_sqlite {
     () => {
-        "\
-UPDATE log_partitions SET head = v.value ->> 1 FROM jsonb_each(?) AS v WHERE log_partitions.part = v.value ->> 0;
-INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, send_time)
-  SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7,
-    value ->> 8 FROM jsonb_each(?);
-UPDATE conversations SET last_msg_id = v.value ->> 1, last_offset = v.value ->> 2, last_send_time = v.value ->> 3
-  FROM jsonb_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0;"
+        "UPDATE log_partitions SET head = v.value ->> 1 FROM jsonb_each(?) AS v WHERE log_partitions.part = v.value ->> 0"
     };
 }
+pub(crate) const APPEND_PARTS_SQLITE: &str = append_parts_sqlite!();
 
-/// SQLite: the partitions' new heads, the messages and the conversations' new heads, three
-/// statements in one round trip to the connection's worker thread.
-const APPEND_SQLITE: &str = append_sqlite!();
+/// SQLite: the messages (`AppendRows::messages`).
+macro_rules! append_messages_sqlite {
+    () => {
+        "INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, \
+         send_time) SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
+         value ->> 7, value ->> 8 FROM jsonb_each(?)"
+    };
+}
+pub(crate) const APPEND_MESSAGES_SQLITE: &str = append_messages_sqlite!();
 
-/// [`APPEND_SQLITE`] followed by the transaction's COMMIT: one hand-over to SQLite's thread.
-const APPEND_SQLITE_COMMIT: &str = concat!(append_sqlite!(), "\nCOMMIT;");
+/// SQLite: the conversations' new heads (`AppendRows::conversations`).
+macro_rules! append_conversations_sqlite {
+    () => {
+        "UPDATE conversations SET last_msg_id = v.value ->> 1, last_offset = v.value ->> 2, \
+         last_send_time = v.value ->> 3 FROM jsonb_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0"
+    };
+}
+pub(crate) const APPEND_CONVERSATIONS_SQLITE: &str = append_conversations_sqlite!();
 
-async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows, commit: bool) -> Result<()> {
+/// SQLite: the three statements of an append in one round trip to the connection's worker
+/// thread (for the writes of conversation changes; send batches run them one by one on the
+/// direct connection).
+const APPEND_SQLITE: &str =
+    concat!(append_parts_sqlite!(), ";\n", append_messages_sqlite!(), ";\n", append_conversations_sqlite!(), ";");
+
+async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
     let span = tracing::info_span!(
         "db.query",
-        otel.name = if commit {
-            "UPDATE log_partitions; INSERT messages; UPDATE conversations; COMMIT"
-        } else {
-            "UPDATE log_partitions; INSERT messages; UPDATE conversations"
-        },
+        otel.name = "UPDATE log_partitions; INSERT messages; UPDATE conversations",
         otel.kind = "client",
         db.system.name = "sqlite",
         db.operation.name = "BATCH",
-        db.operation.batch.size = if commit { 4 } else { 3 },
+        db.operation.batch.size = 3,
     );
-    let done = sqlx::query(if commit { APPEND_SQLITE_COMMIT } else { APPEND_SQLITE })
+    let done = sqlx::query(APPEND_SQLITE)
         .bind(rows.parts.as_str())
         .bind(rows.messages.as_str())
         .bind(rows.conversations.as_str())
         .execute(&mut *tx)
         .instrument(span)
         .await?;
+    // sqlx sums sqlite3_changes() over the statements.
     let (parts, msgs, convs) = rows.counts;
-    // The total is summed over the statements from sqlite3_changes(), which a COMMIT leaves
-    // at the last UPDATE's count: that one is counted twice.
-    let expected = parts + msgs + convs + if commit { convs } else { 0 };
+    let expected = parts + msgs + convs;
     if done.rows_affected() != expected as u64 {
         return Err(StoreError::Corrupt(format!("append wrote {} rows of {expected}", done.rows_affected())));
     }

@@ -15,11 +15,9 @@ use quickim_shared::protocol::service::{HistoryQuery, Origin};
 use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
-use crate::log::{
-    LockedConversation, NewEntry, heads_from_json, locked_from_json, sqlite_conversations_json, sqlite_heads_json,
-};
-use crate::sql::{MESSAGE_COLUMNS, Params, db_int, from_json, message, padded, pow2_chunks, to_json};
-use crate::{Dialect, Result, Store, StoreError, sql_span};
+use crate::log::{LockedConversation, NewEntry, plan_append};
+use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message, padded, pow2_chunks};
+use crate::{Dialect, Result, Store, StoreError, messages_sqlite, sql_span};
 
 /// One message to store (already validated for shape by the message service).
 #[derive(Debug, Clone)]
@@ -38,7 +36,7 @@ pub struct SendItem {
     pub client_msg_id: Option<String>,
 }
 
-type Key = (String, String);
+pub(crate) type Key = (String, String);
 
 impl SendItem {
     fn key(&self) -> Option<Key> {
@@ -54,79 +52,33 @@ impl SendItem {
     }
 }
 
-enum Attempt {
+pub(crate) enum Attempt {
     Done(Vec<std::result::Result<Message, ServiceError>>, Vec<LogEntry>),
     /// These keys were claimed concurrently for another conversation: run again without them.
     Conflicts(Vec<Key>),
 }
 
-impl Store {
-    /// Stores `items` in one transaction; answers one result per item, in order, and the
-    /// log entries to publish once this returns (the commit is done by then).
-    pub async fn send_batch(
-        &self,
-        items: &[SendItem],
-    ) -> Result<(Vec<std::result::Result<Message, ServiceError>>, Vec<LogEntry>)> {
-        let mut conflicted: HashSet<Key> = HashSet::new();
-        for _ in 0..8 {
-            let attempt = match self.dialect() {
-                Dialect::Sqlite => self.send_attempt_sqlite(items, &conflicted).await?,
-                Dialect::Postgres => {
-                    write_tx!(self, |tx| { self.try_send_batch(tx, items, &conflicted, false).await })?.0
-                }
-            };
-            match attempt {
-                Attempt::Done(results, entries) => return Ok((results, entries)),
-                Attempt::Conflicts(keys) => conflicted.extend(keys),
-            }
-        }
-        Err(StoreError::Rejected(ServiceError::new(
-            ErrorCode::Unavailable,
-            "too much contention on idempotency keys, try again",
-        )))
-    }
+/// What a batch decided from its reads, before writing anything.
+pub(crate) struct Verdicts {
+    /// Each item's answer, where already known (a refusal, or the message an idempotency
+    /// key already stored).
+    results: Vec<Option<std::result::Result<Message, ServiceError>>>,
+    /// Items to store, in order.
+    accepted: Vec<usize>,
+    /// (item, earlier item of the batch with the same key): answered as that one.
+    alias: Vec<(usize, usize)>,
+}
 
-    /// SQLite: one attempt in two hand-overs to SQLite's thread — `BEGIN IMMEDIATE` with
-    /// every read of the batch, then the writes with `COMMIT` (idempotency keys, when the
-    /// batch has any, add their own statements between the two). Under load each hand-over is
-    /// two thread wake-ups on the send path's critical section, and four of the six a batch
-    /// took are gone. (No retry loop as in [`write_tx!`]: SQLite has no deadlock or
-    /// serialization failure to retry, and a busy file waits in SQLite's busy handler.)
-    async fn send_attempt_sqlite(&self, items: &[SendItem], conflicted: &HashSet<Key>) -> Result<Attempt> {
-        let (_guard, mut tx) = self.begin_write_fused().await?;
-        match self.try_send_batch(tx.conn(), items, conflicted, true).await {
-            Ok((attempt, committed)) => {
-                let commit = matches!(attempt, Attempt::Done(..));
-                tx.finish(committed, commit).await.map(|_| attempt)
-            }
-            Err(e) => {
-                let _ = tx.finish(false, false).await;
-                Err(e)
-            }
-        }
-    }
-
-    /// One attempt at the batch; answers whether the attempt's own statements committed
-    /// (`fused`: SQLite, where the transaction is opened by the reads and committed by the
-    /// append; otherwise the caller's transaction does both).
-    async fn try_send_batch(
-        &self,
-        tx: &mut AnyConnection,
+impl Verdicts {
+    /// Judges every item: membership, archive state, idempotency keys (`existing`: stored
+    /// already; `conflicted`: claimed concurrently for another message).
+    pub(crate) fn judge(
         items: &[SendItem],
+        convs: &BTreeMap<String, LockedConversation>,
+        members: &HashSet<(String, String)>,
+        existing: &HashMap<Key, Message>,
         conflicted: &HashSet<Key>,
-        fused: bool,
-    ) -> Result<(Attempt, bool)> {
-        let (mut convs, members, heads) = if fused {
-            let (convs, members, heads) = open_with_reads(tx, items).await?;
-            (convs, members, Some(heads))
-        } else {
-            let conv_ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
-            let convs = self.lock_conversations(tx, &conv_ids).await?;
-            (convs, active_pairs(self.system(), tx, items).await?, None)
-        };
-        let keys: Vec<Key> = items.iter().filter_map(SendItem::key).collect();
-        let existing = existing_keys(self.system(), tx, &keys).await?;
-
+    ) -> Verdicts {
         let mut results: Vec<Option<std::result::Result<Message, ServiceError>>> = vec![None; items.len()];
         let mut alias: Vec<(usize, usize)> = Vec::new();
         let mut first_with_key: HashMap<Key, usize> = HashMap::new();
@@ -176,8 +128,12 @@ impl Store {
                 }
             }
         }
+        Verdicts { results, accepted, alias }
+    }
 
-        let new: Vec<NewEntry> = accepted
+    /// The log entries of the accepted items, in order.
+    pub(crate) fn new_entries(&self, items: &[SendItem]) -> Vec<NewEntry> {
+        self.accepted
             .iter()
             .map(|&i| {
                 let it = &items[i];
@@ -189,36 +145,119 @@ impl Store {
                     client_msg_id: it.client_msg_id.clone(),
                 }
             })
-            .collect();
-        // Claim the keys before the partitions are locked (the lock order of lib.rs).
-        let msg_ids = Self::plan_msg_ids(&convs, &new)?;
-        let claims: Vec<(Key, &str, i64)> = accepted
+            .collect()
+    }
+
+    /// The idempotency keys the accepted items claim, with the (conversation, msg_id) each
+    /// will get (`msg_ids`, in the order of [`Verdicts::new_entries`]).
+    pub(crate) fn claims<'a>(&self, items: &'a [SendItem], msg_ids: &[i64]) -> Vec<(Key, &'a str, i64)> {
+        self.accepted
             .iter()
-            .zip(&msg_ids)
+            .zip(msg_ids)
             .filter_map(|(&i, &id)| items[i].key().map(|k| (k, items[i].conversation_id.as_str(), id)))
-            .collect();
-        let lost = claim_keys(self.system(), tx, &claims).await?;
-        if !lost.is_empty() {
-            return Ok((Attempt::Conflicts(lost), false));
+            .collect()
+    }
+
+    /// Every item's answer, once the accepted items were appended as `entries` (in order).
+    pub(crate) fn results(
+        mut self,
+        items: &[SendItem],
+        entries: &[LogEntry],
+    ) -> Vec<std::result::Result<Message, ServiceError>> {
+        for (&i, e) in self.accepted.iter().zip(entries) {
+            self.results[i] = Some(Ok(e.message.clone()));
         }
-        let entries = self.append_with(tx, &mut convs, new, heads, fused).await?;
-        // An empty append writes (and commits) nothing.
-        let committed = fused && !entries.is_empty();
-        for (&i, e) in accepted.iter().zip(&entries) {
-            results[i] = Some(Ok(e.message.clone()));
-        }
-        for (i, first) in alias {
-            results[i] = Some(match &results[first] {
+        for (i, first) in self.alias {
+            self.results[i] = Some(match &self.results[first] {
                 Some(Ok(m)) => items[i].same_as(m),
                 Some(Err(e)) => Err(e.clone()),
                 None => Err(ServiceError::internal("batch alias without result")),
             });
         }
-        let results = results
+        self.results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("batch item without result"))))
-            .collect();
-        Ok((Attempt::Done(results, entries), committed))
+            .collect()
+    }
+}
+
+/// SQLite: one attempt at the batch in one transaction on `conn` (the direct connection):
+/// `BEGIN IMMEDIATE` with every read of the batch, the idempotency keys, the append, then
+/// `COMMIT`. Everything but a committed batch is rolled back.
+fn send_attempt_sqlite(conn: &rusqlite::Connection, items: &[SendItem], conflicted: &HashSet<Key>) -> Result<Attempt> {
+    let (mut convs, members, heads) = match messages_sqlite::begin_with_reads(conn, items) {
+        Ok(reads) => reads,
+        Err(e) => return messages_sqlite::end(conn, Err(e)),
+    };
+    let attempt = (|| {
+        let keys: Vec<Key> = items.iter().filter_map(SendItem::key).collect();
+        let existing = messages_sqlite::existing_keys(conn, &keys)?;
+        let verdicts = Verdicts::judge(items, &convs, &members, &existing, conflicted);
+        let new = verdicts.new_entries(items);
+        let msg_ids = Store::plan_msg_ids(&convs, &new)?;
+        let lost = messages_sqlite::claim_keys(conn, &verdicts.claims(items, &msg_ids))?;
+        if !lost.is_empty() {
+            return Ok(Attempt::Conflicts(lost));
+        }
+        let entries = if new.is_empty() {
+            Vec::new()
+        } else {
+            let (entries, rows) = plan_append(&mut convs, new, &heads)?;
+            messages_sqlite::write_append(conn, &rows)?;
+            entries
+        };
+        Ok(Attempt::Done(verdicts.results(items, &entries), entries))
+    })();
+    messages_sqlite::end(conn, attempt)
+}
+
+impl Store {
+    /// Stores `items` in one transaction; answers one result per item, in order, and the
+    /// log entries to publish once this returns (the commit is done by then). On SQLite the
+    /// statements run on the calling thread (see [`Store::with_direct`]).
+    pub async fn send_batch(
+        &self,
+        items: &[SendItem],
+    ) -> Result<(Vec<std::result::Result<Message, ServiceError>>, Vec<LogEntry>)> {
+        let mut conflicted: HashSet<Key> = HashSet::new();
+        for _ in 0..8 {
+            let attempt = match self.dialect() {
+                Dialect::Sqlite => self.with_direct(|conn| send_attempt_sqlite(conn, items, &conflicted)).await?,
+                Dialect::Postgres => write_tx!(self, |tx| { self.try_send_batch(tx, items, &conflicted).await })?,
+            };
+            match attempt {
+                Attempt::Done(results, entries) => return Ok((results, entries)),
+                Attempt::Conflicts(keys) => conflicted.extend(keys),
+            }
+        }
+        Err(StoreError::Rejected(ServiceError::new(
+            ErrorCode::Unavailable,
+            "too much contention on idempotency keys, try again",
+        )))
+    }
+
+    /// PostgreSQL: one attempt at the batch, in the caller's transaction.
+    async fn try_send_batch(
+        &self,
+        tx: &mut AnyConnection,
+        items: &[SendItem],
+        conflicted: &HashSet<Key>,
+    ) -> Result<Attempt> {
+        let conv_ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
+        let mut convs = self.lock_conversations(tx, &conv_ids).await?;
+        let members = active_pairs(self.system(), tx, items).await?;
+        let keys: Vec<Key> = items.iter().filter_map(SendItem::key).collect();
+        let existing = existing_keys(self.system(), tx, &keys).await?;
+        let verdicts = Verdicts::judge(items, &convs, &members, &existing, conflicted);
+        let new = verdicts.new_entries(items);
+        // Claim the keys before the partitions are locked (the lock order of lib.rs).
+        let msg_ids = Self::plan_msg_ids(&convs, &new)?;
+        let lost = claim_keys(self.system(), tx, &verdicts.claims(items, &msg_ids)).await?;
+        if !lost.is_empty() {
+            return Ok(Attempt::Conflicts(lost));
+        }
+        let entries = self.append(tx, &mut convs, new).await?;
+        Ok(Attempt::Done(verdicts.results(items, &entries), entries))
     }
 
     /// History of a conversation for an active member; at most `range_max` messages.
@@ -310,46 +349,8 @@ async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key
     Ok(out)
 }
 
-/// SQLite: opens the write transaction and reads, in one statement answering one row, the
-/// batch's conversations (as `lock_conversations`), which (conversation, sender) pairs are
-/// active members (as `active_pairs`) and the partition heads.
-async fn open_with_reads(
-    tx: &mut AnyConnection,
-    items: &[SendItem],
-) -> Result<(BTreeMap<String, LockedConversation>, HashSet<(String, String)>, HashMap<u16, i64>)> {
-    let mut ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut pairs: Vec<(&str, &str)> =
-        items.iter().filter(|i| !i.from.is_empty()).map(|i| (i.conversation_id.as_str(), i.from.as_str())).collect();
-    pairs.sort_unstable();
-    pairs.dedup();
-    let row = sqlx::query(concat!(
-        "BEGIN IMMEDIATE; SELECT (",
-        sqlite_conversations_json!(),
-        ") AS convs, (SELECT json_group_array(json_array(m.conversation_id, m.user_id)) FROM jsonb_each(?) j \
-         JOIN members m ON m.conversation_id = j.value ->> 0 AND m.user_id = j.value ->> 1 WHERE m.active = 1) \
-         AS members, (",
-        sqlite_heads_json!(),
-        ") AS heads"
-    ))
-    .bind(to_json(&ids)?)
-    .bind(to_json(&pairs)?)
-    // (fetch_one would stop after BEGIN, the first statement.)
-    .fetch_all(&mut *tx)
-    .instrument(sql_span("sqlite", "BEGIN IMMEDIATE; SELECT", "conversations, members, log_partitions"))
-    .await?
-    .pop()
-    .ok_or_else(|| StoreError::Corrupt("the batch's reads answered no row".into()))?;
-    let convs = locked_from_json(&row.try_get::<String, _>("convs")?)?;
-    let members: HashSet<(String, String)> =
-        from_json::<Vec<(String, String)>>(&row.try_get::<String, _>("members")?)?.into_iter().collect();
-    let heads = heads_from_json(&row.try_get::<String, _>("heads")?)?;
-    Ok((convs, members, heads))
-}
-
 /// (conversation, user) pairs among the items' senders that are active members (PostgreSQL;
-/// SQLite reads them with the batch's other reads, in `open_with_reads`).
+/// SQLite reads them with the batch's other reads, in `messages_sqlite::begin_with_reads`).
 async fn active_pairs(
     system: &'static str,
     tx: &mut AnyConnection,

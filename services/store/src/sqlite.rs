@@ -12,6 +12,35 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 
 use crate::{Result, StoreError, any_pool_options};
 
+/// Settings of every connection.
+const CONNECTION_PRAGMAS: [&str; 6] = [
+    "PRAGMA synchronous = FULL",
+    "PRAGMA busy_timeout = 10000",
+    "PRAGMA foreign_keys = ON",
+    // Statement journals (multi-row statements) in memory, not in temp files.
+    "PRAGMA temp_store = MEMORY",
+    // 64 MiB of page cache per connection (negative = KiB).
+    "PRAGMA cache_size = -65536",
+    // The writer checkpoints itself only past 10,000 WAL pages (40 MiB), not SQLite's 1,000:
+    // under load a commit adds dozens of pages, and at 1,000 the writer ran a checkpoint
+    // several times a second on the send path.
+    "PRAGMA wal_autocheckpoint = 10000",
+];
+
+/// The connection that stores send batches, called directly on the thread that runs the
+/// batch (the message writer's own thread): a pooled connection hands every statement to a
+/// worker thread of its own and back, two thread wake-ups each, on the send path's critical
+/// section. Opened after [`open`], which made the file and set its journal mode.
+pub(crate) fn open_direct(path: &Path) -> Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    for pragma in CONNECTION_PRAGMAS {
+        conn.execute_batch(pragma)?;
+    }
+    // Statements a batch runs, with their texts kept prepared.
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
 pub(crate) async fn open(path: &Path, max_connections: u32) -> Result<AnyPool> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -25,17 +54,9 @@ pub(crate) async fn open(path: &Path, max_connections: u32) -> Result<AnyPool> {
     let pool = any_pool_options(max_connections)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
-                sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
-                sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
-                sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
-                // Statement journals (multi-row statements) in memory, not in temp files.
-                sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *conn).await?;
-                // 64 MiB of page cache per connection (negative = KiB).
-                sqlx::query("PRAGMA cache_size = -65536").execute(&mut *conn).await?;
-                // The writer checkpoints itself only past 10,000 WAL pages (40 MiB), not
-                // SQLite's 1,000: under load a commit adds dozens of pages, and at 1,000 the
-                // writer ran a checkpoint several times a second on the send path.
-                sqlx::query("PRAGMA wal_autocheckpoint = 10000").execute(&mut *conn).await?;
+                for pragma in CONNECTION_PRAGMAS {
+                    sqlx::query(pragma).execute(&mut *conn).await?;
+                }
                 Ok(())
             })
         })
