@@ -97,6 +97,10 @@ pub enum StoreError {
     /// SQLite failed, on the connection that stores send batches.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// Idempotency keys another transaction claimed first (the attempt that found them is
+    /// rolled back and the batch runs again without them; never answered to a client).
+    #[error("idempotency keys claimed concurrently: {0:?}")]
+    KeysTaken(Vec<(String, String)>),
     /// The database holds something this version cannot read.
     #[error("database content: {0}")]
     Corrupt(String),

@@ -223,7 +223,17 @@ impl Store {
         for _ in 0..8 {
             let attempt = match self.dialect() {
                 Dialect::Sqlite => self.with_direct(|conn| send_attempt_sqlite(conn, items, &conflicted)).await?,
-                Dialect::Postgres => write_tx!(self, |tx| { self.try_send_batch(tx, items, &conflicted).await })?,
+                // Keys lost to a concurrent batch: the attempt is rolled back (so the keys it
+                // claimed are free again) and run without them.
+                Dialect::Postgres => match write_tx!(self, |tx| {
+                    match self.try_send_batch(tx, items, &conflicted).await? {
+                        Attempt::Conflicts(keys) => return Err(StoreError::KeysTaken(keys)),
+                        done => Ok(done),
+                    }
+                }) {
+                    Err(StoreError::KeysTaken(keys)) => Attempt::Conflicts(keys),
+                    other => other?,
+                },
             };
             match attempt {
                 Attempt::Done(results, entries) => return Ok((results, entries)),

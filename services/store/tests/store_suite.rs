@@ -68,6 +68,7 @@ both!(
     log_reads_and_heads,
     concurrent_senders_stay_gap_free,
     concurrent_retries_store_once,
+    keys_lost_to_a_concurrent_batch_leave_the_others_usable,
     retention_horizon_forces_resync,
 );
 
@@ -442,6 +443,45 @@ async fn concurrent_retries_store_once(db: &Db) {
     }
     assert!(got.iter().all(|m| *m == got[0]), "every retry answers the same message");
     assert_eq!(s.last_msg_id("c", "a").await.unwrap(), 2, "stored once");
+    other.close().await;
+}
+
+/// Batches in different conversations that each hold a new key of their own and one key
+/// they all use: the batches that lose the shared key to another (still open) transaction
+/// run again without it, and their own keys, claimed in the lost attempt, must not stay
+/// claimed by it (each own-keyed message is stored, and answered the same on a retry).
+async fn keys_lost_to_a_concurrent_batch_leave_the_others_usable(db: &Db) {
+    let s = &db.store;
+    let other = db.another_instance().await;
+    const BATCHES: usize = 24;
+    for w in 0..BATCHES {
+        s.create_conversation(conv(&format!("c{w}"), &["a"], None)).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..BATCHES {
+        let store = if w % 2 == 0 { s.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move {
+            // "k-<w>" sorts before "k-shared": each batch claims its own key first.
+            let (c, own) = (format!("c{w}"), format!("k-{w:02}"));
+            let items = [item(&c, "a", "own", Some(&own)), item(&c, "a", "shared", Some("k-shared"))];
+            let (mut r, _) = store.send_batch(&items).await.unwrap();
+            let shared = r.pop().unwrap();
+            (w, r.pop().unwrap(), shared)
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        let (w, mine, shared) = t.await.unwrap();
+        let mine = mine.unwrap_or_else(|e| panic!("k-{w:02} refused: {e:?}"));
+        match shared {
+            Ok(_) => winners += 1,
+            Err(e) => assert_eq!(e.code, ErrorCode::Conflict),
+        }
+        let (mut again, _) =
+            s.send_batch(&[item(&format!("c{w}"), "a", "own", Some(&format!("k-{w:02}")))]).await.unwrap();
+        assert_eq!(again.remove(0).unwrap(), mine, "a retry of k-{w:02} answers its message");
+    }
+    assert_eq!(winners, 1, "one conversation holds the shared key's message");
     other.close().await;
 }
 
