@@ -44,6 +44,12 @@ const MAX_AHEAD: usize = 16 * 1024;
 /// client sent after its request head.
 pub type TakeoverFn = Box<dyn FnOnce(TcpStream, Vec<u8>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
+/// In the extensions of every request served on the lean path: a response body that ends
+/// after the data it has ready when first polled is written with a `Content-Length` (hyper
+/// would stream such a body in chunks), so a long-poll may wait inside its body.
+#[derive(Clone, Copy)]
+pub struct Lean;
+
 /// In the extensions of a request served on the lean path that may switch protocols: a
 /// handler answering `101` claims the connection here. (Requests served by hyper carry
 /// hyper's `OnUpgrade` instead.)
@@ -249,6 +255,7 @@ fn parse(buf: &[u8]) -> Parsed {
     if upgrade {
         builder = builder.extension(Takeover::default());
     }
+    builder = builder.extension(Lean);
     match builder.body(Body::empty()) {
         Ok(request) => Parsed::Lean(Box::new(request), keep_alive, len),
         Err(_) => Parsed::Other,
@@ -354,28 +361,74 @@ async fn write_response(
         head.extend_from_slice(b"connection: close\r\n");
     }
     if let Some(len) = HttpBody::size_hint(&body).exact() {
-        // A whole answer (long-poll, errors): one write.
+        // A whole answer (errors, the rest of the API): one write.
         head.extend_from_slice(format!("content-length: {len}\r\n\r\n").as_bytes());
         let data = body.collect().await.map_err(io::Error::other)?.to_bytes();
         let mut out = Buf::chain(&head[..], data);
         return stream.write_all_buf(&mut out).await;
     }
+    // A body that comes later: the first of its data, then whatever else is ready at once. A
+    // body that has ended by then (a long-poll answer, which waits inside its body) is one
+    // write with a `Content-Length`; a stream goes on in chunks.
+    let mut ready = Vec::new();
+    let mut ended = match next_data(&mut body, stream, pending).await? {
+        Some(data) => {
+            ready.push(data);
+            false
+        }
+        None => true,
+    };
+    while !ended {
+        match futures::FutureExt::now_or_never(body.frame()) {
+            None => break,
+            Some(None) => ended = true,
+            Some(Some(Err(e))) => return Err(io::Error::other(e)),
+            Some(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    ready.push(data);
+                }
+            }
+        }
+    }
+    if ended {
+        let len: usize = ready.iter().map(Bytes::len).sum();
+        head.extend_from_slice(format!("content-length: {len}\r\n\r\n").as_bytes());
+        for data in ready {
+            head.extend_from_slice(&data);
+        }
+        return stream.write_all(&head).await;
+    }
     head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+    for data in ready {
+        head.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        head.extend_from_slice(&data);
+        head.extend_from_slice(b"\r\n");
+    }
     stream.write_all(&head).await?;
     drop(head);
+    while let Some(data) = next_data(&mut body, stream, pending).await? {
+        let size = format!("{:x}\r\n", data.len());
+        let mut out = Buf::chain(Buf::chain(size.as_bytes(), data), &b"\r\n"[..]);
+        stream.write_all_buf(&mut out).await?;
+    }
+    stream.write_all(b"0\r\n\r\n").await
+}
+
+/// The body's next data (`None` at its end), or an error once the client has gone.
+async fn next_data(body: &mut Body, stream: &mut TcpStream, pending: &mut BytesMut) -> io::Result<Option<Bytes>> {
     loop {
         tokio::select! {
             frame = body.frame() => match frame {
-                None => break,
+                None => return Ok(None),
                 Some(Err(e)) => return Err(io::Error::other(e)),
                 Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    if data.is_empty() {
-                        continue;
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        return Ok(Some(data));
                     }
-                    let size = format!("{:x}\r\n", data.len());
-                    let mut out = Buf::chain(Buf::chain(size.as_bytes(), data), &b"\r\n"[..]);
-                    stream.write_all_buf(&mut out).await?;
                 }
             },
             gone = watch(stream, pending) => if gone? {
@@ -383,7 +436,6 @@ async fn write_response(
             },
         }
     }
-    stream.write_all(b"0\r\n\r\n").await
 }
 
 /// A connection handed to hyper: the bytes already read come first.

@@ -30,7 +30,7 @@ use serde::Deserialize;
 
 use crate::auth::Caller;
 use crate::http::error::ApiError;
-use crate::http::server::Takeover;
+use crate::http::server::{Lean, Takeover};
 use crate::state::AppState;
 use cursor::Cursor;
 use session::Session;
@@ -83,10 +83,12 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         && !state.is_draining()
         && let Some(session) = state.parked.take(&caller, c)
     {
+        let in_body = parts.extensions.get::<Lean>().is_some();
         return Ok(transport::poll::respond(
             session,
             std::time::Duration::from_secs(timeout),
             state.config.replay_page,
+            in_body,
         )
         .await);
     }
@@ -139,7 +141,9 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         _ => {
             let timeout = poll_timeout(query.timeout.as_deref(), config)?;
             let session = Box::pin(Session::open(&state, caller, "poll", resume)).await?;
-            Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page).await)
+            let in_body = parts.extensions.get::<Lean>().is_some();
+            Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page, in_body)
+                .await)
         }
     }
 }

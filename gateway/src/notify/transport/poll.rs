@@ -2,20 +2,36 @@
 //! to `timeout` for the first one and answers with it and whatever else is queued by then.
 //! Stateless: the answer's cursor is all the next poll needs, on any node. The answered
 //! session is parked (`notify/parked.rs`) so that the same client's next poll on this node
-//! continues it without a replay.
+//! continues it without a replay. On the listener's lean path the wait happens inside the
+//! response's body: the request's router and middleware state is gone by then, and a
+//! waiting poll holds little more than its session.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::notify::hub::Encoded;
 use crate::notify::session::{Session, Step};
 
-/// Answers one poll.
-pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Response {
+/// Answers one poll. `in_body`: wait inside the response's body (for the listener's lean
+/// path, see `http::server::Lean`), else here (hyper frames a later body in chunks).
+pub async fn respond(session: Session, timeout: Duration, page: u32, in_body: bool) -> Response {
+    let body = if in_body {
+        Body::from_stream(futures::stream::once(async move {
+            Ok::<Bytes, std::convert::Infallible>(answer(session, timeout, page).await)
+        }))
+    } else {
+        Body::from(answer(session, timeout, page).await)
+    };
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
+/// The poll's answer, once there is one.
+async fn answer(mut session: Session, timeout: Duration, page: u32) -> Bytes {
     let max = page.max(1) as usize;
     let mut events: Vec<Arc<Encoded>> = Vec::new();
     let resumed = session.resumed();
@@ -78,5 +94,5 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32) -> Resp
     if !closed {
         session.park();
     }
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body.freeze()).into_response()
+    body.freeze()
 }
