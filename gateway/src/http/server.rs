@@ -39,6 +39,8 @@ const MAX_HEADERS: usize = 32;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes a client may send ahead while its stream is open (a pipelined next request).
 const MAX_AHEAD: usize = 16 * 1024;
+/// Bytes of a later body gathered before its head is written (see `write_response`).
+const READY_BYTES: usize = 256 * 1024;
 
 /// What runs a connection after a `101 Switching Protocols`: the socket and any bytes the
 /// client sent after its request head.
@@ -367,9 +369,9 @@ async fn write_response(
         let mut out = Buf::chain(&head[..], data);
         return stream.write_all_buf(&mut out).await;
     }
-    // A body that comes later: the first of its data, then whatever else is ready at once. A
-    // body that has ended by then (a long-poll answer, which waits inside its body) is one
-    // write with a `Content-Length`; a stream goes on in chunks.
+    // A body that comes later: the first of its data, then whatever else is ready at once (up
+    // to READY_BYTES). A body that has ended by then (a long-poll answer, which waits inside
+    // its body) is one write with a `Content-Length`; a stream goes on in chunks.
     let mut ready = Vec::new();
     let mut ended = match next_data(&mut body, stream, pending).await? {
         Some(data) => {
@@ -388,6 +390,9 @@ async fn write_response(
                     && !data.is_empty()
                 {
                     ready.push(data);
+                }
+                if ready.iter().map(Bytes::len).sum::<usize>() >= READY_BYTES {
+                    break;
                 }
             }
         }

@@ -333,6 +333,29 @@ impl Store {
     }
 }
 
+/// The messages stored under `n` idempotency keys, each key bound as (sender, client_msg_id);
+/// answers `key_sender`, `key_id` and [`MESSAGE_COLUMNS`].
+pub(crate) fn existing_keys_sql(system: &str, n: usize) -> String {
+    let mut p = Params::new(system);
+    let list = (0..n).map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
+    format!(
+        "SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
+         JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
+         WHERE (i.sender, i.client_msg_id) IN (VALUES {list})"
+    )
+}
+
+/// Claims `n` idempotency keys, each bound as (sender, client_msg_id, conversation_id, msg_id,
+/// created_at); answers the keys it claimed (a key held already is left alone).
+pub(crate) fn claim_keys_sql(system: &str, n: usize) -> String {
+    let mut p = Params::new(system);
+    let rows = (0..n).map(|_| p.row(5)).collect::<Vec<_>>().join(", ");
+    format!(
+        "INSERT INTO idempotency (sender, client_msg_id, conversation_id, msg_id, created_at) VALUES {rows} \
+         ON CONFLICT (sender, client_msg_id) DO NOTHING RETURNING sender, client_msg_id"
+    )
+}
+
 /// Messages already stored under any of `keys`.
 async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<Key, Message>> {
     let mut out = HashMap::new();
@@ -340,14 +363,7 @@ async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key
     keys.sort();
     keys.dedup();
     for chunk in keys.chunks(256).map(padded) {
-        let mut p = Params::new(system);
-        let list = chunk.iter().map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
-             JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
-             WHERE (i.sender, i.client_msg_id) IN (VALUES {list})"
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(existing_keys_sql(system, chunk.len())));
         for (s, k) in &chunk {
             q = q.bind(s.as_str()).bind(k.as_str());
         }
@@ -397,13 +413,7 @@ async fn claim_keys(system: &'static str, tx: &mut AnyConnection, claims: &[(Key
     let now = now_ms();
     let mut lost = Vec::new();
     for chunk in pow2_chunks(&sorted, 64) {
-        let mut p = Params::new(system);
-        let rows = chunk.iter().map(|_| p.row(5)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "INSERT INTO idempotency (sender, client_msg_id, conversation_id, msg_id, created_at) VALUES {rows} \
-             ON CONFLICT (sender, client_msg_id) DO NOTHING RETURNING sender, client_msg_id"
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(claim_keys_sql(system, chunk.len())));
         for ((sender, key), conv, msg_id) in chunk.iter().map(|c| (&c.0, c.1, c.2)) {
             q = q.bind(sender.as_str()).bind(key.as_str()).bind(conv).bind(msg_id).bind(now);
         }

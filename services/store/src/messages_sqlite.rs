@@ -14,8 +14,8 @@ use crate::log::{
     APPEND_CONVERSATIONS_SQLITE, APPEND_MESSAGES_SQLITE, APPEND_PARTS_SQLITE, AppendRows, LockedConversation,
     heads_from_json, locked_from_json, sqlite_conversations_json, sqlite_heads_json,
 };
-use crate::messages::{Attempt, Key};
-use crate::sql::{MESSAGE_COLUMNS, Params, api_int, from_json, padded, pow2_chunks, to_json};
+use crate::messages::{Attempt, Key, claim_keys_sql, existing_keys_sql};
+use crate::sql::{api_int, from_json, padded, pow2_chunks, to_json};
 use crate::{Result, SendItem, StoreError, sql_span};
 
 /// The batch's reads in one statement answering one row: its conversations (as
@@ -65,15 +65,8 @@ pub(crate) fn existing_keys(conn: &Connection, keys: &[Key]) -> Result<HashMap<K
     keys.sort();
     keys.dedup();
     for chunk in keys.chunks(256).map(padded) {
-        let mut p = Params::new("sqlite");
-        let list = chunk.iter().map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
-             JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
-             WHERE (i.sender, i.client_msg_id) IN (VALUES {list})"
-        );
         let _span = sql_span("sqlite", "SELECT", "idempotency").entered();
-        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut stmt = conn.prepare_cached(&existing_keys_sql("sqlite", chunk.len()))?;
         let mut rows = stmt.query(params_from_iter(chunk.iter().flat_map(|(s, k)| [s.as_str(), k.as_str()])))?;
         while let Some(row) = rows.next()? {
             let key = (row.get("key_sender")?, row.get("key_id")?);
@@ -90,12 +83,6 @@ pub(crate) fn claim_keys(conn: &Connection, claims: &[(Key, &str, i64)]) -> Resu
     let now = now_ms();
     let mut lost = Vec::new();
     for chunk in pow2_chunks(&sorted, 64) {
-        let mut p = Params::new("sqlite");
-        let rows = chunk.iter().map(|_| p.row(5)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "INSERT INTO idempotency (sender, client_msg_id, conversation_id, msg_id, created_at) VALUES {rows} \
-             ON CONFLICT (sender, client_msg_id) DO NOTHING RETURNING sender, client_msg_id"
-        );
         let values = chunk.iter().flat_map(|((sender, key), conv, msg_id)| {
             [
                 Value::Text(sender.clone()),
@@ -106,7 +93,7 @@ pub(crate) fn claim_keys(conn: &Connection, claims: &[(Key, &str, i64)]) -> Resu
             ]
         });
         let _span = sql_span("sqlite", "INSERT", "idempotency").entered();
-        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut stmt = conn.prepare_cached(&claim_keys_sql("sqlite", chunk.len()))?;
         let won: HashSet<Key> = stmt
             .query_map(params_from_iter(values), |r| Ok((r.get("sender")?, r.get("client_msg_id")?)))?
             .collect::<rusqlite::Result<_>>()?;
@@ -156,7 +143,7 @@ pub(crate) fn end(conn: &Connection, attempt: Result<Attempt>) -> Result<Attempt
     attempt
 }
 
-/// A message read with [`MESSAGE_COLUMNS`].
+/// A message read with `crate::sql::MESSAGE_COLUMNS`.
 fn message(row: &rusqlite::Row<'_>) -> Result<Message> {
     Ok(Message {
         conversation_id: row.get("conversation_id")?,
