@@ -66,7 +66,8 @@ start_nchan() {
 }
 
 # Rate limits are per user and protect a public deployment; the load generator publishes as
-# few users at thousands per second, so they are off here (the only non-default settings).
+# few users at thousands per second, so they are off here. Logs at warn keep the servers'
+# stderr quiet (at the default, info, a node logs its start and nothing per request).
 export QUICKIM_RATE_LIMIT_PER_S=0 QUICKIM_LOG=warn
 start_standalone() { # keeps its data directory across restarts
   if [ -f "$dir/standalone.pid" ]; then

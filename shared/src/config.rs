@@ -112,6 +112,8 @@ config_keys! {
     log: String => String = "info".to_string(), env "QUICKIM_LOG";
     /// Log format: text or json
     log_format: String => String = "text".to_string(), env "QUICKIM_LOG_FORMAT";
+    /// Log lines name the spans they happen in (costs every request its spans' formatting)
+    log_spans: bool => bool = false, env "QUICKIM_LOG_SPANS";
     /// Allowed browser origins (CORS and WebSocket Origin check), comma-separated
     #[arg(value_delimiter = ',')]
     cors_origins: Vec<String> => Vec<String> = Vec::new(), env "QUICKIM_CORS_ORIGINS";

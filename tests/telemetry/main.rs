@@ -6,6 +6,7 @@
 
 mod export;
 mod in_process;
+mod logs;
 mod metrics;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_quickim");

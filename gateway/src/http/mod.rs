@@ -65,6 +65,8 @@ async fn observe(req: Request<Body>, next: axum::middleware::Next) -> axum::resp
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }
+    // Every request, at debug (an access log); `log_spans` adds the request's span to it.
+    span.in_scope(|| tracing::debug!(status, "answered"));
     metrics::counter!("quickim_http_requests_total", "route" => route.clone(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!("quickim_http_request_duration_seconds", "route" => route)
