@@ -64,6 +64,8 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         _ => return Err(ApiError::new(ErrorCode::InvalidParam, "protoc must be ws, sse or poll")),
     };
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
+    // Served by the listener itself: a long-poll may wait inside its response body.
+    let lean = parts.extensions.get::<Lean>().is_some();
     let cursor_text = if protoc == "sse" {
         parts
             .headers
@@ -83,12 +85,11 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         && !state.is_draining()
         && let Some(session) = state.parked.take(&caller, c)
     {
-        let in_body = parts.extensions.get::<Lean>().is_some();
         return Ok(transport::poll::respond(
             session,
             std::time::Duration::from_secs(timeout),
             state.config.replay_page,
-            in_body,
+            lean,
         )
         .await);
     }
@@ -141,8 +142,7 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         _ => {
             let timeout = poll_timeout(query.timeout.as_deref(), config)?;
             let session = Box::pin(Session::open(&state, caller, "poll", resume)).await?;
-            let in_body = parts.extensions.get::<Lean>().is_some();
-            Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page, in_body)
+            Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page, lean)
                 .await)
         }
     }
