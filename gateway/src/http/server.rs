@@ -373,8 +373,10 @@ async fn write_response(
     // to READY_BYTES). A body that has ended by then (a long-poll answer, which waits inside
     // its body) is one write with a `Content-Length`; a stream goes on in chunks.
     let mut ready = Vec::new();
+    let mut gathered = 0;
     let mut ended = match next_data(&mut body, stream, pending).await? {
         Some(data) => {
+            gathered += data.len();
             ready.push(data);
             false
         }
@@ -389,17 +391,17 @@ async fn write_response(
                 if let Ok(data) = frame.into_data()
                     && !data.is_empty()
                 {
+                    gathered += data.len();
                     ready.push(data);
                 }
-                if ready.iter().map(Bytes::len).sum::<usize>() >= READY_BYTES {
+                if gathered >= READY_BYTES {
                     break;
                 }
             }
         }
     }
     if ended {
-        let len: usize = ready.iter().map(Bytes::len).sum();
-        head.extend_from_slice(format!("content-length: {len}\r\n\r\n").as_bytes());
+        head.extend_from_slice(format!("content-length: {gathered}\r\n\r\n").as_bytes());
         for data in ready {
             head.extend_from_slice(&data);
         }

@@ -229,12 +229,17 @@ impl Store {
         self.inner.pool.close().await;
     }
 
-    /// Queues behind other writers (SQLite only) and opens a write transaction.
-    pub(crate) async fn begin_write(&self) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Tx)> {
-        let guard = match &self.inner.write_lock {
+    /// SQLite: waits for the other writers of this process (none on PostgreSQL).
+    async fn queue_writers(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.inner.write_lock {
             Some(lock) => Some(lock.lock().await),
             None => None,
-        };
+        }
+    }
+
+    /// Queues behind other writers (SQLite only) and opens a write transaction.
+    pub(crate) async fn begin_write(&self) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Tx)> {
+        let guard = self.queue_writers().await;
         let tx = match self.inner.dialect {
             Dialect::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.inner.writer.begin().await?,
@@ -247,10 +252,7 @@ impl Store {
     /// writer's, or a test's); on a multi-threaded runtime's worker the runtime is told the
     /// worker blocks.
     pub(crate) async fn with_direct<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T> {
-        let _guard = match &self.inner.write_lock {
-            Some(lock) => Some(lock.lock().await),
-            None => None,
-        };
+        let _guard = self.queue_writers().await;
         let direct = self.inner.direct.as_ref().ok_or_else(|| StoreError::Corrupt("no SQLite connection".into()))?;
         let run = || {
             let conn = direct.lock().map_err(|_| StoreError::Corrupt("SQLite connection poisoned".into()))?;

@@ -39,6 +39,10 @@ pub(crate) type Reads = (BTreeMap<String, LockedConversation>, HashSet<(String, 
 /// what the writes will build on) and reads what the batch needs. The caller ends the
 /// transaction with [`end`] in every case.
 pub(crate) fn begin_with_reads(conn: &Connection, items: &[SendItem]) -> Result<Reads> {
+    if !conn.is_autocommit() {
+        // A transaction left open by a batch whose ROLLBACK failed: end it before this one.
+        conn.execute_batch("ROLLBACK")?;
+    }
     {
         let _span = sql_span("sqlite", "BEGIN IMMEDIATE", "").entered();
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
