@@ -14,7 +14,7 @@ use prost::Message as _;
 use quickim_testkit::{Distributed, NotifyClient, Protocol};
 use serde_json::json;
 
-use crate::{BIN, SeenSpan, assert_send_trace, describe};
+use crate::{BIN, SeenSpan, assert_send_trace, describe, whole_send_trace};
 
 type Collected = Arc<Mutex<Vec<SeenSpan>>>;
 
@@ -106,11 +106,7 @@ async fn one_send_is_one_trace_across_processes_over_otlp_http() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let trace = loop {
         let spans = collected.lock().unwrap().clone();
-        let found = spans.iter().find(|s| s.name == "POST /send_msg").map(|s| s.trace_id.clone()).and_then(|t| {
-            let of: Vec<SeenSpan> = spans.iter().filter(|s| s.trace_id == t).cloned().collect();
-            of.iter().any(|s| s.name == "write ws").then_some(of)
-        });
-        if let Some(of) = found {
+        if let Some(of) = whole_send_trace(&spans, "ws") {
             break of;
         }
         assert!(Instant::now() < deadline, "the send's trace did not arrive whole: {}", describe(&spans));

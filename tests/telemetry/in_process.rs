@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::{SeenSpan, assert_send_trace, describe};
+use crate::{SeenSpan, assert_send_trace, describe, whole_send_trace};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_send_is_one_trace_over_the_in_process_bus() {
@@ -63,7 +63,7 @@ async fn a_standalone_send_is_one_trace_over_the_in_process_bus() {
     assert_eq!(s, 200);
     assert_eq!(ws.next_message(Duration::from_secs(10)).await.unwrap()["content"], "traced");
 
-    // The write span closes right after the frame is written.
+    // Spans end in no fixed order: wait for the whole trace.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let spans = loop {
         let _ = provider.force_flush();
@@ -89,9 +89,7 @@ async fn a_standalone_send_is_one_trace_over_the_in_process_bus() {
                 instance: String::new(),
             })
             .collect();
-        let trace = spans.iter().find(|s| s.name == "POST /send_msg").map(|s| s.trace_id.clone());
-        let of: Vec<SeenSpan> = spans.iter().filter(|s| Some(&s.trace_id) == trace.as_ref()).cloned().collect();
-        if of.iter().any(|s| s.name == "write ws") {
+        if let Some(of) = whole_send_trace(&spans, "ws") {
             break of;
         }
         assert!(std::time::Instant::now() < deadline, "incomplete trace: {}", describe(&spans));

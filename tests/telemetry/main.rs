@@ -67,6 +67,20 @@ pub fn assert_send_trace(spans: &[SeenSpan], delivering_protocol: &str) {
     assert!(spans.iter().all(|s| &s.trace_id == trace));
 }
 
+/// The trace of the (only) send in `spans`, once it has arrived whole: the delivering socket
+/// write is there and every span's parent is too. Spans end, and are exported, in no fixed
+/// order (the service handler's span ends after the delivery it caused may have been written),
+/// so a test waits for this rather than for any one span.
+pub fn whole_send_trace(spans: &[SeenSpan], delivering_protocol: &str) -> Option<Vec<SeenSpan>> {
+    let trace = &spans.iter().find(|s| s.name == "POST /send_msg")?.trace_id;
+    let of: Vec<SeenSpan> = spans.iter().filter(|s| &s.trace_id == trace).cloned().collect();
+    let ids: std::collections::HashSet<&str> = of.iter().map(|s| s.span_id.as_str()).collect();
+    let is_root = |parent: &str| parent.chars().all(|c| c == '0');
+    let parents_there = of.iter().all(|s| is_root(&s.parent_span_id) || ids.contains(s.parent_span_id.as_str()));
+    let written = of.iter().any(|s| s.name == format!("write {delivering_protocol}"));
+    (parents_there && written).then_some(of)
+}
+
 pub fn describe(spans: &[SeenSpan]) -> String {
     spans
         .iter()
