@@ -104,7 +104,13 @@ pub fn init(config: &Config, service_name: &str, node_id: &str) -> Result<Teleme
             .with_tracer(p.tracer("quickim"))
             .with_filter(EnvFilter::new("warn,quickim=info,quickim_gateway=info,quickim_shared=info,quickim_store=info,quickim_message=info,quickim_conversation=info"))
     });
+    // Spans nobody records are not made at all: without a trace exporter and without
+    // `log_spans`, the registry would still allocate, enter, exit and close every request's
+    // spans (≈6 % of a standalone node's CPU under persisted sends, measured with perf).
+    let spans_wanted = log_spans || otel.is_some();
+    let spans = filter::filter_fn(move |meta| spans_wanted || meta.is_event());
     tracing_subscriber::registry()
+        .with(spans)
         .with(fmt)
         .with(otel)
         .try_init()
