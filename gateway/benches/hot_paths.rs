@@ -18,8 +18,9 @@ use quickim_gateway::notify::cursor::{self, Cursor};
 use quickim_gateway::notify::hub::{Encoded, Hub, Outgoing, Start};
 use quickim_gateway::notify::queue::Inbox;
 use quickim_shared::bus::Bus;
+use quickim_shared::fanout::publish_entries;
 use quickim_shared::protocol::api::Message;
-use quickim_shared::protocol::event::{LogEntry, log_subject};
+use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::service::{Call, GetHeads, GetMemberships, LogHeads, MembershipRow, Memberships, Reply};
 use quickim_shared::rpc::RpcClient;
 use tokio_util::sync::CancellationToken;
@@ -113,9 +114,7 @@ fn fan_out(c: &mut Criterion) {
                     for _ in 0..iters {
                         offset += 1;
                         let entry = LogEntry { part: 0, offset, message: message(offset) };
-                        bus.publish(&log_subject(0), Vec::new(), serde_json::to_vec(&entry).unwrap().into())
-                            .await
-                            .unwrap();
+                        publish_entries(&bus, std::slice::from_ref(&entry)).await;
                         for inbox in inboxes.iter_mut() {
                             match inbox.recv().await {
                                 Ok(Outgoing::Event(e)) => {

@@ -11,8 +11,9 @@ use futures::StreamExt;
 use quickim_gateway::notify::hub::{Hub, Outgoing, Start};
 use quickim_gateway::notify::queue::Closed;
 use quickim_shared::bus::Bus;
+use quickim_shared::fanout::publish_entries;
 use quickim_shared::protocol::api::Message;
-use quickim_shared::protocol::event::{HEADS_SUBJECT, LogEntry, log_subject};
+use quickim_shared::protocol::event::{HEADS_SUBJECT, LogEntry};
 use quickim_shared::protocol::service::{
     Call, GetHeads, GetMemberships, LogHeads, MembershipRow, Memberships, ReadLog, Reply,
 };
@@ -79,7 +80,7 @@ async fn append(bus: &Bus, log: &Log, offset: u64, publish: bool) {
     let e = entry(offset);
     log.lock().unwrap().push(e.clone());
     if publish {
-        bus.publish(&log_subject(0), Vec::new(), serde_json::to_vec(&e).unwrap().into()).await.unwrap();
+        publish_entries(bus, std::slice::from_ref(&e)).await;
     }
 }
 
@@ -126,7 +127,7 @@ async fn gaps_reordering_and_lost_tails_are_repaired_from_the_store() {
     // Out of order on the bus: delivered in order.
     append(&bus, &log, 6, false).await;
     append(&bus, &log, 7, true).await;
-    bus.publish(&log_subject(0), Vec::new(), serde_json::to_vec(&entry(6)).unwrap().into()).await.unwrap();
+    publish_entries(&bus, std::slice::from_ref(&entry(6))).await;
     assert_eq!(next_message(&mut inbox).await, "m6");
     assert_eq!(next_message(&mut inbox).await, "m7");
 
@@ -138,7 +139,7 @@ async fn gaps_reordering_and_lost_tails_are_repaired_from_the_store() {
     assert_eq!(next_message(&mut inbox).await, "m9");
 
     // Nothing twice: duplicates on the bus are ignored.
-    bus.publish(&log_subject(0), Vec::new(), serde_json::to_vec(&entry(9)).unwrap().into()).await.unwrap();
+    publish_entries(&bus, std::slice::from_ref(&entry(9))).await;
     append(&bus, &log, 10, true).await;
     assert_eq!(next_message(&mut inbox).await, "m10");
     let (_, position, _) = hub.position();

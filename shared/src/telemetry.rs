@@ -190,6 +190,9 @@ pub fn inject_context() -> Headers {
 
 /// Makes `span` a child of the trace context carried in `headers`, if any.
 pub fn set_parent(span: &Span, headers: &Headers) {
+    if headers.is_empty() || span.is_disabled() {
+        return;
+    }
     let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     if cx.span().span_context().is_valid() {
         let _ = span.set_parent(cx);

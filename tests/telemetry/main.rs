@@ -54,9 +54,9 @@ pub fn assert_send_trace(spans: &[SeenSpan], delivering_protocol: &str) {
     let sql: Vec<&SeenSpan> = spans.iter().filter(|s| s.name.contains("INSERT messages")).collect();
     assert!(!sql.is_empty(), "an SQL span: {}", describe(spans));
     assert!(sql.iter().all(|s| s.attributes.contains_key("db.system.name")));
-    let publish = find(&|s| s.name.starts_with("publish quickim.log."), "fan-out publish");
+    let publish = find(&|s| s.name == "publish quickim.log", "fan-out publish");
     assert_eq!(publish.kind, "producer");
-    let deliver = find(&|s| s.name.starts_with("deliver quickim.log."), "delivery");
+    let deliver = find(&|s| s.name == "deliver quickim.log", "delivery");
     assert_eq!(deliver.kind, "consumer");
     assert_eq!(deliver.parent_span_id, publish.span_id, "delivery is a child of the publish (across the bus)");
     let write = find(&|s| s.name == format!("write {delivering_protocol}"), "socket write");

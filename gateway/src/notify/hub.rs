@@ -28,7 +28,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use quickim_shared::bus::{Bus, BusError, Headers, Incoming};
 use quickim_shared::protocol::api::Message;
-use quickim_shared::protocol::event::{HEADS_SUBJECT, LOG_SUBJECT_ALL, LogEntry, log_subject};
+use quickim_shared::protocol::event::{BusEntry, HEADS_SUBJECT, LOG_SUBJECT, LogEntry};
 use quickim_shared::protocol::service::{GetHeads, GetMemberships, LogHeads, Memberships, ReadLog};
 use quickim_shared::protocol::system::MembershipChange;
 use quickim_shared::rpc::RpcClient;
@@ -174,7 +174,7 @@ impl Hub {
         gap_fill: Duration,
         shutdown: CancellationToken,
     ) -> Result<Hub, BusError> {
-        let log = bus.subscribe(LOG_SUBJECT_ALL, None).await?;
+        let log = bus.subscribe(LOG_SUBJECT, None).await?;
         let heads = bus.subscribe(HEADS_SUBJECT, None).await?;
         let (cmds, cmd_rx) = mpsc::channel(8192);
         let shared = Arc::new(Shared {
@@ -383,6 +383,7 @@ impl State {
                         for e in entries {
                             self.entry(e, Headers::new());
                         }
+                        self.publish_position();
                     }
                     None => tracing::warn!(part, "gap fill failed; retrying"),
                 }
@@ -555,9 +556,15 @@ impl State {
             }
             return;
         }
-        match serde_json::from_slice::<LogEntry>(&msg.payload) {
-            Ok(entry) => self.entry(entry, msg.headers),
-            Err(e) => tracing::warn!(error = %e, subject = %msg.subject, "undecodable log entry"),
+        // One bus message is a committed batch: the position is published once, after it.
+        match serde_json::from_slice::<Vec<BusEntry>>(&msg.payload) {
+            Ok(entries) => {
+                for e in entries {
+                    self.entry(e.entry, e.trace);
+                }
+                self.publish_position();
+            }
+            Err(e) => tracing::warn!(error = %e, subject = %msg.subject, "undecodable log entries"),
         }
     }
 
@@ -601,6 +608,8 @@ impl State {
         self.publish_position();
     }
 
+    /// Takes one entry (in order, held back, or already seen); the caller publishes the
+    /// position once it has taken all it has.
     fn entry(&mut self, entry: LogEntry, headers: Headers) {
         let p = usize::from(entry.part);
         if p >= self.position.len() || entry.offset <= self.position[p] {
@@ -627,7 +636,6 @@ impl State {
             self.held[p].remove(&k);
         }
         self.gap_since[p] = (self.known[p] > self.position[p]).then(Instant::now);
-        self.publish_position();
     }
 
     fn fill_gaps(&mut self) {
@@ -659,10 +667,11 @@ impl State {
         let p = usize::from(entry.part);
         let span = tracing::info_span!(
             "log.deliver",
-            otel.name = %format_args!("deliver {}", log_subject(entry.part)),
+            otel.name = %format_args!("deliver {LOG_SUBJECT}"),
             otel.kind = "consumer",
             messaging.system = "quickim-bus",
-            messaging.destination.name = %log_subject(entry.part),
+            messaging.destination.name = LOG_SUBJECT,
+            log.partition = entry.part,
             messaging.operation.type = "process",
             conversation_id = %entry.message.conversation_id,
             msg_id = entry.message.msg_id,

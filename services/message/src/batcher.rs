@@ -5,12 +5,12 @@
 //! (up to `max_batch`), stores it in one transaction, answers every sender, then hands the
 //! log entries over for publishing. Under low load a batch is one message and adds no delay;
 //! under high load one commit carries many messages. Log entries are published by a task of
-//! their own, in commit order, so the next batch does not wait for the previous one's
+//! their own, in commit order (one bus message for all that has been committed meanwhile), so the next batch does not wait for the previous one's
 //! publishing (a bounded hand-over: a publisher that falls behind slows the writer down).
 
 use quickim_shared::bus::Bus;
 use quickim_shared::error::ServiceError;
-use quickim_shared::fanout::publish_entries;
+use quickim_shared::fanout::publish_traced;
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::event::LogEntry;
 use quickim_store::{SendItem, Store};
@@ -41,12 +41,13 @@ impl Batcher {
         let (tx, mut rx) = mpsc::channel::<Job>(max_batch * 4);
         let (publish_tx, mut publish_rx) = mpsc::channel::<Committed>(PUBLISH_BACKLOG);
         tokio::spawn(async move {
-            // Ends once the writer has stopped and everything committed is published.
-            while let Some(committed) = publish_rx.recv().await {
-                // Each entry is published in its own sender's trace, in allocation order.
-                for (entry, parent) in committed {
-                    publish_entries(&bus, std::slice::from_ref(&entry)).instrument(parent).await;
-                }
+            // Ends once the writer has stopped and everything committed is published. What
+            // has been committed meanwhile goes out together, as one bus message; each entry
+            // in its own sender's trace, in commit order.
+            let mut batches = Vec::with_capacity(PUBLISH_BACKLOG);
+            while publish_rx.recv_many(&mut batches, PUBLISH_BACKLOG).await > 0 {
+                publish_traced(&bus, batches.iter().flatten().map(|(entry, parent)| (entry, parent)).collect()).await;
+                batches.clear();
             }
         });
         run_writer(async move {

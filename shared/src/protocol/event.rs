@@ -21,13 +21,26 @@ pub struct LogEntry {
     pub message: Message,
 }
 
-/// NATS / in-process subject on which entries of partition `part` are published.
-pub fn log_subject(part: u16) -> String {
-    format!("quickim.log.{part}")
-}
+/// NATS / in-process subject on which committed entries are published: one bus message per
+/// committed batch (split only past [`LOG_MESSAGE_BYTES`]), a JSON array of [`BusEntry`] in
+/// commit order, whatever partitions they belong to.
+pub const LOG_SUBJECT: &str = "quickim.log";
 
-/// Subject that matches every partition's entries.
-pub const LOG_SUBJECT_ALL: &str = "quickim.log.*";
+/// A bus message of [`LOG_SUBJECT`] is closed once it holds this many bytes (NATS refuses
+/// messages over its `max_payload`, 1 MiB by default; one entry is at most ≈400 KiB).
+pub const LOG_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// A log entry as it crosses the bus, with the trace context of the request that stored it
+/// (`traceparent`, `tracestate`; empty when that request was not traced): one message, one
+/// trace, though many messages share a bus message. `E` is `&LogEntry` when publishing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusEntry<E = LogEntry> {
+    /// The entry.
+    pub entry: E,
+    /// W3C trace-context headers of the entry's publish span.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trace: Vec<(String, String)>,
+}
 
 /// Subject on which message services announce the partition heads (for tail-gap detection).
 pub const HEADS_SUBJECT: &str = "quickim.heads";
