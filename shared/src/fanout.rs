@@ -63,3 +63,58 @@ async fn send(bus: &Bus, payload: &mut Vec<u8>, first: Option<(u16, u64)>) {
         tracing::warn!(error = %e, part, offset, "publish failed; gateways will fill the gap from the store");
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::protocol::api::Message;
+    use futures::StreamExt;
+
+    fn entry(offset: u64, content_bytes: usize) -> LogEntry {
+        LogEntry {
+            part: (offset % 3) as u16,
+            offset,
+            message: Message {
+                conversation_id: format!("c{offset}"),
+                msg_id: 1,
+                from: "bob".into(),
+                msg_type: 1,
+                content: "x".repeat(content_bytes),
+                client_msg_id: None,
+                send_time: 0,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_one_bus_message_until_it_is_too_big_then_its_parts_keep_the_order() {
+        let bus = Bus::local(64);
+        let mut sub = bus.subscribe(LOG_SUBJECT, None).await.unwrap();
+        let read = |payload: &[u8]| serde_json::from_slice::<Vec<BusEntry>>(payload).unwrap();
+
+        // Small entries: all in one message, in order.
+        let small: Vec<LogEntry> = (1..=30).map(|o| entry(o, 100)).collect();
+        publish_entries(&bus, &small).await;
+        let one = sub.next().await.unwrap();
+        let got: Vec<LogEntry> = read(&one.payload).into_iter().map(|b| b.entry).collect();
+        assert_eq!(got, small);
+
+        // 40 entries of 20 KiB (800 KiB): split into messages that close past the limit,
+        // every entry once, in order.
+        let big: Vec<LogEntry> = (31..=70).map(|o| entry(o, 20 * 1024)).collect();
+        publish_entries(&bus, &big).await;
+        let mut got = Vec::new();
+        let mut messages = 0;
+        while got.len() < big.len() {
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
+            assert!(msg.payload.len() < LOG_MESSAGE_BYTES + 32 * 1024, "{} bytes", msg.payload.len());
+            got.extend(read(&msg.payload).into_iter().map(|b| b.entry));
+            messages += 1;
+        }
+        assert_eq!(got, big);
+        assert!((3..=4).contains(&messages), "{messages} messages");
+        // Untraced entries carry no trace field at all.
+        assert!(!String::from_utf8_lossy(&one.payload).contains("\"trace\""));
+    }
+}

@@ -5,8 +5,9 @@
 //! (up to `max_batch`), stores it in one transaction, answers every sender, then hands the
 //! log entries over for publishing. Under low load a batch is one message and adds no delay;
 //! under high load one commit carries many messages. Log entries are published by a task of
-//! their own, in commit order (one bus message for all that has been committed meanwhile), so the next batch does not wait for the previous one's
-//! publishing (a bounded hand-over: a publisher that falls behind slows the writer down).
+//! their own, in commit order (one bus message for all that has been committed meanwhile), so
+//! the next batch does not wait for the previous one's publishing (a bounded hand-over: a
+//! publisher that falls behind slows the writer down).
 
 use quickim_shared::bus::Bus;
 use quickim_shared::error::ServiceError;
