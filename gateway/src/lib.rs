@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod http;
 pub mod notify;
 pub mod ratelimit;
+pub mod sends;
 pub mod state;
 
 use std::net::SocketAddr;

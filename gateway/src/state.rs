@@ -16,11 +16,14 @@ use crate::notify::hub::Hub;
 use crate::notify::parked::Parked;
 use crate::notify::registry::Registry;
 use crate::ratelimit::RateLimiter;
+use crate::sends::Sends;
 
 /// Everything a handler needs.
 pub struct State {
     /// Typed calls to the services.
     pub rpc: RpcClient,
+    /// Sends to the message services, coalesced.
+    pub sends: Sends,
     /// Token issuing and checking.
     pub auth: Arc<Auth>,
     /// Per-user request rate.
@@ -74,6 +77,7 @@ impl AppState {
     ) -> AppState {
         let limiter = RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst);
         AppState(Arc::new(State {
+            sends: Sends::start(rpc.clone()),
             rpc,
             auth,
             limiter,

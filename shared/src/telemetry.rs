@@ -44,6 +44,8 @@ pub fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle
                 .ok()?
                 .set_buckets_for_metric(Matcher::Full("quickim_send_batch_size".into()), COUNT_BUCKETS)
                 .ok()?
+                .set_buckets_for_metric(Matcher::Full("quickim_sends_per_request".into()), COUNT_BUCKETS)
+                .ok()?
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;

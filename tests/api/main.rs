@@ -6,6 +6,7 @@ mod bad_input;
 mod distributed;
 mod docs;
 mod routes;
+mod sends;
 mod startup;
 
 /// The binary under test.

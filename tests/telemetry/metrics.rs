@@ -38,7 +38,8 @@ async fn every_role_serves_its_metrics_and_health() {
     for name in [
         "quickim_http_requests_total{route=\"/send_msg\",status=\"200\"}",
         "quickim_http_request_duration_seconds_bucket",
-        "quickim_bus_request_duration_seconds_bucket{subject=\"quickim.msg.send\"",
+        "quickim_bus_request_duration_seconds_bucket{subject=\"quickim.msg.send_each\"",
+        "quickim_sends_per_request_bucket{le=\"1\"}",
         "quickim_notify_connections{protocol=\"sse\"} 1",
         "quickim_notify_connections{protocol=\"ws\"} 0",
         "quickim_notify_events_delivered_total{protocol=\"ws\"} 3",
@@ -61,7 +62,7 @@ async fn every_role_serves_its_metrics_and_health() {
     for name in [
         "quickim_send_batch_size_bucket",
         "quickim_messages_stored_total",
-        "quickim_service_request_duration_seconds_bucket{subject=\"quickim.msg.send\"",
+        "quickim_service_request_duration_seconds_bucket{subject=\"quickim.msg.send_each\"",
     ] {
         assert!(message.contains(name), "message /metrics lacks {name}:\n{message}");
     }

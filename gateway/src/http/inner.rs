@@ -96,7 +96,7 @@ pub async fn send_msg(
     _: InnerKey,
     Body(r): Body<InnerSendMsgRequest>,
 ) -> ApiResult<Message> {
-    Ok(Envelope(s.rpc.call(&inner_send(r)).await?))
+    Ok(Envelope(s.sends.send(inner_send(r)).await?))
 }
 
 /// POST /inner/send_msg_batch: stored in order, one result per item.

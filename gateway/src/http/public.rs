@@ -21,8 +21,8 @@ use crate::state::AppState;
 /// POST /send_msg
 pub async fn send_msg(State(s): State<AppState>, caller: Caller, Body(r): Body<SendMsgRequest>) -> ApiResult<Message> {
     let msg = s
-        .rpc
-        .call(&SendMessage {
+        .sends
+        .send(SendMessage {
             origin: Origin::Client,
             conversation_id: r.conversation_id,
             from: caller.user_id,

@@ -21,13 +21,15 @@ use quickim_shared::fanout::publish_entries;
 use quickim_shared::ids::check_conversation_id;
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::service::{
-    Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayPage, Reply, SendBatch,
-    SendMessage,
+    Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayPage, Reply,
+    SEND_EACH_MAX, SendBatch, SendEach, SendMessage,
 };
 use quickim_shared::rpc::{self, Handler, answer};
+use quickim_shared::telemetry;
 use quickim_store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use batcher::Batcher;
 
@@ -86,6 +88,19 @@ impl MessageService {
         self.batcher.submit(item).await
     }
 
+    /// Sends coalesced by a gateway: each goes to the group commit on its own, in its own
+    /// trace (a server span per send, child of the gateway's bus request span for it).
+    async fn send_each(&self, r: SendEach) -> Reply<Vec<Reply<Message>>> {
+        if r.items.is_empty() || r.items.len() > SEND_EACH_MAX {
+            return Err(ServiceError::invalid(format!("send_each carries 1–{SEND_EACH_MAX} sends")));
+        }
+        let sends = r.items.into_iter().map(|item| {
+            let span = telemetry::server_span(SendMessage::SUBJECT, &item.trace);
+            self.send(item.send).instrument(span)
+        });
+        Ok(futures::future::join_all(sends).await)
+    }
+
     async fn send_batch(&self, r: SendBatch) -> Reply<Vec<Reply<Message>>> {
         if r.items.is_empty() || r.items.len() > self.limits.send_batch_max {
             return Err(ServiceError::invalid(format!("a batch holds 1–{} messages", self.limits.send_batch_max)));
@@ -125,6 +140,7 @@ impl Handler for MessageService {
         match subject {
             SendMessage::SUBJECT => answer(payload, |r| self.send(r)).await,
             SendBatch::SUBJECT => answer(payload, |r| self.send_batch(r)).await,
+            SendEach::SUBJECT => answer(payload, |r| self.send_each(r)).await,
             History::SUBJECT => answer(payload, |r| self.history(r)).await,
             Replay::SUBJECT => answer(payload, |r| self.replay(r)).await,
             LastMsgId::SUBJECT => {

@@ -244,6 +244,29 @@ pub struct SendBatch {
 }
 call!(SendBatch, "quickim.msg.send_batch", Vec<Reply<Message>>);
 
+/// Sends that reached one gateway at about the same time, carried by one bus request: each is
+/// stored as if it had come alone (with its own result, in the message service's group commit
+/// like any other send), and each keeps its own trace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendEach {
+    /// At most [`SEND_EACH_MAX`] sends.
+    pub items: Vec<TracedSend>,
+}
+call!(SendEach, "quickim.msg.send_each", Vec<Reply<Message>>);
+
+/// Most sends one [`SendEach`] carries.
+pub const SEND_EACH_MAX: usize = 256;
+
+/// One send of a [`SendEach`], with the trace context of its own bus request span.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TracedSend {
+    /// The send.
+    pub send: SendMessage,
+    /// W3C trace-context headers (`traceparent`, `tracestate`); empty when not traced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trace: Vec<(String, String)>,
+}
+
 /// Which messages a history read wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]

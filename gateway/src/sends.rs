@@ -1,0 +1,142 @@
+//! Sends on their way to the message services, coalesced per gateway.
+//!
+//! Every `/send_msg` (public or inner) is queued here (bounded: a full queue makes the
+//! request wait, which is backpressure, not loss). A task takes what is queued — at most
+//! [`SEND_EACH_MAX`] sends and about [`REQUEST_BYTES`] — and makes one bus request of it
+//! ([`SendEach`]), with at most [`IN_FLIGHT`] requests out at once. Under low load a request
+//! carries one send and adds no delay; under load one request and one reply carry many
+//! sends, where each send cost a bus request and reply of its own (on NATS: four message
+//! deliveries). The message service stores each as if it came alone, in its group commit.
+//!
+//! Each send keeps its own trace: its bus client span is made here, in the HTTP request's
+//! span, and its context travels with the send to the service's server span for it. The bus
+//! request that carries several sends belongs to the first one's trace.
+
+use std::sync::Arc;
+
+use quickim_shared::error::ServiceError;
+use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::service::{Call, SEND_EACH_MAX, SendEach, SendMessage, TracedSend};
+use quickim_shared::rpc::RpcClient;
+use quickim_shared::telemetry;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument;
+
+/// Sends waiting for a bus request.
+const QUEUE: usize = 4096;
+
+/// Bus requests out at once; while they are, sends gather for the next ones.
+const IN_FLIGHT: usize = 16;
+
+/// A request is closed once its sends hold about this many bytes (a bus message stays well
+/// under NATS's default 1 MiB limit; a send alone may be bigger and goes alone).
+const REQUEST_BYTES: usize = 512 * 1024;
+
+struct Queued {
+    send: TracedSend,
+    bytes: usize,
+    span: tracing::Span,
+    done: oneshot::Sender<Result<Message, ServiceError>>,
+}
+
+/// Handle to the coalescing task.
+#[derive(Clone)]
+pub struct Sends {
+    tx: mpsc::Sender<Queued>,
+}
+
+impl Sends {
+    /// Starts the task that makes the bus requests over `rpc`.
+    pub fn start(rpc: RpcClient) -> Sends {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(rpc, rx));
+        Sends { tx }
+    }
+
+    /// Stores `send` through a message service and answers the stored message.
+    pub async fn send(&self, send: SendMessage) -> Result<Message, ServiceError> {
+        let span = tracing::info_span!(
+            "bus.request",
+            otel.name = SendMessage::SUBJECT,
+            otel.kind = "client",
+            messaging.system = "quickim-bus",
+            messaging.destination.name = SendEach::SUBJECT,
+            messaging.operation.type = "send",
+        );
+        let trace = if span.is_disabled() { Vec::new() } else { span.in_scope(telemetry::inject_context) };
+        let bytes = send.content.len()
+            + send.conversation_id.len()
+            + send.from.len()
+            + send.client_msg_id.as_ref().map_or(0, String::len)
+            + 256;
+        let (done, answer) = oneshot::channel();
+        let queued = Queued { send: TracedSend { send, trace }, bytes, span: span.clone(), done };
+        async {
+            self.tx.send(queued).await.map_err(|_| ServiceError::unavailable("gateway is stopping"))?;
+            answer.await.map_err(|_| ServiceError::unavailable("gateway is stopping"))?
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+async fn run(rpc: RpcClient, mut rx: mpsc::Receiver<Queued>) {
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut carried: Option<Queued> = None;
+    loop {
+        let first = match carried.take() {
+            Some(q) => q,
+            None => match rx.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        // Wait for a free request first: what arrives meanwhile joins this one.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < SEND_EACH_MAX {
+            let Ok(next) = rx.try_recv() else { break };
+            if bytes + next.bytes > REQUEST_BYTES {
+                carried = Some(next);
+                break;
+            }
+            bytes += next.bytes;
+            batch.push(next);
+        }
+        let rpc = rpc.clone();
+        tokio::spawn(async move {
+            request(&rpc, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One bus request for `batch`; every send gets its own answer.
+async fn request(rpc: &RpcClient, batch: Vec<Queued>) {
+    let parent = batch.first().map(|q| q.span.clone()).unwrap_or_else(tracing::Span::none);
+    metrics::histogram!("quickim_sends_per_request").record(batch.len() as f64);
+    let mut waiting = Vec::with_capacity(batch.len());
+    let mut items = Vec::with_capacity(batch.len());
+    for q in batch {
+        items.push(q.send);
+        waiting.push(q.done);
+    }
+    match rpc.call(&SendEach { items }).instrument(parent).await {
+        Ok(answers) => {
+            let mut answers = answers.into_iter();
+            for done in waiting {
+                let answer =
+                    answers.next().unwrap_or_else(|| Err(ServiceError::internal("the message service skipped a send")));
+                let _ = done.send(answer);
+            }
+        }
+        Err(e) => {
+            for done in waiting {
+                let _ = done.send(Err(e.clone()));
+            }
+        }
+    }
+}
