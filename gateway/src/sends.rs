@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use quickim_shared::error::ServiceError;
+use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::service::{Call, SEND_EACH_MAX, SendEach, SendMessage, TracedSend};
 use quickim_shared::rpc::RpcClient;
@@ -116,15 +116,31 @@ async fn run(rpc: RpcClient, mut rx: mpsc::Receiver<Queued>) {
 
 /// One bus request for `batch`; every send gets its own answer.
 async fn request(rpc: &RpcClient, batch: Vec<Queued>) {
-    let parent = batch.first().map(|q| q.span.clone()).unwrap_or_else(tracing::Span::none);
     metrics::histogram!("quickim_sends_per_request").record(batch.len() as f64);
+    let parent = batch.first().map(|q| q.span.clone()).unwrap_or_else(tracing::Span::none);
     let mut waiting = Vec::with_capacity(batch.len());
+    let mut spans = Vec::with_capacity(batch.len());
     let mut items = Vec::with_capacity(batch.len());
     for q in batch {
         items.push(q.send);
+        spans.push(q.span);
         waiting.push(q.done);
     }
-    match rpc.call(&SendEach { items }).instrument(parent).await {
+    let request = SendEach { items };
+    let answers = match rpc.call(&request).instrument(parent).await {
+        // A message service of an earlier version does not know `send_each` (a rolling
+        // upgrade that reached the gateways first): one request per send, as it expects.
+        Err(e) if e.code == ErrorCode::NotFound => {
+            let sends = request
+                .items
+                .into_iter()
+                .zip(spans)
+                .map(|(item, span)| async move { rpc.call(&item.send).await }.instrument(span));
+            Ok(futures::future::join_all(sends).await)
+        }
+        other => other,
+    };
+    match answers {
         Ok(answers) => {
             let mut answers = answers.into_iter();
             for done in waiting {
