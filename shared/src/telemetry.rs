@@ -18,7 +18,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{self, FilterExt};
+use tracing_subscriber::filter::{self, FilterExt, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -88,7 +88,13 @@ pub fn init(config: &Config, service_name: &str, node_id: &str) -> Result<Teleme
     // and formatting every request's spans (≈15–20 % of a node's CPU under load, measured on
     // persisted sends) is left to the trace exporter, when there is one.
     let log_spans = config.log_spans;
-    let log_filter = env_filter.and(filter::filter_fn(move |meta| log_spans || meta.is_event()));
+    // Every filter states the most verbose level it may let through: one without that hint
+    // makes the whole subscriber report "everything", and libraries then build (and format)
+    // their debug and trace records — the WebSocket library's per frame, through `log` —
+    // only for the filters to drop them.
+    let log_level = env_filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let log_filter =
+        env_filter.and(filter::filter_fn(move |meta| log_spans || meta.is_event()).with_max_level_hint(log_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = if config.log_format == "json" {
         tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(log_filter).boxed()
@@ -110,7 +116,8 @@ pub fn init(config: &Config, service_name: &str, node_id: &str) -> Result<Teleme
     // `log_spans`, the registry would still allocate, enter, exit and close every request's
     // spans (≈6 % of a standalone node's CPU under persisted sends, measured with perf).
     let spans_wanted = log_spans || otel.is_some();
-    let spans = filter::filter_fn(move |meta| spans_wanted || meta.is_event());
+    let level = if otel.is_some() { log_level.max(LevelFilter::INFO) } else { log_level };
+    let spans = filter::filter_fn(move |meta| spans_wanted || meta.is_event()).with_max_level_hint(level);
     tracing_subscriber::registry()
         .with(spans)
         .with(fmt)
@@ -232,4 +239,21 @@ pub fn server_span(subject: &str, headers: &Headers) -> Span {
     );
     set_parent(&span, headers);
     span
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Libraries that log through the `log` crate (the WebSocket library, per frame) check
+    /// its maximum level before they format anything: it must be the configured level, not
+    /// "everything" because one of the subscriber's filters gives no hint.
+    #[test]
+    fn log_records_above_the_configured_level_are_not_made() {
+        let config = Config { log: "warn".to_string(), ..Config::default() };
+        let _telemetry = init(&config, "quickim-test", "test-node").unwrap();
+        assert_eq!(log::max_level(), log::LevelFilter::Warn);
+        assert_eq!(tracing::level_filters::LevelFilter::current(), tracing::level_filters::LevelFilter::WARN);
+    }
 }
