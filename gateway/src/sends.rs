@@ -17,7 +17,7 @@ use std::sync::Arc;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::service::{Call, SEND_EACH_MAX, SendEach, SendMessage, TracedSend};
-use quickim_shared::rpc::RpcClient;
+use quickim_shared::rpc::{self, RpcClient};
 use quickim_shared::telemetry;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
@@ -55,14 +55,7 @@ impl Sends {
 
     /// Stores `send` through a message service and answers the stored message.
     pub async fn send(&self, send: SendMessage) -> Result<Message, ServiceError> {
-        let span = tracing::info_span!(
-            "bus.request",
-            otel.name = SendMessage::SUBJECT,
-            otel.kind = "client",
-            messaging.system = "quickim-bus",
-            messaging.destination.name = SendEach::SUBJECT,
-            messaging.operation.type = "send",
-        );
+        let span = rpc::client_span(SendMessage::SUBJECT, SendEach::SUBJECT);
         let trace = if span.is_disabled() { Vec::new() } else { span.in_scope(telemetry::inject_context) };
         let bytes = send.content.len()
             + send.conversation_id.len()

@@ -42,15 +42,7 @@ impl RpcClient {
 
     /// Sends `request` to its service and decodes the answer.
     pub async fn call<C: Call>(&self, request: &C) -> Result<C::Reply, ServiceError> {
-        let span = tracing::info_span!(
-            "bus.request",
-            otel.name = C::SUBJECT,
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            messaging.system = "quickim-bus",
-            messaging.destination.name = C::SUBJECT,
-            messaging.operation.type = "send",
-        );
+        let span = client_span(C::SUBJECT, C::SUBJECT);
         let start = std::time::Instant::now();
         let result = async {
             let payload = serde_json::to_vec(request).map_err(ServiceError::internal)?;
@@ -79,6 +71,20 @@ impl RpcClient {
             .record(start.elapsed().as_secs_f64());
         result
     }
+}
+
+/// The client span of a bus request named `name` (a send carried inside a `send_each`
+/// request is named `quickim.msg.send`) to `subject`.
+pub fn client_span(name: &'static str, subject: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "bus.request",
+        otel.name = name,
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "quickim-bus",
+        messaging.destination.name = subject,
+        messaging.operation.type = "send",
+    )
 }
 
 /// Maps a bus failure to what the client sees.
