@@ -124,10 +124,11 @@ each() { # scenario-args... : runs them against nchan, standalone and distribute
 
 # Sizes (the issue's; --quick divides them).
 if [ "$quick" = yes ]; then
-  n10k=500 n50k=1000 n100k=2000 fan=100 fan_msgs=200 many=200 many_msgs=1000 pollers=100 poll_msgs=500
+  n10k=500 n50k=1000 n100k=2000 fan=100 fan_msgs=200 many=200 many_msgs=1000 many_rate=1000 pollers=100 poll_msgs=500
   resume_subs=100 sends=5000 send_rate_sa=2000 send_rate_dist=1000
 else
-  n10k=10000 n50k=50000 n100k=100000 fan=1000 fan_msgs=1000 many=5000 many_msgs=20000 pollers=1000 poll_msgs=5000
+  n10k=10000 n50k=50000 n100k=100000 fan=1000 fan_msgs=1000 many=5000 many_msgs=20000 many_rate=2000 pollers=1000
+  poll_msgs=5000
   resume_subs=1000 sends=100000 send_rate_sa=10000 send_rate_dist=5000
 fi
 
@@ -173,6 +174,10 @@ fi
 if wants many; then
   each --scenario "c ${many} conversations x 2, ${many_msgs} msgs" --mode deliver --protocol ws \
     --subscribers $((many * 2)) --channels "$many" --messages "$many_msgs" --concurrency 64
+  # At full speed each server runs at its own rate; latencies compare at one rate all three sustain.
+  each --scenario "c ${many} conversations x 2, ${many_msgs} msgs at ${many_rate}/s" --mode deliver \
+    --protocol ws --subscribers $((many * 2)) --channels "$many" --messages "$many_msgs" --rate "$many_rate" \
+    --concurrency 64
 fi
 
 # (d) long-poll.
