@@ -268,7 +268,9 @@ impl Store {
     /// Within a conversation msg_ids and offsets grow together, so the messages after the
     /// cursor are found by walking the conversation's primary key back from its newest
     /// message to the first one at or below the cursor: the cost is the backlog, and no
-    /// index by offset is needed (one index fewer to write per message).
+    /// index by offset is needed (one index fewer to write per message). That walk runs once
+    /// per conversation (`mine`, materialized): written as a condition of the messages' join,
+    /// PostgreSQL with fresh statistics ran it once per message, the backlog squared.
     ///
     /// One page of what `user_id` missed with `after < offset <= upto` (per partition), in
     /// (partition, offset) order: messages of conversations it is a member of, from its join
@@ -306,18 +308,19 @@ impl Store {
         let user = p.next();
         let lim = p.next();
         let sql = format!(
-            "WITH cur (p, a, u) AS (VALUES {values}) \
-             SELECT {MESSAGE_COLUMNS} FROM members mb \
-             JOIN conversations c ON c.conversation_id = mb.conversation_id \
-             JOIN cur ON cur.p = c.part \
-             JOIN messages m ON m.conversation_id = mb.conversation_id \
-               AND m.msg_id > COALESCE((SELECT m2.msg_id FROM messages m2 \
-                   WHERE m2.conversation_id = mb.conversation_id AND m2.log_offset <= cur.a \
-                   ORDER BY m2.msg_id DESC LIMIT 1), 0) \
-             WHERE mb.user_id = {user} AND c.last_offset > cur.a \
-               AND m.log_offset > cur.a AND m.log_offset <= cur.u \
-               AND m.msg_id >= mb.joined_msg_id \
-               AND (mb.active = 1 OR m.msg_id <= mb.left_msg_id) \
+            "WITH cur (p, a, u) AS (VALUES {values}), \
+             mine AS MATERIALIZED (SELECT mb.conversation_id, mb.joined_msg_id, mb.active, \
+               mb.left_msg_id, cur.a, cur.u, COALESCE((SELECT m2.msg_id FROM messages m2 \
+                 WHERE m2.conversation_id = mb.conversation_id AND m2.log_offset <= cur.a \
+                 ORDER BY m2.msg_id DESC LIMIT 1), 0) AS start \
+               FROM members mb JOIN conversations c ON c.conversation_id = mb.conversation_id \
+               JOIN cur ON cur.p = c.part \
+               WHERE mb.user_id = {user} AND c.last_offset > cur.a) \
+             SELECT {MESSAGE_COLUMNS} FROM mine \
+             JOIN messages m ON m.conversation_id = mine.conversation_id AND m.msg_id > mine.start \
+             WHERE m.log_offset > mine.a AND m.log_offset <= mine.u \
+               AND m.msg_id >= mine.joined_msg_id \
+               AND (mine.active = 1 OR m.msg_id <= mine.left_msg_id) \
              ORDER BY m.part, m.log_offset LIMIT {lim}"
         );
         let sqlite = self.dialect() == Dialect::Sqlite;
