@@ -270,7 +270,10 @@ impl Store {
     /// message to the first one at or below the cursor: the cost is the backlog, and no
     /// index by offset is needed (one index fewer to write per message). That walk runs once
     /// per conversation (`mine`, materialized): written as a condition of the messages' join,
-    /// PostgreSQL with fresh statistics ran it once per message, the backlog squared.
+    /// PostgreSQL with fresh statistics ran it once per message, the backlog squared. `mine`
+    /// starts from the user's memberships and looks each conversation up by its key: joined
+    /// to `conversations`, PostgreSQL scanned the whole table for every replay until its
+    /// statistics said the table was large.
     ///
     /// One page of what `user_id` missed with `after < offset <= upto` (per partition), in
     /// (partition, offset) order: messages of conversations it is a member of, from its join
@@ -313,9 +316,10 @@ impl Store {
                mb.left_msg_id, cur.a, cur.u, COALESCE((SELECT m2.msg_id FROM messages m2 \
                  WHERE m2.conversation_id = mb.conversation_id AND m2.log_offset <= cur.a \
                  ORDER BY m2.msg_id DESC LIMIT 1), 0) AS start \
-               FROM members mb JOIN conversations c ON c.conversation_id = mb.conversation_id \
-               JOIN cur ON cur.p = c.part \
-               WHERE mb.user_id = {user} AND c.last_offset > cur.a) \
+               FROM members mb JOIN cur ON cur.p = (SELECT c.part FROM conversations c \
+                 WHERE c.conversation_id = mb.conversation_id) \
+               WHERE mb.user_id = {user} AND (SELECT c.last_offset FROM conversations c \
+                 WHERE c.conversation_id = mb.conversation_id) > cur.a) \
              SELECT {MESSAGE_COLUMNS} FROM mine \
              JOIN messages m ON m.conversation_id = mine.conversation_id AND m.msg_id > mine.start \
              WHERE m.log_offset > mine.a AND m.log_offset <= mine.u \
