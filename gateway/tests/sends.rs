@@ -80,6 +80,13 @@ fn send(i: usize) -> SendMessage {
     }
 }
 
+/// A coalescer over the in-process bus, and the scripted service it talks to.
+async fn coalescer_and_service(knows_send_each: bool) -> (Sends, Arc<Counts>) {
+    let bus = Bus::local(1024);
+    let counts = fake_message_service(&bus, knows_send_each).await;
+    (Sends::start(RpcClient::new(bus, Duration::from_secs(5))), counts)
+}
+
 async fn send_all(sends: &Sends, n: usize) {
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -98,9 +105,7 @@ async fn send_all(sends: &Sends, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_send_gets_its_own_answer_and_sends_share_requests() {
-    let bus = Bus::local(1024);
-    let counts = fake_message_service(&bus, true).await;
-    let sends = Sends::start(RpcClient::new(bus, Duration::from_secs(5)));
+    let (sends, counts) = coalescer_and_service(true).await;
     send_all(&sends, 300).await;
     let requests = counts.send_each.load(Ordering::SeqCst);
     assert!((1..300).contains(&requests), "{requests} requests for 300 sends");
@@ -110,9 +115,7 @@ async fn each_send_gets_its_own_answer_and_sends_share_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_without_send_each_gets_one_request_per_send() {
-    let bus = Bus::local(1024);
-    let counts = fake_message_service(&bus, false).await;
-    let sends = Sends::start(RpcClient::new(bus, Duration::from_secs(5)));
+    let (sends, counts) = coalescer_and_service(false).await;
     send_all(&sends, 100).await;
     assert_eq!(counts.send.load(Ordering::SeqCst), 100);
     assert_eq!(counts.stored.load(Ordering::SeqCst), 80);
