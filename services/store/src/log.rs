@@ -18,7 +18,7 @@ use sqlx::{AnyConnection, Row};
 
 use crate::sql::{
     MESSAGE_COLUMNS, Params, api_int, db_int, entries_as_json, entries_from_json, from_json, get_bool, log_entry,
-    padded, to_json,
+    to_json,
 };
 use crate::{Dialect, Result, Store, StoreError, partition_of, sql_span};
 
@@ -108,6 +108,13 @@ pub(crate) fn locked_from_json(json: &str) -> Result<BTreeMap<String, LockedConv
     Ok(out)
 }
 
+/// PostgreSQL: locks the conversations of a JSON array of ids, in id order (FOR UPDATE locks
+/// the rows after the sort), and answers the ones that exist.
+pub(crate) const LOCK_CONVERSATIONS_POSTGRES: &str = "\
+SELECT conversation_id, joinable, archived, last_msg_id, last_send_time, part FROM conversations
+WHERE conversation_id = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))
+ORDER BY conversation_id FOR UPDATE";
+
 /// A message to append (its conversation must be locked in the same transaction).
 #[derive(Debug, Clone)]
 pub(crate) struct NewEntry {
@@ -140,31 +147,27 @@ impl Store {
                 .await?;
             return locked_from_json(&row.try_get::<String, _>("rows")?);
         }
-        for chunk in ids.chunks(512).map(padded) {
-            let mut p = Params::new(self.system());
-            let sql = format!(
-                "SELECT conversation_id, joinable, archived, last_msg_id, \
-                 last_send_time, part FROM conversations WHERE conversation_id IN ({}) \
-                 ORDER BY conversation_id FOR UPDATE",
-                p.list(chunk.len()),
+        // PostgreSQL: one statement for any number of ids (a JSON array), looked up by key.
+        // With a list of parameters instead, each list length was a statement of its own,
+        // planned again at every call (0.3 ms), and from about 64 ids planned as a scan of
+        // the whole table (1 ms at 6,200 conversations) where the key finds them in 0.1 ms.
+        let rows = sqlx::query(LOCK_CONVERSATIONS_POSTGRES)
+            .bind(to_json(&ids)?)
+            .fetch_all(&mut *tx)
+            .instrument(sql_span(self.system(), "SELECT", "conversations"))
+            .await?;
+        for row in rows {
+            out.insert(
+                row.try_get("conversation_id")?,
+                LockedConversation {
+                    joinable: get_bool(&row, "joinable")?,
+                    archived: get_bool(&row, "archived")?,
+                    last_msg_id: row.try_get("last_msg_id")?,
+                    last_send_time: row.try_get("last_send_time")?,
+                    part: u16::try_from(row.try_get::<i64, _>("part")?)
+                        .map_err(|_| StoreError::Corrupt("partition out of range".into()))?,
+                },
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in &chunk {
-                q = q.bind(*id);
-            }
-            for row in q.fetch_all(&mut *tx).instrument(sql_span(self.system(), "SELECT", "conversations")).await? {
-                out.insert(
-                    row.try_get("conversation_id")?,
-                    LockedConversation {
-                        joinable: get_bool(&row, "joinable")?,
-                        archived: get_bool(&row, "archived")?,
-                        last_msg_id: row.try_get("last_msg_id")?,
-                        last_send_time: row.try_get("last_send_time")?,
-                        part: u16::try_from(row.try_get::<i64, _>("part")?)
-                            .map_err(|_| StoreError::Corrupt("partition out of range".into()))?,
-                    },
-                );
-            }
         }
         Ok(out)
     }
@@ -580,7 +583,7 @@ async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
 /// `jsonb_array_elements` alone (which the planner takes for 100 rows), the update was
 /// planned as a hash join over a scan of every conversation, per batch — 0.13 ms at 1,000
 /// conversations and growing with the table.
-const APPEND_POSTGRES: &str = "\
+pub(crate) const APPEND_POSTGRES: &str = "\
 WITH parts AS (
   UPDATE log_partitions p SET head = (v.e ->> 1)::bigint
   FROM jsonb_array_elements($1::jsonb) AS v(e)
@@ -614,49 +617,4 @@ async fn write_postgres(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()>
         return Err(StoreError::Corrupt(format!("append wrote {written:?} rows")));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use quickim_testkit::PgDatabase;
-    use sqlx::Row;
-
-    use super::APPEND_POSTGRES;
-    use crate::Store;
-
-    /// The append's update of the conversations goes through their key, not through a scan
-    /// of the table (the plan it had: a hash join over every conversation, per batch).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres_append_finds_conversations_by_key() {
-        let pg = PgDatabase::create().await;
-        let store = Store::open_postgres(&pg.url, 2, 4).await.unwrap();
-        sqlx::query(
-            "INSERT INTO conversations (conversation_id, conversation_type, joinable, archived, created_at, \
-             last_msg_id, last_send_time, part, last_offset) \
-             SELECT 'c' || g, 1, 0, 0, 0, 0, 0, g % 4, 0 FROM generate_series(1, 5000) g",
-        )
-        .execute(store.pool())
-        .await
-        .unwrap();
-        sqlx::query("ANALYZE conversations").execute(store.pool()).await.unwrap();
-        let explain = format!("EXPLAIN {APPEND_POSTGRES}");
-        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
-            .bind(r#"[[1, 1]]"#)
-            .bind(r#"[["c1", 1, 1, 1, "", 1, "x", null, 1], ["c5", 1, 1, 2, "", 1, "y", null, 1]]"#)
-            .bind(r#"[["c1", 1, 1, 1], ["c5", 1, 2, 1]]"#)
-            .fetch_all(store.pool())
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.try_get::<String, _>(0).unwrap())
-            .collect();
-        let plan = plan.join("\n");
-        assert!(plan.contains("Update on conversations"), "{plan}");
-        assert!(!plan.contains("Seq Scan on conversations"), "{plan}");
-        assert!(plan.contains("conversations_pkey"), "{plan}");
-        store.close().await;
-        pg.drop_db().await;
-    }
 }

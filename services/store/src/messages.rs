@@ -16,7 +16,7 @@ use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
 use crate::log::{LockedConversation, NewEntry, plan_append};
-use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message, padded, pow2_chunks};
+use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message, pow2_chunks, to_json};
 use crate::{Dialect, Result, Store, StoreError, messages_sqlite, sql_span};
 
 /// One message to store (already validated for shape by the message service).
@@ -356,21 +356,46 @@ pub(crate) fn claim_keys_sql(system: &str, n: usize) -> String {
     )
 }
 
-/// Messages already stored under any of `keys`.
+/// PostgreSQL: the messages stored under a JSON array of keys (`[sender, client_msg_id]`),
+/// each looked up by its key. One statement for any number of keys: with a list of
+/// parameters, each length was a statement of its own, planned again at every call, and
+/// planned as a scan of the whole table once the list was long against the table's size.
+/// `OFFSET 0` keeps the lookup a lookup per key (the planner may not merge it into a join).
+pub(crate) fn existing_keys_postgres() -> String {
+    format!(
+        "SELECT k.* FROM jsonb_array_elements($1::jsonb) AS v(e) CROSS JOIN LATERAL (\
+         SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
+         JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
+         WHERE i.sender = v.e ->> 0 AND i.client_msg_id = v.e ->> 1 OFFSET 0) k"
+    )
+}
+
+/// PostgreSQL: which of a JSON array of (conversation, user) pairs are active members, each
+/// looked up by its key (see [`existing_keys_postgres`]).
+pub(crate) const ACTIVE_PAIRS_POSTGRES: &str = "\
+SELECT m.conversation_id, m.user_id FROM jsonb_array_elements($1::jsonb) AS v(e) CROSS JOIN LATERAL (
+  SELECT conversation_id, user_id FROM members
+  WHERE conversation_id = v.e ->> 0 AND user_id = v.e ->> 1 AND active = 1 OFFSET 0
+) m";
+
+/// Messages already stored under any of `keys` (PostgreSQL; SQLite reads them in
+/// `messages_sqlite::existing_keys`).
 async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key]) -> Result<HashMap<Key, Message>> {
     let mut out = HashMap::new();
     let mut keys: Vec<&Key> = keys.iter().collect();
     keys.sort();
     keys.dedup();
-    for chunk in keys.chunks(256).map(padded) {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(existing_keys_sql(system, chunk.len())));
-        for (s, k) in &chunk {
-            q = q.bind(s.as_str()).bind(k.as_str());
-        }
-        for row in q.fetch_all(&mut *tx).instrument(sql_span(system, "SELECT", "idempotency")).await? {
-            let key = (row.try_get::<String, _>("key_sender")?, row.try_get::<String, _>("key_id")?);
-            out.insert(key, message(&row)?);
-        }
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let rows = sqlx::query(sqlx::AssertSqlSafe(existing_keys_postgres()))
+        .bind(to_json(&keys)?)
+        .fetch_all(&mut *tx)
+        .instrument(sql_span(system, "SELECT", "idempotency"))
+        .await?;
+    for row in rows {
+        let key = (row.try_get::<String, _>("key_sender")?, row.try_get::<String, _>("key_id")?);
+        out.insert(key, message(&row)?);
     }
     Ok(out)
 }
@@ -387,21 +412,16 @@ async fn active_pairs(
     pairs.sort_unstable();
     pairs.dedup();
     let mut out = HashSet::new();
-    for chunk in pairs.chunks(256).map(padded) {
-        let mut p = Params::new(system);
-        let active = p.next();
-        let list = chunk.iter().map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "SELECT conversation_id, user_id FROM members WHERE active = {active} \
-             AND (conversation_id, user_id) IN (VALUES {list})"
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(1i32);
-        for (c, u) in &chunk {
-            q = q.bind(*c).bind(*u);
-        }
-        for row in q.fetch_all(&mut *tx).instrument(sql_span(system, "SELECT", "members")).await? {
-            out.insert((row.try_get("conversation_id")?, row.try_get("user_id")?));
-        }
+    if pairs.is_empty() {
+        return Ok(out);
+    }
+    let rows = sqlx::query(ACTIVE_PAIRS_POSTGRES)
+        .bind(to_json(&pairs)?)
+        .fetch_all(&mut *tx)
+        .instrument(sql_span(system, "SELECT", "members"))
+        .await?;
+    for row in rows {
+        out.insert((row.try_get("conversation_id")?, row.try_get("user_id")?));
     }
     Ok(out)
 }

@@ -7,3 +7,77 @@ use crate::{Result, any_pool_options};
 pub(crate) async fn open(url: &str, max_connections: u32) -> Result<AnyPool> {
     Ok(any_pool_options(max_connections).connect(url).await?)
 }
+
+/// The send batch's statements find their rows by key, whatever the batch's size against the
+/// tables' sizes. Plans that scanned a whole table per batch were the distributed send path's
+/// largest cost once the tables held a few thousand rows (see docs/benchmarks.md).
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use quickim_testkit::PgDatabase;
+    use sqlx::Row;
+
+    use crate::Store;
+    use crate::log::{APPEND_POSTGRES, LOCK_CONVERSATIONS_POSTGRES};
+    use crate::messages::{ACTIVE_PAIRS_POSTGRES, existing_keys_postgres};
+
+    async fn explain(store: &Store, sql: &str, params: &[&str]) -> String {
+        let explain = format!("EXPLAIN {sql}");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(explain));
+        for p in params {
+            q = q.bind(*p);
+        }
+        let lines: Vec<String> =
+            q.fetch_all(store.pool()).await.unwrap().iter().map(|r| r.try_get::<String, _>(0).unwrap()).collect();
+        lines.join("\n")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn send_batch_statements_look_rows_up_by_key() {
+        let pg = PgDatabase::create().await;
+        let store = Store::open_postgres(&pg.url, 2, 4).await.unwrap();
+        for sql in [
+            "INSERT INTO conversations (conversation_id, conversation_type, joinable, archived, created_at, \
+             last_msg_id, last_send_time, part, last_offset) \
+             SELECT 'c' || g, 1, 0, 0, 0, 1, 0, g % 4, g FROM generate_series(1, 5000) g",
+            "INSERT INTO members (conversation_id, user_id, role, active, joined_msg_id, read_msg_id) \
+             SELECT 'c' || g, 'u' || g, 0, 1, 0, 0 FROM generate_series(1, 5000) g",
+            "INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, \
+             client_msg_id, send_time) SELECT 'c' || g, 1, g % 4, g, 'u' || g, 1, 'x', 'k' || g, 0 \
+             FROM generate_series(1, 5000) g",
+            "INSERT INTO idempotency (sender, client_msg_id, conversation_id, msg_id, created_at) \
+             SELECT 'u' || g, 'k' || g, 'c' || g, 1, 0 FROM generate_series(1, 5000) g",
+            "ANALYZE",
+        ] {
+            sqlx::query(sql).execute(store.pool()).await.unwrap();
+        }
+        // A batch of 100: the size at which lists of parameters were planned as scans.
+        let ids: Vec<String> = (1..=100).map(|i| format!("c{}", i * 37)).collect();
+        let pairs: Vec<[String; 2]> = (1..=100).map(|i| [format!("c{}", i * 37), format!("u{}", i * 37)]).collect();
+        let keys: Vec<[String; 2]> = (1..=100).map(|i| [format!("u{}", i * 37), format!("k{}", i * 37)]).collect();
+        let ids = serde_json::to_string(&ids).unwrap();
+        let pairs = serde_json::to_string(&pairs).unwrap();
+        let keys = serde_json::to_string(&keys).unwrap();
+
+        let plan = explain(&store, LOCK_CONVERSATIONS_POSTGRES, &[&ids]).await;
+        assert!(plan.contains("conversations_pkey") && !plan.contains("Seq Scan"), "{plan}");
+        let plan = explain(&store, ACTIVE_PAIRS_POSTGRES, &[&pairs]).await;
+        assert!(plan.contains("on members") && !plan.contains("Seq Scan"), "{plan}");
+        let plan = explain(&store, &existing_keys_postgres(), &[&keys]).await;
+        assert!(plan.contains("idempotency_pkey") && plan.contains("messages_pkey"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        let messages = r#"[["c37", 2, 1, 9001, "u37", 1, "x", null, 1], ["c74", 2, 2, 9001, "u74", 1, "y", null, 1]]"#;
+        let plan = explain(
+            &store,
+            APPEND_POSTGRES,
+            &[r#"[[1, 9001], [2, 9001]]"#, messages, r#"[["c37", 2, 9001, 1], ["c74", 2, 9001, 1]]"#],
+        )
+        .await;
+        assert!(plan.contains("Update on conversations") && plan.contains("conversations_pkey"), "{plan}");
+        assert!(!plan.contains("Seq Scan on conversations"), "{plan}");
+
+        store.close().await;
+        pg.drop_db().await;
+    }
+}
