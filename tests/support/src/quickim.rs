@@ -172,19 +172,42 @@ impl Api {
         v["data"]["conversation_id"].as_str().expect("id").to_string()
     }
 
+    /// Whether /readyz answers 200.
+    pub async fn is_ready(&self) -> bool {
+        matches!(self.http.get(format!("{}/readyz", self.public)).send().await, Ok(r) if r.status() == StatusCode::OK)
+    }
+
     /// Waits until /readyz answers 200.
     pub async fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.public)).send().await
-                && r.status() == StatusCode::OK
-            {
-                return;
-            }
+        while !self.is_ready().await {
             assert!(Instant::now() < deadline, "gateway at {} not ready within {within:?}", self.public);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Starts a process on the ports `start` picks (afresh at each call) and waits until its API
+/// is ready. A port found free can still be taken before the process binds it; the process
+/// then exits at once, and is started again on other ports.
+async fn start_ready<T>(within: Duration, mut start: impl FnMut() -> (Process, Api, T)) -> (Process, Api, T) {
+    for _ in 0..3 {
+        let (mut p, api, extra) = start();
+        let deadline = Instant::now() + within;
+        loop {
+            if api.is_ready().await {
+                return (p, api, extra);
+            }
+            if p.exited().is_some() {
+                let log = p.log_text();
+                assert!(log.contains("Address already in use"), "{} exited before it was ready:\n{log}", p.name);
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} at {} not ready within {within:?}", p.name, api.public);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    panic!("no free ports found in 3 tries");
 }
 
 /// `quickim standalone` in a temporary data directory.
@@ -200,20 +223,24 @@ impl Standalone {
     /// Starts with the test secrets and any extra `QUICKIM_*` settings.
     pub async fn start(bin: &str, extra: &[(&str, &str)]) -> Standalone {
         let data = tempfile::tempdir().expect("tempdir");
-        let (public, inner) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-        let mut env: HashMap<String, String> = HashMap::from([
-            ("QUICKIM_DATA_DIR".into(), data.path().display().to_string()),
-            ("QUICKIM_PUBLIC_ADDR".into(), public.clone()),
-            ("QUICKIM_INNER_ADDR".into(), inner.clone()),
-            ("QUICKIM_JWT_SECRET".into(), TEST_JWT_SECRET.into()),
-            ("QUICKIM_INNER_KEY".into(), TEST_INNER_KEY.into()),
-        ]);
-        for (k, v) in extra {
-            env.insert(k.to_string(), v.to_string());
-        }
-        let process = Process::spawn(bin, "standalone", &["standalone"], &env, data.path());
-        let api = Api::new(&public, &inner, env.get("QUICKIM_INNER_KEY").map(String::as_str).unwrap_or(TEST_INNER_KEY));
-        api.wait_ready(Duration::from_secs(30)).await;
+        let (process, api, env) = start_ready(Duration::from_secs(30), || {
+            let (public, inner) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+            let mut env: HashMap<String, String> = HashMap::from([
+                ("QUICKIM_DATA_DIR".into(), data.path().display().to_string()),
+                ("QUICKIM_PUBLIC_ADDR".into(), public.clone()),
+                ("QUICKIM_INNER_ADDR".into(), inner.clone()),
+                ("QUICKIM_JWT_SECRET".into(), TEST_JWT_SECRET.into()),
+                ("QUICKIM_INNER_KEY".into(), TEST_INNER_KEY.into()),
+            ]);
+            for (k, v) in extra {
+                env.insert(k.to_string(), v.to_string());
+            }
+            let process = Process::spawn(bin, "standalone", &["standalone"], &env, data.path());
+            let key = env.get("QUICKIM_INNER_KEY").map(String::as_str).unwrap_or(TEST_INNER_KEY);
+            let api = Api::new(&public, &inner, key);
+            (process, api, env)
+        })
+        .await;
         Standalone { process, api, data, env, bin: bin.to_string() }
     }
 
@@ -295,14 +322,16 @@ impl Distributed {
     /// Starts one more gateway and waits until it is ready; answers its index.
     pub async fn add_gateway(&mut self) -> usize {
         let i = self.gateways.len();
-        let (public, inner) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-        let mut env = self.base_env.clone();
-        env.insert("QUICKIM_PUBLIC_ADDR".into(), public.clone());
-        env.insert("QUICKIM_INNER_ADDR".into(), inner.clone());
-        env.insert("QUICKIM_NODE_ID".into(), format!("gateway-{i}"));
-        let p = Process::spawn(&self.bin, &format!("gateway-{i}"), &["gateway"], &env, self.logs.path());
-        let api = Api::new(&public, &inner, TEST_INNER_KEY);
-        api.wait_ready(Duration::from_secs(60)).await;
+        let (p, api, env) = start_ready(Duration::from_secs(60), || {
+            let (public, inner) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+            let mut env = self.base_env.clone();
+            env.insert("QUICKIM_PUBLIC_ADDR".into(), public.clone());
+            env.insert("QUICKIM_INNER_ADDR".into(), inner.clone());
+            env.insert("QUICKIM_NODE_ID".into(), format!("gateway-{i}"));
+            let p = Process::spawn(&self.bin, &format!("gateway-{i}"), &["gateway"], &env, self.logs.path());
+            (p, Api::new(&public, &inner, TEST_INNER_KEY), env)
+        })
+        .await;
         self.gateways.push((p, api));
         self.gateway_env.push(env);
         i
