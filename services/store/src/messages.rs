@@ -333,8 +333,9 @@ impl Store {
     }
 }
 
-/// The messages stored under `n` idempotency keys, each key bound as (sender, client_msg_id);
-/// answers `key_sender`, `key_id` and [`MESSAGE_COLUMNS`].
+/// SQLite: the messages stored under `n` idempotency keys, each key bound as (sender,
+/// client_msg_id); answers `key_sender`, `key_id` and [`MESSAGE_COLUMNS`] (PostgreSQL:
+/// [`existing_keys_postgres`]).
 pub(crate) fn existing_keys_sql(system: &str, n: usize) -> String {
     let mut p = Params::new(system);
     let list = (0..n).map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
