@@ -7,7 +7,7 @@
 #
 #   --quick      small counts (a smoke run of every scenario, about a minute)
 #   --only LIST  comma-separated scenario groups: idle, idle50k, idle100k, fanout, many, poll,
-#                resume, send (default: all)
+#                resume, send, churn (default: all)
 #   --dir DIR    working directory for the servers (default: ./data/bench)
 #   --results F  results file (default: DIR/results.jsonl; appended to)
 #
@@ -18,7 +18,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 quick=no
-only=idle,idle50k,idle100k,fanout,many,poll,resume,send
+only=idle,idle50k,idle100k,fanout,many,poll,resume,send,churn
 dir=./data/bench
 results=
 while [ $# -gt 0 ]; do
@@ -126,10 +126,12 @@ each() { # scenario-args... : runs them against nchan, standalone and distribute
 if [ "$quick" = yes ]; then
   n10k=500 n50k=1000 n100k=2000 fan=100 fan_msgs=200 many=200 many_msgs=1000 many_rate=1000 pollers=100 poll_msgs=500
   resume_subs=100 sends=5000 send_rate_sa=2000 send_rate_dist=1000
+  churn_subs=100 churn_msgs=1000 churn_rate=20
 else
   n10k=10000 n50k=50000 n100k=100000 fan=1000 fan_msgs=1000 many=5000 many_msgs=20000 many_rate=2000 pollers=1000
   poll_msgs=5000
   resume_subs=1000 sends=100000 send_rate_sa=10000 send_rate_dist=5000
+  churn_subs=1000 churn_msgs=10000 churn_rate=100
 fi
 
 # (a) idle connections: memory per connection.
@@ -205,6 +207,19 @@ if wants send; then
     --messages $((send_rate_sa * 5)) --rate "$send_rate_sa" --concurrency 128
   run "${cluster2[@]}" --scenario "f sends at ${send_rate_dist}/s" --mode send --channels 1000 \
     --messages $((send_rate_dist * 5)) --rate "$send_rate_dist" --concurrency 128
+fi
+
+# (g) connection churn: while messages flow at a fixed rate, subscribers' connections are
+# closed, in turn, and reopened at once from where each was (quickim: its cursor, on every
+# transport; nchan: Last-Event-ID over EventSource, the long-poll's Last-Modified / ETag; its
+# WebSocket subscriber has no position to resume from, so it starts over from its buffer).
+# Last, so that (f) runs on the same database as before this scenario existed.
+if wants churn; then
+  for p in ws sse poll; do
+    each --scenario "g churn ${p}: ${churn_subs} subscribers, ${churn_rate} reconnects/s" --mode deliver \
+      --protocol "$p" --subscribers "$churn_subs" --channels 100 --messages "$churn_msgs" --rate 1000 \
+      --churn "$churn_rate" --concurrency 16
+  done
 fi
 
 log "results in $results"

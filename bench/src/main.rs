@@ -147,6 +147,11 @@ struct RunArgs {
     /// Publishes in flight
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Connection churn while publishing (deliver mode): subscribers' connections closed per
+    /// second, in turn, each reopened at once from where it was (its cursor; nchan: its
+    /// Last-Event-ID or long-poll position, none over WebSocket)
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
     /// Payload size in bytes
     #[arg(long, default_value_t = 64)]
     size: usize,
@@ -196,6 +201,8 @@ struct RunResult {
     rss_after_kb: u64,
     rss_per_conn_kb: f64,
     client_cpu_s: f64,
+    /// Connections closed and reopened by the churn.
+    reconnects: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -483,7 +490,19 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         Mode::Deliver | Mode::Send => {
             result.rss_after_kb = sys::total_rss_kb(&target.pids);
+            let churn = a.churn > 0.0 && a.mode == Mode::Deliver && !workers.is_empty();
+            if churn {
+                let share = a.churn / workers.len() as f64;
+                for w in workers.iter_mut() {
+                    w.send(&format!("CHURN {share}")).await?;
+                }
+            }
             published = Some(publish(&target, &names, &a, 0, a.messages).await?);
+            if churn {
+                for w in workers.iter_mut() {
+                    w.send("CHURN 0").await?;
+                }
+            }
             if !workers.is_empty() {
                 reports = collect(&mut workers, &format!("WAIT {} {}", a.messages, a.timeout)).await?;
             }
@@ -525,6 +544,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         result.lost += r.lost;
         result.duplicated += r.duplicated;
         result.client_cpu_s += r.cpu_s;
+        result.reconnects += r.reconnects;
         latency.merge(&r.latency);
         last_ns = last_ns.max(r.last_ns);
     }

@@ -8,6 +8,8 @@
 //!   until nothing arrived for `timeout_s`; then `RESULT <json>`;
 //! - parent → `DROP`: close every connection, keeping each subscriber's cursor; `DROPPED`;
 //! - parent → `RECONNECT`: resume every subscriber from its cursor; `READY ...` again;
+//! - parent → `CHURN <per_second>`: from now on, close that many subscribers' connections a
+//!   second, in turn, each reopened at once from where it was (`CHURN 0` stops);
 //! - parent → `STOP`: close everything, `RESULT <json>`, exit.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -57,12 +59,17 @@ pub struct Report {
     pub last_ns: u64,
     pub cpu_s: f64,
     pub failed: u64,
+    /// Connections closed and reopened by the churn.
+    #[serde(default)]
+    pub reconnects: u64,
 }
 
 struct Sub {
     global: u32,
     channel: u32,
     state: Mutex<SubState>,
+    /// Closes the connection, which is reopened at once from where it was (churn).
+    kick: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -71,6 +78,9 @@ struct SubState {
     latency: Histogram,
     /// quickim: last cursor; nchan SSE: last event id.
     cursor: Option<String>,
+    /// nchan long-poll: the last answer's `Last-Modified` / `ETag`, sent back as
+    /// `If-Modified-Since` / `If-None-Match` (its resume position).
+    poll_cache: Vec<(String, String)>,
 }
 
 struct Shared {
@@ -81,12 +91,16 @@ struct Shared {
     last_ns: AtomicU64,
     /// Bumped to close every connection.
     generation: watch::Sender<u64>,
+    reconnects: AtomicU64,
 }
 
 /// The worker's main loop (reads commands from stdin).
 pub async fn run(spec: Spec) -> anyhow::Result<()> {
     let subs: Vec<Arc<Sub>> = (spec.first..spec.last)
-        .map(|j| Arc::new(Sub { global: j, channel: j % spec.channels.max(1), state: Mutex::default() }))
+        .map(|j| {
+            let channel = j % spec.channels.max(1);
+            Arc::new(Sub { global: j, channel, state: Mutex::default(), kick: tokio::sync::Notify::new() })
+        })
         .collect();
     let shared = Arc::new(Shared {
         spec,
@@ -95,8 +109,11 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         first_ns: AtomicU64::new(u64::MAX),
         last_ns: AtomicU64::new(0),
         generation: watch::channel(0).0,
+        reconnects: AtomicU64::new(0),
     });
+    let subs: Arc<[Arc<Sub>]> = subs.into();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut churn: Option<tokio::task::JoinHandle<()>> = None;
     connect_all(&shared, &subs).await;
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
@@ -113,6 +130,15 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
                 println!("DROPPED");
             }
             Some("RECONNECT") => connect_all(&shared, &subs).await,
+            Some("CHURN") => {
+                let per_second: f64 = words.next().context("per second")?.parse()?;
+                if let Some(task) = churn.take() {
+                    task.abort();
+                }
+                if per_second > 0.0 && !subs.is_empty() {
+                    churn = Some(tokio::spawn(kick_in_turn(subs.clone(), per_second)));
+                }
+            }
             Some("STOP") => {
                 shared.generation.send_modify(|g| *g += 1);
                 println!("RESULT {}", serde_json::to_string(&report(&shared, &subs, 0))?);
@@ -122,6 +148,17 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Closes `per_second` subscribers' connections a second, every subscriber in turn (one
+/// after another spans the channels: subscriber j listens on channel j % channels).
+async fn kick_in_turn(subs: Arc<[Arc<Sub>]>, per_second: f64) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for s in subs.iter().cycle() {
+        tick.tick().await;
+        s.kick.notify_one();
+    }
 }
 
 fn expected_for(channel: u32, channels: u32, messages: u64) -> u64 {
@@ -171,6 +208,7 @@ fn report(shared: &Shared, subs: &[Arc<Sub>], messages: u64) -> Report {
         r.duplicated += dup;
         r.latency.merge(&st.latency);
     }
+    r.reconnects = shared.reconnects.load(Ordering::Relaxed);
     r.first_ns = shared.first_ns.load(Ordering::Relaxed);
     r.last_ns = shared.last_ns.load(Ordering::Relaxed);
     r.cpu_s = crate::sys::cpu_seconds();
@@ -185,12 +223,19 @@ async fn connect_all(shared: &Arc<Shared>, subs: &[Arc<Sub>]) {
     for s in subs {
         let (shared, s, permits) = (shared.clone(), s.clone(), permits.clone());
         tokio::spawn(async move {
-            let permit = permits.acquire_owned().await;
+            let mut permit = Some(permits.acquire_owned().await.ok());
             let mut generation = shared.generation.subscribe();
             generation.mark_unchanged();
-            let result = tokio::select! {
-                r = subscribe(&shared, &s, Some(permit.ok())) => r,
-                _ = generation.changed() => Ok(()),
+            // The first connection counts towards READY (it holds the permit); a connection
+            // closed by the churn is reopened at once from the subscriber's position.
+            let result = loop {
+                tokio::select! {
+                    r = subscribe(&shared, &s, permit.take()) => break r,
+                    _ = generation.changed() => break Ok(()),
+                    _ = s.kick.notified() => {
+                        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             };
             if let Err(e) = result
                 && shared.failed.fetch_add(1, Ordering::Relaxed) < 3
@@ -340,7 +385,7 @@ async fn subscribe(
         _ => {
             let (host_port, path) = split_url(&url);
             let mut conn = Conn::new(connect_tcp(spec, s.global, host).await?);
-            let mut cache: Vec<(String, String)> = Vec::new();
+            let mut cache: Vec<(String, String)> = s.state.lock().map(|st| st.poll_cache.clone()).unwrap_or_default();
             let mut cursor = cursor;
             loop {
                 let (p, headers) = if quickim {
@@ -376,6 +421,9 @@ async fn subscribe(
                             }
                             if let Some(v) = head.header("etag") {
                                 cache.push(("If-None-Match".into(), v.to_string()));
+                            }
+                            if let Ok(mut st) = s.state.lock() {
+                                st.poll_cache = cache.clone();
                             }
                         }
                     }

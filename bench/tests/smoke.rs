@@ -114,6 +114,35 @@ async fn every_mode_delivers_everything_once_and_the_chart_is_drawn() {
             assert!(r["catchup_s"].as_f64().unwrap() > 0.0, "{r}");
         }
     }
+    // Connection churn: every subscriber's connection is closed while messages flow (one
+    // round of 20 at 40 a second over the half second of publishing), and each resumes from
+    // its cursor on its transport: still every message once.
+    for protocol in ["ws", "sse", "poll"] {
+        let scenario = format!("churn {protocol}");
+        let args = [
+            "--scenario",
+            &scenario,
+            "--mode",
+            "deliver",
+            "--protocol",
+            protocol,
+            "--subscribers",
+            "20",
+            "--channels",
+            "4",
+            "--messages",
+            "100",
+            "--rate",
+            "200",
+            "--churn",
+            "40",
+        ];
+        let r = run(&q, &results, &args);
+        assert_eq!(r["connected"].as_u64(), Some(20), "{r}");
+        assert!(r["reconnects"].as_u64().unwrap() >= 10, "the churn closed connections: {r}");
+        assert_eq!((r["lost"].as_u64(), r["duplicated"].as_u64()), (Some(0), Some(0)), "{r}");
+        assert_eq!(r["delivered"], r["expected"], "{r}");
+    }
     let r = run(&q, &results, &["--scenario", "send", "--mode", "send", "--channels", "4", "--messages", "200"]);
     assert_eq!((r["published"].as_u64(), r["publish_errors"].as_u64()), (Some(200), Some(0)), "{r}");
 
