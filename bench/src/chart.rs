@@ -77,6 +77,11 @@ fn tables(by: &BTreeMap<String, BTreeMap<String, Value>>) -> String {
                 num(r, "catchup_s"),
             );
         }
+        if rows.values().any(|r| r["reconnects"].as_u64().unwrap_or(0) > 0) {
+            let counts: Vec<String> =
+                rows.iter().map(|(t, r)| format!("{t} {}", r["reconnects"].as_u64().unwrap_or(0))).collect();
+            let _ = writeln!(out, "\nConnections closed and reopened during the run: {}", counts.join(", "));
+        }
         if let Some((key, label, higher)) = primary(rows) {
             let nchan = rows.iter().find(|(t, _)| t.starts_with("nchan")).map(|(_, r)| num(r, key));
             for (target, r) in rows.iter().filter(|(t, _)| t.starts_with("quickim")) {

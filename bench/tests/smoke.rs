@@ -160,7 +160,8 @@ async fn every_mode_delivers_everything_once_and_the_chart_is_drawn() {
     let svg = std::fs::read_to_string(svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.matches("<rect").count() >= 6, "{svg}");
     let table = std::fs::read_to_string(table).unwrap();
-    for scenario in ["ws", "sse at a rate", "poll", "resume", "idle", "send"] {
+    for scenario in ["ws", "sse at a rate", "poll", "resume", "idle", "send", "churn ws"] {
         assert!(table.contains(&format!("#### {scenario}\n")), "{scenario} missing from\n{table}");
     }
+    assert!(table.contains("Connections closed and reopened during the run: quickim "), "{table}");
 }
