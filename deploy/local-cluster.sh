@@ -69,6 +69,16 @@ start() {
     else echo "build quickim first (cargo build --release) or pass --binary" >&2; exit 1; fi
   fi
   local nats_port=$base
+  # Every port must be free: a node of another cluster on one of them would answer the
+  # readiness checks below in place of the node that could not listen.
+  local port ports=("$nats_port") i
+  for i in $(seq 1 "$services"); do ports+=("$(conversation_ops "$i")" "$(message_ops "$i")"); done
+  for i in $(seq 1 "$gateways"); do ports+=("$(gateway_public "$i")" $(($(gateway_public "$i") + 1))); done
+  for port in "${ports[@]}"; do
+    for _ in $(seq 1 20); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || continue 2; sleep 0.1; done
+    echo "port $port is in use (another cluster? deploy/local-cluster.sh stop --dir ...; or --base-port)" >&2
+    exit 1
+  done
   "$(nats_bin)" -a 127.0.0.1 -p "$nats_port" -js -sd "$dir/jetstream" >"$dir/nats.log" 2>&1 &
   echo $! >"$dir/nats.pid"
   for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break; sleep 0.1; done
@@ -120,6 +130,13 @@ start() {
   for i in $(seq 1 "$services"); do
     wait_http "http://127.0.0.1:$(conversation_ops "$i")/readyz" 30
     wait_http "http://127.0.0.1:$(message_ops "$i")/readyz" 30
+  done
+  local pidfile
+  for pidfile in "$dir"/*.pid; do
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "$(basename "$pidfile" .pid) exited; its log: $dir/$(basename "$pidfile" .pid).log" >&2
+      exit 1
+    fi
   done
   echo "quickim cluster up (state and logs in $dir):"
   sed 's/^/  /' "$dir/cluster.env" | grep -v 'INNER_KEY\|JWT_SECRET'
