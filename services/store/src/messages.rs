@@ -335,7 +335,7 @@ impl Store {
 
 /// SQLite: the messages stored under `n` idempotency keys, each key bound as (sender,
 /// client_msg_id); answers `key_sender`, `key_id` and [`MESSAGE_COLUMNS`] (PostgreSQL:
-/// [`existing_keys_postgres`]).
+/// [`EXISTING_KEYS_POSTGRES`]).
 pub(crate) fn existing_keys_sql(system: &str, n: usize) -> String {
     let mut p = Params::new(system);
     let list = (0..n).map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
@@ -362,17 +362,18 @@ pub(crate) fn claim_keys_sql(system: &str, n: usize) -> String {
 /// parameters, each length was a statement of its own, planned again at every call, and
 /// planned as a scan of the whole table once the list was long against the table's size.
 /// `OFFSET 0` keeps the lookup a lookup per key (the planner may not merge it into a join).
-pub(crate) fn existing_keys_postgres() -> String {
+/// Its text is made once.
+pub(crate) static EXISTING_KEYS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT k.* FROM jsonb_array_elements($1::jsonb) AS v(e) CROSS JOIN LATERAL (\
          SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
          JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
          WHERE i.sender = v.e ->> 0 AND i.client_msg_id = v.e ->> 1 OFFSET 0) k"
     )
-}
+});
 
 /// PostgreSQL: which of a JSON array of (conversation, user) pairs are active members, each
-/// looked up by its key (see [`existing_keys_postgres`]).
+/// looked up by its key (see [`EXISTING_KEYS_POSTGRES`]).
 pub(crate) const ACTIVE_PAIRS_POSTGRES: &str = "\
 SELECT m.conversation_id, m.user_id FROM jsonb_array_elements($1::jsonb) AS v(e) CROSS JOIN LATERAL (
   SELECT conversation_id, user_id FROM members
@@ -389,7 +390,7 @@ async fn existing_keys(system: &'static str, tx: &mut AnyConnection, keys: &[Key
     if keys.is_empty() {
         return Ok(out);
     }
-    let rows = sqlx::query(sqlx::AssertSqlSafe(existing_keys_postgres()))
+    let rows = sqlx::query(EXISTING_KEYS_POSTGRES.as_str())
         .bind(to_json(&keys)?)
         .fetch_all(&mut *tx)
         .instrument(sql_span(system, "SELECT", "idempotency"))

@@ -20,7 +20,7 @@ mod tests {
 
     use crate::Store;
     use crate::log::{APPEND_POSTGRES, LOCK_CONVERSATIONS_POSTGRES};
-    use crate::messages::{ACTIVE_PAIRS_POSTGRES, existing_keys_postgres};
+    use crate::messages::{ACTIVE_PAIRS_POSTGRES, EXISTING_KEYS_POSTGRES};
 
     async fn explain(store: &Store, sql: &str, params: &[&str]) -> String {
         let explain = format!("EXPLAIN {sql}");
@@ -64,7 +64,7 @@ mod tests {
         assert!(plan.contains("conversations_pkey") && !plan.contains("Seq Scan"), "{plan}");
         let plan = explain(&store, ACTIVE_PAIRS_POSTGRES, &[&pairs]).await;
         assert!(plan.contains("on members") && !plan.contains("Seq Scan"), "{plan}");
-        let plan = explain(&store, &existing_keys_postgres(), &[&keys]).await;
+        let plan = explain(&store, &EXISTING_KEYS_POSTGRES, &[&keys]).await;
         assert!(plan.contains("idempotency_pkey") && plan.contains("messages_pkey"), "{plan}");
         assert!(!plan.contains("Seq Scan"), "{plan}");
         let messages = r#"[["c37", 2, 1, 9001, "u37", 1, "x", null, 1], ["c74", 2, 2, 9001, "u74", 1, "y", null, 1]]"#;
