@@ -5,7 +5,7 @@
 #
 #   bench/run.sh [--quick] [--only LIST] [--dir DIR] [--results FILE]
 #
-#   --quick      small counts (a smoke run of every scenario, about a minute)
+#   --quick      small counts (a smoke run of every scenario, about 5 minutes)
 #   --only LIST  comma-separated scenario groups: idle, idle50k, idle100k, fanout, many, poll,
 #                resume, send, churn (default: all)
 #   --dir DIR    working directory for the servers (default: ./data/bench)
