@@ -333,19 +333,6 @@ impl Store {
     }
 }
 
-/// SQLite: the messages stored under `n` idempotency keys, each key bound as (sender,
-/// client_msg_id); answers `key_sender`, `key_id` and [`MESSAGE_COLUMNS`] (PostgreSQL:
-/// [`EXISTING_KEYS_POSTGRES`]).
-pub(crate) fn existing_keys_sql(system: &str, n: usize) -> String {
-    let mut p = Params::new(system);
-    let list = (0..n).map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
-    format!(
-        "SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
-         JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
-         WHERE (i.sender, i.client_msg_id) IN (VALUES {list})"
-    )
-}
-
 /// Claims `n` idempotency keys, each bound as (sender, client_msg_id, conversation_id, msg_id,
 /// created_at); answers the keys it claimed (a key held already is left alone).
 pub(crate) fn claim_keys_sql(system: &str, n: usize) -> String {

@@ -14,8 +14,8 @@ use crate::log::{
     APPEND_CONVERSATIONS_SQLITE, APPEND_MESSAGES_SQLITE, APPEND_PARTS_SQLITE, AppendRows, LockedConversation,
     heads_from_json, locked_from_json, sqlite_conversations_json, sqlite_heads_json,
 };
-use crate::messages::{Attempt, Key, claim_keys_sql, existing_keys_sql};
-use crate::sql::{api_int, from_json, padded, pow2_chunks, to_json};
+use crate::messages::{Attempt, Key, claim_keys_sql};
+use crate::sql::{MESSAGE_COLUMNS, Params, api_int, from_json, padded, pow2_chunks, to_json};
 use crate::{Result, SendItem, StoreError, sql_span};
 
 /// The batch's reads in one statement answering one row: its conversations (as
@@ -62,6 +62,19 @@ pub(crate) fn begin_with_reads(conn: &Connection, items: &[SendItem]) -> Result<
     Ok((locked_from_json(&convs)?, members, heads_from_json(&heads)?))
 }
 
+/// The messages stored under `n` idempotency keys, each key bound as (sender, client_msg_id);
+/// answers `key_sender`, `key_id` and [`MESSAGE_COLUMNS`] (PostgreSQL, one statement for any
+/// number of keys: `messages::EXISTING_KEYS_POSTGRES`).
+fn existing_keys_sql(n: usize) -> String {
+    let mut p = Params::new("sqlite");
+    let list = (0..n).map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
+    format!(
+        "SELECT i.sender AS key_sender, i.client_msg_id AS key_id, {MESSAGE_COLUMNS} FROM idempotency i \
+         JOIN messages m ON m.conversation_id = i.conversation_id AND m.msg_id = i.msg_id \
+         WHERE (i.sender, i.client_msg_id) IN (VALUES {list})"
+    )
+}
+
 /// Messages already stored under any of `keys`.
 pub(crate) fn existing_keys(conn: &Connection, keys: &[Key]) -> Result<HashMap<Key, Message>> {
     let mut out = HashMap::new();
@@ -70,7 +83,7 @@ pub(crate) fn existing_keys(conn: &Connection, keys: &[Key]) -> Result<HashMap<K
     keys.dedup();
     for chunk in keys.chunks(256).map(padded) {
         let _span = sql_span("sqlite", "SELECT", "idempotency").entered();
-        let mut stmt = conn.prepare_cached(&existing_keys_sql("sqlite", chunk.len()))?;
+        let mut stmt = conn.prepare_cached(&existing_keys_sql(chunk.len()))?;
         let mut rows = stmt.query(params_from_iter(chunk.iter().flat_map(|(s, k)| [s.as_str(), k.as_str()])))?;
         while let Some(row) = rows.next()? {
             let key = (row.get("key_sender")?, row.get("key_id")?);
