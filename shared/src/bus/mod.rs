@@ -164,6 +164,12 @@ impl Bus {
         }
     }
 
+    /// Whether this is the in-process bus (standalone), where a request costs no more than a
+    /// few channel hand-overs.
+    pub fn is_local(&self) -> bool {
+        matches!(&*self.backend, Backend::Local(_))
+    }
+
     /// Whether the bus can carry messages right now (for /readyz).
     pub fn is_connected(&self) -> bool {
         match &*self.backend {
