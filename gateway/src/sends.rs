@@ -4,10 +4,10 @@
 //! request wait, which is backpressure, not loss). A task takes what is queued — at most
 //! [`SEND_EACH_MAX`] sends and about [`REQUEST_BYTES`] — and makes one bus request of it
 //! ([`SendEach`]), with at most [`IN_FLIGHT_NATS`] requests out at once over NATS and
-//! [`IN_FLIGHT_LOCAL`] over the in-process bus. Under low load a request
-//! carries one send and adds no delay; under load one request and one reply carry many
-//! sends, where each send cost a bus request and reply of its own (on NATS: four message
-//! deliveries). The message service stores each as if it came alone, in its group commit.
+//! [`IN_FLIGHT_LOCAL`] over the in-process bus. Under low load a request carries one send and
+//! adds no delay; under load one request and one reply carry many sends, where each send cost
+//! a bus request and reply of its own (on NATS: four message deliveries). The message service
+//! stores each as if it came alone, in its group commit.
 //!
 //! Each send keeps its own trace: its bus client span is made here, in the HTTP request's
 //! span, and its context travels with the send to the service's server span for it. The bus
