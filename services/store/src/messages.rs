@@ -255,6 +255,10 @@ impl Store {
     ) -> Result<Attempt> {
         let conv_ids: Vec<&str> = items.iter().map(|i| i.conversation_id.as_str()).collect();
         let mut convs = self.lock_conversations(tx, &conv_ids).await?;
+        // The memberships are read by a statement of their own, after the locks are held: at
+        // READ COMMITTED a statement reads with the snapshot it took when it began, so read in
+        // the locking statement they could miss a removal committed by the transaction whose
+        // lock it waited for (membership changes lock the conversation too).
         let members = active_pairs(self.system(), tx, items).await?;
         let keys: Vec<Key> = items.iter().filter_map(SendItem::key).collect();
         let existing = existing_keys(self.system(), tx, &keys).await?;
