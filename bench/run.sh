@@ -207,6 +207,12 @@ if wants send; then
     --messages $((send_rate_sa * 5)) --rate "$send_rate_sa" --concurrency 128
   run "${cluster2[@]}" --scenario "f sends at ${send_rate_dist}/s" --mode send --channels 1000 \
     --messages $((send_rate_dist * 5)) --rate "$send_rate_dist" --concurrency 128
+  # A chat client's path: as a member through /send_msg (token, membership), each send with its
+  # idempotency key. nchan has neither, so quickim only.
+  run "${standalone[@]}" --scenario "f member sends with keys, full speed" --mode send --channels 1000 \
+    --messages "$sends" --concurrency 128 --pub-mode client --keys
+  run "${cluster2[@]}" --scenario "f member sends with keys, full speed" --mode send --channels 1000 \
+    --messages "$sends" --concurrency 128 --pub-mode client --keys
 fi
 
 # (g) connection churn: while messages flow at a fixed rate, subscribers' connections are

@@ -160,6 +160,10 @@ struct RunArgs {
     workers: Option<u32>,
     #[arg(long, value_enum, default_value = "inner")]
     pub_mode: PubMode,
+    /// With `--pub-mode client`: each send carries its own `client_msg_id` (an idempotency key,
+    /// as a client that retries safely sends), which the server looks up and claims
+    #[arg(long)]
+    keys: bool,
     /// Give up waiting for deliveries after this many seconds without progress
     #[arg(long, default_value_t = 20)]
     timeout: u64,
@@ -356,7 +360,7 @@ async fn publish(target: &Target, names: &Names, a: &RunArgs, from: u64, to: u64
     let mut tasks = Vec::new();
     for t in 0..a.concurrency.max(1) {
         let (target, names, next, tokens) = (target.clone(), names.clone(), next.clone(), tokens.clone());
-        let (channels, size, rate) = (a.channels.max(1), a.size, a.rate);
+        let (channels, size, rate, keys) = (a.channels.max(1), a.size, a.rate, a.keys);
         tasks.push(tokio::spawn(async move {
             let mut latency = Histogram::default();
             let mut errors = 0u64;
@@ -376,9 +380,10 @@ async fn publish(target: &Target, names: &Names, a: &RunArgs, from: u64, to: u64
                 let channel_name = names.channel(channel);
                 let (url, body, headers) = if client_mode {
                     let host = &target.hosts[t % target.hosts.len()];
+                    let key = if keys { format!(r#","client_msg_id":"m{k}""#) } else { String::new() };
                     (
                         format!("http://{host}/send_msg"),
-                        format!(r#"{{"conversation_id":"{channel_name}","type":1,"content":"{payload}"}}"#),
+                        format!(r#"{{"conversation_id":"{channel_name}","type":1,"content":"{payload}"{key}}}"#),
                         vec![
                             ("Authorization".to_string(), format!("Bearer {}", tokens[channel as usize])),
                             ("Content-Type".to_string(), "application/json".to_string()),

@@ -145,6 +145,26 @@ async fn every_mode_delivers_everything_once_and_the_chart_is_drawn() {
     }
     let r = run(&q, &results, &["--scenario", "send", "--mode", "send", "--channels", "4", "--messages", "200"]);
     assert_eq!((r["published"].as_u64(), r["publish_errors"].as_u64()), (Some(200), Some(0)), "{r}");
+    // As members through /send_msg, each send with its idempotency key: every one stored (a
+    // refused token, membership or key would count as an error).
+    let r = run(
+        &q,
+        &results,
+        &[
+            "--scenario",
+            "member sends",
+            "--mode",
+            "send",
+            "--channels",
+            "4",
+            "--messages",
+            "200",
+            "--pub-mode",
+            "client",
+            "--keys",
+        ],
+    );
+    assert_eq!((r["published"].as_u64(), r["publish_errors"].as_u64()), (Some(200), Some(0)), "{r}");
 
     let (svg, table) = (q.data.path().join("chart.svg"), q.data.path().join("tables.md"));
     let out = Command::new(BENCH)
