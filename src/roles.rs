@@ -77,7 +77,10 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             let bus = connect_nats(&config, &node_id).await?;
             let url = config.database_url.clone().unwrap_or_default();
             let partitions = config.log_partitions.unwrap_or(DISTRIBUTED_PARTITIONS);
-            let store = Store::open_postgres(&url, config.db_max_connections, partitions)
+            // Below the gateways' request timeout: an unreachable database answers
+            // `unavailable` in time.
+            let acquire = Duration::from_millis((config.request_timeout_ms / 2).clamp(200, 10_000));
+            let store = Store::open_postgres(&url, config.db_max_connections, partitions, acquire)
                 .await
                 .context("connecting to PostgreSQL")?;
             let ops =

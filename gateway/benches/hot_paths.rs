@@ -15,7 +15,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
 use quickim_gateway::notify::cursor::{self, Cursor};
-use quickim_gateway::notify::hub::{Encoded, Hub, Outgoing, Start};
+use quickim_gateway::notify::hub::{Encoded, Hub, HubConfig, Outgoing, Start};
 use quickim_gateway::notify::queue::Inbox;
 use quickim_shared::bus::Bus;
 use quickim_shared::fanout::publish_entries;
@@ -66,6 +66,7 @@ async fn scripted_services(bus: Bus) {
                 GetMemberships::SUBJECT => serde_json::to_vec(&Reply::Ok(Memberships {
                     heads: vec![0],
                     conversations: vec![MembershipRow { conversation_id: "c".into(), joined_msg_id: 1 }],
+                    more: false,
                 }))
                 .unwrap(),
                 _ => continue,
@@ -80,7 +81,9 @@ async fn hub_with_sessions(n: usize) -> (Bus, Hub, Vec<Inbox>, Vec<quickim_gatew
     let bus = Bus::local(65_536);
     scripted_services(bus.clone()).await;
     let rpc = RpcClient::new(bus.clone(), Duration::from_secs(5));
-    let hub = Hub::start(bus.clone(), rpc, Duration::from_millis(200), CancellationToken::new()).await.unwrap();
+    let hub = Hub::start(bus.clone(), rpc, HubConfig::gap_fill(Duration::from_millis(200)), CancellationToken::new())
+        .await
+        .unwrap();
     while !hub.is_ready() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -2,9 +2,16 @@
 //!
 //! Tokens are JWTs. quickim issues HS256 tokens with its secret; a deployment may also accept
 //! tokens signed by the business system with RS256 or EdDSA keys (`jwt_public_keys`). `exp`
-//! is always required. A token is revoked when /inner/kick_user named its user (and platform)
-//! after the token was issued: every gateway keeps the revocations in memory, loaded at start
-//! from the conversation service and pushed to it by the cluster control plane.
+//! and `iat` are always required. A token is revoked when /inner/kick_user named its user (and
+//! platform) after the token was issued: every gateway keeps the revocations in memory, loaded
+//! at start from the conversation service, pushed to it by the cluster control plane and
+//! polled for the ones a node missed.
+//!
+//! Issue time, in milliseconds: `iat_ms` when the token has it (quickim's own tokens do), else
+//! `iat`, which may be fractional (a NumericDate may carry milliseconds). A token whose `iat`
+//! is whole seconds counts as issued at the start of that second, so a kick in the same second
+//! revokes it. A token without `iat` is refused: nothing could tell whether it is older than a
+//! kick.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -25,9 +32,9 @@ pub struct Claims {
     /// The platform (`web`, `ios`, ...); "unknown" when a foreign token has none.
     #[serde(default = "unknown_platform")]
     pub plt: String,
-    /// Issued at (seconds).
-    #[serde(default)]
-    pub iat: i64,
+    /// Issued at (seconds; may be fractional). Required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<serde_json::Number>,
     /// Issued at (milliseconds), for exact revocation; quickim sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat_ms: Option<i64>,
@@ -40,9 +47,16 @@ fn unknown_platform() -> String {
 }
 
 impl Claims {
-    /// Issue time in milliseconds.
-    pub fn issued_ms(&self) -> i64 {
-        self.iat_ms.unwrap_or(self.iat.saturating_mul(1000))
+    /// Issue time in milliseconds (see the module docs), if the token says.
+    pub fn issued_ms(&self) -> Option<i64> {
+        if let Some(ms) = self.iat_ms {
+            return Some(ms);
+        }
+        let iat = self.iat.as_ref()?;
+        match iat.as_i64() {
+            Some(s) => Some(s.saturating_mul(1000)),
+            None => iat.as_f64().filter(|f| f.is_finite()).map(|f| (f * 1000.0).floor() as i64),
+        }
     }
 }
 
@@ -58,6 +72,9 @@ pub struct Caller {
     /// When the token expires (ms).
     pub expires_ms: i64,
 }
+
+/// Clock skew allowed on `exp` and `iat`, seconds.
+const LEEWAY_S: i64 = 5;
 
 /// (platform or every platform, tokens issued before this ms are rejected)
 type PlatformRevocation = (Option<String>, i64);
@@ -114,7 +131,13 @@ impl Auth {
         }
         let now = now_ms();
         let exp = now / 1000 + ttl as i64;
-        let claims = Claims { sub: user_id.into(), plt: platform.into(), iat: now / 1000, iat_ms: Some(now), exp };
+        let claims = Claims {
+            sub: user_id.into(),
+            plt: platform.into(),
+            iat: Some((now / 1000).into()),
+            iat_ms: Some(now),
+            exp,
+        };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| ServiceError::internal(format!("cannot sign a token: {e}")))?;
         Ok((token, exp * 1000))
@@ -135,7 +158,7 @@ impl Auth {
         }
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_S as u64;
         let mut last = invalid("invalid token");
         for key in keys {
             match jsonwebtoken::decode::<Claims>(token, key, &validation) {
@@ -156,7 +179,10 @@ impl Auth {
         let invalid = |why: &str| ServiceError::new(ErrorCode::InvalidToken, why.to_string());
         check_user_id("sub", &claims.sub).map_err(|_| invalid("token subject is not a valid user id"))?;
         check_platform(&claims.plt).map_err(|_| invalid("token platform is not valid"))?;
-        let issued = claims.issued_ms();
+        let issued = claims.issued_ms().ok_or_else(|| invalid("token has no iat (issue time)"))?;
+        if issued > now_ms() + LEEWAY_S * 1000 {
+            return Err(invalid("token issued in the future"));
+        }
         if self.is_revoked(&claims.sub, &claims.plt, issued) {
             return Err(invalid("token revoked"));
         }
@@ -171,13 +197,21 @@ impl Auth {
         })
     }
 
-    /// Records a revocation (from the control plane or the start-up load).
-    pub fn revoke(&self, r: &Revocation) {
+    /// Records a revocation (from the control plane, the start-up load or the poll); answers
+    /// whether it revokes more than was known.
+    pub fn revoke(&self, r: &Revocation) -> bool {
         let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
         let list = revoked.entry(r.user_id.clone()).or_default();
         match list.iter_mut().find(|(p, _)| *p == r.platform) {
-            Some((_, before)) => *before = (*before).max(r.before_ms),
-            None => list.push((r.platform.clone(), r.before_ms)),
+            Some((_, before)) if *before >= r.before_ms => false,
+            Some((_, before)) => {
+                *before = r.before_ms;
+                true
+            }
+            None => {
+                list.push((r.platform.clone(), r.before_ms));
+                true
+            }
         }
     }
 
@@ -226,7 +260,13 @@ mod tests {
         .unwrap();
         let (forged, _) = other.issue("alice", "web", None).unwrap();
         assert_eq!(a.verify(&forged).unwrap_err().message, "bad token signature");
-        let claims = Claims { sub: "alice".into(), plt: "web".into(), iat: 0, iat_ms: None, exp: now_ms() / 1000 - 60 };
+        let claims = Claims {
+            sub: "alice".into(),
+            plt: "web".into(),
+            iat: Some(0.into()),
+            iat_ms: None,
+            exp: now_ms() / 1000 - 60,
+        };
         let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&expired).unwrap_err().message, "token expired");
         assert_eq!(a.verify("not.a.token").unwrap_err().code, ErrorCode::InvalidToken);
@@ -257,6 +297,45 @@ mod tests {
         assert!(a.verify(&ios).is_err());
     }
 
+    fn signed(a: &Auth, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap()
+    }
+
+    #[test]
+    fn issue_time_rules() {
+        let a = auth();
+        let now = now_ms();
+        let exp = now / 1000 + 600;
+        // No iat: refused, whatever the revocations.
+        let t = signed(&a, serde_json::json!({"sub": "carol", "exp": exp}));
+        assert_eq!(a.verify(&t).unwrap_err().message, "token has no iat (issue time)");
+        // iat in the future (beyond the leeway): refused.
+        let t = signed(&a, serde_json::json!({"sub": "carol", "iat": now / 1000 + 60, "exp": exp}));
+        assert_eq!(a.verify(&t).unwrap_err().message, "token issued in the future");
+        // A fractional iat carries milliseconds; iat_ms wins over iat.
+        let c: Claims = serde_json::from_value(serde_json::json!({"sub":"c","iat":1700000000.25,"exp":1})).unwrap();
+        assert_eq!(c.issued_ms(), Some(1_700_000_000_250));
+        let c: Claims =
+            serde_json::from_value(serde_json::json!({"sub":"c","iat":1700000000,"iat_ms":1700000000999u64,"exp":1}))
+                .unwrap();
+        assert_eq!(c.issued_ms(), Some(1_700_000_000_999));
+
+        // A kick at k ms: in the same second, tokens are ordered by milliseconds when they
+        // carry them; a whole-second iat counts as the start of its second.
+        let k = (now / 1000 - 10) * 1000 + 500;
+        a.revoke(&Revocation { user_id: "carol".into(), platform: None, before_ms: k });
+        let at = |ms: i64| serde_json::json!({"sub": "carol", "iat": ms as f64 / 1000.0, "exp": exp});
+        assert!(a.verify(&signed(&a, at(k - 1))).is_err(), "1 ms before the kick: revoked");
+        assert!(a.verify(&signed(&a, at(k + 1))).is_ok(), "1 ms after the kick: valid");
+        let whole = signed(&a, serde_json::json!({"sub": "carol", "iat": k / 1000, "exp": exp}));
+        assert!(a.verify(&whole).is_err(), "whole seconds: the start of the kick's second");
+        let next = signed(&a, serde_json::json!({"sub": "carol", "iat": k / 1000 + 1, "exp": exp}));
+        assert!(a.verify(&next).is_ok(), "the next second: valid");
+        // Revocations only ever move forward.
+        assert!(!a.revoke(&Revocation { user_id: "carol".into(), platform: None, before_ms: k - 1 }));
+        assert!(a.revoke(&Revocation { user_id: "carol".into(), platform: None, before_ms: k + 1 }));
+    }
+
     #[test]
     fn tokens_signed_by_listed_public_keys_verify() {
         let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
@@ -269,7 +348,7 @@ mod tests {
         let claims = Claims {
             sub: "bob".into(),
             plt: "ios".into(),
-            iat: now_ms() / 1000,
+            iat: Some((now_ms() / 1000).into()),
             iat_ms: None,
             exp: now_ms() / 1000 + 60,
         };

@@ -63,6 +63,17 @@ struct KickAnswer {
     closed: u32,
 }
 
+/// What a kick broadcast achieved.
+#[derive(Debug, Clone, Copy)]
+pub struct KickOutcome {
+    /// Connections closed on the nodes that answered.
+    pub closed: u32,
+    /// Gateways seen alive when the kick went out.
+    pub asked: u32,
+    /// Gateways that answered.
+    pub confirmed: u32,
+}
+
 /// Handle to the control plane.
 #[derive(Clone)]
 pub struct Cluster {
@@ -149,7 +160,7 @@ impl Cluster {
             }),
             KICK_USER => serde_json::from_slice::<Revocation>(&msg.payload).ok().and_then(|r| {
                 auth.revoke(&r);
-                let closed = registry.kick(&r.user_id, r.platform.as_deref());
+                let closed = registry.kick(&r.user_id, r.platform.as_deref(), r.before_ms);
                 serde_json::to_vec(&KickAnswer { node_id: self.node_id.clone(), closed }).ok()
             }),
             _ => None,
@@ -162,11 +173,34 @@ impl Cluster {
     }
 
     /// Every node's connections of `user_ids`; answers them merged, with the number of
-    /// nodes that answered.
-    pub async fn presence(&self, user_ids: &[String]) -> Result<(HashMap<String, NodePresence>, u32), BusError> {
+    /// nodes that answered (the fewest of any chunk). The users are asked about in chunks
+    /// whose every node's answer fits in one bus message, however many platforms each user
+    /// is connected on (at most `max_connections` each).
+    pub async fn presence(
+        &self,
+        user_ids: &[String],
+        max_connections: u32,
+    ) -> Result<(HashMap<String, NodePresence>, u32), BusError> {
+        // A user's entry in an answer: its id, and up to `max_connections` platforms of at
+        // most 32 characters (quoted, with commas), and the count.
+        let per_user = 128 + 8 + 64 + max_connections as usize * (32 + 3);
+        let per_chunk = (self.bus.payload_budget().saturating_sub(256) / per_user).max(1);
+        let mut merged: HashMap<String, NodePresence> = HashMap::new();
+        let mut nodes = u32::MAX;
+        for chunk in user_ids.chunks(per_chunk) {
+            let answered = self.presence_chunk(chunk, &mut merged).await?;
+            nodes = nodes.min(answered);
+        }
+        Ok((merged, if nodes == u32::MAX { 0 } else { nodes }))
+    }
+
+    async fn presence_chunk(
+        &self,
+        user_ids: &[String],
+        merged: &mut HashMap<String, NodePresence>,
+    ) -> Result<u32, BusError> {
         let payload = serde_json::to_vec(&PresenceQuery { user_ids: user_ids.to_vec() }).unwrap_or_default();
         let replies = self.bus.gather(PRESENCE, Vec::new(), payload.into(), GATHER_TIMEOUT, self.alive()).await?;
-        let mut merged: HashMap<String, NodePresence> = HashMap::new();
         let mut nodes = 0;
         for r in replies {
             let Ok(answer) = serde_json::from_slice::<PresenceAnswer>(&r.payload) else {
@@ -181,21 +215,22 @@ impl Cluster {
                 e.platforms.dedup();
             }
         }
-        Ok((merged, nodes))
+        Ok(nodes)
     }
 
-    /// Tells every node to revoke and close; answers connections closed and nodes that answered.
-    pub async fn kick_user(&self, revocation: &Revocation) -> Result<(u32, u32), BusError> {
+    /// Tells every node to revoke and close; answers connections closed, the nodes asked (the
+    /// gateways seen alive) and the nodes that confirmed.
+    pub async fn kick_user(&self, revocation: &Revocation) -> Result<KickOutcome, BusError> {
         let payload = serde_json::to_vec(revocation).unwrap_or_default();
-        let replies = self.bus.gather(KICK_USER, Vec::new(), payload.into(), GATHER_TIMEOUT, self.alive()).await?;
-        let mut closed = 0;
-        let mut nodes = 0;
+        let asked = self.alive();
+        let replies = self.bus.gather(KICK_USER, Vec::new(), payload.into(), GATHER_TIMEOUT, asked).await?;
+        let mut outcome = KickOutcome { closed: 0, asked: asked as u32, confirmed: 0 };
         for r in replies {
             if let Ok(a) = serde_json::from_slice::<KickAnswer>(&r.payload) {
-                closed += a.closed;
-                nodes += 1;
+                outcome.closed += a.closed;
+                outcome.confirmed += 1;
             }
         }
-        Ok((closed, nodes))
+        Ok(outcome)
     }
 }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
 use crate::cluster::Cluster;
-use crate::notify::hub::Hub;
+use crate::notify::hub::{Hub, HubConfig};
 use crate::notify::registry::Registry;
 use crate::state::AppState;
 
@@ -81,12 +81,12 @@ impl Gateway {
         let cluster =
             Cluster::start(bus.clone(), node_id.clone(), registry.clone(), auth.clone(), shutdown.clone()).await?;
         let rpc = RpcClient::new(bus.clone(), Duration::from_millis(config.request_timeout_ms));
-        let hub = Hub::start(bus, rpc.clone(), Duration::from_millis(config.gap_fill_ms), shutdown.clone()).await?;
+        let hub = Hub::start(bus, rpc.clone(), HubConfig::from_config(&config), shutdown.clone()).await?;
         let state =
             AppState::new(rpc, auth, registry, cluster, hub, shutdown.clone(), inner_key, config.clone(), node_id);
         let public = bind(config.public_addr).await?;
         let inner = bind(config.inner_addr).await?;
-        tokio::spawn(load_revocations(state.clone(), shutdown.clone()));
+        tokio::spawn(follow_revocations(state.clone(), shutdown.clone()));
         Ok(Gateway { state, public, inner, shutdown })
     }
 
@@ -115,8 +115,10 @@ impl Gateway {
             stop.cancelled().await;
             draining.set_draining();
         });
-        let public = http::server::serve(public, http::public_router(state.clone()), true, shutdown.clone());
-        let inner = http::server::serve(inner, http::inner_router(state.clone()), false, shutdown);
+        let write_timeout = Duration::from_secs(state.config.write_timeout_s);
+        let public =
+            http::server::serve(public, http::public_router(state.clone()), true, write_timeout, shutdown.clone());
+        let inner = http::server::serve(inner, http::inner_router(state.clone()), false, write_timeout, shutdown);
         tokio::join!(public, inner);
         // Upgraded WebSockets are not the server's: wait for them too (they close on shutdown).
         state.connections.close();
@@ -129,28 +131,56 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
     TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source })
 }
 
-/// Loads token revocations now and every minute (a kick broadcast this node missed is
-/// applied within a minute). The node is not ready until the first load succeeds.
-async fn load_revocations(state: AppState, shutdown: CancellationToken) {
+/// Revocations older than the last poll by this much are read again at the next one (kicks
+/// recorded with the clock of another gateway, or committed late).
+const REVOCATION_OVERLAP_MS: i64 = 60_000;
+
+/// Follows token revocations: loads every one still relevant at start (the node is not ready
+/// until it has), then every `revocation_poll_s` reads the recent ones and closes the
+/// connections of tokens they revoke. A node that missed a kick broadcast (paused, cut off
+/// from NATS) so closes the user's streams within one poll of reaching the store again.
+async fn follow_revocations(state: AppState, shutdown: CancellationToken) {
+    let poll = Duration::from_secs(state.config.revocation_poll_s);
+    let mut since = state.auth.revocation_horizon_ms();
     loop {
-        let since_ms = state.auth.revocation_horizon_ms();
-        let wait = match state.rpc.call(&ListRevocations { since_ms }).await {
-            Ok(list) => {
-                for r in &list {
-                    state.auth.revoke(r);
+        let started = quickim_shared::time::now_ms();
+        let wait = match read_revocations(&state, since).await {
+            Ok(closed) => {
+                if closed > 0 {
+                    tracing::info!(closed, "closed connections of tokens revoked on another node");
                 }
                 state.auth.prune();
                 state.set_ready();
-                Duration::from_secs(60)
+                since = started - REVOCATION_OVERLAP_MS;
+                poll
             }
             Err(e) => {
-                tracing::warn!(error = %e.message, "cannot load token revocations yet");
-                Duration::from_secs(1)
+                tracing::warn!(error = %e.message, "cannot read token revocations");
+                if state.is_ready() { poll } else { Duration::from_secs(1) }
             }
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Reads the revocations made at or after `since_ms`, page by page, and applies each new
+/// one; answers the connections closed.
+async fn read_revocations(state: &AppState, since_ms: i64) -> Result<u32, quickim_shared::error::ServiceError> {
+    let mut after = None;
+    let mut closed = 0;
+    loop {
+        let page = state.rpc.call(&ListRevocations { since_ms, after: after.take(), limit: 1000 }).await?;
+        for r in &page.revocations {
+            if state.auth.revoke(r) {
+                closed += state.registry.kick(&r.user_id, r.platform.as_deref(), r.before_ms);
+            }
+        }
+        if !page.more {
+            return Ok(closed);
+        }
+        after = page.revocations.last().cloned();
     }
 }

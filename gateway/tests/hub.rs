@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use quickim_gateway::notify::hub::{Hub, Outgoing, Start};
+use quickim_gateway::notify::hub::{Hub, HubConfig, Outgoing, Start};
 use quickim_gateway::notify::queue::Closed;
 use quickim_shared::bus::Bus;
 use quickim_shared::fanout::publish_entries;
@@ -55,6 +55,7 @@ async fn fake_services(bus: Bus, log: Log, reads: Arc<Mutex<Vec<(u64, u64)>>>) {
                 GetMemberships::SUBJECT => serde_json::to_vec(&Reply::Ok(Memberships {
                     heads: heads(&log).heads,
                     conversations: vec![MembershipRow { conversation_id: "c".into(), joined_msg_id: 1 }],
+                    more: false,
                 }))
                 .unwrap(),
                 ReadLog::SUBJECT => {
@@ -104,7 +105,9 @@ async fn gaps_reordering_and_lost_tails_are_repaired_from_the_store() {
     let reads = Arc::new(Mutex::new(Vec::new()));
     fake_services(bus.clone(), log.clone(), reads.clone()).await;
     let rpc = RpcClient::new(bus.clone(), Duration::from_secs(2));
-    let hub = Hub::start(bus.clone(), rpc, Duration::from_millis(50), CancellationToken::new()).await.unwrap();
+    let hub = Hub::start(bus.clone(), rpc, HubConfig::gap_fill(Duration::from_millis(50)), CancellationToken::new())
+        .await
+        .unwrap();
     while !hub.is_ready() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -152,7 +155,9 @@ async fn a_full_queue_cuts_the_connection_off() {
     let log: Log = Arc::default();
     fake_services(bus.clone(), log.clone(), Arc::default()).await;
     let rpc = RpcClient::new(bus.clone(), Duration::from_secs(2));
-    let hub = Hub::start(bus.clone(), rpc, Duration::from_millis(50), CancellationToken::new()).await.unwrap();
+    let hub = Hub::start(bus.clone(), rpc, HubConfig::gap_fill(Duration::from_millis(50)), CancellationToken::new())
+        .await
+        .unwrap();
     while !hub.is_ready() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -104,7 +104,9 @@ async fn send_all(sends: &Sends, n: usize) {
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let sends = sends.clone();
-            tokio::spawn(async move { (i, sends.send(send(i)).await) })
+            tokio::spawn(async move {
+                (i, sends.send(send(i), tokio::time::Instant::now() + Duration::from_secs(30)).await)
+            })
         })
         .collect();
     for t in tasks {
@@ -143,7 +145,9 @@ async fn most_requests_open(bus: Bus) -> u64 {
     let mut tasks = Vec::new();
     for i in 0..200 {
         let sends = sends.clone();
-        tasks.push(tokio::spawn(async move { (i, sends.send(send(i)).await) }));
+        tasks.push(tokio::spawn(async move {
+            (i, sends.send(send(i), tokio::time::Instant::now() + Duration::from_secs(30)).await)
+        }));
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
     for t in tasks {

@@ -141,12 +141,16 @@ config_keys! {
     replay_retention_s: u64 => u64 = 86_400, env "QUICKIM_REPLAY_RETENTION_S";
     /// Messages per replay page on resume (and most events per long-poll answer)
     replay_page: u32 => u32 = 500, env "QUICKIM_REPLAY_PAGE";
+    /// How often a gateway reads recent token revocations from the store (closing the streams of a kick it missed), seconds
+    revocation_poll_s: u64 => u64 = 5, env "QUICKIM_REVOCATION_POLL_S";
     /// Open /notify connections per user per gateway node
     max_connections_per_user: u32 => u32 = 32, env "QUICKIM_MAX_CONNECTIONS_PER_USER";
     /// Events queued per connection before it counts as a slow consumer
     queue_max_events: usize => usize = 1024, env "QUICKIM_QUEUE_MAX_EVENTS";
     /// Bytes queued per connection before it counts as a slow consumer
     queue_max_bytes: usize => usize = 4 * 1024 * 1024, env "QUICKIM_QUEUE_MAX_BYTES";
+    /// A client connection whose writes make no progress this long (it stopped reading) is closed, on every transport, seconds
+    write_timeout_s: u64 => u64 = 10, env "QUICKIM_WRITE_TIMEOUT_S";
     /// SSE heartbeat comment interval, seconds (≤ 15)
     sse_heartbeat_s: u64 => u64 = 15, env "QUICKIM_SSE_HEARTBEAT_S";
     /// WebSocket ping interval, seconds; a peer silent for two intervals is closed
@@ -161,6 +165,10 @@ config_keys! {
     poll_max_timeout_s: u64 => u64 = 60, env "QUICKIM_POLL_MAX_TIMEOUT_S";
     /// How long a gap in a log partition may stay open before it is filled from the store, ms
     gap_fill_ms: u64 => u64 = 200, env "QUICKIM_GAP_FILL_MS";
+    /// A gateway whose log partition stays behind its head this long stops serving /notify (not ready, streams closed with node_behind) until it has caught up, seconds
+    hub_stall_s: u64 => u64 = 20, env "QUICKIM_HUB_STALL_S";
+    /// Most bytes of early log entries a gateway holds back while a gap is open (more are read from the store)
+    hub_max_held_bytes: usize => usize = 64 * 1024 * 1024, env "QUICKIM_HUB_MAX_HELD_BYTES";
     /// Graceful shutdown: longest wait for streams and requests to finish, seconds
     shutdown_grace_s: u64 => u64 = 10, env "QUICKIM_SHUTDOWN_GRACE_S";
 }
@@ -253,6 +261,13 @@ impl Config {
         }
         if self.token_ttl_s == 0 || self.token_ttl_s > self.token_max_ttl_s {
             return fail("token_ttl_s must be > 0 and ≤ token_max_ttl_s".into());
+        }
+        if self.revocation_poll_s == 0
+            || self.hub_stall_s == 0
+            || self.hub_max_held_bytes == 0
+            || self.write_timeout_s == 0
+        {
+            return fail("revocation_poll_s, hub_stall_s, hub_max_held_bytes and write_timeout_s must be > 0".into());
         }
         if self.replay_page == 0 || self.replay_page > 10_000 {
             return fail(format!("replay_page must be within 1–10000, not {}", self.replay_page));

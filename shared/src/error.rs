@@ -28,6 +28,9 @@ pub enum ErrorCode {
     ConversationArchived,
     /// Body or content larger than the configured limit.
     PayloadTooLarge,
+    /// A message that, encoded, would not fit in one message of the cluster's bus (NATS's
+    /// `max_payload`), though within `max_content_bytes`.
+    TooLargeForBus,
     /// Request rate above the configured limit; `Retry-After` says when to come back.
     RateLimited,
     /// Too many open /notify connections for this user.
@@ -42,7 +45,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidParam,
         ErrorCode::InvalidToken,
         ErrorCode::Forbidden,
@@ -52,6 +55,7 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::ConversationArchived,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::TooLargeForBus,
         ErrorCode::RateLimited,
         ErrorCode::TooManyConnections,
         ErrorCode::Internal,
@@ -71,6 +75,7 @@ impl ErrorCode {
             ErrorCode::Conflict => 40900,
             ErrorCode::ConversationArchived => 40901,
             ErrorCode::PayloadTooLarge => 41300,
+            ErrorCode::TooLargeForBus => 41301,
             ErrorCode::RateLimited => 42900,
             ErrorCode::TooManyConnections => 42901,
             ErrorCode::Internal => 50000,
@@ -96,6 +101,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::ConversationArchived => "conversation_archived",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::TooLargeForBus => "too_large_for_bus",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::Internal => "internal",

@@ -4,10 +4,14 @@
 //! is one NATS message to each gateway, not 30), each entry carrying the trace context of its
 //! own publish span, so every message keeps a trace of its own.
 //!
+//! A bus message is closed once it holds [`LOG_MESSAGE_BYTES`], and never grows past the
+//! bus's [`payload budget`](Bus::payload_budget): an entry that would take it over goes in the
+//! next one.
+//!
 //! Publishing is at-most-once: a lost entry is found as a gap by the gateways' hubs, which
 //! read it back from the store. So a publish failure is logged, not retried.
 
-use crate::bus::Bus;
+use crate::bus::{Bus, size};
 use crate::protocol::event::{BusEntry, LOG_MESSAGE_BYTES, LOG_SUBJECT, LogEntry};
 use crate::telemetry;
 
@@ -20,6 +24,7 @@ pub async fn publish_entries(bus: &Bus, entries: &[LogEntry]) {
 /// Publishes entries, in order, each in the trace of the span paired with it (the span of
 /// the request that stored it).
 pub async fn publish_traced(bus: &Bus, entries: Vec<(&LogEntry, &tracing::Span)>) {
+    let budget = bus.payload_budget();
     let mut payload = Vec::with_capacity(4096);
     let mut first = None;
     for (entry, parent) in entries {
@@ -36,9 +41,27 @@ pub async fn publish_traced(bus: &Bus, entries: Vec<(&LogEntry, &tracing::Span)>
             msg_id = entry.message.msg_id,
         );
         let trace = if span.is_disabled() { Vec::new() } else { span.in_scope(telemetry::inject_context) };
+        let bus_entry = BusEntry { entry, trace };
+        let len = size::encoded_len(&bus_entry);
+        if len.saturating_add(2) > budget {
+            // Sends are refused before they are stored when they could not cross the bus
+            // (`too_large_for_bus`); an entry stored under a larger limit can still be read
+            // from the store, by replays.
+            tracing::error!(
+                part = entry.part,
+                offset = entry.offset,
+                len,
+                budget,
+                "a log entry is over the bus's limit"
+            );
+            continue;
+        }
+        if !payload.is_empty() && payload.len() + len + 2 > budget {
+            send(bus, &mut payload, first.take()).await;
+        }
         let at = payload.len();
         payload.push(if at == 0 { b'[' } else { b',' });
-        if let Err(e) = serde_json::to_writer(&mut payload, &BusEntry { entry, trace }) {
+        if let Err(e) = serde_json::to_writer(&mut payload, &bus_entry) {
             tracing::error!(error = %e, "cannot encode a log entry");
             payload.truncate(at);
             continue;
@@ -116,5 +139,28 @@ mod tests {
         assert!((3..=4).contains(&messages), "{messages} messages");
         // Untraced entries carry no trace field at all.
         assert!(!String::from_utf8_lossy(&one.payload).contains("\"trace\""));
+    }
+
+    #[tokio::test]
+    async fn no_bus_message_is_over_the_bus_limit() {
+        // A 64 KiB bus: 20 entries of 20 KiB (each escaped to about 30 KiB) go two at most
+        // to a message, every one under the limit, in order.
+        let bus = Bus::local_with_max_payload(64, 64 * 1024);
+        let mut sub = bus.subscribe(LOG_SUBJECT, None).await.unwrap();
+        let big: Vec<LogEntry> = (1..=20)
+            .map(|o| {
+                let mut e = entry(o, 0);
+                e.message.content = "\"é".repeat(7 * 1024);
+                e
+            })
+            .collect();
+        publish_entries(&bus, &big).await;
+        let mut got = Vec::new();
+        while got.len() < big.len() {
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
+            assert!(msg.payload.len() <= bus.payload_budget(), "{} bytes", msg.payload.len());
+            got.extend(serde_json::from_slice::<Vec<BusEntry>>(&msg.payload).unwrap().into_iter().map(|b| b.entry));
+        }
+        assert_eq!(got, big);
     }
 }

@@ -42,18 +42,29 @@ impl RpcClient {
 
     /// Sends `request` to its service and decodes the answer.
     pub async fn call<C: Call>(&self, request: &C) -> Result<C::Reply, ServiceError> {
+        self.call_within(request, self.timeout).await
+    }
+
+    /// The configured timeout of a call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// As [`RpcClient::call`], waiting at most `timeout` for the answer.
+    pub async fn call_within<C: Call>(&self, request: &C, timeout: Duration) -> Result<C::Reply, ServiceError> {
         let span = client_span(C::SUBJECT, C::SUBJECT);
         let start = std::time::Instant::now();
         let result = async {
             let payload = serde_json::to_vec(request).map_err(ServiceError::internal)?;
             let headers = telemetry::inject_context();
-            let reply = match self.bus.request(C::SUBJECT, headers, payload.into(), self.timeout).await {
+            let reply = match self.bus.request(C::SUBJECT, headers, payload.into(), timeout).await {
                 Ok(r) => r,
                 Err(e) => {
                     let kind = match &e {
                         BusError::NoResponders(_) => "no_responders",
                         BusError::TimedOut(_) => "timeout",
                         BusError::Unavailable(_) => "unavailable",
+                        BusError::TooLarge { .. } => "too_large",
                     };
                     metrics::counter!("quickim_bus_request_errors_total", "subject" => C::SUBJECT, "kind" => kind)
                         .increment(1);
@@ -101,6 +112,10 @@ pub fn bus_error(e: BusError) -> ServiceError {
         BusError::Unavailable(detail) => {
             tracing::warn!(%detail, "bus unavailable");
             ServiceError::unavailable("service unavailable, try again")
+        }
+        BusError::TooLarge { subject, size, max } => {
+            tracing::error!(%subject, size, max, "a request does not fit in one bus message");
+            ServiceError::new(ErrorCode::TooLargeForBus, format!("the request is too large for the bus ({max} bytes)"))
         }
     }
 }
@@ -181,8 +196,21 @@ async fn serve_loop<H: Handler>(
                 let answer = handler.handle(&msg.subject, &msg.payload).await;
                 metrics::histogram!("quickim_service_request_duration_seconds", "subject" => msg.subject.clone())
                     .record(start.elapsed().as_secs_f64());
+                let subject = msg.subject.clone();
+                let max = msg.max_payload();
+                let answer = if answer.len() > max {
+                    // Every answer that carries a list is paged under the bus's limit; this
+                    // is the last guard, so the caller learns why at once instead of timing out.
+                    tracing::error!(%subject, size = answer.len(), max, "an answer does not fit in one bus message");
+                    encode::<()>(&Err(ServiceError::new(
+                        ErrorCode::TooLargeForBus,
+                        format!("the answer on {subject} is over the bus's limit of {max} bytes"),
+                    )))
+                } else {
+                    answer
+                };
                 if let Err(e) = msg.respond(Vec::new(), answer).await {
-                    tracing::warn!(error = %e, "could not send an answer");
+                    tracing::warn!(error = %e, %subject, "could not send an answer");
                 }
             }
             .instrument(span)

@@ -14,6 +14,24 @@ use super::error::ApiError;
 use crate::auth::Caller;
 use crate::state::AppState;
 
+/// When a request arrived (set by the observing middleware, first thing).
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub tokio::time::Instant);
+
+/// When the request must be answered by: its arrival plus `request_timeout_ms` (time spent
+/// reading the body and queued in the gateway counts).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub tokio::time::Instant);
+
+impl FromRequestParts<AppState> for Deadline {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let arrived = parts.extensions.get::<Arrived>().map_or_else(tokio::time::Instant::now, |a| a.0);
+        Ok(Deadline(arrived + std::time::Duration::from_millis(state.config.request_timeout_ms)))
+    }
+}
+
 /// The body limit of the router a request came through (set as an extension layer).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);

@@ -1,6 +1,7 @@
 //! The /inner routes, for business systems, on their own listener and key.
 
 use axum::extract::State;
+use quickim_shared::bus::size;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::ids::{check_platform, check_user_id};
 use quickim_shared::protocol::api::{
@@ -15,11 +16,11 @@ use quickim_shared::rpc::bus_error;
 use quickim_shared::time::now_ms;
 
 use super::error::{ApiError, ApiResult, Envelope};
-use super::extract::{Body, InnerKey};
+use super::extract::{Body, Deadline, InnerKey};
 use crate::state::AppState;
 
-/// Largest bus message a batch chunk may make (NATS refuses payloads over 1 MiB by default).
-const BATCH_CHUNK_BYTES: usize = 512 * 1024;
+/// Bytes a stored message's answer may take beyond the send it answers.
+const ANSWER_OVERHEAD: usize = 256;
 
 /// POST /inner/get_token
 pub async fn get_token(
@@ -94,9 +95,10 @@ fn inner_send(r: InnerSendMsgRequest) -> SendMessage {
 pub async fn send_msg(
     State(s): State<AppState>,
     _: InnerKey,
+    Deadline(deadline): Deadline,
     Body(r): Body<InnerSendMsgRequest>,
 ) -> ApiResult<Message> {
-    Ok(Envelope(s.sends.send(inner_send(r)).await?))
+    Ok(Envelope(s.sends.send(inner_send(r), deadline).await?))
 }
 
 /// POST /inner/send_msg_batch: stored in order, one result per item.
@@ -111,25 +113,47 @@ pub async fn send_msg_batch(
             format!("msgs must hold 1–{} messages", s.config.send_batch_max),
         ));
     }
-    // Chunks small enough for one bus message, sent one after the other to keep the order.
+    // Chunks whose request and answer each fit in one bus message, sent one after the other
+    // to keep the order. An item that could not cross the bus alone gets its own error.
+    let budget = s.rpc.bus().payload_budget();
     let mut results = Vec::with_capacity(r.msgs.len());
     let mut chunk: Vec<SendMessage> = Vec::new();
     let mut bytes = 0;
     let mut items = r.msgs.into_iter().map(inner_send).peekable();
     while let Some(item) = items.next() {
-        bytes += item.content.len() + item.conversation_id.len() + item.from.len() + 128;
-        chunk.push(item);
-        let full = items.peek().is_some_and(|next| bytes + next.content.len() + 256 > BATCH_CHUNK_BYTES);
-        if full || items.peek().is_none() {
-            let answers = s.rpc.call(&SendBatch { items: std::mem::take(&mut chunk) }).await?;
-            results.extend(answers.into_iter().map(|a| match a {
-                Ok(m) => BatchItemResult { code: 0, data: Some(m), error: None },
-                Err(e) => BatchItemResult { code: e.code.number(), data: None, error: Some(e.message) },
-            }));
+        let len = size::encoded_len(&item) + ANSWER_OVERHEAD;
+        if len + ANSWER_OVERHEAD > budget {
+            flush(&s, &mut chunk, &mut results).await?;
             bytes = 0;
+            let e =
+                ServiceError::new(ErrorCode::TooLargeForBus, format!("this message is over the bus's {budget} bytes"));
+            results.push(BatchItemResult { code: e.code.number(), data: None, error: Some(e.message) });
+            continue;
+        }
+        if bytes + len > budget {
+            flush(&s, &mut chunk, &mut results).await?;
+            bytes = 0;
+        }
+        bytes += len;
+        chunk.push(item);
+        if items.peek().is_none() {
+            flush(&s, &mut chunk, &mut results).await?;
         }
     }
     Ok(Envelope(BatchAnswer { results }))
+}
+
+/// Stores `chunk` (if any) as one batch and appends its results.
+async fn flush(s: &AppState, chunk: &mut Vec<SendMessage>, results: &mut Vec<BatchItemResult>) -> Result<(), ApiError> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    let answers = s.rpc.call(&SendBatch { items: std::mem::take(chunk) }).await?;
+    results.extend(answers.into_iter().map(|a| match a {
+        Ok(m) => BatchItemResult { code: 0, data: Some(m), error: None },
+        Err(e) => BatchItemResult { code: e.code.number(), data: None, error: Some(e.message) },
+    }));
+    Ok(())
 }
 
 fn check_user_list(users: &[String]) -> Result<(), ServiceError> {
@@ -146,7 +170,8 @@ pub async fn get_users_online(
     Body(r): Body<UsersOnlineRequest>,
 ) -> ApiResult<UsersOnlineAnswer> {
     check_user_list(&r.user_ids)?;
-    let (presence, nodes) = s.cluster.presence(&r.user_ids).await.map_err(bus_error)?;
+    let (presence, nodes) =
+        s.cluster.presence(&r.user_ids, s.config.max_connections_per_user).await.map_err(bus_error)?;
     let users = r
         .user_ids
         .into_iter()
@@ -178,6 +203,11 @@ pub async fn kick_user(
     s.rpc.call(&RevokeTokens { user_id: r.user_id.clone(), platform: r.platform.clone(), before_ms }).await?;
     let revocation = Revocation { user_id: r.user_id, platform: r.platform, before_ms };
     s.auth.revoke(&revocation);
-    let (closed, _nodes) = s.cluster.kick_user(&revocation).await.map_err(bus_error)?;
-    Ok(Envelope(KickUserAnswer { closed_connections: closed, revoked_before: before_ms }))
+    let kick = s.cluster.kick_user(&revocation).await.map_err(bus_error)?;
+    Ok(Envelope(KickUserAnswer {
+        closed_connections: kick.closed,
+        revoked_before: before_ms,
+        nodes_asked: kick.asked,
+        nodes_confirmed: kick.confirmed,
+    }))
 }

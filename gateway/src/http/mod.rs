@@ -5,6 +5,7 @@
 //! - `health.rs`: /healthz, /readyz (and /metrics, on the inner listener, is rendered here);
 //! - `openapi.rs`: the OpenAPI document;
 //! - `server.rs`: the accept loop (hyper, and SSE / long-poll streams served directly);
+//! - `socket.rs`: a client connection's socket, with its write timeout;
 //! - `extract.rs`: body, token and key extractors (bad input → 4xx in the project's format);
 //! - `error.rs`: the one mapping from failures to HTTP answers.
 
@@ -15,6 +16,7 @@ pub mod inner;
 pub mod openapi;
 pub mod public;
 pub mod server;
+pub mod socket;
 
 use axum::Router;
 use axum::body::Body;
@@ -35,7 +37,8 @@ async fn metrics() -> impl IntoResponse {
 
 /// One server span per request (child of the caller's `traceparent`, if it sent one),
 /// counted and timed by route (the matched path, never the raw URL).
-async fn observe(req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
+async fn observe(mut req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
+    req.extensions_mut().insert(extract::Arrived(tokio::time::Instant::now()));
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()

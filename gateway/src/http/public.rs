@@ -14,22 +14,30 @@ use quickim_shared::protocol::service::{
 };
 
 use super::error::{ApiError, ApiResult, Envelope};
-use super::extract::Body;
+use super::extract::{Body, Deadline};
 use crate::auth::Caller;
 use crate::state::AppState;
 
 /// POST /send_msg
-pub async fn send_msg(State(s): State<AppState>, caller: Caller, Body(r): Body<SendMsgRequest>) -> ApiResult<Message> {
+pub async fn send_msg(
+    State(s): State<AppState>,
+    Deadline(deadline): Deadline,
+    caller: Caller,
+    Body(r): Body<SendMsgRequest>,
+) -> ApiResult<Message> {
     let msg = s
         .sends
-        .send(SendMessage {
-            origin: Origin::Client,
-            conversation_id: r.conversation_id,
-            from: caller.user_id,
-            msg_type: r.msg_type,
-            content: r.content,
-            client_msg_id: r.client_msg_id,
-        })
+        .send(
+            SendMessage {
+                origin: Origin::Client,
+                conversation_id: r.conversation_id,
+                from: caller.user_id,
+                msg_type: r.msg_type,
+                content: r.content,
+                client_msg_id: r.client_msg_id,
+            },
+            deadline,
+        )
         .await?;
     Ok(Envelope(msg))
 }

@@ -26,7 +26,9 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use super::socket::Socket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -44,7 +46,7 @@ const READY_BYTES: usize = 256 * 1024;
 
 /// What runs a connection after a `101 Switching Protocols`: the socket and any bytes the
 /// client sent after its request head.
-pub type TakeoverFn = Box<dyn FnOnce(TcpStream, Vec<u8>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+pub type TakeoverFn = Box<dyn FnOnce(Socket, Vec<u8>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// In the extensions of every request served on the lean path: a response body that ends
 /// after the data it has ready when first polled is written with a `Content-Length` (hyper
@@ -73,8 +75,15 @@ impl Takeover {
 
 /// Serves `router` on `listener` until `shutdown`, then stops accepting and waits for the
 /// open connections to finish (their streams close on the same signal). `lean_notify`:
-/// serve SSE and long-poll `/notify` requests directly (the public listener).
-pub async fn serve(listener: TcpListener, router: Router, lean_notify: bool, shutdown: CancellationToken) {
+/// serve SSE and long-poll `/notify` requests directly (the public listener). A write that
+/// makes no progress for `write_timeout` closes its connection.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    lean_notify: bool,
+    write_timeout: Duration,
+    shutdown: CancellationToken,
+) {
     let connections = TaskTracker::new();
     loop {
         let stream = tokio::select! {
@@ -91,6 +100,7 @@ pub async fn serve(listener: TcpListener, router: Router, lean_notify: bool, shu
             },
         };
         let _ = stream.set_nodelay(true);
+        let stream = Socket::new(stream, write_timeout, shutdown.clone());
         connections.spawn(connection(stream, router.clone(), lean_notify, shutdown.clone()));
     }
     drop(listener);
@@ -105,7 +115,7 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-async fn connection(mut stream: TcpStream, router: Router, lean_notify: bool, shutdown: CancellationToken) {
+async fn connection(mut stream: Socket, router: Router, lean_notify: bool, shutdown: CancellationToken) {
     let mut pending = BytesMut::new();
     if lean_notify {
         loop {
@@ -165,7 +175,7 @@ enum Head {
 }
 
 /// Reads the next request head into `pending` and decides who serves it.
-async fn read_head(stream: &mut TcpStream, pending: &mut BytesMut, shutdown: &CancellationToken) -> Head {
+async fn read_head(stream: &mut Socket, pending: &mut BytesMut, shutdown: &CancellationToken) -> Head {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     loop {
         if !pending.is_empty() {
@@ -275,7 +285,7 @@ enum Outcome {
 /// Runs the request through the router and writes the response. The client leaving while
 /// the answer is pending cancels it.
 async fn answer(
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     router: &Router,
     request: Request<Body>,
     pending: &mut BytesMut,
@@ -335,7 +345,7 @@ fn head(response: &Response<Body>, as_is: bool) -> Vec<u8> {
 
 /// Waits for the client to send something: Ok(true) when it closed the connection; bytes it
 /// sends ahead are kept in `pending` (up to [`MAX_AHEAD`]).
-async fn watch(stream: &mut TcpStream, pending: &mut BytesMut) -> io::Result<bool> {
+async fn watch(stream: &mut Socket, pending: &mut BytesMut) -> io::Result<bool> {
     stream.readable().await?;
     let mut buf = [0u8; 512];
     match stream.try_read(&mut buf) {
@@ -352,7 +362,7 @@ async fn watch(stream: &mut TcpStream, pending: &mut BytesMut) -> io::Result<boo
 
 /// Writes a response (an error when the client left meanwhile).
 async fn write_response(
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     response: Response<Body>,
     pending: &mut BytesMut,
     keep_alive: bool,
@@ -424,7 +434,7 @@ async fn write_response(
 }
 
 /// The body's next data (`None` at its end), or an error once the client has gone.
-async fn next_data(body: &mut Body, stream: &mut TcpStream, pending: &mut BytesMut) -> io::Result<Option<Bytes>> {
+async fn next_data(body: &mut Body, stream: &mut Socket, pending: &mut BytesMut) -> io::Result<Option<Bytes>> {
     loop {
         tokio::select! {
             frame = body.frame() => match frame {
@@ -448,7 +458,7 @@ async fn next_data(body: &mut Body, stream: &mut TcpStream, pending: &mut BytesM
 /// A connection handed to hyper: the bytes already read come first.
 struct Rewind {
     ahead: Bytes,
-    stream: TcpStream,
+    stream: Socket,
 }
 
 impl AsyncRead for Rewind {

@@ -37,11 +37,13 @@ pub enum Disconnect {
     RateLimited,
     /// The server could not serve the connection (a dependency failed).
     Unavailable,
+    /// This node fell too far behind the log to deliver in time; another node serves.
+    NodeBehind,
 }
 
 impl Disconnect {
     /// Every reason, for documentation tests.
-    pub const ALL: [Disconnect; 8] = [
+    pub const ALL: [Disconnect; 9] = [
         Disconnect::Shutdown,
         Disconnect::Kicked,
         Disconnect::TokenExpired,
@@ -50,6 +52,7 @@ impl Disconnect {
         Disconnect::FrameTooLarge,
         Disconnect::RateLimited,
         Disconnect::Unavailable,
+        Disconnect::NodeBehind,
     ];
 
     /// WebSocket close code.
@@ -62,6 +65,7 @@ impl Disconnect {
             Disconnect::TokenExpired => 4001,
             Disconnect::PingTimeout => 4002,
             Disconnect::SlowConsumer => 4008,
+            Disconnect::NodeBehind => 4009,
             Disconnect::RateLimited => 4029,
         }
     }
@@ -77,13 +81,16 @@ impl Disconnect {
             Disconnect::FrameTooLarge => "frame_too_large",
             Disconnect::RateLimited => "rate_limited",
             Disconnect::Unavailable => "unavailable",
+            Disconnect::NodeBehind => "node_behind",
         }
     }
 
     /// What the client should do.
     pub const fn reconnect(self) -> Reconnect {
         match self {
-            Disconnect::Shutdown | Disconnect::SlowConsumer | Disconnect::PingTimeout => Reconnect::Now,
+            Disconnect::Shutdown | Disconnect::SlowConsumer | Disconnect::PingTimeout | Disconnect::NodeBehind => {
+                Reconnect::Now
+            }
             Disconnect::FrameTooLarge | Disconnect::RateLimited | Disconnect::Unavailable => Reconnect::Backoff,
             Disconnect::TokenExpired => Reconnect::NewToken,
             Disconnect::Kicked => Reconnect::Never,

@@ -2,17 +2,26 @@
 //!
 //! It consumes every log partition in offset order. Entries arrive over the bus
 //! (at-most-once, possibly out of order between message-service instances); the hub holds
-//! early ones back, and when a gap stays open for `gap_fill_ms` — or a heads announcement
-//! shows entries it never got — it reads the missing ones from the store. So live delivery
+//! early ones back (bounded in bytes), and when a gap stays open for `gap_fill_ms` — or a
+//! heads announcement shows entries it never got — it reads the missing ones from the store,
+//! page after page (each page one bus message) until the gap is closed. So live delivery
 //! never depends on the bus not losing anything, and each partition's `position` means
 //! "every entry up to here has been dispatched".
+//!
+//! A partition that stays behind its known head for `hub_stall_s` (the store does not answer,
+//! or pages come slower than the log grows) stalls the node: it reports not ready, closes
+//! its connections with `node_behind` (clients resume on another node, from their cursor) and
+//! refuses new ones until every partition has caught up again.
 //!
 //! Membership for delivery is kept per user (shared by that user's connections on this
 //! node) and is updated by the log itself: a JOINED entry subscribes the user from that
 //! message on, a LEFT/KICKED entry is delivered to the user and then unsubscribes it. A
-//! user's first connection installs a snapshot of its memberships taken from the store;
-//! membership entries that arrive while the snapshot is in flight are kept and applied on top
-//! of it when they are newer than the snapshot.
+//! user's first connection installs a snapshot of its memberships read from the store (in
+//! pages, each a snapshot of its own); membership entries that arrive meanwhile are kept and
+//! applied on top of it when they are newer than the first page. A snapshot read ahead of
+//! the hub (its heads past the hub's position) is installed only once the hub has reached
+//! those heads: the connection then goes live there, and everything before comes from the
+//! store's replay, so a leave the snapshot already shows still reaches the user in order.
 //!
 //! Each connection has a bounded queue (events and bytes). A message event is encoded once
 //! and shared by every connection that gets it. A full queue means a slow consumer: the hub
@@ -29,7 +38,7 @@ use futures::StreamExt;
 use quickim_shared::bus::{Bus, BusError, Headers, Incoming};
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::event::{BusEntry, HEADS_SUBJECT, LOG_SUBJECT, LogEntry};
-use quickim_shared::protocol::service::{GetHeads, GetMemberships, LogHeads, Memberships, ReadLog};
+use quickim_shared::protocol::service::{GetHeads, GetMemberships, LogHeads, MembershipRow, ReadLog};
 use quickim_shared::protocol::system::MembershipChange;
 use quickim_shared::rpc::RpcClient;
 use quickim_shared::telemetry::{TraceContext, set_parent};
@@ -38,7 +47,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::cursor;
-use super::queue::{self, Inbox, Outbox};
+use super::queue::{self, Closed, Inbox, Outbox};
 
 /// Identifies a connection to the hub.
 pub type SessionId = u64;
@@ -46,12 +55,52 @@ pub type SessionId = u64;
 /// How long a user's membership is kept after its last connection closed (so that the next
 /// long-poll of the same user needs no snapshot).
 const LINGER: Duration = Duration::from_secs(30);
-/// Most membership changes kept for a user whose snapshot is in flight.
+/// Most membership changes kept for a user whose snapshot is in flight (past it, the
+/// snapshot is read again).
 const MAX_PENDING: usize = 10_000;
-/// Most early entries held back per partition.
+/// Most early entries held back per partition (they are also bounded in bytes).
 const MAX_HELD: usize = 100_000;
+/// Bytes an entry held back counts for beyond its content.
+const HELD_OVERHEAD: usize = 256;
 /// Snapshots fetched at once.
 const SNAPSHOT_CONCURRENCY: usize = 64;
+/// Most entries asked for in one gap-fill page (the page is also bounded by the bus).
+const FILL_PAGE: u32 = 1000;
+/// Longest wait between two attempts of a gap fill that keeps failing.
+const FILL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How the hub follows the log.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// How long a gap may stay open before it is filled from the store.
+    pub gap_fill: Duration,
+    /// How long a partition may stay behind its known head before the node stalls.
+    pub stall_after: Duration,
+    /// Most bytes of early entries held back, all partitions together.
+    pub max_held_bytes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig::from_config(&quickim_shared::config::Config::default())
+    }
+}
+
+impl HubConfig {
+    /// The defaults, with gaps filled after `gap_fill`.
+    pub fn gap_fill(gap_fill: Duration) -> HubConfig {
+        HubConfig { gap_fill, ..HubConfig::default() }
+    }
+
+    /// The hub's settings from the configuration.
+    pub fn from_config(config: &quickim_shared::config::Config) -> HubConfig {
+        HubConfig {
+            gap_fill: Duration::from_millis(config.gap_fill_ms),
+            stall_after: Duration::from_secs(config.hub_stall_s),
+            max_held_bytes: config.hub_max_held_bytes,
+        }
+    }
+}
 
 /// An event encoded once, ready for any transport.
 #[derive(Debug)]
@@ -143,13 +192,24 @@ impl Drop for Attachment {
 enum Command {
     Attach { user: String, client: Option<Vec<u64>>, outbox: Outbox, reply: oneshot::Sender<(SessionId, Start)> },
     Detach { id: SessionId },
-    Install { user: Arc<str>, snapshot: Option<Memberships> },
-    Filled { part: u16, entries: Option<Vec<LogEntry>> },
+    Install { user: Arc<str>, snapshot: Option<Snapshot> },
+    Filled { part: u16, result: Result<Vec<LogEntry>, String> },
+}
+
+/// A user's memberships as read from the store, page by page.
+struct Snapshot {
+    /// The log heads of the first page: changes after them are applied on top.
+    first: Vec<u64>,
+    /// The log heads of the last page: the snapshot is installed once the hub is there.
+    last: Vec<u64>,
+    conversations: Vec<MembershipRow>,
 }
 
 /// What every connection may read without asking the hub.
 struct Shared {
     ready: AtomicBool,
+    /// A partition stayed behind too long (see the module docs).
+    stalled: AtomicBool,
     /// (epoch, position, encoded cursor) after the last dispatched entry.
     position: RwLock<(u32, Arc<[u64]>, Arc<str>)>,
 }
@@ -171,7 +231,7 @@ impl Hub {
     pub async fn start(
         bus: Bus,
         rpc: RpcClient,
-        gap_fill: Duration,
+        config: HubConfig,
         shutdown: CancellationToken,
     ) -> Result<Hub, BusError> {
         let log = bus.subscribe(LOG_SUBJECT, None).await?;
@@ -179,6 +239,7 @@ impl Hub {
         let (cmds, cmd_rx) = mpsc::channel(8192);
         let shared = Arc::new(Shared {
             ready: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
             position: RwLock::new((0, Arc::from(Vec::new()), Arc::from(""))),
         });
         let hub = Hub { cmds: cmds.clone(), shared: shared.clone() };
@@ -186,15 +247,21 @@ impl Hub {
             let Some(start) = initial_heads(&rpc, &shutdown).await else {
                 return;
             };
-            let mut state = State::new(start, rpc, cmds, shared, gap_fill);
+            let mut state = State::new(start, rpc, cmds, shared, config);
             state.run(futures::stream::select(log, heads), cmd_rx, shutdown).await;
         });
         Ok(hub)
     }
 
-    /// Whether the hub knows where the log is.
+    /// Whether the hub knows where the log is and keeps up with it.
     pub fn is_ready(&self) -> bool {
-        self.shared.ready.load(Ordering::Relaxed)
+        self.shared.ready.load(Ordering::Relaxed) && !self.is_stalled()
+    }
+
+    /// Whether a partition stayed behind the log too long (the node serves no connection
+    /// until it has caught up).
+    pub fn is_stalled(&self) -> bool {
+        self.shared.stalled.load(Ordering::Relaxed)
     }
 
     /// The database epoch, the position every connection has been served up to, and its
@@ -270,6 +337,10 @@ struct UserState {
     installed: bool,
     installing: bool,
     pending: Vec<PendingChange>,
+    /// More changes came than `pending` keeps: the snapshot must be read again.
+    pending_overflow: bool,
+    /// A snapshot read ahead of the hub, waiting for the hub to reach its heads.
+    deferred: Option<Snapshot>,
     idle_since: Option<Instant>,
 }
 
@@ -289,8 +360,19 @@ struct State {
     /// Highest offset known to exist, per partition.
     known: Vec<u64>,
     held: Vec<BTreeMap<u64, (LogEntry, Headers)>>,
+    /// Bytes of the entries in `held`, all partitions.
+    held_bytes: usize,
     gap_since: Vec<Option<Instant>>,
     filling: Vec<bool>,
+    /// Gap fills of the partition that failed in a row, and when to try again.
+    fill_failures: Vec<u32>,
+    retry_at: Vec<Option<Instant>>,
+    /// Since when the partition has been behind its known head (None: caught up).
+    behind_since: Vec<Option<Instant>>,
+    /// While stalled: the partitions that have caught up since.
+    caught_up: Vec<bool>,
+    /// Users whose snapshot waits for the hub to reach its heads.
+    deferred: HashSet<Arc<str>>,
     users: HashMap<Arc<str>, UserState>,
     sessions: HashMap<SessionId, Slot>,
     by_conversation: HashMap<Arc<str>, HashSet<Arc<str>>>,
@@ -300,7 +382,7 @@ struct State {
     rpc: RpcClient,
     cmds: mpsc::Sender<Command>,
     shared: Arc<Shared>,
-    gap_fill: Duration,
+    config: HubConfig,
     snapshots: Arc<Semaphore>,
 }
 
@@ -310,7 +392,7 @@ impl State {
         rpc: RpcClient,
         cmds: mpsc::Sender<Command>,
         shared: Arc<Shared>,
-        gap_fill: Duration,
+        config: HubConfig,
     ) -> State {
         let n = heads.heads.len();
         let state = State {
@@ -318,8 +400,14 @@ impl State {
             position: heads.heads.clone(),
             known: heads.heads,
             held: (0..n).map(|_| BTreeMap::new()).collect(),
+            held_bytes: 0,
             gap_since: vec![None; n],
             filling: vec![false; n],
+            fill_failures: vec![0; n],
+            retry_at: vec![None; n],
+            behind_since: vec![None; n],
+            caught_up: vec![true; n],
+            deferred: HashSet::new(),
             users: HashMap::new(),
             sessions: HashMap::new(),
             by_conversation: HashMap::new(),
@@ -328,7 +416,7 @@ impl State {
             rpc,
             cmds,
             shared,
-            gap_fill,
+            config,
             snapshots: Arc::new(Semaphore::new(SNAPSHOT_CONCURRENCY)),
         };
         state.publish_position();
@@ -343,7 +431,7 @@ impl State {
         mut cmds: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval((self.gap_fill / 2).max(Duration::from_millis(10)));
+        let mut tick = tokio::time::interval((self.config.gap_fill / 2).max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -352,7 +440,10 @@ impl State {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = cmds.recv() => self.command(cmd),
                 Some(msg) = bus.next() => self.incoming(msg),
-                _ = tick.tick() => self.fill_gaps(),
+                _ = tick.tick() => {
+                    self.fill_gaps();
+                    self.watch_lag();
+                }
                 _ = sweep.tick() => self.sweep(),
             }
         }
@@ -372,22 +463,7 @@ impl State {
             Command::Attach { user, client, outbox, reply } => self.attach(user, client, outbox, reply),
             Command::Detach { id } => self.detach(id),
             Command::Install { user, snapshot } => self.install(user, snapshot),
-            Command::Filled { part, entries } => {
-                let p = usize::from(part);
-                if p < self.filling.len() {
-                    self.filling[p] = false;
-                }
-                match entries {
-                    Some(entries) => {
-                        metrics::counter!("quickim_hub_gap_filled_entries_total").increment(entries.len() as u64);
-                        for e in entries {
-                            self.entry(e, Headers::new());
-                        }
-                        self.publish_position();
-                    }
-                    None => tracing::warn!(part, "gap fill failed; retrying"),
-                }
-            }
+            Command::Filled { part, result } => self.filled(part, result),
         }
     }
 
@@ -433,8 +509,8 @@ impl State {
         let (rpc, cmds, permits) = (self.rpc.clone(), self.cmds.clone(), self.snapshots.clone());
         tokio::spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let snapshot = match rpc.call(&GetMemberships { user_id: user.to_string() }).await {
-                Ok(m) => Some(m),
+            let snapshot = match read_snapshot(&rpc, &user).await {
+                Ok(s) => Some(s),
                 Err(e) => {
                     tracing::warn!(error = %e.message, "cannot read memberships");
                     None
@@ -452,7 +528,7 @@ impl State {
             if us.sessions.is_empty() {
                 if us.installed {
                     us.idle_since = Some(Instant::now());
-                } else if !us.installing {
+                } else if !us.installing || us.deferred.is_some() {
                     self.forget_user(&slot.user);
                 }
             }
@@ -460,18 +536,14 @@ impl State {
         metrics::gauge!("quickim_hub_sessions").set(self.sessions.len() as f64);
     }
 
-    fn install(&mut self, user: Arc<str>, snapshot: Option<Memberships>) {
-        if !self.users.contains_key(&user) {
-            return;
-        }
-        let snapshot = snapshot.filter(|s| s.heads.len() == self.position.len());
-        let conversations: Option<HashMap<Arc<str>, u64>> = snapshot.as_ref().map(|s| {
-            s.conversations.iter().map(|row| (self.intern(&row.conversation_id), row.joined_msg_id)).collect()
-        });
+    fn install(&mut self, user: Arc<str>, snapshot: Option<Snapshot>) {
+        let n = self.position.len();
         let Some(us) = self.users.get_mut(&user) else { return };
-        us.installing = false;
-        let (Some(snapshot), Some(conversations)) = (snapshot, conversations) else {
+        let snapshot = snapshot.filter(|s| s.first.len() == n && s.last.len() == n && !us.pending_overflow);
+        let Some(snapshot) = snapshot else {
+            us.installing = false;
             us.pending.clear();
+            us.pending_overflow = false;
             let sessions = us.sessions.clone();
             for id in &sessions {
                 if let Some(slot) = self.sessions.get(id) {
@@ -483,11 +555,21 @@ impl State {
             }
             return;
         };
+        if snapshot.last.iter().zip(&self.position).any(|(s, p)| s > p) {
+            // Read ahead of the hub: installed once the hub is there (see the module docs).
+            us.deferred = Some(snapshot);
+            self.deferred.insert(user);
+            return;
+        }
+        let conversations: HashMap<Arc<str>, u64> =
+            snapshot.conversations.iter().map(|row| (self.intern(&row.conversation_id), row.joined_msg_id)).collect();
+        let Some(us) = self.users.get_mut(&user) else { return };
+        us.installing = false;
         let pending = std::mem::take(&mut us.pending);
         us.conversations = conversations;
         us.installed = true;
         for change in pending {
-            if change.offset > snapshot.heads[change.part] {
+            if change.offset > snapshot.first[change.part] {
                 apply(us, &change.conversation, change.msg_id, change.change);
             }
         }
@@ -512,6 +594,28 @@ impl State {
         }
     }
 
+    /// Installs the snapshots whose heads the hub has now reached.
+    fn install_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let position = &self.position;
+        let users = &mut self.users;
+        let ready: Vec<(Arc<str>, Snapshot)> = self
+            .deferred
+            .iter()
+            .filter_map(|u| {
+                let us = users.get_mut(u)?;
+                let reached = us.deferred.as_ref().is_some_and(|s| s.last.iter().zip(position).all(|(s, p)| s <= p));
+                if reached { us.deferred.take().map(|s| (u.clone(), s)) } else { None }
+            })
+            .collect();
+        for (user, snapshot) in ready {
+            self.deferred.remove(&user);
+            self.install(user, Some(snapshot));
+        }
+    }
+
     fn intern(&self, conversation: &str) -> Arc<str> {
         match self.by_conversation.get_key_value(conversation) {
             Some((k, _)) => k.clone(),
@@ -520,6 +624,7 @@ impl State {
     }
 
     fn forget_user(&mut self, user: &Arc<str>) {
+        self.deferred.remove(user);
         if let Some(us) = self.users.remove(user) {
             for c in us.conversations.keys() {
                 if let Some(set) = self.by_conversation.get_mut(c) {
@@ -563,6 +668,7 @@ impl State {
                     self.entry(e.entry, e.trace);
                 }
                 self.publish_position();
+                self.install_deferred();
             }
             Err(e) => tracing::warn!(error = %e, subject = %msg.subject, "undecodable log entries"),
         }
@@ -583,8 +689,9 @@ impl State {
             if h > self.known[p] {
                 self.known[p] = h;
             }
-            if self.known[p] > self.position[p] && self.gap_since[p].is_none() {
-                self.gap_since[p] = Some(now);
+            if self.known[p] > self.position[p] {
+                self.gap_since[p].get_or_insert(now);
+                self.behind_since[p].get_or_insert(now);
             }
         }
     }
@@ -597,14 +704,20 @@ impl State {
         self.sessions.clear();
         self.skipping.clear();
         self.users.clear();
+        self.deferred.clear();
         self.by_conversation.clear();
         let n = heads.heads.len();
         self.epoch = heads.epoch;
         self.position = heads.heads.clone();
         self.known = heads.heads;
         self.held = (0..n).map(|_| BTreeMap::new()).collect();
+        self.held_bytes = 0;
         self.gap_since = vec![None; n];
         self.filling = vec![false; n];
+        self.fill_failures = vec![0; n];
+        self.retry_at = vec![None; n];
+        self.behind_since = vec![None; n];
+        self.caught_up = vec![true; n];
         self.publish_position();
     }
 
@@ -619,45 +732,147 @@ impl State {
             self.known[p] = entry.offset;
         }
         if entry.offset != self.position[p] + 1 {
-            if self.held[p].len() < MAX_HELD {
+            let size = held_size(&entry);
+            // Past the bounds an early entry is not kept: the gap fill reads it again.
+            if self.held[p].len() < MAX_HELD
+                && self.held_bytes + size <= self.config.max_held_bytes
+                && !self.held[p].contains_key(&entry.offset)
+            {
+                self.held_bytes += size;
                 self.held[p].insert(entry.offset, (entry, headers));
             }
-            if self.gap_since[p].is_none() {
-                self.gap_since[p] = Some(Instant::now());
-            }
+            let now = Instant::now();
+            self.gap_since[p].get_or_insert(now);
+            self.behind_since[p].get_or_insert(now);
             return;
         }
         self.dispatch(entry, &headers);
         while let Some((next, headers)) = self.held[p].remove(&(self.position[p] + 1)) {
+            self.held_bytes = self.held_bytes.saturating_sub(held_size(&next));
             self.dispatch(next, &headers);
         }
-        let below = self.held[p].range(..=self.position[p]).map(|(k, _)| *k).collect::<Vec<_>>();
-        for k in below {
-            self.held[p].remove(&k);
+        while let Some(entry) = self.held[p].first_entry() {
+            if *entry.key() > self.position[p] {
+                break;
+            }
+            let (e, _) = entry.remove();
+            self.held_bytes = self.held_bytes.saturating_sub(held_size(&e));
         }
-        self.gap_since[p] = (self.known[p] > self.position[p]).then(Instant::now);
+        if self.known[p] > self.position[p] {
+            let now = Instant::now();
+            self.gap_since[p] = Some(now);
+            self.behind_since[p].get_or_insert(now);
+        } else {
+            self.gap_since[p] = None;
+            self.behind_since[p] = None;
+            self.caught_up[p] = true;
+        }
     }
 
+    /// Starts reading the gaps that have stayed open long enough (one page per partition at
+    /// a time; a partition whose fills fail waits a growing delay).
     fn fill_gaps(&mut self) {
         let now = Instant::now();
         for p in 0..self.position.len() {
             let Some(since) = self.gap_since[p] else { continue };
-            if self.filling[p] || now.duration_since(since) < self.gap_fill {
+            if self.filling[p]
+                || now.duration_since(since) < self.config.gap_fill
+                || self.retry_at[p].is_some_and(|t| now < t)
+            {
                 continue;
             }
-            let upto = self.held[p].keys().next().map(|first| first - 1).unwrap_or(self.known[p]);
-            if upto <= self.position[p] {
-                self.gap_since[p] = None;
-                continue;
+            self.fill(p);
+        }
+    }
+
+    /// Reads the next page of partition `p`'s gap from the store.
+    fn fill(&mut self, p: usize) {
+        let upto = self.held[p].keys().next().map(|first| first - 1).unwrap_or(self.known[p]);
+        if upto <= self.position[p] {
+            self.gap_since[p] = None;
+            return;
+        }
+        self.filling[p] = true;
+        metrics::counter!("quickim_hub_gap_fills_total").increment(1);
+        let request = ReadLog { part: p as u16, after: self.position[p], upto, limit: FILL_PAGE };
+        let (rpc, cmds) = (self.rpc.clone(), self.cmds.clone());
+        tokio::spawn(async move {
+            let result = match rpc.call(&request).await {
+                Ok(entries) if entries.is_empty() => {
+                    Err(format!("the store has no entries after {} up to {}", request.after, request.upto))
+                }
+                Ok(entries) => Ok(entries),
+                Err(e) => Err(e.message),
+            };
+            let _ = cmds.send(Command::Filled { part: request.part, result }).await;
+        });
+    }
+
+    /// A gap-fill page came back: take it, then read the next page at once while the gap
+    /// stays open (as fast as the store answers, not a page per tick).
+    fn filled(&mut self, part: u16, result: Result<Vec<LogEntry>, String>) {
+        let p = usize::from(part);
+        if p >= self.filling.len() {
+            return;
+        }
+        self.filling[p] = false;
+        match result {
+            Ok(entries) => {
+                self.fill_failures[p] = 0;
+                self.retry_at[p] = None;
+                metrics::counter!("quickim_hub_gap_filled_entries_total").increment(entries.len() as u64);
+                for e in entries {
+                    self.entry(e, Headers::new());
+                }
+                self.publish_position();
+                self.install_deferred();
+                if self.gap_since[p].is_some() {
+                    self.fill(p);
+                }
             }
-            self.filling[p] = true;
-            metrics::counter!("quickim_hub_gap_fills_total").increment(1);
-            let request = ReadLog { part: p as u16, after: self.position[p], upto, limit: 1000 };
-            let (rpc, cmds) = (self.rpc.clone(), self.cmds.clone());
-            tokio::spawn(async move {
-                let entries = rpc.call(&request).await.ok();
-                let _ = cmds.send(Command::Filled { part: request.part, entries }).await;
-            });
+            Err(error) => {
+                self.fill_failures[p] += 1;
+                let failures = self.fill_failures[p];
+                let backoff = (self.config.gap_fill * 2u32.saturating_pow(failures.min(16))).min(FILL_BACKOFF_MAX);
+                self.retry_at[p] = Some(Instant::now() + backoff);
+                metrics::counter!("quickim_hub_gap_fill_failures_total").increment(1);
+                tracing::warn!(part, after = self.position[p], failures, %error, "gap fill failed; retrying");
+            }
+        }
+    }
+
+    /// Measures how far behind the log each partition is, and stalls or resumes the node
+    /// (see the module docs).
+    fn watch_lag(&mut self) {
+        let now = Instant::now();
+        let mut lagging = false;
+        for p in 0..self.position.len() {
+            let lag = self.known[p].saturating_sub(self.position[p]);
+            metrics::gauge!("quickim_hub_lag_entries", "partition" => p.to_string()).set(lag as f64);
+            if self.behind_since[p].is_some_and(|t| now.duration_since(t) > self.config.stall_after) {
+                lagging = true;
+            }
+        }
+        metrics::gauge!("quickim_hub_held_bytes").set(self.held_bytes as f64);
+        let stalled = self.shared.stalled.load(Ordering::Relaxed);
+        if lagging && !stalled {
+            tracing::error!(
+                behind = ?self.known.iter().zip(&self.position).map(|(k, p)| k - p).collect::<Vec<_>>(),
+                "the hub fell behind the log; closing connections until it has caught up"
+            );
+            self.shared.stalled.store(true, Ordering::Relaxed);
+            metrics::gauge!("quickim_hub_stalled").set(1.0);
+            metrics::counter!("quickim_hub_stalls_total").increment(1);
+            for (p, caught_up) in self.caught_up.iter_mut().enumerate() {
+                *caught_up = self.known[p] <= self.position[p];
+            }
+            for slot in self.sessions.values() {
+                slot.outbox.close_with(Closed::Behind);
+            }
+        } else if stalled && !lagging && self.caught_up.iter().all(|c| *c) {
+            tracing::info!("the hub has caught up with the log; serving again");
+            self.shared.stalled.store(false, Ordering::Relaxed);
+            metrics::gauge!("quickim_hub_stalled").set(0.0);
         }
     }
 
@@ -760,8 +975,12 @@ impl State {
     fn change(&mut self, user: &str, part: usize, offset: u64, conversation: &Arc<str>, msg_id: u64, change: Change) {
         let Some(us) = self.users.get_mut(user) else { return };
         if !us.installed {
-            if us.installing && us.pending.len() < MAX_PENDING {
-                us.pending.push(PendingChange { part, offset, conversation: conversation.clone(), msg_id, change });
+            if us.installing {
+                if us.pending.len() < MAX_PENDING {
+                    us.pending.push(PendingChange { part, offset, conversation: conversation.clone(), msg_id, change });
+                } else {
+                    us.pending_overflow = true;
+                }
             }
             return;
         }
@@ -807,4 +1026,22 @@ fn apply(us: &mut UserState, conversation: &Arc<str>, msg_id: u64, change: Chang
 fn skip_for(client: Option<&[u64]>, position: &[u64]) -> Option<Vec<u64>> {
     let client = client?;
     (client.len() == position.len() && client.iter().zip(position).any(|(c, p)| c > p)).then(|| client.to_vec())
+}
+
+/// What an entry held back counts for against `max_held_bytes`.
+fn held_size(entry: &LogEntry) -> usize {
+    entry.message.content.len() + entry.message.conversation_id.len() + HELD_OVERHEAD
+}
+
+/// Reads all of a user's memberships, page after page.
+async fn read_snapshot(rpc: &RpcClient, user: &str) -> Result<Snapshot, quickim_shared::error::ServiceError> {
+    let mut page = rpc.call(&GetMemberships { user_id: user.to_string(), after: None }).await?;
+    let first = page.heads.clone();
+    let mut conversations = std::mem::take(&mut page.conversations);
+    while page.more {
+        let after = conversations.last().map(|r| r.conversation_id.clone());
+        page = rpc.call(&GetMemberships { user_id: user.to_string(), after }).await?;
+        conversations.append(&mut page.conversations);
+    }
+    Ok(Snapshot { first, last: page.heads, conversations })
 }

@@ -22,6 +22,9 @@ pub enum Closed {
     Overflow,
     /// The hub is gone (after everything queued was taken).
     HubGone,
+    /// This node fell too far behind the log: undelivered events are abandoned and the
+    /// client resumes from its cursor, on another node.
+    Behind,
 }
 
 struct State {
@@ -95,9 +98,14 @@ impl Outbox {
 
     /// Cuts the connection off (as an overflow does).
     pub fn close(&self) {
+        self.close_with(Closed::Overflow);
+    }
+
+    /// Cuts the connection off for `why` (queued events are abandoned).
+    pub fn close_with(&self, why: Closed) {
         let mut s = self.shared.lock();
         if s.closed.is_none() {
-            s.closed = Some(Closed::Overflow);
+            s.closed = Some(why);
         }
         drop(s);
         self.shared.notify.notify_one();
@@ -147,10 +155,10 @@ impl Inbox {
 
     fn take(&self) -> Option<Result<Outgoing, Closed>> {
         let mut s = self.shared.lock();
-        if s.closed == Some(Closed::Overflow) {
+        if let Some(why @ (Closed::Overflow | Closed::Behind)) = s.closed {
             s.items = VecDeque::new();
             s.bytes = 0;
-            return Some(Err(Closed::Overflow));
+            return Some(Err(why));
         }
         match s.items.pop_front() {
             Some(item) => {

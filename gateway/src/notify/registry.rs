@@ -17,6 +17,8 @@ pub enum KickReason {
 struct Entry {
     id: u64,
     platform: String,
+    /// When the connection's token was issued (ms): a revocation closes older ones only.
+    issued_ms: i64,
     kick: CancellationToken,
 }
 
@@ -46,11 +48,13 @@ impl Registry {
         self.users.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connection of `user_id` on `platform`, unless the user already has `max`.
+    /// Registers a connection of `user_id` on `platform` with a token issued at `issued_ms`,
+    /// unless the user already has `max`.
     pub fn register(
         self: &Arc<Self>,
         user_id: &str,
         platform: &str,
+        issued_ms: i64,
         max: u32,
     ) -> Result<Registration, TooManyConnections> {
         let mut users = self.users();
@@ -60,7 +64,7 @@ impl Registry {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kick = CancellationToken::new();
-        list.push(Entry { id, platform: platform.to_string(), kick: kick.clone() });
+        list.push(Entry { id, platform: platform.to_string(), issued_ms, kick: kick.clone() });
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(Registration { registry: self.clone(), user_id: user_id.to_string(), id, kicked: kick })
     }
@@ -79,14 +83,15 @@ impl Registry {
         (platforms, live.len() as u32)
     }
 
-    /// Tells the user's connections (of `platform`, or all) to close; answers how many.
-    pub fn kick(&self, user_id: &str, platform: Option<&str>) -> u32 {
+    /// Tells the user's connections (of `platform`, or all) whose tokens were issued before
+    /// `before_ms` to close; answers how many.
+    pub fn kick(&self, user_id: &str, platform: Option<&str>, before_ms: i64) -> u32 {
         let users = self.users();
         let Some(list) = users.get(user_id) else {
             return 0;
         };
         let mut n = 0;
-        for e in list.iter().filter(|e| platform.is_none_or(|p| p == e.platform)) {
+        for e in list.iter().filter(|e| platform.is_none_or(|p| p == e.platform) && e.issued_ms < before_ms) {
             if !e.kick.is_cancelled() {
                 e.kick.cancel();
                 n += 1;
@@ -121,11 +126,12 @@ mod tests {
     #[test]
     fn limits_counts_and_kicks() {
         let r = Arc::new(Registry::default());
-        let a = r.register("u", "web", 2).unwrap();
-        let b = r.register("u", "ios", 2).unwrap();
-        assert!(r.register("u", "web", 2).is_err());
+        let a = r.register("u", "web", 10, 2).unwrap();
+        let b = r.register("u", "ios", 20, 2).unwrap();
+        assert!(r.register("u", "web", 30, 2).is_err());
         assert_eq!(r.presence("u"), (vec!["ios".to_string(), "web".to_string()], 2));
-        assert_eq!(r.kick("u", Some("web")), 1);
+        assert_eq!(r.kick("u", None, 10), 0, "tokens issued at or after the revocation stay");
+        assert_eq!(r.kick("u", Some("web"), 11), 1);
         assert!(a.kicked.is_cancelled() && !b.kicked.is_cancelled());
         assert_eq!(r.presence("u"), (vec!["ios".to_string()], 1), "kicked connections do not count");
 

@@ -133,7 +133,7 @@ impl Session {
         }
         let registration = state
             .registry
-            .register(&caller.user_id, &caller.platform, state.config.max_connections_per_user)
+            .register(&caller.user_id, &caller.platform, caller.issued_ms, state.config.max_connections_per_user)
             .map_err(|_| {
                 ApiError::new(
                     ErrorCode::TooManyConnections,
@@ -376,6 +376,7 @@ impl Session {
                 }
                 Ok(Outgoing::Installed(_)) => continue,
                 Err(Closed::Overflow) => return Step::Close(Disconnect::SlowConsumer),
+                Err(Closed::Behind) => return Step::Close(Disconnect::NodeBehind),
                 Ok(Outgoing::InstallFailed) | Err(Closed::HubGone) => return Step::Close(Disconnect::Unavailable),
             }
         }

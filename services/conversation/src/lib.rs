@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use quickim_shared::bus::{Bus, BusError};
+use quickim_shared::bus::{Bus, BusError, size};
 use quickim_shared::error::ServiceError;
 use quickim_shared::fanout::publish_entries;
 use quickim_shared::ids::{check_conversation_id, check_platform, check_user_id};
@@ -18,7 +18,7 @@ use quickim_shared::protocol::api::{
 };
 use quickim_shared::protocol::service::{
     CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, CreateConversation, GetDetail, GetMemberships, Join,
-    Kick, Leave, ListJoined, ListRevocations, MarkRead, Reply, RevokeTokens, SetArchived,
+    Kick, Leave, ListJoined, ListRevocations, MarkRead, Memberships, Reply, RevocationPage, RevokeTokens, SetArchived,
 };
 use quickim_shared::rpc::{self, Handler, answer};
 use quickim_store::{NewConversation, Store};
@@ -115,6 +115,36 @@ impl ConversationService {
     }
 }
 
+impl ConversationService {
+    /// One page of a user's memberships, as many as fit in one bus message.
+    async fn memberships(&self, r: GetMemberships) -> Reply<Memberships> {
+        check_user_id("user_id", &r.user_id)?;
+        let mut page = self.store.memberships(&r.user_id, r.after.as_deref(), PAGE).await?;
+        let budget = self.bus.payload_budget().saturating_sub(size::encoded_len(&page.heads));
+        let fits = size::fitting(&page.conversations, budget, 0);
+        if fits < page.conversations.len() {
+            page.conversations.truncate(fits.max(1));
+            page.more = true;
+        }
+        Ok(page)
+    }
+
+    /// One page of revocations, as many as fit in one bus message.
+    async fn revocations(&self, r: ListRevocations) -> Reply<RevocationPage> {
+        let limit = r.limit.clamp(1, PAGE);
+        let mut page = self.store.revocations(r.since_ms, r.after.as_ref(), limit).await?;
+        let fits = size::fitting(&page.revocations, self.bus.payload_budget(), 0);
+        if fits < page.revocations.len() {
+            page.revocations.truncate(fits.max(1));
+            page.more = true;
+        }
+        Ok(page)
+    }
+}
+
+/// Most rows of one page of memberships or revocations (each is also bounded by bytes).
+const PAGE: u32 = 2000;
+
 fn check_users(field: &str, users: &[String]) -> Result<(), ServiceError> {
     if users.len() > MAX_LIST {
         return Err(ServiceError::invalid(format!("{field} may name at most {MAX_LIST} users")));
@@ -159,9 +189,7 @@ impl Handler for ConversationService {
                 })
                 .await
             }
-            GetMemberships::SUBJECT => {
-                answer(payload, async |r: GetMemberships| Ok(self.store.memberships(&r.user_id).await?)).await
-            }
+            GetMemberships::SUBJECT => answer(payload, |r| self.memberships(r)).await,
             RevokeTokens::SUBJECT => {
                 answer(payload, async |r: RevokeTokens| {
                     check_user_id("user_id", &r.user_id)?;
@@ -172,9 +200,7 @@ impl Handler for ConversationService {
                 })
                 .await
             }
-            ListRevocations::SUBJECT => {
-                answer(payload, async |r: ListRevocations| Ok(self.store.revocations(r.since_ms).await?)).await
-            }
+            ListRevocations::SUBJECT => answer(payload, |r| self.revocations(r)).await,
             other => rpc::unknown_operation(other),
         }
     }

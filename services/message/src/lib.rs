@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use quickim_shared::bus::{Bus, BusError};
-use quickim_shared::error::ServiceError;
+use quickim_shared::bus::{Bus, BusError, size};
+use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::fanout::publish_entries;
 use quickim_shared::ids::check_conversation_id;
 use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::service::{
     Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayPage, Reply,
     SEND_EACH_MAX, SendBatch, SendEach, SendMessage,
@@ -129,10 +130,40 @@ impl MessageService {
 
     async fn replay(&self, r: Replay) -> Reply<ReplayPage> {
         let limit = r.limit.clamp(1, self.limits.replay_page);
-        // Keep a page well within one bus message.
-        let max_bytes = 256 * 1024;
-        Ok(self.store.replay(&r.user_id, &r.after, &r.upto, limit, max_bytes, self.limits.retention_ms).await?)
+        // The store stops once the contents fill the bus's budget; the page is then cut to
+        // what fits once encoded.
+        let budget = self.bus.payload_budget();
+        let mut page =
+            self.store.replay(&r.user_id, &r.after, &r.upto, limit, budget, self.limits.retention_ms).await?;
+        let fits = fit_page(&page.entries, budget)?;
+        if fits < page.entries.len() {
+            page.entries.truncate(fits);
+            page.more = true;
+        }
+        Ok(page)
     }
+
+    /// Gap fill: one page of a partition, as many entries as fit in one bus message.
+    async fn read_log(&self, r: ReadLog) -> Reply<Vec<LogEntry>> {
+        let budget = self.bus.payload_budget();
+        let mut entries = self.store.read_log(r.part, r.after, r.upto, r.limit.clamp(1, 10_000), budget).await?;
+        let fits = fit_page(&entries, budget)?;
+        entries.truncate(fits);
+        Ok(entries)
+    }
+}
+
+/// How many of `entries` fit in one bus message of `budget` bytes; an error when not even
+/// the first does (a message stored while the bus allowed more).
+fn fit_page(entries: &[LogEntry], budget: usize) -> Result<usize, ServiceError> {
+    let fits = size::fitting(entries, budget, 0);
+    if fits == 0 && !entries.is_empty() {
+        return Err(ServiceError::new(
+            ErrorCode::TooLargeForBus,
+            format!("a stored message is over the bus's limit of {budget} bytes"),
+        ));
+    }
+    Ok(fits)
 }
 
 impl Handler for MessageService {
@@ -151,12 +182,7 @@ impl Handler for MessageService {
                 .await
             }
             GetHeads::SUBJECT => answer(payload, async |_: GetHeads| Ok(self.store.heads().await?)).await,
-            ReadLog::SUBJECT => {
-                answer(payload, async |r: ReadLog| {
-                    Ok(self.store.read_log(r.part, r.after, r.upto, r.limit.clamp(1, 10_000)).await?)
-                })
-                .await
-            }
+            ReadLog::SUBJECT => answer(payload, |r| self.read_log(r)).await,
             other => rpc::unknown_operation(other),
         }
     }

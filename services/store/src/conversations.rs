@@ -417,18 +417,24 @@ impl Store {
         Ok(api_int(target.max(read)))
     }
 
-    /// The user's active memberships and the log heads, from one consistent snapshot.
-    pub async fn memberships(&self, user_id: &str) -> Result<Memberships> {
+    /// One page of the user's active memberships (in conversation_id order, after `after`,
+    /// at most `limit`) and the log heads, from one consistent snapshot.
+    pub async fn memberships(&self, user_id: &str, after: Option<&str>, limit: u32) -> Result<Memberships> {
         let mut tx = self.snapshot().await?;
         let heads = read_heads(self.system(), &mut tx).await?;
-        let rows = sqlx::query("SELECT conversation_id, joined_msg_id FROM members WHERE user_id = $1 AND active = $2")
-            .bind(user_id)
-            .bind(1i32)
-            .fetch_all(&mut *tx)
-            .instrument(sql_span(self.system(), "SELECT", "members"))
-            .await?;
+        let rows = sqlx::query(
+            "SELECT conversation_id, joined_msg_id FROM members WHERE user_id = $1 AND active = $2 \
+             AND conversation_id > $3 ORDER BY conversation_id LIMIT $4",
+        )
+        .bind(user_id)
+        .bind(1i32)
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit.max(1)) + 1)
+        .fetch_all(&mut *tx)
+        .instrument(sql_span(self.system(), "SELECT", "members"))
+        .await?;
         tx.commit().await?;
-        let conversations = rows
+        let mut conversations = rows
             .iter()
             .map(|r| {
                 Ok(MembershipRow {
@@ -437,7 +443,9 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Memberships { heads, conversations })
+        let more = conversations.len() > limit.max(1) as usize;
+        conversations.truncate(limit.max(1) as usize);
+        Ok(Memberships { heads, conversations, more })
     }
 }
 

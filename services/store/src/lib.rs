@@ -110,7 +110,7 @@ impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> ServiceError {
         match e {
             StoreError::Rejected(e) => e,
-            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => {
+            StoreError::Database(ref db) if is_unavailable(db) => {
                 tracing::error!(error = %e, "database unavailable");
                 ServiceError::unavailable("database unavailable, try again")
             }
@@ -167,9 +167,16 @@ impl Store {
         Ok(store)
     }
 
-    /// Connects to PostgreSQL at `url`.
-    pub async fn open_postgres(url: &str, max_connections: u32, partitions_if_new: u16) -> Result<Store> {
-        let pool = postgres::open(url, max_connections).await?;
+    /// Connects to PostgreSQL at `url`; a request waits at most `acquire_timeout` for a
+    /// connection (keep it below the gateway's request timeout, so that an unreachable
+    /// database is answered `unavailable` rather than a timeout).
+    pub async fn open_postgres(
+        url: &str,
+        max_connections: u32,
+        partitions_if_new: u16,
+        acquire_timeout: std::time::Duration,
+    ) -> Result<Store> {
+        let pool = postgres::open(url, max_connections, acquire_timeout).await?;
         Self::init(pool.clone(), pool, None, Dialect::Postgres, partitions_if_new).await
     }
 
@@ -306,9 +313,30 @@ pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
     }
 }
 
-pub(crate) fn any_pool_options(max_connections: u32) -> AnyPoolOptions {
+pub(crate) fn any_pool_options(max_connections: u32, acquire_timeout: std::time::Duration) -> AnyPoolOptions {
     sqlx::any::install_default_drivers();
-    AnyPoolOptions::new().max_connections(max_connections.max(1)).acquire_timeout(std::time::Duration::from_secs(10))
+    AnyPoolOptions::new().max_connections(max_connections.max(1)).acquire_timeout(acquire_timeout)
+}
+
+/// Whether `e` says the database could not be reached or dropped the connection (restart,
+/// terminated backend, network): the request may be retried, so it is answered
+/// `unavailable`, never `internal`.
+pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // 08: connection exception; 57P01–57P03: shutdown, crash, not accepting yet;
+            // 53300: too many connections; 40001/40P01: conflicts still failing after retries.
+            c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+        }),
+        _ => false,
+    }
 }
 
 /// Log partition of a conversation: FNV-1a of its id, modulo the partition count. Stored with

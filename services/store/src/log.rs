@@ -247,25 +247,55 @@ impl Store {
         Ok(LogHeads { epoch: self.epoch(), heads: read_heads(self.system(), &mut conn).await? })
     }
 
-    /// Entries of `part` with `after < offset <= upto`, in offset order, at most `limit`.
-    pub async fn read_log(&self, part: u16, after: u64, upto: u64, limit: u32) -> Result<Vec<LogEntry>> {
+    /// Entries of `part` with `after < offset <= upto`, in offset order: at most `limit`,
+    /// and no more once their contents hold `max_bytes` (at least one entry). Read in small
+    /// chunks, so a page of large messages does not read a thousand of them to answer a few.
+    pub async fn read_log(
+        &self,
+        part: u16,
+        after: u64,
+        upto: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<LogEntry>> {
+        const CHUNK: u32 = 64;
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.part = $1 AND m.log_offset > $2 \
              AND m.log_offset <= $3 ORDER BY m.log_offset LIMIT $4"
         );
         let sqlite = self.dialect() == Dialect::Sqlite;
         let sql = if sqlite { entries_as_json(&sql) } else { sql };
-        let q = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(i32::from(part))
-            .bind(db_int(after))
-            .bind(db_int(upto))
-            .bind(i64::from(limit));
-        let span = sql_span(self.system(), "SELECT", "messages");
-        if sqlite {
-            let row = q.fetch_one(self.pool()).instrument(span).await?;
-            return entries_from_json(&row.try_get::<String, _>("rows")?);
+        let mut out: Vec<LogEntry> = Vec::new();
+        let mut bytes = 0;
+        let mut from = after;
+        while (out.len() as u32) < limit && from < upto && bytes < max_bytes {
+            let want = CHUNK.min(limit - out.len() as u32);
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(i32::from(part))
+                .bind(db_int(from))
+                .bind(db_int(upto))
+                .bind(i64::from(want));
+            let span = sql_span(self.system(), "SELECT", "messages");
+            let chunk = if sqlite {
+                let row = q.fetch_one(self.pool()).instrument(span).await?;
+                entries_from_json(&row.try_get::<String, _>("rows")?)?
+            } else {
+                q.fetch_all(self.pool()).instrument(span).await?.iter().map(log_entry).collect::<Result<Vec<_>>>()?
+            };
+            let got = chunk.len() as u32;
+            for entry in chunk {
+                if bytes >= max_bytes {
+                    break;
+                }
+                bytes += entry.message.content.len();
+                from = entry.offset;
+                out.push(entry);
+            }
+            if got < want {
+                break;
+            }
         }
-        q.fetch_all(self.pool()).instrument(span).await?.iter().map(log_entry).collect()
+        Ok(out)
     }
 
     /// Within a conversation msg_ids and offsets grow together, so the messages after the

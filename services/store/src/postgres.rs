@@ -4,8 +4,8 @@ use sqlx::AnyPool;
 
 use crate::{Result, any_pool_options};
 
-pub(crate) async fn open(url: &str, max_connections: u32) -> Result<AnyPool> {
-    Ok(any_pool_options(max_connections).connect(url).await?)
+pub(crate) async fn open(url: &str, max_connections: u32, acquire_timeout: std::time::Duration) -> Result<AnyPool> {
+    Ok(any_pool_options(max_connections, acquire_timeout).connect(url).await?)
 }
 
 /// The send batch's statements find their rows by key, whatever the batch's size against the
@@ -36,7 +36,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn send_batch_statements_look_rows_up_by_key() {
         let pg = PgDatabase::create().await;
-        let store = Store::open_postgres(&pg.url, 2, 4).await.unwrap();
+        let store = Store::open_postgres(&pg.url, 2, 4, std::time::Duration::from_secs(10)).await.unwrap();
         for sql in [
             "INSERT INTO conversations (conversation_id, conversation_type, joinable, archived, created_at, \
              last_msg_id, last_send_time, part, last_offset) \

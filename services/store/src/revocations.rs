@@ -1,6 +1,6 @@
 //! Token revocations written by /inner/kick_user and loaded by every gateway.
 
-use quickim_shared::protocol::service::Revocation;
+use quickim_shared::protocol::service::{Revocation, RevocationPage};
 use sqlx::Row;
 use tracing::Instrument;
 
@@ -23,14 +23,29 @@ impl Store {
         Ok(())
     }
 
-    /// Revocations at or after `since_ms` (older ones only concern expired tokens).
-    pub async fn revocations(&self, since_ms: i64) -> Result<Vec<Revocation>> {
-        let rows = sqlx::query("SELECT user_id, platform, before_ms FROM revocations WHERE before_ms >= $1")
-            .bind(since_ms)
-            .fetch_all(self.pool())
-            .instrument(sql_span(self.system(), "SELECT", "revocations"))
-            .await?;
-        rows.iter()
+    /// One page of the revocations at or after `since_ms` (older ones only concern expired
+    /// tokens), in (before_ms, user_id, platform) order, after `after`, at most `limit`.
+    pub async fn revocations(&self, since_ms: i64, after: Option<&Revocation>, limit: u32) -> Result<RevocationPage> {
+        let (at, user, platform) = match after {
+            Some(r) => (r.before_ms.max(since_ms), r.user_id.as_str(), r.platform.as_deref().unwrap_or("")),
+            // Before every row at since_ms: no user id is empty, and "" < any platform.
+            None => (since_ms, "", ""),
+        };
+        let rows = sqlx::query(
+            "SELECT user_id, platform, before_ms FROM revocations \
+             WHERE before_ms >= $1 AND (before_ms, user_id, platform) > ($2, $3, $4) \
+             ORDER BY before_ms, user_id, platform LIMIT $5",
+        )
+        .bind(since_ms)
+        .bind(at)
+        .bind(user)
+        .bind(platform)
+        .bind(i64::from(limit.max(1)) + 1)
+        .fetch_all(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "revocations"))
+        .await?;
+        let mut revocations = rows
+            .iter()
             .map(|r| {
                 let platform: String = r.try_get("platform")?;
                 Ok(Revocation {
@@ -39,6 +54,9 @@ impl Store {
                     before_ms: r.try_get("before_ms")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let more = revocations.len() > limit.max(1) as usize;
+        revocations.truncate(limit.max(1) as usize);
+        Ok(RevocationPage { revocations, more })
     }
 }

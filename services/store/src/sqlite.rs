@@ -51,7 +51,7 @@ pub(crate) async fn open(path: &Path, max_connections: u32) -> Result<AnyPool> {
     let first = SqliteConnectOptions::from_str(&url)?.journal_mode(SqliteJournalMode::Wal);
     let conn = first.connect().await?;
     drop(conn);
-    let pool = any_pool_options(max_connections)
+    let pool = any_pool_options(max_connections, std::time::Duration::from_secs(10))
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 for pragma in CONNECTION_PRAGMAS {

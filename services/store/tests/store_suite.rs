@@ -24,14 +24,14 @@ impl Db {
 
     async fn postgres() -> Db {
         let pg = PgDatabase::create().await;
-        let store = Store::open_postgres(&pg.url, 8, 4).await.unwrap();
+        let store = Store::open_postgres(&pg.url, 8, 4, std::time::Duration::from_secs(10)).await.unwrap();
         Db { store, _dir: None, pg: Some(pg) }
     }
 
     /// A second, independent connection pool on the same database (a second service instance).
     async fn another_instance(&self) -> Store {
         match &self.pg {
-            Some(pg) => Store::open_postgres(&pg.url, 8, 4).await.unwrap(),
+            Some(pg) => Store::open_postgres(&pg.url, 8, 4, std::time::Duration::from_secs(10)).await.unwrap(),
             None => self.store.clone(),
         }
     }
@@ -66,6 +66,8 @@ both!(
     unread_and_joined_list,
     replay_follows_membership,
     log_reads_and_heads,
+    log_pages_stop_at_bytes_and_count,
+    membership_and_revocation_pages,
     concurrent_senders_stay_gap_free,
     concurrent_retries_store_once,
     keys_lost_to_a_concurrent_batch_leave_the_others_usable,
@@ -367,12 +369,80 @@ async fn log_reads_and_heads(db: &Db) {
     assert_eq!(heads.heads.len(), 4);
     assert_eq!(heads.heads.iter().sum::<u64>(), 12);
     for part in 0..4u16 {
-        let entries = s.read_log(part, 0, heads.heads[usize::from(part)], 1000).await.unwrap();
+        let entries = s.read_log(part, 0, heads.heads[usize::from(part)], 1000, 1 << 20).await.unwrap();
         let offsets: Vec<u64> = entries.iter().map(|e| e.offset).collect();
         assert_eq!(offsets, (1..=heads.heads[usize::from(part)]).collect::<Vec<_>>(), "gap-free partition {part}");
         assert!(entries.iter().all(|e| e.part == part));
     }
     assert_eq!(s.epoch(), db.another_instance().await.epoch());
+}
+
+async fn log_pages_stop_at_bytes_and_count(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("big", &["a"], None)).await.unwrap();
+    for _ in 0..150 {
+        send(s, "big", "a", &"x".repeat(1000)).await;
+    }
+    // The one partition used (its creation message and the 150).
+    let heads = s.heads().await.unwrap().heads;
+    let part = heads.iter().position(|h| *h == 151).unwrap() as u16;
+    // Bytes: contents of 1,000 bytes, at most 10,000 → 10 entries (the one that reaches the
+    // bound is the last); count: 100 of 1,000 bytes within 1 MiB → 100.
+    let page = s.read_log(part, 1, u64::MAX, 1000, 10_000).await.unwrap();
+    assert_eq!(page.len(), 10);
+    assert_eq!(page.first().unwrap().offset, 2);
+    let page = s.read_log(part, 1, u64::MAX, 100, 1 << 20).await.unwrap();
+    assert_eq!(page.len(), 100);
+    let offsets: Vec<u64> = page.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets, (2..102).collect::<Vec<_>>());
+    // At least one entry, however small the bound; `upto` is respected.
+    assert_eq!(s.read_log(part, 1, u64::MAX, 1000, 1).await.unwrap().len(), 1);
+    assert_eq!(s.read_log(part, 1, 5, 1000, 1 << 20).await.unwrap().len(), 4);
+}
+
+async fn membership_and_revocation_pages(db: &Db) {
+    let s = &db.store;
+    for i in 0..25 {
+        s.create_conversation(conv(&format!("m{i:02}"), &["u"], None)).await.unwrap();
+    }
+    // Pages of 10 in conversation_id order, each with the heads of its snapshot.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.memberships("u", after.as_deref(), 10).await.unwrap();
+        assert_eq!(page.heads.len(), 4);
+        assert!(page.conversations.len() <= 10);
+        seen.extend(page.conversations.iter().map(|r| r.conversation_id.clone()));
+        after = page.conversations.last().map(|r| r.conversation_id.clone());
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(seen, (0..25).map(|i| format!("m{i:02}")).collect::<Vec<_>>());
+
+    for i in 0..7 {
+        s.revoke(&format!("user{i}"), if i % 2 == 0 { Some("web") } else { None }, 1_000 + (i % 3)).await.unwrap();
+    }
+    s.revoke("user0", Some("ios"), 1_000).await.unwrap();
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.revocations(1_000, after.as_ref(), 3).await.unwrap();
+        assert!(page.revocations.len() <= 3);
+        after = page.revocations.last().cloned();
+        all.extend(page.revocations);
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(all.len(), 8, "{all:?}");
+    let keys: Vec<(i64, String, String)> =
+        all.iter().map(|r| (r.before_ms, r.user_id.clone(), r.platform.clone().unwrap_or_default())).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "in (before_ms, user_id, platform) order");
+    // Only the newer ones.
+    assert_eq!(s.revocations(1_002, None, 100).await.unwrap().revocations.len(), 2);
 }
 
 async fn concurrent_senders_stay_gap_free(db: &Db) {
@@ -418,7 +488,7 @@ async fn concurrent_senders_stay_gap_free(db: &Db) {
     }
     let heads = s.heads().await.unwrap();
     for part in 0..4u16 {
-        let entries = s.read_log(part, 0, u64::MAX, 10_000).await.unwrap();
+        let entries = s.read_log(part, 0, u64::MAX, 10_000, usize::MAX).await.unwrap();
         assert_eq!(entries.len() as u64, heads.heads[usize::from(part)]);
         assert!(entries.iter().enumerate().all(|(i, e)| e.offset == i as u64 + 1));
     }

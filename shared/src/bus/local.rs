@@ -13,6 +13,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{BusError, Headers, Incoming, Reply, ReplyTo, Subscription, subject_matches};
 
+/// The largest message of the in-process bus (standalone): large, but bounded like NATS's,
+/// so the same paging applies.
+pub const MAX_PAYLOAD: usize = 8 * 1024 * 1024;
+
 struct LocalSub {
     pattern: String,
     queue: Option<String>,
@@ -22,6 +26,7 @@ struct LocalSub {
 /// See the module docs.
 pub struct LocalBus {
     capacity: usize,
+    max_payload: usize,
     subs: Mutex<Vec<LocalSub>>,
     round_robin: AtomicUsize,
     dropped: AtomicU64,
@@ -29,9 +34,10 @@ pub struct LocalBus {
 }
 
 impl LocalBus {
-    pub(super) fn new(capacity: usize) -> LocalBus {
+    pub(super) fn new(capacity: usize, max_payload: usize) -> LocalBus {
         LocalBus {
             capacity: capacity.max(1),
+            max_payload,
             subs: Mutex::new(Vec::new()),
             round_robin: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
@@ -74,7 +80,21 @@ impl LocalBus {
         out
     }
 
-    pub(super) fn publish(&self, subject: &str, headers: Headers, payload: Bytes) {
+    pub(super) fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Refuses a message over [`LocalBus::max_payload`], as NATS does.
+    pub(super) fn check(&self, subject: &str, headers: &Headers, payload: &Bytes) -> Result<(), BusError> {
+        let size = super::nats::wire_len(headers, payload.len());
+        if size > self.max_payload {
+            return Err(BusError::TooLarge { subject: subject.to_string(), size, max: self.max_payload });
+        }
+        Ok(())
+    }
+
+    pub(super) fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+        self.check(subject, &headers, &payload)?;
         for tx in self.targets(subject) {
             let msg = Incoming {
                 subject: subject.to_string(),
@@ -86,6 +106,7 @@ impl LocalBus {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+        Ok(())
     }
 
     pub(super) async fn request(
@@ -95,11 +116,17 @@ impl LocalBus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Reply, BusError> {
+        self.check(subject, &headers, &payload)?;
         let Some(tx) = self.targets(subject).into_iter().next() else {
             return Err(BusError::NoResponders(subject.to_string()));
         };
         let (reply_tx, reply_rx) = oneshot::channel();
-        let msg = Incoming { subject: subject.to_string(), headers, payload, reply: Some(ReplyTo::Local(reply_tx)) };
+        let msg = Incoming {
+            subject: subject.to_string(),
+            headers,
+            payload,
+            reply: Some(ReplyTo::Local(reply_tx, self.max_payload)),
+        };
         let exchange = async {
             tx.send(msg).await.map_err(|_| BusError::NoResponders(subject.to_string()))?;
             reply_rx.await.map_err(|_| BusError::NoResponders(subject.to_string()))
@@ -114,7 +141,8 @@ impl LocalBus {
         payload: Bytes,
         timeout: Duration,
         expect: usize,
-    ) -> Vec<Reply> {
+    ) -> Result<Vec<Reply>, BusError> {
+        self.check(subject, &headers, &payload)?;
         let mut waiting = Vec::new();
         for tx in self.targets(subject) {
             let (reply_tx, reply_rx) = oneshot::channel();
@@ -122,7 +150,7 @@ impl LocalBus {
                 subject: subject.to_string(),
                 headers: headers.clone(),
                 payload: payload.clone(),
-                reply: Some(ReplyTo::Local(reply_tx)),
+                reply: Some(ReplyTo::Local(reply_tx, self.max_payload)),
             };
             if tx.try_send(msg).is_ok() {
                 waiting.push(reply_rx);
@@ -138,7 +166,7 @@ impl LocalBus {
                 replies.push(r);
             }
         }
-        replies
+        Ok(replies)
     }
 
     pub(super) fn close(&self) {

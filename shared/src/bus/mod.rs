@@ -11,6 +11,7 @@
 
 pub mod local;
 pub mod nats;
+pub mod size;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,16 @@ pub enum BusError {
     /// The bus is closed or disconnected.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The message is larger than the bus carries (NATS: the server's `max_payload`).
+    #[error("a message of {size} bytes on {subject} is over the bus's limit of {max}")]
+    TooLarge {
+        /// Where it was going.
+        subject: String,
+        /// Its size (payload and headers).
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// The answer to a request.
@@ -57,8 +68,12 @@ pub struct Incoming {
 }
 
 enum ReplyTo {
-    Local(oneshot::Sender<Reply>),
-    Nats { client: async_nats::Client, subject: async_nats::Subject },
+    /// The requester's channel, and the bus's largest message.
+    Local(oneshot::Sender<Reply>, usize),
+    Nats {
+        client: async_nats::Client,
+        subject: async_nats::Subject,
+    },
 }
 
 impl Incoming {
@@ -67,11 +82,24 @@ impl Incoming {
         self.reply.is_some()
     }
 
+    /// The largest answer the bus carries back (payload and headers).
+    pub fn max_payload(&self) -> usize {
+        match &self.reply {
+            Some(ReplyTo::Local(_, max)) => *max,
+            Some(ReplyTo::Nats { client, .. }) => client.max_payload(),
+            None => usize::MAX,
+        }
+    }
+
     /// Answers a request (a no-op for a plain publish).
     pub async fn respond(self, headers: Headers, payload: Bytes) -> Result<(), BusError> {
         match self.reply {
             None => Ok(()),
-            Some(ReplyTo::Local(tx)) => {
+            Some(ReplyTo::Local(tx, max)) => {
+                let size = nats::wire_len(&headers, payload.len());
+                if size > max {
+                    return Err(BusError::TooLarge { subject: "(reply)".into(), size, max });
+                }
                 // The requester may have timed out and gone: that is not our failure.
                 let _ = tx.send(Reply { headers, payload });
                 Ok(())
@@ -96,9 +124,31 @@ enum Backend {
 }
 
 impl Bus {
-    /// An in-process bus; each subscription buffers at most `capacity` messages.
+    /// An in-process bus; each subscription buffers at most `capacity` messages, and a
+    /// message holds at most [`local::MAX_PAYLOAD`] bytes.
     pub fn local(capacity: usize) -> Bus {
-        Bus { backend: Arc::new(Backend::Local(local::LocalBus::new(capacity))) }
+        Self::local_with_max_payload(capacity, local::MAX_PAYLOAD)
+    }
+
+    /// An in-process bus whose messages hold at most `max_payload` bytes (as a NATS server's
+    /// `max_payload`; for tests of paging).
+    pub fn local_with_max_payload(capacity: usize, max_payload: usize) -> Bus {
+        Bus { backend: Arc::new(Backend::Local(local::LocalBus::new(capacity, max_payload))) }
+    }
+
+    /// The largest message the bus carries now, payload and headers (NATS: the `max_payload`
+    /// of the server connected to, from its INFO).
+    pub fn max_payload(&self) -> usize {
+        match &*self.backend {
+            Backend::Local(b) => b.max_payload(),
+            Backend::Nats(b) => b.max_payload(),
+        }
+    }
+
+    /// The bytes of JSON a page may hold: [`Bus::max_payload`] less [`size::HEADROOM`] for
+    /// headers and the envelope around the page.
+    pub fn payload_budget(&self) -> usize {
+        self.max_payload().saturating_sub(size::HEADROOM).max(1024)
     }
 
     /// Connects to NATS at `url` (retries in the background after the first connection).
@@ -124,10 +174,7 @@ impl Bus {
     /// Publishes to every subscriber (one per queue group); at-most-once.
     pub async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
         match &*self.backend {
-            Backend::Local(b) => {
-                b.publish(subject, headers, payload);
-                Ok(())
-            }
+            Backend::Local(b) => b.publish(subject, headers, payload),
             Backend::Nats(b) => b.publish(subject, headers, payload).await,
         }
     }
@@ -151,7 +198,7 @@ impl Bus {
         expect: usize,
     ) -> Result<Vec<Reply>, BusError> {
         match &*self.backend {
-            Backend::Local(b) => Ok(b.gather(subject, headers, payload, timeout, expect).await),
+            Backend::Local(b) => b.gather(subject, headers, payload, timeout, expect).await,
             Backend::Nats(b) => b.gather(subject, headers, payload, timeout, expect).await,
         }
     }

@@ -44,6 +44,7 @@ impl NatsBus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Reply, BusError> {
+        let size = wire_len(&headers, payload.len());
         let request =
             async_nats::Request::new().payload(payload).headers(to_header_map(&headers)).timeout(Some(timeout));
         let msg = self.client.send_request(subject.to_string(), request).await.map_err(|e| {
@@ -51,6 +52,9 @@ impl NatsBus {
             match e.kind() {
                 K::TimedOut => BusError::TimedOut(subject.to_string()),
                 K::NoResponders => BusError::NoResponders(subject.to_string()),
+                K::MaxPayloadExceeded => {
+                    BusError::TooLarge { subject: subject.to_string(), size, max: self.client.max_payload() }
+                }
                 _ => BusError::Unavailable(e.to_string()),
             }
         })?;
@@ -88,10 +92,16 @@ impl NatsBus {
     ) -> Result<Vec<Reply>, BusError> {
         let inbox = self.client.new_inbox();
         let mut sub = self.client.subscribe(inbox.clone()).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let size = wire_len(&headers, payload.len());
         self.client
             .publish_with_reply_and_headers(subject.to_string(), inbox, to_header_map(&headers), payload)
             .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+            .map_err(|e| match e.kind() {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                    BusError::TooLarge { subject: subject.to_string(), size, max: self.client.max_payload() }
+                }
+                _ => BusError::Unavailable(e.to_string()),
+            })?;
         let mut replies = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
         while replies.len() < expect {
@@ -105,6 +115,10 @@ impl NatsBus {
 
     pub(super) async fn flush(&self) -> Result<(), BusError> {
         self.client.flush().await.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    pub(super) fn max_payload(&self) -> usize {
+        self.client.max_payload()
     }
 
     pub(super) fn is_connected(&self) -> bool {
@@ -124,12 +138,29 @@ pub(super) async fn publish(
     headers: &Headers,
     payload: Bytes,
 ) -> Result<(), BusError> {
+    let size = wire_len(headers, payload.len());
+    let name = subject.to_string();
     let result = if headers.is_empty() {
         client.publish(subject, payload).await
     } else {
         client.publish_with_headers(subject, to_header_map(headers), payload).await
     };
-    result.map_err(|e| BusError::Unavailable(e.to_string()))
+    result.map_err(|e| match e.kind() {
+        async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+            BusError::TooLarge { subject: name, size, max: client.max_payload() }
+        }
+        _ => BusError::Unavailable(e.to_string()),
+    })
+}
+
+/// A message's size as NATS counts it: the payload and, when there are headers, their
+/// `NATS/1.0` block.
+pub(super) fn wire_len(headers: &Headers, payload: usize) -> usize {
+    if headers.is_empty() {
+        return payload;
+    }
+    // "NATS/1.0\r\n" + "name: value\r\n"... + "\r\n"
+    10 + headers.iter().map(|(k, v)| k.len() + v.len() + 4).sum::<usize>() + 2 + payload
 }
 
 fn to_header_map(headers: &Headers) -> HeaderMap {

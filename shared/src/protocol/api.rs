@@ -443,6 +443,12 @@ pub struct KickUserAnswer {
     pub closed_connections: u32,
     /// Tokens issued before this time (ms) are rejected from now on.
     pub revoked_before: i64,
+    /// Gateway nodes seen alive when the kick went out (each was asked).
+    pub nodes_asked: u32,
+    /// Gateway nodes that confirmed. A node that did not (cut off, paused) closes the user's
+    /// connections once it reads the revocation from the store: within `revocation_poll_s`
+    /// of being reachable again.
+    pub nodes_confirmed: u32,
 }
 
 // ---------------------------------------------------------------- envelope

@@ -26,8 +26,8 @@ pub struct LogEntry {
 /// commit order, whatever partitions they belong to.
 pub const LOG_SUBJECT: &str = "quickim.log";
 
-/// A bus message of [`LOG_SUBJECT`] is closed once it holds this many bytes (NATS refuses
-/// messages over its `max_payload`, 1 MiB by default; one entry is at most ≈400 KiB).
+/// A bus message of [`LOG_SUBJECT`] is closed once it holds this many bytes; it never grows
+/// past the bus's payload budget (NATS's `max_payload` less headroom) either.
 pub const LOG_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// A log entry as it crosses the bus, with the trace context of the request that stored it

@@ -161,13 +161,34 @@ pub struct RevokeTokens {
 }
 call!(RevokeTokens, "quickim.conv.revoke_tokens", ());
 
-/// Every revocation still relevant (issued within the longest token lifetime).
+/// One page of the revocations made at or after `since_ms`, in (before_ms, user_id,
+/// platform) order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListRevocations {
-    /// Revocations older than this (ms) are no longer needed: their tokens have expired.
+    /// Revocations older than this (ms) are not asked for (at start: their tokens have
+    /// expired; later: they were read before).
     pub since_ms: i64,
+    /// The page starts after this revocation (the last of the previous page).
+    #[serde(default)]
+    pub after: Option<Revocation>,
+    /// Most revocations in the page (the service also bounds it by bytes).
+    #[serde(default = "default_page")]
+    pub limit: u32,
 }
-call!(ListRevocations, "quickim.conv.revocations", Vec<Revocation>);
+call!(ListRevocations, "quickim.conv.revocations", RevocationPage);
+
+fn default_page() -> u32 {
+    1000
+}
+
+/// Answer to [`ListRevocations`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevocationPage {
+    /// The revocations, in (before_ms, user_id, platform) order.
+    pub revocations: Vec<Revocation>,
+    /// More follow: ask again after the last one.
+    pub more: bool,
+}
 
 /// One token revocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,21 +201,30 @@ pub struct Revocation {
     pub before_ms: i64,
 }
 
-/// The user's memberships and the log heads, read in one snapshot (for /notify sessions).
+/// One page of the user's memberships (in conversation_id order) with the log heads, read
+/// in one snapshot (for /notify sessions). A user in many conversations takes several
+/// pages, each its own snapshot: the hub applies the membership changes it saw after the
+/// first page's heads on top of them all.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GetMemberships {
     /// The user.
     pub user_id: String,
+    /// The page starts after this conversation (the last of the previous page).
+    #[serde(default)]
+    pub after: Option<String>,
 }
 call!(GetMemberships, "quickim.conv.memberships", Memberships);
 
-/// A consistent snapshot of one user's memberships.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A consistent snapshot of one page of one user's memberships.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Memberships {
     /// Log heads (one offset per partition) at the snapshot.
     pub heads: Vec<u64>,
-    /// Active memberships.
+    /// Active memberships, in conversation_id order.
     pub conversations: Vec<MembershipRow>,
+    /// More follow: ask again after the last conversation.
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// One active membership.
@@ -332,7 +362,9 @@ pub struct LogHeads {
     pub heads: Vec<u64>,
 }
 
-/// Entries of one partition with `after < offset <= upto` (gap fill), at most `limit`.
+/// Entries of one partition with `after < offset <= upto` (gap fill), in offset order, at
+/// most `limit` and as many as fit in one bus message: an answer that stops before `upto`
+/// is a page; ask again after its last entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReadLog {
     /// Partition.

@@ -300,18 +300,20 @@ fn text(json: &Bytes) -> WsMessage {
 async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
     let (req_id, result) = match frame {
         ClientFrame::Send { req_id, conversation_id, msg_type, content, client_msg_id } => {
-            let r = state
-                .rpc
-                .call(&SendMessage {
-                    origin: Origin::Client,
-                    conversation_id,
-                    from: user_id.to_string(),
-                    msg_type,
-                    content,
-                    client_msg_id,
-                })
-                .await
-                .map(|m| Event::Ack { req_id: req_id.clone(), message: Some(m), read_msg_id: None });
+            let deadline = tokio::time::Instant::now() + state.rpc.timeout();
+            let send = SendMessage {
+                origin: Origin::Client,
+                conversation_id,
+                from: user_id.to_string(),
+                msg_type,
+                content,
+                client_msg_id,
+            };
+            let r = state.sends.send(send, deadline).await.map(|m| Event::Ack {
+                req_id: req_id.clone(),
+                message: Some(m),
+                read_msg_id: None,
+            });
             (req_id, r)
         }
         ClientFrame::MarkRead { req_id, conversation_id, msg_id } => {
