@@ -194,6 +194,8 @@ async fn request(rpc: &RpcClient, batch: Vec<Queued>) {
             }
         }
         Err(e) => {
+            // A send whose request timed out may still be stored: say how to find out.
+            let e = if e.code == ErrorCode::Timeout { timed_out() } else { e };
             for done in waiting {
                 let _ = done.send(Err(e.clone()));
             }

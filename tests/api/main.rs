@@ -5,6 +5,7 @@
 mod bad_input;
 mod distributed;
 mod docs;
+mod outage;
 mod routes;
 mod sends;
 mod startup;

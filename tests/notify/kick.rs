@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use quickim_testkit::{Closed, Distributed, NotifyClient, Protocol};
+use quickim_testkit::{Closed, Distributed, NatsServer, NotifyClient, PgDatabase, Protocol, free_port};
 use serde_json::json;
 
 use crate::{BIN, SOON, contents, messages, send};
@@ -85,9 +85,56 @@ async fn kick_user_closes_every_connection_and_refuses_old_tokens() {
     }
     let (_, v) = d.api(1).inner("/inner/get_users_online", json!({"user_ids":["alice"]})).await;
     assert_eq!(v["data"]["users"][0]["online"], false);
-    // A new token works.
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A new token works, issued right after the kick (tokens carry milliseconds).
     let fresh = d.api(0).token("alice", "web").await;
     assert!(NotifyClient::connect(&d.api(1).public, &fresh, Protocol::Ws, None).await.is_ok());
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_missed_the_kick_closes_the_streams_once_it_reads_the_revocation() {
+    // Two NATS servers in a cluster: gateway 1 alone on the second, which goes down while
+    // the kick is broadcast.
+    let (route_a, route_b) = (free_port(), free_port());
+    let cluster = |me: u16, other: u16| {
+        [
+            "--cluster_name".to_string(),
+            "q".to_string(),
+            "--cluster".to_string(),
+            format!("nats://127.0.0.1:{me}"),
+            "--routes".to_string(),
+            format!("nats://127.0.0.1:{other}"),
+            // Clients stay on the server they were given (they would learn the other).
+            "--no_advertise".to_string(),
+        ]
+    };
+    let args_a = cluster(route_a, route_b);
+    let args_b = cluster(route_b, route_a);
+    let nats_a = NatsServer::start_with(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut nats_b = NatsServer::start_with(&args_b.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut d =
+        Distributed::start_on(BIN, nats_a, PgDatabase::create().await, 1, 1, 1, &[("QUICKIM_REVOCATION_POLL_S", "1")])
+            .await;
+    let b = d.add_gateway_with(&[("QUICKIM_NATS_URL", &nats_b.url)]).await;
+    let alice = d.api(0).token("alice", "web").await;
+    let mut sse = NotifyClient::connect(&d.api(b).public, &alice, Protocol::Sse, None).await.unwrap();
+    assert_eq!(sse.next(SOON).await.unwrap()["type"], "ready");
+
+    nats_b.stop();
+    let (s, v) = d.api(0).inner("/inner/kick_user", json!({"user_id":"alice"})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["nodes_asked"], 2, "gateway 1 was seen alive: {v}");
+    assert_eq!(v["data"]["nodes_confirmed"], 1, "and could not answer: {v}");
+    assert!(sse.next(Duration::from_millis(500)).await.is_none(), "gateway 1 does not know yet");
+
+    // Back on NATS, gateway 1 reads the revocation within a poll and closes the stream.
+    let back = std::time::Instant::now();
+    nats_b.start_again();
+    let e = sse.next(Duration::from_secs(30)).await.expect("the stream is closed once the node learns of the kick");
+    assert_eq!(e["type"], "kicked");
+    assert_eq!(sse.wait_closed(SOON).await, Some(Closed::Ended));
+    eprintln!("closed {:?} after NATS came back", back.elapsed());
+    let err = NotifyClient::connect(&d.api(b).public, &alice, Protocol::Sse, None).await.err().expect("refused");
+    assert_eq!(err.status, 401);
     d.finish().await;
 }

@@ -98,3 +98,100 @@ async fn a_peer_that_stops_answering_pings_is_closed() {
     let mut c = NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.unwrap();
     assert!(c.wait_closed(Duration::from_secs(4)).await.is_none());
 }
+
+/// Opens `/notify` over a raw socket (the request head only) and never reads an answer.
+async fn never_reading(public: &str, token: &str, protocol: Protocol, cursor: Option<&str>) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = public.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let extra = match protocol {
+        Protocol::Ws => {
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        }
+        _ => "",
+    };
+    let mut query = format!("protoc={}&token={token}", protocol.name());
+    if let Some(c) = cursor {
+        query.push_str(&format!("&timeout=0&cursor={c}"));
+    }
+    let head = format!("GET /notify?{query} HTTP/1.1\r\nHost: {addr}\r\n{extra}\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_by_the_write_timeout_on_every_transport() {
+    let q = Standalone::start(
+        BIN,
+        &[
+            ("QUICKIM_WRITE_TIMEOUT_S", "2"),
+            ("QUICKIM_MAX_CONNECTIONS_PER_USER", "1"),
+            // Large queues: the write timeout, not the slow-consumer limit, must cut them.
+            ("QUICKIM_QUEUE_MAX_BYTES", "268435456"),
+            ("QUICKIM_QUEUE_MAX_EVENTS", "100000"),
+        ],
+    )
+    .await;
+    q.api.conversation("c", &["alice", "bob", "carol"]).await;
+    let body = "x".repeat(60 * 1024);
+    let flood = || async {
+        // 12 MB: far more than the socket buffers hold.
+        for _ in 0..4 {
+            let msgs: Vec<_> =
+                (0..50).map(|_| json!({"conversation_id":"c","from":"bob","type":1,"content":body})).collect();
+            let (s, v) = q.api.inner("/inner/send_msg_batch", json!({ "msgs": msgs })).await;
+            assert_eq!(s, 200, "{v}");
+        }
+    };
+    // Streams: the stuck connection is gone within the write timeout (and some slack), and
+    // its place under max_connections_per_user = 1 is free.
+    for (user, protocol) in [("alice", Protocol::Ws), ("bob", Protocol::Sse)] {
+        let t = q.api.token(user, "web").await;
+        let stuck = never_reading(&q.api.public, &t, protocol, None).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        flood().await;
+        let started = std::time::Instant::now();
+        loop {
+            match NotifyClient::connect(&q.api.public, &t, Protocol::Sse, None).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert_eq!(e.status, 429, "{protocol:?}: {e:?}");
+                    assert!(started.elapsed() < Duration::from_secs(8), "{protocol:?}: still connected");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        drop(stuck);
+    }
+    // A long-poll from before the floods: its one answer is a page of the backlog (500
+    // messages, 30 MB), which the client never reads. The server closes the connection
+    // (an answered poll's session stays parked for its grace period, as any poll's does).
+    let t = q.api.token("carol", "web").await;
+    let mut c = NotifyClient::connect(&q.api.public, &t, Protocol::Poll, None).await.unwrap();
+    let cursor = c.next(SOON).await.unwrap()["cursor"].as_str().unwrap().to_string();
+    drop(c);
+    flood().await;
+    let mut stuck = never_reading(&q.api.public, &t, Protocol::Poll, Some(&cursor)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut read = 0usize;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut stuck, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the poll's connection is still open after {read} bytes");
+    assert!(read < 500 * 60 * 1024, "the answer was cut short: {read} bytes");
+
+    let text = q.api.http.get(format!("{}/metrics", q.api.inner)).send().await.unwrap().text().await.unwrap();
+    let cut: f64 = text
+        .lines()
+        .find(|l| l.starts_with("quickim_write_timeouts_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(cut >= 2.0, "write timeouts: {cut}");
+}

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod browser;
+mod bus_limits;
 mod cluster;
 mod kick;
 mod limits;

@@ -59,6 +59,20 @@ impl Process {
         }
     }
 
+    /// SIGSTOP: the process stops running (a stall), its sockets stay open.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-STOP", &c.id().to_string()]).status();
+        }
+    }
+
+    /// SIGCONT after [`Process::pause`].
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+        }
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -262,6 +276,8 @@ pub struct Distributed {
     pub message: Vec<Process>,
     pub gateways: Vec<(Process, Api)>,
     gateway_env: Vec<HashMap<String, String>>,
+    /// The environment of each service, in start order (conversation and message).
+    service_env: Vec<(String, HashMap<String, String>)>,
     /// The ops listener (host:port) of each service, in start order.
     pub service_ops: Vec<String>,
     bin: String,
@@ -271,8 +287,19 @@ pub struct Distributed {
 impl Distributed {
     /// Starts `conv` conversation services, `msg` message services and `gw` gateways.
     pub async fn start(bin: &str, conv: usize, msg: usize, gw: usize, extra: &[(&str, &str)]) -> Distributed {
-        let nats = NatsServer::start();
-        let pg = PgDatabase::create().await;
+        Self::start_on(bin, NatsServer::start(), PgDatabase::create().await, conv, msg, gw, extra).await
+    }
+
+    /// As [`Distributed::start`], on the given NATS server and database.
+    pub async fn start_on(
+        bin: &str,
+        nats: NatsServer,
+        pg: PgDatabase,
+        conv: usize,
+        msg: usize,
+        gw: usize,
+        extra: &[(&str, &str)],
+    ) -> Distributed {
         let logs = tempfile::tempdir().expect("tempdir");
         let mut base_env: HashMap<String, String> = HashMap::from([
             ("QUICKIM_NATS_URL".into(), nats.url.clone()),
@@ -292,6 +319,7 @@ impl Distributed {
             message: Vec::new(),
             gateways: Vec::new(),
             gateway_env: Vec::new(),
+            service_env: Vec::new(),
             service_ops: Vec::new(),
             bin: bin.to_string(),
             base_env,
@@ -316,15 +344,39 @@ impl Distributed {
         env.insert("QUICKIM_OPS_ADDR".into(), ops.clone());
         self.service_ops.push(ops);
         let p = Process::spawn(&self.bin, &format!("{role}-{n}"), &[role], &env, self.logs.path());
+        self.service_env.push((role.to_string(), env));
         if role == "conversation" { self.conversation.push(p) } else { self.message.push(p) }
+    }
+
+    /// Kills message service `i` (SIGKILL: a crash) and starts it again at once.
+    pub fn restart_message_service(&mut self, i: usize) {
+        let (_, env) = self.service_env.iter().filter(|(r, _)| r == "message").nth(i).expect("message service").clone();
+        self.message[i].kill();
+        let name = format!("{}-again", env.get("QUICKIM_NODE_ID").map(String::as_str).unwrap_or("message"));
+        self.message[i] = Process::spawn(&self.bin, &name, &["message"], &env, self.logs.path());
+    }
+
+    /// Kills gateway `i` (SIGKILL: a crash) and starts it again on the same addresses; waits
+    /// until it is ready.
+    pub async fn crash_gateway(&mut self, i: usize) {
+        self.gateways[i].0.kill();
+        self.start_gateway_again(i).await;
     }
 
     /// Starts one more gateway and waits until it is ready; answers its index.
     pub async fn add_gateway(&mut self) -> usize {
+        self.add_gateway_with(&[]).await
+    }
+
+    /// As [`Distributed::add_gateway`], with extra (or overriding) `QUICKIM_*` settings.
+    pub async fn add_gateway_with(&mut self, extra: &[(&str, &str)]) -> usize {
         let i = self.gateways.len();
         let (p, api, env) = start_ready(Duration::from_secs(60), || {
             let (public, inner) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
             let mut env = self.base_env.clone();
+            for (k, v) in extra {
+                env.insert(k.to_string(), v.to_string());
+            }
             env.insert("QUICKIM_PUBLIC_ADDR".into(), public.clone());
             env.insert("QUICKIM_INNER_ADDR".into(), inner.clone());
             env.insert("QUICKIM_NODE_ID".into(), format!("gateway-{i}"));
