@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs and starts what is missing
 # (nats-server, PostgreSQL, Chromium for the browser test), then checks formatting, lints
-# and runs every test. Usage: scripts/test.sh [extra args for cargo nextest / cargo test]
+# and runs every test, the chaos suite (tests/chaos) with one round of faults included.
+# Usage: scripts/test.sh [--chaos-rounds N] [extra args for cargo nextest / cargo test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--chaos-rounds" ]; then
+  export QUICKIM_CHAOS_ROUNDS="${2:?--chaos-rounds needs a number}"
+  shift 2
+fi
 
 log() { printf '\n== %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

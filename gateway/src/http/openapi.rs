@@ -60,8 +60,8 @@ const ROUTES: &[Route] = &[
     ),
     route(
         "/get_conversation_detail",
-        "A conversation with its members",
-        "ConversationRequest",
+        "A conversation with a page of its members",
+        "DetailRequest",
         "ConversationDetail",
         Access::Client,
     ),
@@ -292,6 +292,7 @@ pub fn document() -> OpenApi {
         a::Message,
         a::SendMsgRequest,
         a::ConversationRequest,
+        a::DetailRequest,
         a::LastMsgsRequest,
         a::GetJoinedRequest,
         a::CreateConversationRequest,

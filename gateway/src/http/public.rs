@@ -5,8 +5,8 @@ use axum::extract::State;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::{
     AroundRequest, ConversationDetail, ConversationRequest, CreateConversationRequest, CreatedConversation,
-    GetJoinedRequest, JoinedAnswer, JoinedConversations, LastMsgsRequest, LastOneAnswer, LeftAnswer, MarkReadRequest,
-    Message, MsgIdAnswer, MsgsAnswer, RangeRequest, ReadAnswer, SendMsgRequest,
+    DetailRequest, GetJoinedRequest, JoinedAnswer, JoinedConversations, LastMsgsRequest, LastOneAnswer, LeftAnswer,
+    MarkReadRequest, Message, MsgIdAnswer, MsgsAnswer, RangeRequest, ReadAnswer, SendMsgRequest,
 };
 use quickim_shared::protocol::service::{
     CheckJoined, CreateConversation, GetDetail, History, HistoryQuery, Join, LastMsgId, Leave, ListJoined, MarkRead,
@@ -71,9 +71,22 @@ pub async fn get_joined_conversation(
 pub async fn get_conversation_detail(
     State(s): State<AppState>,
     caller: Caller,
-    Body(r): Body<ConversationRequest>,
+    Body(r): Body<DetailRequest>,
 ) -> ApiResult<ConversationDetail> {
-    Ok(Envelope(s.rpc.call(&GetDetail { user_id: caller.user_id, conversation_id: r.conversation_id }).await?))
+    let members_limit = r.members_limit.unwrap_or(500);
+    if !(1..=1000).contains(&members_limit) {
+        return Err(ApiError::new(ErrorCode::InvalidParam, "members_limit must be within 1–1000"));
+    }
+    let detail = s
+        .rpc
+        .call(&GetDetail {
+            user_id: caller.user_id,
+            conversation_id: r.conversation_id,
+            members_limit,
+            members_cursor: r.members_cursor,
+        })
+        .await?;
+    Ok(Envelope(detail))
 }
 
 /// POST /create_conversation: the caller becomes the owner; others only where allowed.

@@ -177,7 +177,12 @@ impl Handler for ConversationService {
             GetDetail::SUBJECT => {
                 answer(payload, async |r: GetDetail| {
                     check_conversation_id(&r.conversation_id)?;
-                    Ok(self.store.detail(&r.conversation_id, &r.user_id).await?)
+                    let limit = r.members_limit.clamp(1, 1000);
+                    let budget = self.bus.payload_budget();
+                    Ok(self
+                        .store
+                        .detail(&r.conversation_id, &r.user_id, r.members_cursor.as_deref(), limit, budget)
+                        .await?)
                 })
                 .await
             }

@@ -125,7 +125,8 @@ impl MessageService {
 
     async fn history(&self, r: History) -> Reply<Vec<Message>> {
         check_conversation_id(&r.conversation_id)?;
-        Ok(self.store.history(&r.conversation_id, &r.user_id, r.query, r.desc, self.limits.range_max).await?)
+        let budget = self.bus.payload_budget();
+        Ok(self.store.history(&r.conversation_id, &r.user_id, r.query, r.desc, self.limits.range_max, budget).await?)
     }
 
     async fn replay(&self, r: Replay) -> Reply<ReplayPage> {

@@ -7,6 +7,7 @@ use tracing::Instrument;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use quickim_shared::bus::size;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::{ConversationDetail, ConversationSummary, JoinedConversations, MemberInfo, Role};
 use quickim_shared::protocol::event::LogEntry;
@@ -278,28 +279,49 @@ impl Store {
         if self.is_member(conversation_id, user_id).await? { Ok(()) } else { Err(ServiceError::not_member().into()) }
     }
 
-    /// The conversation and its active members (caller must be one).
-    pub async fn detail(&self, conversation_id: &str, user_id: &str) -> Result<ConversationDetail> {
+    /// The conversation and one page of its active members, in join order, after `cursor`
+    /// (from the previous page): at most `limit`, and no more than fit in `max_bytes` of
+    /// JSON with the rest of the answer (caller must be a member).
+    pub async fn detail(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        cursor: Option<&str>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<ConversationDetail> {
+        let (after_joined, after_user) = match cursor {
+            None => (-1, String::new()),
+            Some(c) => decode_page_cursor(c).ok_or_else(|| {
+                StoreError::from(ServiceError::invalid("members_cursor is not a cursor from this service"))
+            })?,
+        };
         self.require_member(conversation_id, user_id).await?;
         let conv = sqlx::query(
-            "SELECT conversation_type, joinable, archived, created_at, last_msg_id, last_send_time \
+            "SELECT conversation_type, joinable, archived, created_at, last_msg_id, last_send_time, \
+             (SELECT count(*) FROM members WHERE conversation_id = $1 AND active = $2) AS member_count \
              FROM conversations WHERE conversation_id = $1",
         )
         .bind(conversation_id)
+        .bind(1i32)
         .fetch_optional(self.pool())
         .instrument(sql_span(self.system(), "SELECT", "conversations"))
         .await?
         .ok_or_else(ServiceError::not_member)?;
         let rows = sqlx::query(
             "SELECT user_id, role, joined_msg_id, read_msg_id FROM members \
-             WHERE conversation_id = $1 AND active = $2 ORDER BY joined_msg_id, user_id",
+             WHERE conversation_id = $1 AND active = $2 AND (joined_msg_id, user_id) > ($3, $4) \
+             ORDER BY joined_msg_id, user_id LIMIT $5",
         )
         .bind(conversation_id)
         .bind(1i32)
+        .bind(after_joined)
+        .bind(after_user)
+        .bind(i64::from(limit.max(1)) + 1)
         .fetch_all(self.pool())
         .instrument(sql_span(self.system(), "SELECT", "members"))
         .await?;
-        let members = rows
+        let mut members = rows
             .iter()
             .map(|r| {
                 Ok(MemberInfo {
@@ -310,6 +332,16 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut more = members.len() > limit.max(1) as usize;
+        members.truncate(limit.max(1) as usize);
+        // The rest of the answer takes at most this much (ids of 128 characters, numbers).
+        let fits = size::fitting(&members, max_bytes.saturating_sub(512), 0).max(1).min(members.len());
+        if fits < members.len() {
+            members.truncate(fits);
+            more = true;
+        }
+        let next_members_cursor =
+            if more { members.last().map(|m| encode_page_cursor(db_int(m.joined_msg_id), &m.user_id)) } else { None };
         Ok(ConversationDetail {
             conversation_id: conversation_id.to_string(),
             conversation_type: conv.try_get::<i64, _>("conversation_type")? as i32,
@@ -318,7 +350,9 @@ impl Store {
             created_at: conv.try_get("created_at")?,
             last_msg_id: api_int(conv.try_get("last_msg_id")?),
             last_send_time: conv.try_get("last_send_time")?,
+            member_count: api_int(conv.try_get("member_count")?),
             members,
+            next_members_cursor,
         })
     }
 

@@ -274,7 +274,9 @@ impl Store {
         Ok(Attempt::Done(verdicts.results(items, &entries), entries))
     }
 
-    /// History of a conversation for an active member; at most `range_max` messages.
+    /// History of a conversation for an active member: at most `range_max` messages, and
+    /// no more than fit in `max_bytes` of JSON — the ones nearest where the query starts
+    /// (`start` of an ascending range, `end` of a descending one, the pivot, the newest).
     pub async fn history(
         &self,
         conversation_id: &str,
@@ -282,6 +284,7 @@ impl Store {
         query: HistoryQuery,
         desc: bool,
         range_max: u32,
+        max_bytes: usize,
     ) -> Result<Vec<Message>> {
         self.require_member(conversation_id, user_id).await?;
         let page = i64::from(range_max.min(30));
@@ -314,6 +317,8 @@ impl Store {
             .instrument(sql_span(self.system(), "SELECT", "messages"))
             .await?;
         let mut msgs = rows.iter().map(message).collect::<Result<Vec<_>>>()?;
+        // At least one: a single message always fits (sends are refused otherwise).
+        msgs.truncate(quickim_shared::bus::size::fitting(&msgs, max_bytes, 0).max(1));
         if scan_desc != desc {
             msgs.reverse();
         }

@@ -123,9 +123,35 @@ async fn create_is_idempotent_and_conflicts_differ(db: &Db) {
     let generated =
         s.create_conversation(NewConversation { conversation_id: None, ..conv("x", &["a"], None) }).await.unwrap();
     assert_eq!(uuid::Uuid::parse_str(&generated.conversation_id).unwrap().get_version_num(), 7);
-    let d = s.detail("c1", "bob").await.unwrap();
-    assert_eq!(d.members.len(), 2);
+    let d = s.detail("c1", "bob", None, 500, 1 << 20).await.unwrap();
+    assert_eq!((d.members.len(), d.member_count, d.next_members_cursor.as_deref()), (2, 2, None));
     assert!(d.members.iter().any(|m| m.user_id == "alice" && m.role == quickim_shared::protocol::api::Role::Owner));
+
+    // Members in pages: by count, and by bytes.
+    let many: Vec<String> = (0..25).map(|i| format!("member-{i:02}")).collect();
+    s.create_conversation(NewConversation { members: many.clone(), ..conv("big", &[], Some("member-00")) })
+        .await
+        .unwrap();
+    let (_, _) = s.join("big", &users(&["late"]), false).await.unwrap();
+    for (limit, bytes) in [(10, 1 << 20), (1000, 1200)] {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let d = s.detail("big", "late", cursor.as_deref(), limit, bytes).await.unwrap();
+            assert_eq!(d.member_count, 26);
+            assert!(d.members.len() <= limit as usize);
+            seen.extend(d.members.into_iter().map(|m| m.user_id));
+            match d.next_members_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut want = many.clone();
+        want.push("late".into());
+        assert_eq!(seen, want, "every member once, in join order (limit {limit}, {bytes} bytes)");
+    }
+    let err = s.detail("big", "late", Some("nonsense"), 10, 1 << 20).await.unwrap_err();
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::InvalidParam);
 }
 
 async fn membership_changes_are_messages(db: &Db) {
@@ -154,13 +180,13 @@ async fn membership_changes_are_messages(db: &Db) {
     assert_eq!(kicked, users(&["c"]));
     assert_eq!(e[0].message.msg_type, system::KICKED);
     // Former members read nothing and send nothing.
-    let err = s.history("c", "c", HistoryQuery::Last, false, 100).await.unwrap_err();
+    let err = s.history("c", "c", HistoryQuery::Last, false, 100, 1 << 20).await.unwrap_err();
     assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotMember);
     let (r, _) = s.send_batch(&[item("c", "b", "x", None)]).await.unwrap();
     assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::NotMember);
     // Rejoined: reads the whole history, unread counts from the join.
     s.join("c", &users(&["b"]), false).await.unwrap();
-    let h = s.history("c", "b", HistoryQuery::Last, false, 100).await.unwrap();
+    let h = s.history("c", "b", HistoryQuery::Last, false, 100, 1 << 20).await.unwrap();
     assert_eq!(h.iter().map(|m| m.msg_id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
     let list = s.list_joined("b", None, 10, None).await.unwrap();
     assert_eq!(list.conversations[0].read_msg_id, 6);
@@ -247,28 +273,44 @@ async fn history_reads(db: &Db) {
     }
     // msg 1 is CREATED; user messages are 2..=121.
     let ids = |v: Vec<quickim_shared::protocol::api::Message>| v.into_iter().map(|m| m.msg_id).collect::<Vec<_>>();
-    let r = s.history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, false, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, false, 100, 1 << 20).await.unwrap();
     assert_eq!(ids(r), vec![10, 11, 12]);
-    let r = s.history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, true, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::Range { start: 10, end: 12 }, true, 100, 1 << 20).await.unwrap();
     assert_eq!(ids(r), vec![12, 11, 10]);
-    let r = s.history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, false, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, false, 100, 1 << 20).await.unwrap();
     assert_eq!(r.len(), 100);
     assert_eq!(r[0].msg_id, 1);
-    let r = s.history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, true, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::Range { start: 1, end: 121 }, true, 100, 1 << 20).await.unwrap();
     assert_eq!((r[0].msg_id, r[99].msg_id), (121, 22));
-    let err = s.history("c", "a", HistoryQuery::Range { start: 5, end: 4 }, false, 100).await.unwrap_err();
+    let err = s.history("c", "a", HistoryQuery::Range { start: 5, end: 4 }, false, 100, 1 << 20).await.unwrap_err();
     assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::InvalidParam);
-    let r = s.history("c", "a", HistoryQuery::Before { msg_id: 50 }, false, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::Before { msg_id: 50 }, false, 100, 1 << 20).await.unwrap();
     assert_eq!(ids(r), (20..50).collect::<Vec<_>>());
-    let r = s.history("c", "a", HistoryQuery::Before { msg_id: 50 }, true, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::Before { msg_id: 50 }, true, 100, 1 << 20).await.unwrap();
     assert_eq!(ids(r), (20..50).rev().collect::<Vec<_>>());
-    let r = s.history("c", "a", HistoryQuery::After { msg_id: 100 }, false, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::After { msg_id: 100 }, false, 100, 1 << 20).await.unwrap();
     assert_eq!(ids(r), (101..=121).collect::<Vec<_>>());
-    let r = s.history("c", "a", HistoryQuery::Last, false, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::Last, false, 100, 1 << 20).await.unwrap();
     assert_eq!(ids(r), (92..=121).collect::<Vec<_>>());
-    let r = s.history("c", "a", HistoryQuery::LastOne, false, 100).await.unwrap();
+    let r = s.history("c", "a", HistoryQuery::LastOne, false, 100, 1 << 20).await.unwrap();
     assert_eq!(r[0].content, "m119");
     assert_eq!(s.last_msg_id("c", "a").await.unwrap(), 121);
+    // Bounded in bytes: the messages nearest where the query starts, as many as fit.
+    let one = quickim_shared::bus::size::encoded_len(
+        &s.history("c", "a", HistoryQuery::LastOne, false, 1, 1 << 20).await.unwrap()[0],
+    );
+    let room = 2 + 5 * (one + 1);
+    let r = s.history("c", "a", HistoryQuery::Range { start: 10, end: 100 }, false, 100, room).await.unwrap();
+    assert_eq!(ids(r), vec![10, 11, 12, 13, 14]);
+    let r = s.history("c", "a", HistoryQuery::Range { start: 10, end: 100 }, true, 100, room).await.unwrap();
+    assert_eq!(ids(r), vec![100, 99, 98, 97, 96]);
+    let r = s.history("c", "a", HistoryQuery::Last, false, 100, room).await.unwrap();
+    assert_eq!(ids(r), (117..=121).collect::<Vec<_>>());
+    let r = s.history("c", "a", HistoryQuery::Before { msg_id: 50 }, false, 100, room).await.unwrap();
+    assert_eq!(ids(r), (45..50).collect::<Vec<_>>());
+    let r = s.history("c", "a", HistoryQuery::After { msg_id: 50 }, true, 100, room).await.unwrap();
+    assert_eq!(ids(r), (51..56).rev().collect::<Vec<_>>());
+    assert_eq!(s.history("c", "a", HistoryQuery::Last, false, 100, 1).await.unwrap().len(), 1, "at least one");
 }
 
 async fn unread_and_joined_list(db: &Db) {

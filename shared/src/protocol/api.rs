@@ -53,6 +53,20 @@ pub struct ConversationRequest {
     pub conversation_id: String,
 }
 
+/// Body of `/get_conversation_detail`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DetailRequest {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Members per page, 1–1000 (default 500); fewer when they would not fit in one bus message.
+    #[serde(default)]
+    pub members_limit: Option<u32>,
+    /// `next_members_cursor` of the previous page.
+    #[serde(default)]
+    pub members_cursor: Option<String>,
+}
+
 /// Body of `/get_conversation_last_30_msg`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -224,8 +238,13 @@ pub struct ConversationDetail {
     pub last_msg_id: u64,
     /// send_time of the newest message (ms).
     pub last_send_time: i64,
-    /// Current members.
+    /// Active members.
+    pub member_count: u64,
+    /// One page of the active members, by join order (`joined_msg_id`, then `user_id`).
     pub members: Vec<MemberInfo>,
+    /// Pass as `members_cursor` for the next page of members; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_members_cursor: Option<String>,
 }
 
 /// `data` of `/create_conversation` and `/inner/create_conversation`.

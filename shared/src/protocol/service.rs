@@ -85,13 +85,23 @@ pub struct ListJoined {
 }
 call!(ListJoined, "quickim.conv.list_joined", JoinedConversations);
 
-/// A conversation with its members (caller must be a member).
+/// A conversation with one page of its members (caller must be a member).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GetDetail {
     /// The caller.
     pub user_id: String,
     /// The conversation.
     pub conversation_id: String,
+    /// Members per page (already checked by the gateway).
+    #[serde(default = "default_members")]
+    pub members_limit: u32,
+    /// Opaque cursor of the members page.
+    #[serde(default)]
+    pub members_cursor: Option<String>,
+}
+
+fn default_members() -> u32 {
+    500
 }
 call!(GetDetail, "quickim.conv.detail", ConversationDetail);
 

@@ -14,47 +14,70 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 
+use quickim_shared::error::ErrorCode;
+
+use crate::http::error::ApiError;
 use crate::notify::hub::Encoded;
 use crate::notify::session::{Session, Step};
 
 /// Answers one poll. `in_body`: wait inside the response's body (for the listener's lean
-/// path, see `http::server::Lean`), else here (hyper frames a later body in chunks).
-pub async fn respond(session: Session, timeout: Duration, page: u32, in_body: bool) -> Response {
+/// path, see `http::server::Lean`), else here (hyper frames a later body in chunks). What
+/// the client missed is read first, before the status is chosen: a replay that fails before
+/// a single event is answered 503, so the client backs off and polls again from its cursor.
+pub async fn respond(mut session: Session, timeout: Duration, page: u32, in_body: bool) -> Response {
+    let max = page.max(1) as usize;
+    let Ok((events, closed)) = replayed(&mut session, page, max).await else {
+        return ApiError::new(ErrorCode::Unavailable, "cannot read what you missed now, try again").into_response();
+    };
     let body = if in_body {
         Body::from_stream(futures::stream::once(async move {
-            Ok::<Bytes, std::convert::Infallible>(answer(session, timeout, page).await)
+            Ok::<Bytes, std::convert::Infallible>(answer(session, events, closed, timeout, max).await)
         }))
     } else {
-        Body::from(answer(session, timeout, page).await)
+        Body::from(answer(session, events, closed, timeout, max).await)
     };
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
-/// The poll's answer, once there is one.
-async fn answer(mut session: Session, timeout: Duration, page: u32) -> Bytes {
-    let max = page.max(1) as usize;
+/// The events the session has ready and what the replay reads from the store, up to `max`;
+/// whether the replay stopped short (the store failed after some events). `Err`: it failed
+/// before the first one.
+async fn replayed(session: &mut Session, page: u32, max: usize) -> Result<(Vec<Arc<Encoded>>, bool), ()> {
     let mut events: Vec<Arc<Encoded>> = Vec::new();
     let resumed = session.resumed();
-    let mut closed = false;
-    'replay: loop {
+    loop {
         while let Some(e) = session.pop() {
             // A resumed poll knows where it is: no `ready` in its answers.
             if !(resumed && e.kind == "ready") {
                 events.push(e);
             }
             if events.len() >= max {
-                break 'replay;
+                return Ok((events, false));
             }
         }
         if !session.replaying() {
-            break;
+            return Ok((events, false));
         }
         if Box::pin(session.fill(page)).await.is_err() {
-            closed = true;
-            break;
+            return if events.is_empty() { Err(()) } else { Ok((events, true)) };
         }
     }
-    if resumed && events.is_empty() {
+}
+
+/// The poll's answer: `events`, or (none yet, the replay done) the first live event within
+/// `timeout` and whatever else is queued by then.
+async fn answer(
+    mut session: Session,
+    mut events: Vec<Arc<Encoded>>,
+    mut closed: bool,
+    timeout: Duration,
+    max: usize,
+) -> Bytes {
+    let resumed = session.resumed();
+    // Live events only once the replay is complete: a live event's cursor is past whatever
+    // the replay has not read yet.
+    let live = resumed && !closed && !session.replaying();
+    if live && events.is_empty() {
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         tokio::select! {
@@ -68,7 +91,7 @@ async fn answer(mut session: Session, timeout: Duration, page: u32) -> Bytes {
             _ = &mut deadline => {}
         }
     }
-    if resumed && !session.replaying() {
+    if live && !closed {
         while events.len() < max {
             match session.try_live() {
                 Some(e) => events.push(e),
