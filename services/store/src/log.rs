@@ -22,6 +22,9 @@ use crate::sql::{
 };
 use crate::{Dialect, Result, Store, StoreError, partition_of, sql_span};
 
+/// Rows of a replay's first chunk (later chunks are sized by the bytes per row seen).
+const REPLAY_FIRST_CHUNK: usize = 32;
+
 /// Creates the meta rows and partitions of a new database; answers (partitions, epoch).
 pub(crate) async fn init_meta(system: &'static str, pool: &AnyPool, partitions_if_new: u16) -> Result<(u16, u32)> {
     let mut tx = pool.begin().await?;
@@ -248,8 +251,9 @@ impl Store {
     }
 
     /// Entries of `part` with `after < offset <= upto`, in offset order: at most `limit`,
-    /// and no more once their contents hold `max_bytes` (at least one entry). Read in small
-    /// chunks, so a page of large messages does not read a thousand of them to answer a few.
+    /// and no more once their contents hold `max_bytes` (at least one entry). Read in chunks
+    /// sized by the bytes per row seen, so a page of large messages does not read a thousand
+    /// of them to answer a few.
     pub async fn read_log(
         &self,
         part: u16,
@@ -268,8 +272,9 @@ impl Store {
         let mut out: Vec<LogEntry> = Vec::new();
         let mut bytes = 0;
         let mut from = after;
+        // The first chunk is small; later ones are sized by the bytes per row seen.
+        let mut want = (CHUNK / 4).min(limit);
         while (out.len() as u32) < limit && from < upto && bytes < max_bytes {
-            let want = CHUNK.min(limit - out.len() as u32);
             let q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(i32::from(part))
                 .bind(db_int(from))
@@ -294,6 +299,9 @@ impl Store {
             if got < want {
                 break;
             }
+            let per_row = (bytes / out.len().max(1)).max(1);
+            let rows = (max_bytes.saturating_sub(bytes) / per_row + 1).min(CHUNK as usize) as u32;
+            want = rows.clamp(1, (limit - out.len() as u32).max(1));
         }
         Ok(out)
     }
@@ -332,12 +340,50 @@ impl Store {
         {
             return Ok(expired);
         }
+        // Read in chunks sized by what the previous ones weighed: a page of large messages
+        // reads a few rows beyond what it answers, not hundreds.
+        let limit = limit.max(1) as usize;
+        let mut after = after.to_vec();
+        let mut entries: Vec<LogEntry> = Vec::new();
+        let mut bytes = 0usize;
+        let mut want = limit.min(REPLAY_FIRST_CHUNK);
+        loop {
+            let chunk = self.replay_chunk(user_id, &after, upto, want + 1).await?;
+            let more_rows = chunk.len() > want;
+            let taken = chunk.len().min(want);
+            for (i, entry) in chunk.into_iter().take(want).enumerate() {
+                let p = usize::from(entry.part);
+                // Partitions before this one are complete; this one is at the entry.
+                for q in 0..p.min(after.len()) {
+                    after[q] = after[q].max(upto[q]);
+                }
+                if let Some(a) = after.get_mut(p) {
+                    *a = entry.offset;
+                }
+                bytes += entry.message.content.len();
+                entries.push(entry);
+                if entries.len() >= limit || bytes >= max_bytes {
+                    let more = more_rows || i + 1 < taken;
+                    return Ok(ReplayPage { entries, more, expired: false });
+                }
+            }
+            if !more_rows {
+                return Ok(ReplayPage { entries, more: false, expired: false });
+            }
+            let per_row = (bytes / entries.len().max(1)).max(1);
+            want = ((max_bytes - bytes) / per_row + 1).clamp(1, limit - entries.len());
+        }
+    }
+
+    /// At most `limit` entries of the replay from `after` to `upto`, in (partition, offset)
+    /// order.
+    async fn replay_chunk(&self, user_id: &str, after: &[u64], upto: &[u64], limit: usize) -> Result<Vec<LogEntry>> {
         let ranges: Vec<(u16, u64, u64)> = (0..self.partitions())
             .map(|p| (p, after[usize::from(p)], upto[usize::from(p)]))
             .filter(|(_, a, u)| u > a)
             .collect();
         if ranges.is_empty() {
-            return Ok(ReplayPage::default());
+            return Ok(Vec::new());
         }
         let mut p = Params::new(self.system());
         let values = ranges.iter().map(|_| p.row(3)).collect::<Vec<_>>().join(", ");
@@ -366,7 +412,7 @@ impl Store {
         for (part, a, u) in &ranges {
             q = q.bind(i32::from(*part)).bind(db_int(*a)).bind(db_int(*u));
         }
-        q = q.bind(user_id).bind(i64::from(limit.max(1)) + 1);
+        q = q.bind(user_id).bind(limit as i64);
         let span = sql_span(self.system(), "SELECT", "members");
         let found = if sqlite {
             let row = q.fetch_one(self.pool()).instrument(span).await?;
@@ -374,19 +420,7 @@ impl Store {
         } else {
             q.fetch_all(self.pool()).instrument(span).await?.iter().map(log_entry).collect::<Result<Vec<_>>>()?
         };
-        let mut more = found.len() > limit.max(1) as usize;
-        let total = found.len();
-        let mut entries = Vec::with_capacity(total.min(limit.max(1) as usize));
-        let mut bytes = 0;
-        for entry in found.into_iter().take(limit.max(1) as usize) {
-            bytes += entry.message.content.len();
-            entries.push(entry);
-            if bytes >= max_bytes {
-                more = more || entries.len() < total;
-                break;
-            }
-        }
-        Ok(ReplayPage { entries, more, expired: false })
+        Ok(found)
     }
 
     /// Records the current heads (called periodically); forgets checkpoints older than
