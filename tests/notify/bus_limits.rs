@@ -140,6 +140,20 @@ async fn memberships_revocations_and_presence_are_paged() {
         assert_eq!(c.next_message(SOON).await.unwrap()["content"], format!("to {i}"));
     }
 
+    // A membership change naming more users than its system message could carry over the
+    // bus: refused, nothing stored.
+    let crowd: Vec<String> = (0..600).map(|i| format!("{i:04}-{}", "m".repeat(110))).collect();
+    let (s, v) = d
+        .api(0)
+        .inner("/inner/create_conversation", json!({"conversation_id":"crowd","conversation_type":1,"members":crowd}))
+        .await;
+    assert_eq!((s.as_u16(), v["code"].as_u64()), (413, Some(41301)), "{v}");
+    let (s, v) = d
+        .api(0)
+        .inner("/inner/create_conversation", json!({"conversation_id":"crowd","conversation_type":1,"members":["a"]}))
+        .await;
+    assert_eq!((s.as_u16(), v["data"]["created"].as_bool()), (200, Some(true)), "nothing was stored: {v}");
+
     // 600 users online with 120-character ids (≈ 90 KiB of presence in one answer).
     let user = |i: usize| format!("{i:04}-{}", "u".repeat(115));
     let mut online = Vec::new();

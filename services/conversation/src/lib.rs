@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use quickim_shared::bus::{Bus, BusError, size};
-use quickim_shared::error::ServiceError;
+use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::fanout::publish_entries;
 use quickim_shared::ids::{check_conversation_id, check_platform, check_user_id};
 use quickim_shared::protocol::api::{
@@ -20,6 +20,7 @@ use quickim_shared::protocol::service::{
     CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, CreateConversation, GetDetail, GetMemberships, Join,
     Kick, Leave, ListJoined, ListRevocations, MarkRead, Memberships, Reply, RevocationPage, RevokeTokens, SetArchived,
 };
+use quickim_shared::protocol::system;
 use quickim_shared::rpc::{self, Handler, answer};
 use quickim_store::{NewConversation, Store};
 use tokio::task::JoinHandle;
@@ -58,6 +59,7 @@ impl ConversationService {
         if r.members.is_empty() && r.owner.is_none() {
             return Err(ServiceError::invalid("a conversation needs at least one member"));
         }
+        self.system_message_fits(&r.members)?;
         let out = self
             .store
             .create_conversation(NewConversation {
@@ -78,6 +80,7 @@ impl ConversationService {
         if r.user_ids.is_empty() {
             return Err(ServiceError::invalid("user_ids must not be empty"));
         }
+        self.system_message_fits(&r.user_ids)?;
         let (joined, entries) = self.store.join(&r.conversation_id, &r.user_ids, r.self_join).await?;
         publish_entries(&self.bus, &entries).await;
         Ok(JoinedUsers { joined })
@@ -97,6 +100,7 @@ impl ConversationService {
         if r.user_ids.is_empty() {
             return Err(ServiceError::invalid("user_ids must not be empty"));
         }
+        self.system_message_fits(&r.user_ids)?;
         let (kicked, entries) = self.store.kick(&r.conversation_id, &r.user_ids).await?;
         publish_entries(&self.bus, &entries).await;
         Ok(KickedUsers { kicked })
@@ -116,6 +120,25 @@ impl ConversationService {
 }
 
 impl ConversationService {
+    /// A membership change is stored with a system message naming the users; that message
+    /// must cross the bus to the gateways (as a log entry, in gap fills, in replays), so a
+    /// list too long for it is refused before anything is stored.
+    fn system_message_fits(&self, users: &[String]) -> Result<(), ServiceError> {
+        let content = system::content(&system::Users { user_ids: users.to_vec() });
+        // The entry around the content: ids, numbers, trace context.
+        let len = size::encoded_len(&content) + 1024;
+        let budget = self.bus.payload_budget();
+        if len > budget {
+            return Err(ServiceError::new(
+                ErrorCode::TooLargeForBus,
+                format!(
+                    "the system message naming these users would take {len} bytes, over the bus's {budget}: name fewer users per request"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// One page of a user's memberships, as many as fit in one bus message.
     async fn memberships(&self, r: GetMemberships) -> Reply<Memberships> {
         check_user_id("user_id", &r.user_id)?;
@@ -170,7 +193,8 @@ impl Handler for ConversationService {
             ListJoined::SUBJECT => {
                 answer(payload, async |r: ListJoined| {
                     let limit = r.limit.clamp(1, 100);
-                    Ok(self.store.list_joined(&r.user_id, r.archived, limit, r.cursor.as_deref()).await?)
+                    let budget = self.bus.payload_budget();
+                    Ok(self.store.list_joined(&r.user_id, r.archived, limit, r.cursor.as_deref(), budget).await?)
                 })
                 .await
             }

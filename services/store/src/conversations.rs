@@ -356,13 +356,15 @@ impl Store {
         })
     }
 
-    /// One page of the user's conversations, newest activity first.
+    /// One page of the user's conversations, newest activity first: at most `limit`, and no
+    /// more than fit in `max_bytes` of JSON.
     pub async fn list_joined(
         &self,
         user_id: &str,
         archived: Option<bool>,
         limit: u32,
         cursor: Option<&str>,
+        max_bytes: usize,
     ) -> Result<JoinedConversations> {
         let after = match cursor {
             None => None,
@@ -411,8 +413,9 @@ impl Store {
                 archived: get_bool(r, "archived")?,
             });
         }
-        let next_cursor = if conversations.len() > limit as usize {
-            conversations.truncate(limit as usize);
+        let fits = size::fitting(&conversations, max_bytes.saturating_sub(512), 0).max(1);
+        let next_cursor = if conversations.len() > (limit as usize).min(fits) {
+            conversations.truncate((limit as usize).min(fits));
             conversations.last().map(|c| encode_page_cursor(c.last_send_time, &c.conversation_id))
         } else {
             None

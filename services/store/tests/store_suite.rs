@@ -188,7 +188,7 @@ async fn membership_changes_are_messages(db: &Db) {
     s.join("c", &users(&["b"]), false).await.unwrap();
     let h = s.history("c", "b", HistoryQuery::Last, false, 100, 1 << 20).await.unwrap();
     assert_eq!(h.iter().map(|m| m.msg_id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
-    let list = s.list_joined("b", None, 10, None).await.unwrap();
+    let list = s.list_joined("b", None, 10, None, 1 << 20).await.unwrap();
     assert_eq!(list.conversations[0].read_msg_id, 6);
     assert_eq!(list.conversations[0].unread, 0);
     // Archive toggles write messages; unknown ids are skipped.
@@ -324,10 +324,10 @@ async fn unread_and_joined_list(db: &Db) {
         }
     }
     s.set_archived(&users(&["c0"]), true).await.unwrap();
-    let page1 = s.list_joined("a", None, 2, None).await.unwrap();
+    let page1 = s.list_joined("a", None, 2, None, 1 << 20).await.unwrap();
     assert_eq!(page1.conversations.len(), 2);
-    let page2 = s.list_joined("a", None, 2, page1.next_cursor.as_deref()).await.unwrap();
-    let page3 = s.list_joined("a", None, 2, page2.next_cursor.as_deref()).await.unwrap();
+    let page2 = s.list_joined("a", None, 2, page1.next_cursor.as_deref(), 1 << 20).await.unwrap();
+    let page3 = s.list_joined("a", None, 2, page2.next_cursor.as_deref(), 1 << 20).await.unwrap();
     assert!(page3.next_cursor.is_none());
     let all: Vec<_> = [page1, page2, page3].into_iter().flat_map(|p| p.conversations).collect();
     let ids: HashSet<_> = all.iter().map(|c| c.conversation_id.clone()).collect();
@@ -337,12 +337,27 @@ async fn unread_and_joined_list(db: &Db) {
     assert_eq!(s.mark_read("c4", "a", 3).await.unwrap(), 3);
     assert_eq!(s.mark_read("c4", "a", 2).await.unwrap(), 3, "never moves back");
     assert_eq!(s.mark_read("c4", "a", 999).await.unwrap(), 5, "clamped to the newest");
-    let archived = s.list_joined("a", Some(true), 10, None).await.unwrap();
+    let archived = s.list_joined("a", Some(true), 10, None, 1 << 20).await.unwrap();
     assert_eq!(archived.conversations.len(), 1);
     assert!(archived.conversations[0].archived);
-    assert_eq!(s.list_joined("a", Some(false), 10, None).await.unwrap().conversations.len(), 4);
-    let err = s.list_joined("a", None, 10, Some("garbage!")).await.unwrap_err();
+    assert_eq!(s.list_joined("a", Some(false), 10, None, 1 << 20).await.unwrap().conversations.len(), 4);
+    let err = s.list_joined("a", None, 10, Some("garbage!"), 1 << 20).await.unwrap_err();
     assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::InvalidParam);
+    // Bounded in bytes too: pages of the size that fits, every conversation once.
+    let mut seen = HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = s.list_joined("a", None, 10, cursor.as_deref(), 512 + 2 + 2 * 200).await.unwrap();
+        assert!((1..=2).contains(&page.conversations.len()), "{}", page.conversations.len());
+        for c in page.conversations {
+            assert!(seen.insert(c.conversation_id));
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5);
 }
 
 async fn replay_follows_membership(db: &Db) {
