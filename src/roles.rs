@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use quickim_conversation::ConversationService;
+use quickim_conversation::{ConversationLimits, ConversationService};
 use quickim_gateway::Gateway;
 use quickim_message::{MessageLimits, MessageService};
 use quickim_shared::bus::Bus;
@@ -141,7 +141,8 @@ async fn start_services(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     if conversation {
-        let serving = ConversationService::new(store.clone(), bus.clone()).start(shutdown.clone()).await?;
+        let limits = ConversationLimits { max_members: config.max_members };
+        let serving = ConversationService::new(store.clone(), bus.clone(), limits).start(shutdown.clone()).await?;
         tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("conversation service: {e}")) });
     }
     if message {

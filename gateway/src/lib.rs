@@ -115,10 +115,24 @@ impl Gateway {
             stop.cancelled().await;
             draining.set_draining();
         });
-        let write_timeout = Duration::from_secs(state.config.write_timeout_s);
+        let config = &state.config;
+        let limits = http::server::Limits {
+            write_timeout: Duration::from_secs(config.write_timeout_s),
+            header_timeout: Duration::from_secs(config.header_read_timeout_s),
+            per_ip: None,
+        };
+        let public_limits = http::server::Limits {
+            per_ip: (config.conn_rate_per_ip > 0).then(|| {
+                Arc::new(ratelimit::RateLimiter::new(
+                    config.conn_rate_per_ip,
+                    config.conn_rate_per_ip.saturating_mul(2),
+                ))
+            }),
+            ..limits.clone()
+        };
         let public =
-            http::server::serve(public, http::public_router(state.clone()), true, write_timeout, shutdown.clone());
-        let inner = http::server::serve(inner, http::inner_router(state.clone()), false, write_timeout, shutdown);
+            http::server::serve(public, http::public_router(state.clone()), true, public_limits, shutdown.clone());
+        let inner = http::server::serve(inner, http::inner_router(state.clone()), false, limits, shutdown);
         tokio::join!(public, inner);
         // Upgraded WebSockets are not the server's: wait for them too (they close on shutdown).
         state.connections.close();

@@ -1,4 +1,5 @@
-//! Per-user request rate limit (token bucket), per gateway node.
+//! Request rate limits (token buckets), per gateway node: per user (API requests), per IP
+//! address (new connections, new /notify streams).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -51,6 +52,19 @@ impl RateLimiter {
             burst: f64::from(burst.max(rate).max(1)),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
+    }
+
+    /// Whether the limit is on.
+    pub fn is_on(&self) -> bool {
+        self.rate > 0.0
+    }
+
+    /// Takes one token for an IP address; on refusal answers the seconds to wait.
+    pub fn check_ip(&self, ip: std::net::IpAddr) -> Result<(), u64> {
+        if !self.is_on() {
+            return Ok(());
+        }
+        self.check(&ip.to_string())
     }
 
     /// Takes one token for `key`; on refusal answers the seconds to wait.

@@ -28,6 +28,8 @@ pub struct State {
     pub auth: Arc<Auth>,
     /// Per-user request rate.
     pub limiter: RateLimiter,
+    /// New /notify streams per IP address.
+    pub handshakes: RateLimiter,
     /// Open /notify connections of this node.
     pub registry: Arc<Registry>,
     /// The other gateways.
@@ -76,11 +78,13 @@ impl AppState {
         node_id: String,
     ) -> AppState {
         let limiter = RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst);
+        let handshakes = RateLimiter::new(config.handshake_rate_per_ip, config.handshake_rate_per_ip.saturating_mul(2));
         AppState(Arc::new(State {
             sends: Sends::start(rpc.clone()),
             rpc,
             auth,
             limiter,
+            handshakes,
             registry,
             cluster,
             hub,

@@ -127,6 +127,8 @@ config_keys! {
     send_batch_max: usize => usize = 500, env "QUICKIM_SEND_BATCH_MAX";
     /// Most messages per history answer
     range_max: u32 => u32 = 100, env "QUICKIM_RANGE_MAX";
+    /// Most active members of one conversation (joins past it: 409 conversation_full)
+    max_members: u64 => u64 = 100_000, env "QUICKIM_MAX_MEMBERS";
     /// Whether clients may name other members in /create_conversation
     client_create_members: bool => bool = false, env "QUICKIM_CLIENT_CREATE_MEMBERS";
     /// Public API requests per second per user (per gateway node); 0 = unlimited
@@ -149,6 +151,16 @@ config_keys! {
     queue_max_events: usize => usize = 1024, env "QUICKIM_QUEUE_MAX_EVENTS";
     /// Bytes queued per connection before it counts as a slow consumer
     queue_max_bytes: usize => usize = 4 * 1024 * 1024, env "QUICKIM_QUEUE_MAX_BYTES";
+    /// Longest a client may take to send a request head once it has begun (slow-header clients are cut), seconds
+    header_read_timeout_s: u64 => u64 = 10, env "QUICKIM_HEADER_READ_TIMEOUT_S";
+    /// Longest a client may take to send a request body (slow-body clients get 408), seconds
+    body_read_timeout_s: u64 => u64 = 10, env "QUICKIM_BODY_READ_TIMEOUT_S";
+    /// New connections per second from one IP address on the public listener (burst: twice that); 0 = unlimited
+    conn_rate_per_ip: u32 => u32 = 200, env "QUICKIM_CONN_RATE_PER_IP";
+    /// New /notify streams (WebSocket handshakes, SSE, a long-poll without a parked session) per second from one IP address (burst: twice that); 0 = unlimited
+    handshake_rate_per_ip: u32 => u32 = 100, env "QUICKIM_HANDSHAKE_RATE_PER_IP";
+    /// Whether a public client's `traceparent` header joins its request to the client's trace (and its sampling decision); off, it is only recorded as an attribute
+    trust_client_traceparent: bool => bool = false, env "QUICKIM_TRUST_CLIENT_TRACEPARENT";
     /// A client connection whose writes make no progress this long (it stopped reading) is closed, on every transport, seconds
     write_timeout_s: u64 => u64 = 10, env "QUICKIM_WRITE_TIMEOUT_S";
     /// SSE heartbeat comment interval, seconds (≤ 15)
@@ -267,7 +279,11 @@ impl Config {
             || self.hub_max_held_bytes == 0
             || self.write_timeout_s == 0
         {
-            return fail("revocation_poll_s, hub_stall_s, hub_max_held_bytes and write_timeout_s must be > 0".into());
+            return fail(
+                "revocation_poll_s, hub_stall_s, hub_max_held_bytes, write_timeout_s, header_read_timeout_s and \
+                 body_read_timeout_s must be > 0"
+                    .into(),
+            );
         }
         if self.replay_page == 0 || self.replay_page > 10_000 {
             return fail(format!("replay_page must be within 1–10000, not {}", self.replay_page));

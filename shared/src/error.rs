@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorCode {
     /// Malformed JSON, unknown field, wrong type, value out of range.
     InvalidParam,
+    /// A text holds a character the store cannot keep (U+0000).
+    InvalidText,
+    /// A list holds more items than its limit (users, conversations, messages of a batch).
+    TooManyItems,
     /// Missing, malformed, expired, forged or revoked token (or wrong inner key).
     InvalidToken,
     /// Authenticated, but this action is not allowed (e.g. self-join of a private conversation).
@@ -22,19 +26,29 @@ pub enum ErrorCode {
     NotFound,
     /// The route exists but not with this HTTP method.
     MethodNotAllowed,
+    /// The client took longer than `body_read_timeout_s` to send its request body.
+    RequestTimeout,
     /// The request conflicts with existing state (idempotency key reused differently, ...).
     Conflict,
     /// The conversation is archived and takes no client messages.
     ConversationArchived,
+    /// The conversation has `max_members` active members already.
+    ConversationFull,
     /// Body or content larger than the configured limit.
     PayloadTooLarge,
     /// A message that, encoded, would not fit in one message of the cluster's bus (NATS's
     /// `max_payload`), though within `max_content_bytes`.
     TooLargeForBus,
+    /// The request body is over `max_body_bytes` (public) or `inner_max_body_bytes` (/inner).
+    BodyTooLarge,
     /// Request rate above the configured limit; `Retry-After` says when to come back.
     RateLimited,
     /// Too many open /notify connections for this user.
     TooManyConnections,
+    /// WebSocket client frames over `ws_frames_per_s`.
+    FrameRateLimited,
+    /// Too many new connections (or WebSocket handshakes) from one IP address.
+    TooManyConnectionsFromIp,
     /// A dependency (bus, database, service) cannot be reached or the node is shutting down.
     Unavailable,
     /// A dependency did not answer in time.
@@ -45,19 +59,26 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::InvalidParam,
+        ErrorCode::InvalidText,
+        ErrorCode::TooManyItems,
         ErrorCode::InvalidToken,
         ErrorCode::Forbidden,
         ErrorCode::NotMember,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
         ErrorCode::Conflict,
         ErrorCode::ConversationArchived,
+        ErrorCode::ConversationFull,
         ErrorCode::PayloadTooLarge,
         ErrorCode::TooLargeForBus,
+        ErrorCode::BodyTooLarge,
         ErrorCode::RateLimited,
         ErrorCode::TooManyConnections,
+        ErrorCode::FrameRateLimited,
+        ErrorCode::TooManyConnectionsFromIp,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
         ErrorCode::Timeout,
@@ -67,17 +88,24 @@ impl ErrorCode {
     pub const fn number(self) -> u32 {
         match self {
             ErrorCode::InvalidParam => 40000,
+            ErrorCode::InvalidText => 40001,
+            ErrorCode::TooManyItems => 40002,
             ErrorCode::InvalidToken => 40100,
             ErrorCode::Forbidden => 40300,
             ErrorCode::NotMember => 40301,
             ErrorCode::NotFound => 40400,
             ErrorCode::MethodNotAllowed => 40500,
+            ErrorCode::RequestTimeout => 40800,
             ErrorCode::Conflict => 40900,
             ErrorCode::ConversationArchived => 40901,
+            ErrorCode::ConversationFull => 40902,
             ErrorCode::PayloadTooLarge => 41300,
             ErrorCode::TooLargeForBus => 41301,
+            ErrorCode::BodyTooLarge => 41302,
             ErrorCode::RateLimited => 42900,
             ErrorCode::TooManyConnections => 42901,
+            ErrorCode::FrameRateLimited => 42902,
+            ErrorCode::TooManyConnectionsFromIp => 42903,
             ErrorCode::Internal => 50000,
             ErrorCode::Unavailable => 50300,
             ErrorCode::Timeout => 50400,
@@ -93,17 +121,24 @@ impl ErrorCode {
     pub const fn name(self) -> &'static str {
         match self {
             ErrorCode::InvalidParam => "invalid_param",
+            ErrorCode::InvalidText => "invalid_text",
+            ErrorCode::TooManyItems => "too_many_items",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotMember => "not_member",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Conflict => "conflict",
             ErrorCode::ConversationArchived => "conversation_archived",
+            ErrorCode::ConversationFull => "conversation_full",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooLargeForBus => "too_large_for_bus",
+            ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::FrameRateLimited => "frame_rate_limited",
+            ErrorCode::TooManyConnectionsFromIp => "too_many_connections_from_ip",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",

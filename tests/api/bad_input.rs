@@ -81,7 +81,7 @@ async fn oversize_content_and_bodies_are_413() {
     let (s, v) = api.client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"é".repeat(501)})).await;
     assert_eq!((s, code(&v)), (StatusCode::PAYLOAD_TOO_LARGE, 41300), "{v}");
     let (s, v) = api.client(&t, "/send_msg", json!({"conversation_id":"c","type":1,"content":"x".repeat(5000)})).await;
-    assert_eq!((s, code(&v)), (StatusCode::PAYLOAD_TOO_LARGE, 41300), "body limit: {v}");
+    assert_eq!((s, code(&v)), (StatusCode::PAYLOAD_TOO_LARGE, 41302), "body limit: {v}");
     let (_, v) = api.client(&t, "/get_lastone_msgid", json!({"conversation_id":"c"})).await;
     assert_eq!(v["data"]["msg_id"], 2, "only the message within the limit was stored");
 }
@@ -155,7 +155,6 @@ async fn inner_routes_need_the_inner_key_and_valid_lists() {
         ("/inner/kickout_conversation", json!({"conversation_id":"c","user_ids":[]})),
         ("/inner/set_archive_conversations", json!({"conversation_ids":[],"archived":true})),
         ("/inner/send_msg_batch", json!({"msgs":[]})),
-        ("/inner/get_users_online", json!({"user_ids":too_many})),
         ("/inner/kick_user", json!({"user_id":""})),
         ("/inner/send_msg", json!({"conversation_id":"c","from":"a","type":1,"content":"x","extra":1})),
     ] {
@@ -164,6 +163,139 @@ async fn inner_routes_need_the_inner_key_and_valid_lists() {
     }
     let (s, v) = api.inner("/inner/join_conversation", json!({"conversation_id":"nope","user_ids":["a"]})).await;
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, 40400), "{v}");
+    // Lists over their limits: too_many_items, whichever list.
+    let batch: Vec<Value> =
+        (0..501).map(|_| json!({"conversation_id":"c","from":"a","type":1,"content":"x"})).collect();
+    let conversations: Vec<String> = (0..1001).map(|i| format!("c{i}")).collect();
+    for (path, body) in [
+        ("/inner/get_users_online", json!({"user_ids":too_many})),
+        ("/inner/create_conversation", json!({"conversation_type":1,"members":too_many})),
+        ("/inner/join_conversation", json!({"conversation_id":"c","user_ids":too_many})),
+        ("/inner/kickout_conversation", json!({"conversation_id":"c","user_ids":too_many})),
+        ("/inner/set_archive_conversations", json!({"conversation_ids":conversations,"archived":true})),
+        ("/inner/send_msg_batch", json!({"msgs":batch})),
+    ] {
+        let (s, v) = api.inner(path, body).await;
+        assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, 40002), "{path}: {v}");
+    }
+}
+
+/// 41 members send at once, one of them a content with U+0000 (which PostgreSQL cannot
+/// keep): 40 × 200 and one 400, on both stores; the same inside a batch.
+async fn one_bad_send_among_many(api: &quickim_testkit::Api) {
+    let users: Vec<String> = (0..41).map(|i| format!("m{i}")).collect();
+    let members: Vec<&str> = users.iter().map(String::as_str).collect();
+    api.conversation("crowd", &members).await;
+    let mut tokens = Vec::new();
+    for u in &users {
+        tokens.push(api.token(u, "web").await);
+    }
+    let sends = tokens.iter().enumerate().map(|(i, t)| {
+        let content = if i == 20 { "bad\u{0}nul".to_string() } else { format!("fine {i}") };
+        async move { api.client(t, "/send_msg", json!({"conversation_id":"crowd","type":1,"content":content})).await }
+    });
+    let answers = futures::future::join_all(sends).await;
+    for (i, (s, v)) in answers.iter().enumerate() {
+        if i == 20 {
+            assert_eq!((*s, code(v)), (StatusCode::BAD_REQUEST, 40001), "{v}");
+        } else {
+            assert_eq!(*s, StatusCode::OK, "an innocent send failed: {v}");
+        }
+    }
+    let msgs: Vec<Value> = (0..5)
+        .map(|i| {
+            let content = if i == 2 { "x\u{0}".to_string() } else { format!("b{i}") };
+            json!({"conversation_id":"crowd","from":"m0","type":1,"content":content})
+        })
+        .collect();
+    let (s, v) = api.inner("/inner/send_msg_batch", json!({ "msgs": msgs })).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let codes: Vec<i64> = v["data"]["results"].as_array().unwrap().iter().map(code).collect();
+    assert_eq!(codes, vec![0, 0, 40001, 0, 0]);
+    let (_, v) = api.client(&tokens[0], "/get_lastone_msgid", json!({"conversation_id":"crowd"})).await;
+    assert_eq!(v["data"]["msg_id"], 1 + 40 + 4, "the 44 valid messages, gap-free");
+}
+
+#[tokio::test]
+async fn one_bad_send_never_fails_another_users_send_standalone() {
+    let q = Standalone::start(BIN, &[]).await;
+    one_bad_send_among_many(&q.api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_bad_send_never_fails_another_users_send_distributed() {
+    let d = quickim_testkit::Distributed::start(BIN, 1, 2, 1, &[]).await;
+    one_bad_send_among_many(d.api(0)).await;
+    d.finish().await;
+}
+
+/// Every public route that names a conversation answers a non-member 403 `not_member`,
+/// whatever the conversation's state — or that it does not exist.
+#[tokio::test]
+async fn non_members_get_not_member_whatever_the_state() {
+    let q = Standalone::start(BIN, &[("QUICKIM_MAX_MEMBERS", "2")]).await;
+    let api = &q.api;
+    api.conversation("active", &["owner"]).await;
+    api.conversation("archived", &["owner", "left"]).await;
+    api.conversation("full", &["owner", "kicked"]).await;
+    let (s, _) =
+        api.inner("/inner/set_archive_conversations", json!({"conversation_ids":["archived"],"archived":true})).await;
+    assert_eq!(s, 200);
+    let left = api.token("left", "web").await;
+    let (s, _) = api.client(&left, "/leave_conversation", json!({"conversation_id":"archived"})).await;
+    assert_eq!(s, 200);
+    let (s, _) =
+        api.inner("/inner/kickout_conversation", json!({"conversation_id":"full","user_ids":["kicked"]})).await;
+    assert_eq!(s, 200);
+    let (s, _) = api.inner("/inner/join_conversation", json!({"conversation_id":"full","user_ids":["second"]})).await;
+    assert_eq!(s, 200);
+    let (s, v) = api.inner("/inner/join_conversation", json!({"conversation_id":"full","user_ids":["third"]})).await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, 40902), "full: {v}");
+
+    let stranger = api.token("stranger", "web").await;
+    let kicked = api.token("kicked", "web").await;
+    let routes: Vec<(&str, Value)> = vec![
+        ("/send_msg", json!({"type":1,"content":"x"})),
+        ("/get_conversation_detail", json!({})),
+        ("/join_conversation", json!({})),
+        ("/leave_conversation", json!({})),
+        ("/get_lastone_msgid", json!({})),
+        ("/mark_read", json!({"msg_id":1})),
+        ("/get_conversation_msg_by_range", json!({"start_msg_id":1,"end_msg_id":5})),
+        ("/get_conversation_30msg_before_the_id", json!({"msg_id":5})),
+        ("/get_conversation_30msg_after_the_id", json!({"msg_id":0})),
+        ("/get_conversation_last_30_msg", json!({})),
+        ("/get_conversation_lastone_msg", json!({})),
+    ];
+    for (who, token) in [("never a member", &stranger), ("left", &left), ("kicked", &kicked)] {
+        for conversation in ["active", "archived", "full", "unknown"] {
+            for (path, body) in &routes {
+                let mut body = body.clone();
+                body["conversation_id"] = json!(conversation);
+                let (s, v) = api.client(token, path, body).await;
+                assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, 40301), "{who}, {conversation}, {path}: {v}");
+            }
+            let (s, v) = api.client(token, "/check_joined_conversation", json!({"conversation_id":conversation})).await;
+            assert_eq!((s, v["data"]["joined"].as_bool()), (StatusCode::OK, Some(false)), "{who}, {conversation}");
+            // Over WebSocket too.
+            let mut ws =
+                quickim_testkit::NotifyClient::connect(&api.public, token, quickim_testkit::Protocol::Ws, None)
+                    .await
+                    .unwrap();
+            ws.next(std::time::Duration::from_secs(10)).await.unwrap();
+            ws.send_frame(json!({"type":"send","req_id":1,"conversation_id":conversation,"msg_type":1,"content":"x"}))
+                .await;
+            ws.send_frame(json!({"type":"mark_read","req_id":2,"conversation_id":conversation,"msg_id":1})).await;
+            for _ in 0..2 {
+                let e = ws.next(std::time::Duration::from_secs(10)).await.unwrap();
+                assert_eq!(
+                    (e["type"].as_str(), e["code"].as_i64()),
+                    (Some("error"), Some(40301)),
+                    "{who}, {conversation}: {e}"
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! PostgreSQL), every route, every class of bad input, start-up checks.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod abuse;
 mod bad_input;
 mod distributed;
 mod docs;

@@ -77,7 +77,7 @@ async fn oversize_frames_and_frame_floods_close_the_socket() {
     }
     let mut limited = 0;
     while let Some(e) = c.next(SOON).await {
-        if e["type"] == "error" && e["code"] == 42900 {
+        if e["type"] == "error" && e["code"] == 42902 {
             limited += 1;
         }
     }
@@ -194,4 +194,30 @@ async fn a_client_that_never_reads_is_cut_by_the_write_timeout_on_every_transpor
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0);
     assert!(cut >= 2.0, "write timeouts: {cut}");
+}
+
+#[tokio::test]
+async fn a_websocket_client_with_many_requests_open_is_slowed_down_not_refused() {
+    let q = Standalone::start(BIN, &[]).await;
+    q.api.conversation("c", &["alice"]).await;
+    let t = q.api.token("alice", "web").await;
+    let mut c = NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.unwrap();
+    c.next(SOON).await.unwrap();
+    // 40 requests at once, more than the 16 a connection keeps open: every one is answered.
+    for i in 0..40 {
+        c.send_frame(json!({"type":"send","req_id":i,"conversation_id":"c","msg_type":1,"content":format!("m{i}")}))
+            .await;
+    }
+    let mut acked = std::collections::BTreeSet::new();
+    while acked.len() < 40 {
+        let e = c.next(SOON).await.expect("an answer for every request");
+        match e["type"].as_str() {
+            Some("ack") => {
+                acked.insert(e["req_id"].as_u64().unwrap());
+            }
+            Some("message") | Some("cursor") => {}
+            other => panic!("unexpected {other:?}: {e}"),
+        }
+    }
+    assert_eq!(acked, (0..40).collect());
 }

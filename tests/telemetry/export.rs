@@ -164,3 +164,59 @@ async fn spans_are_exported_over_otlp_grpc() {
     assert!(!serve.parent_span_id.is_empty());
     d.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_public_client_cannot_force_its_requests_to_be_traced() {
+    let collected: Collected = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().route("/v1/traces", post(receive)).with_state(collected.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // Nothing is sampled on its own: only a trusted caller's sampled traceparent is followed.
+    let q = quickim_testkit::Standalone::start(
+        BIN,
+        &[
+            ("QUICKIM_OTLP_ENDPOINT", endpoint.as_str()),
+            ("QUICKIM_OTLP_PROTOCOL", "http"),
+            ("QUICKIM_TRACE_SAMPLE_RATIO", "0"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    )
+    .await;
+    q.api.conversation("c", &["alice"]).await;
+    let token = q.api.token("alice", "web").await;
+    let public_trace = "0af7651916cd43dd8448eb211c80319c";
+    let inner_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = q
+        .api
+        .http
+        .post(format!("{}/send_msg", q.api.public))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{public_trace}-b7ad6b7169203331-01"))
+        .body(json!({"conversation_id":"c","type":1,"content":"untrusted"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The business system on /inner is trusted: its sampled trace is followed (and tells us
+    // when the exporter has sent what came before).
+    let r = q
+        .api
+        .http
+        .post(format!("{}/inner/send_msg", q.api.inner))
+        .bearer_auth(&q.api.key)
+        .header("traceparent", format!("00-{inner_trace}-00f067aa0ba902b7-01"))
+        .body(json!({"conversation_id":"c","from":"alice","type":1,"content":"trusted"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !collected.lock().unwrap().iter().any(|s| s.trace_id == inner_trace && s.name == "POST /inner/send_msg") {
+        assert!(Instant::now() < deadline, "the trusted trace was not exported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = collected.lock().unwrap().clone();
+    assert!(!spans.iter().any(|s| s.trace_id == public_trace), "a public client's traceparent forced a trace");
+    assert!(!spans.iter().any(|s| s.name == "POST /send_msg"), "{}", describe(&spans));
+}

@@ -33,7 +33,8 @@ async fn a_standalone_send_is_one_trace_over_the_in_process_bus() {
     let shutdown = CancellationToken::new();
     let store = Store::open_sqlite(&dir.path().join("q.db"), 4, 8).await.unwrap();
     let bus = Bus::local(1024);
-    let _conv = ConversationService::new(store.clone(), bus.clone()).start(shutdown.clone()).await.unwrap();
+    let limits = quickim_conversation::ConversationLimits { max_members: 1000 };
+    let _conv = ConversationService::new(store.clone(), bus.clone(), limits).start(shutdown.clone()).await.unwrap();
     let limits = MessageLimits {
         max_content_bytes: 65536,
         range_max: 100,

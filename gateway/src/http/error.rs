@@ -35,6 +35,15 @@ impl ApiError {
             retry_after_s: Some(retry_after_s.max(1)),
         }
     }
+
+    /// 429 `too_many_connections_from_ip` with `Retry-After`.
+    pub fn ip_rate_limited(retry_after_s: u64) -> ApiError {
+        ApiError {
+            code: ErrorCode::TooManyConnectionsFromIp,
+            message: "too many new streams from this address".into(),
+            retry_after_s: Some(retry_after_s.max(1)),
+        }
+    }
 }
 
 impl From<ServiceError> for ApiError {

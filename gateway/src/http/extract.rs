@@ -32,9 +32,14 @@ impl FromRequestParts<AppState> for Deadline {
     }
 }
 
-/// The body limit of the router a request came through (set as an extension layer).
+/// The body limits of the router a request came through (set as an extension layer): its
+/// size, and how long the client may take to send it.
 #[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
+pub struct BodyLimit(pub usize, pub std::time::Duration);
+
+/// The address a request came from (set by the listener).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::IpAddr);
 
 /// A JSON body of type `T`.
 pub struct Body<T>(pub T);
@@ -43,10 +48,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(64 * 1024);
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+        let (limit, timeout) = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| (l.0, l.1))
+            .unwrap_or((64 * 1024, std::time::Duration::from_secs(10)));
+        let read = tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit)).await.map_err(|_| {
+            ApiError::new(ErrorCode::RequestTimeout, format!("the request body took longer than {timeout:?}"))
+        })?;
+        let bytes = read.map_err(|e| {
             if e.into_inner().is::<http_body_util::LengthLimitError>() {
-                ApiError::new(ErrorCode::PayloadTooLarge, format!("request body is larger than {limit} bytes"))
+                ApiError::new(ErrorCode::BodyTooLarge, format!("request body is larger than {limit} bytes"))
             } else {
                 ApiError::new(ErrorCode::InvalidParam, "could not read the request body")
             }

@@ -6,7 +6,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use quickim_shared::error::ErrorCode;
-use quickim_shared::protocol::service::GetHeads;
 use serde::Serialize;
 
 use super::error::{ApiError, Envelope};
@@ -23,8 +22,12 @@ pub async fn healthz(State(s): State<AppState>) -> Response {
     Envelope(Status { status: "ok", node_id: s.node_id.clone() }).into_response()
 }
 
-/// GET /readyz: the bus is connected, the services and their database answer, start-up is
-/// done and the node is not shutting down.
+/// How recently the log's heads must have been heard of (they come every second).
+const HEADS_FRESH: Duration = Duration::from_secs(5);
+
+/// GET /readyz: the bus is connected, the message services and their database answer (their
+/// heads announcements, every second, arrive), start-up is done, the hub keeps up with the
+/// log and the node is not shutting down. Answered from state: no bus request per call.
 pub async fn readyz(State(s): State<AppState>) -> Response {
     let not_ready = |why: &str| {
         let mut r = ApiError::new(ErrorCode::Unavailable, why.to_string()).into_response();
@@ -37,12 +40,16 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
     if !s.rpc.bus().is_connected() {
         return not_ready("bus disconnected");
     }
+    if s.hub.is_stalled() {
+        return not_ready("behind the log; catching up");
+    }
     if !s.is_ready() || !s.hub.is_ready() {
         return not_ready("starting");
     }
-    match tokio::time::timeout(Duration::from_secs(2), s.rpc.call(&GetHeads {})).await {
-        Ok(Ok(_)) => Envelope(Status { status: "ready", node_id: s.node_id.clone() }).into_response(),
-        Ok(Err(e)) => not_ready(&format!("message service: {}", e.message)),
-        Err(_) => not_ready("message service did not answer in time"),
+    match s.hub.heads_age() {
+        Some(age) if age <= HEADS_FRESH => {
+            Envelope(Status { status: "ready", node_id: s.node_id.clone() }).into_response()
+        }
+        _ => not_ready("no message service has announced the log for 5 s"),
     }
 }

@@ -19,6 +19,9 @@ use super::error::{ApiError, ApiResult, Envelope};
 use super::extract::{Body, Deadline, InnerKey};
 use crate::state::AppState;
 
+/// Most users or conversations an /inner list may name.
+pub const MAX_LIST: usize = 1000;
+
 /// Bytes a stored message's answer may take beyond the send it answers.
 const ANSWER_OVERHEAD: usize = 256;
 
@@ -107,10 +110,13 @@ pub async fn send_msg_batch(
     _: InnerKey,
     Body(r): Body<InnerSendBatchRequest>,
 ) -> ApiResult<BatchAnswer> {
-    if r.msgs.is_empty() || r.msgs.len() > s.config.send_batch_max {
+    if r.msgs.is_empty() {
+        return Err(ApiError::new(ErrorCode::InvalidParam, "msgs must not be empty"));
+    }
+    if r.msgs.len() > s.config.send_batch_max {
         return Err(ApiError::new(
-            ErrorCode::InvalidParam,
-            format!("msgs must hold 1–{} messages", s.config.send_batch_max),
+            ErrorCode::TooManyItems,
+            format!("msgs holds {} messages; send_batch_max is {}", r.msgs.len(), s.config.send_batch_max),
         ));
     }
     // Chunks whose request and answer each fit in one bus message, sent one after the other
@@ -157,8 +163,11 @@ async fn flush(s: &AppState, chunk: &mut Vec<SendMessage>, results: &mut Vec<Bat
 }
 
 fn check_user_list(users: &[String]) -> Result<(), ServiceError> {
-    if users.is_empty() || users.len() > 1000 {
-        return Err(ServiceError::invalid("user_ids must name 1–1000 users"));
+    if users.is_empty() {
+        return Err(ServiceError::invalid("user_ids must not be empty"));
+    }
+    if users.len() > MAX_LIST {
+        return Err(ServiceError::new(ErrorCode::TooManyItems, format!("user_ids may name at most {MAX_LIST} users")));
     }
     users.iter().try_for_each(|u| check_user_id("user_ids", u))
 }

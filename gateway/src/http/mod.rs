@@ -35,9 +35,29 @@ async fn metrics() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], quickim_shared::telemetry::render_metrics())
 }
 
-/// One server span per request (child of the caller's `traceparent`, if it sent one),
-/// counted and timed by route (the matched path, never the raw URL).
-async fn observe(mut req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
+fn body_timeout(state: &AppState) -> std::time::Duration {
+    std::time::Duration::from_secs(state.config.body_read_timeout_s)
+}
+
+/// [`observe`] for callers whose `traceparent` is trusted (the business system on /inner).
+async fn observe_trusted(req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
+    observe(req, next, true).await
+}
+
+/// [`observe`] for public clients: unless `trust_client_traceparent`, their `traceparent`
+/// neither parents the request's span nor decides its sampling (a client asking for every
+/// trace cannot make the node record them all); it is recorded as an attribute.
+async fn observe_public(
+    axum::extract::State(trusted): axum::extract::State<bool>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    observe(req, next, trusted).await
+}
+
+/// One server span per request (child of the caller's `traceparent` if it sent one and is
+/// `trusted`), counted and timed by route (the matched path, never the raw URL).
+async fn observe(mut req: Request<Body>, next: axum::middleware::Next, trusted: bool) -> axum::response::Response {
     req.extensions_mut().insert(extract::Arrived(tokio::time::Instant::now()));
     let route = req
         .extensions()
@@ -55,12 +75,17 @@ async fn observe(mut req: Request<Body>, next: axum::middleware::Next) -> axum::
         url.path = %req.uri().path(),
         http.response.status_code = tracing::field::Empty,
         enduser.id = tracing::field::Empty,
+        client.traceparent = tracing::field::Empty,
     );
-    let incoming: quickim_shared::bus::Headers = ["traceparent", "tracestate"]
-        .iter()
-        .filter_map(|k| req.headers().get(*k).and_then(|v| v.to_str().ok()).map(|v| (k.to_string(), v.to_string())))
-        .collect();
-    quickim_shared::telemetry::set_parent(&span, &incoming);
+    if trusted {
+        let incoming: quickim_shared::bus::Headers = ["traceparent", "tracestate"]
+            .iter()
+            .filter_map(|k| req.headers().get(*k).and_then(|v| v.to_str().ok()).map(|v| (k.to_string(), v.to_string())))
+            .collect();
+        quickim_shared::telemetry::set_parent(&span, &incoming);
+    } else if let Some(tp) = req.headers().get("traceparent").and_then(|v| v.to_str().ok()) {
+        span.record("client.traceparent", tp.get(..64).unwrap_or(tp));
+    }
     let start = std::time::Instant::now();
     let response = next.run(req).instrument(span.clone()).await;
     let status = response.status().as_u16();
@@ -111,8 +136,8 @@ pub fn public_router(state: AppState) -> Router {
             .route("/get_conversation_lastone_msg", post(public::get_conversation_lastone_msg))
             .route("/notify", get(crate::notify::notify)),
     )
-    .layer(Extension(BodyLimit(state.config.max_body_bytes)))
-    .route_layer(axum::middleware::from_fn(observe));
+    .layer(Extension(BodyLimit(state.config.max_body_bytes, body_timeout(&state))))
+    .route_layer(axum::middleware::from_fn_with_state(state.config.trust_client_traceparent, observe_public));
     if let Some(cors) = cors {
         router = router.layer(cors);
     }
@@ -134,8 +159,8 @@ pub fn inner_router(state: AppState) -> Router {
             .route("/inner/kick_user", post(inner::kick_user))
             .route("/metrics", get(metrics)),
     )
-    .layer(Extension(BodyLimit(state.config.inner_max_body_bytes)))
-    .route_layer(axum::middleware::from_fn(observe))
+    .layer(Extension(BodyLimit(state.config.inner_max_body_bytes, body_timeout(&state))))
+    .route_layer(axum::middleware::from_fn(observe_trusted))
     .with_state(state)
 }
 

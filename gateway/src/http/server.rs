@@ -28,6 +28,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 
+use super::extract::Peer;
 use super::socket::Socket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,8 +38,8 @@ use tower::ServiceExt;
 const MAX_HEAD: usize = 16 * 1024;
 /// Headers parsed here (more: hyper's business).
 const MAX_HEADERS: usize = 32;
-/// How long a connection may take to send a request head, or stay idle between requests.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may stay idle between requests (and before its first).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes a client may send ahead while its stream is open (a pipelined next request).
 const MAX_AHEAD: usize = 16 * 1024;
 /// Bytes of a later body gathered before its head is written (see `write_response`).
@@ -73,15 +74,26 @@ impl Takeover {
     }
 }
 
+/// How a listener treats its connections.
+#[derive(Clone)]
+pub struct Limits {
+    /// A write that makes no progress this long closes the connection.
+    pub write_timeout: Duration,
+    /// A request head must be complete this long after its first byte.
+    pub header_timeout: Duration,
+    /// New connections per IP address (none: unlimited).
+    pub per_ip: Option<Arc<crate::ratelimit::RateLimiter>>,
+}
+
 /// Serves `router` on `listener` until `shutdown`, then stops accepting and waits for the
 /// open connections to finish (their streams close on the same signal). `lean_notify`:
-/// serve SSE and long-poll `/notify` requests directly (the public listener). A write that
-/// makes no progress for `write_timeout` closes its connection.
+/// serve SSE and long-poll `/notify` requests directly (the public listener). A new
+/// connection over its IP address's rate is answered 429 and closed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     lean_notify: bool,
-    write_timeout: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
@@ -89,7 +101,16 @@ pub async fn serve(
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => {
+                    if let Some(limiter) = &limits.per_ip
+                        && let Err(wait) = limiter.check_ip(peer.ip())
+                    {
+                        metrics::counter!("quickim_connections_refused_total", "reason" => "ip_rate").increment(1);
+                        connections.spawn(refuse(stream, wait));
+                        continue;
+                    }
+                    stream
+                }
                 Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
                     // Out of file descriptors, most likely: give connections time to close.
@@ -100,12 +121,35 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let stream = Socket::new(stream, write_timeout, shutdown.clone());
-        connections.spawn(connection(stream, router.clone(), lean_notify, shutdown.clone()));
+        let peer = stream.peer_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        let stream = Socket::new(stream, limits.write_timeout, shutdown.clone());
+        connections.spawn(connection(
+            stream,
+            peer,
+            router.clone(),
+            lean_notify,
+            limits.header_timeout,
+            shutdown.clone(),
+        ));
     }
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Answers a connection over its address's rate: 429 `too_many_connections_from_ip`.
+async fn refuse(mut stream: tokio::net::TcpStream, wait: u64) {
+    let body = format!(
+        r#"{{"code":{},"error":"too many new connections from this address"}}"#,
+        quickim_shared::error::ErrorCode::TooManyConnectionsFromIp.number()
+    );
+    let answer = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: {wait}\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(answer.as_bytes())).await;
+    let _ = stream.shutdown().await;
 }
 
 fn is_connection_error(e: &io::Error) -> bool {
@@ -115,14 +159,22 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-async fn connection(mut stream: Socket, router: Router, lean_notify: bool, shutdown: CancellationToken) {
+async fn connection(
+    mut stream: Socket,
+    peer: std::net::IpAddr,
+    router: Router,
+    lean_notify: bool,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) {
     let mut pending = BytesMut::new();
     if lean_notify {
         loop {
             // Boxed: the connection's own future stays small while a stream is open.
-            let head = Box::pin(read_head(&mut stream, &mut pending, &shutdown)).await;
+            let head = Box::pin(read_head(&mut stream, &mut pending, header_timeout, &shutdown)).await;
             match head {
-                Head::Lean(request, keep_alive) => {
+                Head::Lean(mut request, keep_alive) => {
+                    request.extensions_mut().insert(Peer(peer));
                     match Box::pin(answer(&mut stream, &router, *request, &mut pending, keep_alive)).await {
                         Ok(Outcome::Next) if keep_alive && !shutdown.is_cancelled() => continue,
                         Ok(Outcome::Takeover(run)) => {
@@ -141,14 +193,24 @@ async fn connection(mut stream: Socket, router: Router, lean_notify: bool, shutd
         }
     }
     // Boxed: hyper's connection state would otherwise sit inline in every lean connection's task.
-    Box::pin(hyper_connection(Rewind { ahead: pending.freeze(), stream }, router, shutdown)).await;
+    Box::pin(hyper_connection(Rewind { ahead: pending.freeze(), stream }, peer, router, header_timeout, shutdown))
+        .await;
 }
 
 /// Serves the rest of a connection with hyper.
-async fn hyper_connection(io: Rewind, router: Router, shutdown: CancellationToken) {
-    let service = TowerToHyperService::new(router);
+async fn hyper_connection(
+    io: Rewind,
+    peer: std::net::IpAddr,
+    router: Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let service = TowerToHyperService::new(router.map_request(move |mut r: Request<hyper::body::Incoming>| {
+        r.extensions_mut().insert(Peer(peer));
+        r
+    }));
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT);
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -174,9 +236,20 @@ enum Head {
     Closed,
 }
 
-/// Reads the next request head into `pending` and decides who serves it.
-async fn read_head(stream: &mut Socket, pending: &mut BytesMut, shutdown: &CancellationToken) -> Head {
-    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+/// Reads the next request head into `pending` and decides who serves it. A connection may
+/// stay idle for [`IDLE_TIMEOUT`]; once a head has begun it must be complete within
+/// `header_timeout` (a slow-header client is cut).
+async fn read_head(
+    stream: &mut Socket,
+    pending: &mut BytesMut,
+    header_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Head {
+    let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+    let mut begun = !pending.is_empty();
+    if begun {
+        deadline = tokio::time::Instant::now() + header_timeout;
+    }
     loop {
         if !pending.is_empty() {
             // Decide on the request line alone where possible: most requests are not ours.
@@ -211,7 +284,12 @@ async fn read_head(stream: &mut Socket, pending: &mut BytesMut, shutdown: &Cance
         };
         match read {
             Ok(0) | Err(_) => return Head::Closed,
-            Ok(_) => {}
+            Ok(_) => {
+                if !begun {
+                    begun = true;
+                    deadline = tokio::time::Instant::now() + header_timeout;
+                }
+            }
         }
     }
 }

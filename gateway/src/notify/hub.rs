@@ -210,6 +210,9 @@ struct Shared {
     ready: AtomicBool,
     /// A partition stayed behind too long (see the module docs).
     stalled: AtomicBool,
+    /// When the log's heads were last heard of (ms since the epoch): the message services
+    /// announce them every second, read from the database.
+    heads_at: std::sync::atomic::AtomicI64,
     /// (epoch, position, encoded cursor) after the last dispatched entry.
     position: RwLock<(u32, Arc<[u64]>, Arc<str>)>,
 }
@@ -240,6 +243,7 @@ impl Hub {
         let shared = Arc::new(Shared {
             ready: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            heads_at: std::sync::atomic::AtomicI64::new(0),
             position: RwLock::new((0, Arc::from(Vec::new()), Arc::from(""))),
         });
         let hub = Hub { cmds: cmds.clone(), shared: shared.clone() };
@@ -256,6 +260,13 @@ impl Hub {
     /// Whether the hub knows where the log is and keeps up with it.
     pub fn is_ready(&self) -> bool {
         self.shared.ready.load(Ordering::Relaxed) && !self.is_stalled()
+    }
+
+    /// How long ago the log's heads were last heard of (a message service and its database
+    /// answer every second), if ever.
+    pub fn heads_age(&self) -> Option<Duration> {
+        let at = self.shared.heads_at.load(Ordering::Relaxed);
+        (at > 0).then(|| Duration::from_millis(u64::try_from(quickim_shared::time::now_ms() - at).unwrap_or(0)))
     }
 
     /// Whether a partition stayed behind the log too long (the node serves no connection
@@ -420,6 +431,7 @@ impl State {
             snapshots: Arc::new(Semaphore::new(SNAPSHOT_CONCURRENCY)),
         };
         state.publish_position();
+        state.shared.heads_at.store(quickim_shared::time::now_ms(), Ordering::Relaxed);
         state.shared.ready.store(true, Ordering::Relaxed);
         tracing::info!(epoch = state.epoch, partitions = n, "hub ready");
         state
@@ -684,6 +696,7 @@ impl State {
             self.reset(heads);
             return;
         }
+        self.shared.heads_at.store(quickim_shared::time::now_ms(), Ordering::Relaxed);
         let now = Instant::now();
         for (p, &h) in heads.heads.iter().enumerate() {
             if h > self.known[p] {

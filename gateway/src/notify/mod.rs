@@ -30,6 +30,7 @@ use serde::Deserialize;
 
 use crate::auth::Caller;
 use crate::http::error::ApiError;
+use crate::http::extract::Peer;
 use crate::http::server::{Lean, Takeover};
 use crate::state::AppState;
 use cursor::Cursor;
@@ -92,6 +93,13 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
             lean,
         )
         .await);
+    }
+    // A new stream (not a parked poll's continuation): counted against its address's rate.
+    if let Some(Peer(ip)) = parts.extensions.get::<Peer>()
+        && let Err(wait) = state.handshakes.check_ip(*ip)
+    {
+        metrics::counter!("quickim_connections_refused_total", "reason" => "handshake_rate").increment(1);
+        return Err(ApiError::ip_rate_limited(wait));
     }
     let resume = match cursor_text {
         Some(c) => Some(

@@ -29,16 +29,24 @@ use tokio_util::sync::CancellationToken;
 /// Most users or conversations one request may name.
 pub const MAX_LIST: usize = 1000;
 
+/// Limits the conversation service applies.
+#[derive(Debug, Clone, Copy)]
+pub struct ConversationLimits {
+    /// Most active members of one conversation.
+    pub max_members: u64,
+}
+
 /// The service: a store and the bus to publish on.
 pub struct ConversationService {
     store: Store,
     bus: Bus,
+    limits: ConversationLimits,
 }
 
 impl ConversationService {
     /// A service over `store`, publishing on `bus`.
-    pub fn new(store: Store, bus: Bus) -> ConversationService {
-        ConversationService { store, bus }
+    pub fn new(store: Store, bus: Bus, limits: ConversationLimits) -> ConversationService {
+        ConversationService { store, bus, limits }
     }
 
     /// Subscribes, then serves requests in a task until `shutdown` (finishing the ones in
@@ -81,7 +89,8 @@ impl ConversationService {
             return Err(ServiceError::invalid("user_ids must not be empty"));
         }
         self.system_message_fits(&r.user_ids)?;
-        let (joined, entries) = self.store.join(&r.conversation_id, &r.user_ids, r.self_join).await?;
+        let (joined, entries) =
+            self.store.join(&r.conversation_id, &r.user_ids, r.self_join, self.limits.max_members).await?;
         publish_entries(&self.bus, &entries).await;
         Ok(JoinedUsers { joined })
     }
@@ -107,8 +116,14 @@ impl ConversationService {
     }
 
     async fn set_archived(&self, r: SetArchived) -> Reply<ArchiveAnswer> {
-        if r.conversation_ids.is_empty() || r.conversation_ids.len() > MAX_LIST {
-            return Err(ServiceError::invalid(format!("conversation_ids must name 1–{MAX_LIST} conversations")));
+        if r.conversation_ids.is_empty() {
+            return Err(ServiceError::invalid("conversation_ids must not be empty"));
+        }
+        if r.conversation_ids.len() > MAX_LIST {
+            return Err(ServiceError::new(
+                ErrorCode::TooManyItems,
+                format!("conversation_ids may name at most {MAX_LIST} conversations"),
+            ));
         }
         for id in &r.conversation_ids {
             check_conversation_id(id)?;
@@ -170,7 +185,7 @@ const PAGE: u32 = 2000;
 
 fn check_users(field: &str, users: &[String]) -> Result<(), ServiceError> {
     if users.len() > MAX_LIST {
-        return Err(ServiceError::invalid(format!("{field} may name at most {MAX_LIST} users")));
+        return Err(ServiceError::new(ErrorCode::TooManyItems, format!("{field} may name at most {MAX_LIST} users")));
     }
     users.iter().try_for_each(|u| check_user_id(field, u))
 }

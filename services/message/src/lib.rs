@@ -103,8 +103,14 @@ impl MessageService {
     }
 
     async fn send_batch(&self, r: SendBatch) -> Reply<Vec<Reply<Message>>> {
-        if r.items.is_empty() || r.items.len() > self.limits.send_batch_max {
-            return Err(ServiceError::invalid(format!("a batch holds 1–{} messages", self.limits.send_batch_max)));
+        if r.items.is_empty() {
+            return Err(ServiceError::invalid("a batch holds at least one message"));
+        }
+        if r.items.len() > self.limits.send_batch_max {
+            return Err(ServiceError::new(
+                ErrorCode::TooManyItems,
+                format!("a batch holds at most {} messages", self.limits.send_batch_max),
+            ));
         }
         // Invalid items get their error; the valid ones are stored together, in order.
         let checked: Vec<Reply<quickim_store::SendItem>> =

@@ -18,6 +18,9 @@ pub(crate) fn send_item(r: SendMessage, max_content_bytes: usize) -> Result<Send
     if r.msg_type < 0 {
         return Err(ServiceError::invalid("type must be ≥ 0; negative types are reserved for system messages"));
     }
+    if r.content.contains('\0') {
+        return Err(ServiceError::new(ErrorCode::InvalidText, "content must not contain U+0000 (NUL)"));
+    }
     if r.content.len() > max_content_bytes {
         return Err(ServiceError::new(
             ErrorCode::PayloadTooLarge,
@@ -62,6 +65,7 @@ mod tests {
         // The limit counts UTF-8 bytes: 4 × "é" is 8 bytes.
         assert!(send_item(req("a", 0, "éééé", Origin::Client), 8).is_ok());
         assert_eq!(send_item(req("a", 0, "ééééé", Origin::Client), 8).unwrap_err().code, ErrorCode::PayloadTooLarge);
+        assert_eq!(send_item(req("a", 0, "bad\u{0}nul", Origin::Client), 10).unwrap_err().code, ErrorCode::InvalidText);
         let mut r = req("a", 0, "x", Origin::Client);
         r.client_msg_id = Some("has space".into());
         assert_eq!(send_item(r, 10).unwrap_err().code, ErrorCode::InvalidParam);

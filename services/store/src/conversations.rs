@@ -150,6 +150,7 @@ impl Store {
         conversation_id: &str,
         user_ids: &[String],
         self_join: bool,
+        max_members: u64,
     ) -> Result<(Vec<String>, Vec<LogEntry>)> {
         let users = dedup(user_ids);
         write_tx!(self, |tx| {
@@ -164,6 +165,21 @@ impl Store {
             let new: Vec<String> = users.iter().filter(|u| !active.contains(*u)).cloned().collect();
             if new.is_empty() {
                 return Ok((users.clone(), Vec::new()));
+            }
+            let count: i64 =
+                sqlx::query("SELECT count(*) AS n FROM members WHERE conversation_id = $1 AND active = $2")
+                    .bind(conversation_id)
+                    .bind(1i32)
+                    .fetch_one(&mut **tx)
+                    .instrument(sql_span(self.system(), "SELECT", "members"))
+                    .await?
+                    .try_get("n")?;
+            if api_int(count) + new.len() as u64 > max_members {
+                return Err(ServiceError::new(
+                    ErrorCode::ConversationFull,
+                    format!("the conversation has {count} members; it takes at most {max_members}"),
+                )
+                .into());
             }
             let entries =
                 self.append(tx, &mut convs, vec![system_entry(conversation_id, system::JOINED, &new)]).await?;

@@ -100,11 +100,10 @@ impl Verdicts {
                 }
                 first_with_key.insert(key, i);
             }
+            // Membership first: a non-member learns nothing about the conversation (whether
+            // it exists, whether it is archived).
             let verdict = match convs.get(&item.conversation_id) {
                 None => Err(ServiceError::not_member()),
-                Some(c) if c.archived && item.origin == Origin::Client => {
-                    Err(ServiceError::new(ErrorCode::ConversationArchived, "the conversation is archived"))
-                }
                 Some(_) if item.from.is_empty() => {
                     if item.origin == Origin::Inner {
                         Ok(())
@@ -114,6 +113,9 @@ impl Verdicts {
                 }
                 Some(_) if !members.contains(&(item.conversation_id.clone(), item.from.clone())) => {
                     Err(ServiceError::not_member())
+                }
+                Some(c) if c.archived && item.origin == Origin::Client => {
+                    Err(ServiceError::new(ErrorCode::ConversationArchived, "the conversation is archived"))
                 }
                 Some(_) => Ok(()),
             };
@@ -211,14 +213,37 @@ fn send_attempt_sqlite(conn: &rusqlite::Connection, items: &[SendItem], conflict
     messages_sqlite::end(conn, attempt)
 }
 
+/// One result per item of a batch, and the log entries to publish.
+type BatchOutcome = (Vec<std::result::Result<Message, ServiceError>>, Vec<LogEntry>);
+
 impl Store {
     /// Stores `items` in one transaction; answers one result per item, in order, and the
     /// log entries to publish once this returns (the commit is done by then). On SQLite the
     /// statements run on the calling thread (see [`Store::with_direct`]).
-    pub async fn send_batch(
-        &self,
-        items: &[SendItem],
-    ) -> Result<(Vec<std::result::Result<Message, ServiceError>>, Vec<LogEntry>)> {
+    ///
+    /// One item the database refuses never fails the others: a batch that fails for a reason
+    /// other than the database being unreachable is split in halves, each stored (in order)
+    /// in a transaction of its own, down to the item at fault, which gets the error alone.
+    pub async fn send_batch(&self, items: &[SendItem]) -> Result<BatchOutcome> {
+        match self.send_batch_once(items).await {
+            Ok(done) => Ok(done),
+            Err(e) if is_isolatable(&e) => {
+                if items.len() == 1 {
+                    tracing::error!(error = %e, conversation_id = %items[0].conversation_id, "the database refused a message");
+                    return Ok((vec![Err(ServiceError::from(e))], Vec::new()));
+                }
+                let (first, second) = items.split_at(items.len() / 2);
+                let (mut results, mut entries) = Box::pin(self.send_batch(first)).await?;
+                let (more, more_entries) = Box::pin(self.send_batch(second)).await?;
+                results.extend(more);
+                entries.extend(more_entries);
+                Ok((results, entries))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn send_batch_once(&self, items: &[SendItem]) -> Result<BatchOutcome> {
         let mut conflicted: HashSet<Key> = HashSet::new();
         for _ in 0..8 {
             let attempt = match self.dialect() {
@@ -445,4 +470,17 @@ async fn claim_keys(system: &'static str, tx: &mut AnyConnection, claims: &[(Key
         lost.extend(chunk.iter().map(|c| c.0.clone()).filter(|k| !won.contains(k)));
     }
     Ok(lost)
+}
+
+/// Whether a failed batch may be split to find the item at fault: the database answered
+/// and refused something (not unreachable, not a refusal meant for the client).
+fn is_isolatable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(db) => !crate::is_unavailable(db),
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+            !matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        }
+        StoreError::Sqlite(_) | StoreError::Corrupt(_) => true,
+        StoreError::Rejected(_) | StoreError::KeysTaken(_) => false,
+    }
 }

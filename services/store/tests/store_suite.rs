@@ -67,6 +67,7 @@ both!(
     replay_follows_membership,
     log_reads_and_heads,
     log_pages_stop_at_bytes_and_count,
+    one_refused_item_never_fails_the_others,
     membership_and_revocation_pages,
     concurrent_senders_stay_gap_free,
     concurrent_retries_store_once,
@@ -132,7 +133,7 @@ async fn create_is_idempotent_and_conflicts_differ(db: &Db) {
     s.create_conversation(NewConversation { members: many.clone(), ..conv("big", &[], Some("member-00")) })
         .await
         .unwrap();
-    let (_, _) = s.join("big", &users(&["late"]), false).await.unwrap();
+    let (_, _) = s.join("big", &users(&["late"]), false, 1000).await.unwrap();
     for (limit, bytes) in [(10, 1 << 20), (1000, 1200)] {
         let mut seen = Vec::new();
         let mut cursor: Option<String> = None;
@@ -157,24 +158,32 @@ async fn create_is_idempotent_and_conflicts_differ(db: &Db) {
 async fn membership_changes_are_messages(db: &Db) {
     let s = &db.store;
     s.create_conversation(conv("c", &["a"], Some("a"))).await.unwrap();
-    let (joined, e) = s.join("c", &users(&["b", "c", "b"]), false).await.unwrap();
+    let (joined, e) = s.join("c", &users(&["b", "c", "b"]), false, 1000).await.unwrap();
     assert_eq!(joined, users(&["b", "c"]));
     assert_eq!(e[0].message.msg_id, 2);
     assert_eq!(e[0].message.msg_type, system::JOINED);
     // Joining again changes nothing.
-    let (_, e) = s.join("c", &users(&["b"]), false).await.unwrap();
+    let (_, e) = s.join("c", &users(&["b"]), false, 1000).await.unwrap();
     assert!(e.is_empty());
     // Self-join of a private conversation: not_member, as for an unknown one.
-    let err = s.join("c", &users(&["z"]), true).await.unwrap_err();
+    let err = s.join("c", &users(&["z"]), true, 1000).await.unwrap_err();
     assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotMember);
-    let err = s.join("nope", &users(&["z"]), true).await.unwrap_err();
+    let err = s.join("nope", &users(&["z"]), true, 1000).await.unwrap_err();
     assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotMember);
-    let err = s.join("nope", &users(&["z"]), false).await.unwrap_err();
+    let err = s.join("nope", &users(&["z"]), false, 1000).await.unwrap_err();
     assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotFound);
+    // At max_members, a join that would pass it is refused whole, and changes nothing.
+    let err = s.join("c", &users(&["x", "y"]), false, 4).await.unwrap_err();
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::ConversationFull);
+    assert!(!s.is_member("c", "x").await.unwrap());
+    let (joined, _) = s.join("c", &users(&["x"]), false, 4).await.unwrap();
+    assert_eq!(joined, users(&["x"]));
+    let e = s.kick("c", &users(&["x"])).await.unwrap().1;
+    assert_eq!(e.len(), 1);
 
-    assert_eq!(send(s, "c", "b", "hello").await, 3);
+    assert_eq!(send(s, "c", "b", "hello").await, 5);
     let e = s.leave("c", "b").await.unwrap();
-    assert_eq!(e[0].message.msg_id, 4);
+    assert_eq!(e[0].message.msg_id, 6);
     assert!(!s.is_member("c", "b").await.unwrap());
     let (kicked, e) = s.kick("c", &users(&["c", "b"])).await.unwrap();
     assert_eq!(kicked, users(&["c"]));
@@ -185,11 +194,11 @@ async fn membership_changes_are_messages(db: &Db) {
     let (r, _) = s.send_batch(&[item("c", "b", "x", None)]).await.unwrap();
     assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::NotMember);
     // Rejoined: reads the whole history, unread counts from the join.
-    s.join("c", &users(&["b"]), false).await.unwrap();
+    s.join("c", &users(&["b"]), false, 1000).await.unwrap();
     let h = s.history("c", "b", HistoryQuery::Last, false, 100, 1 << 20).await.unwrap();
-    assert_eq!(h.iter().map(|m| m.msg_id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(h.iter().map(|m| m.msg_id).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
     let list = s.list_joined("b", None, 10, None, 1 << 20).await.unwrap();
-    assert_eq!(list.conversations[0].read_msg_id, 6);
+    assert_eq!(list.conversations[0].read_msg_id, 8);
     assert_eq!(list.conversations[0].unread, 0);
     // Archive toggles write messages; unknown ids are skipped.
     let (updated, e) = s.set_archived(&users(&["c", "nope"]), true).await.unwrap();
@@ -372,7 +381,7 @@ async fn replay_follows_membership(db: &Db) {
     s.kick("leave", &users(&["u"])).await.unwrap();
     send(s, "leave", "x", "after kick").await;
     send(s, "later", "x", "before join").await;
-    s.join("later", &users(&["u"]), false).await.unwrap();
+    s.join("later", &users(&["u"]), false, 1000).await.unwrap();
     send(s, "later", "x", "after join").await;
     send(s, "stay", "x", "s2").await;
     let upto = s.heads().await.unwrap().heads;
@@ -455,6 +464,27 @@ async fn log_pages_stop_at_bytes_and_count(db: &Db) {
     // At least one entry, however small the bound; `upto` is respected.
     assert_eq!(s.read_log(part, 1, u64::MAX, 1000, 1).await.unwrap().len(), 1);
     assert_eq!(s.read_log(part, 1, 5, 1000, 1 << 20).await.unwrap().len(), 4);
+}
+
+async fn one_refused_item_never_fails_the_others(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("c", &["a", "b"], None)).await.unwrap();
+    // PostgreSQL cannot keep U+0000 in a text (the API refuses it before it gets here; a
+    // store must still not let one such item fail its batch).
+    let batch: Vec<SendItem> = (0..7)
+        .map(|i| item("c", if i % 2 == 0 { "a" } else { "b" }, if i == 3 { "bad\u{0}nul" } else { "fine" }, None))
+        .collect();
+    let (results, entries) = s.send_batch(&batch).await.unwrap();
+    assert_eq!(results.len(), 7);
+    let stored: Vec<u64> = results.iter().filter_map(|r| r.as_ref().ok().map(|m| m.msg_id)).collect();
+    match db.pg {
+        Some(_) => {
+            assert!(results[3].is_err(), "the refused item fails alone");
+            assert_eq!(stored, (2..=7).collect::<Vec<_>>(), "the others are stored, in order, gap-free");
+        }
+        None => assert_eq!(stored, (2..=8).collect::<Vec<_>>()),
+    }
+    assert_eq!(entries.len(), stored.len());
 }
 
 async fn membership_and_revocation_pages(db: &Db) {

@@ -245,6 +245,10 @@ impl Standalone {
                 ("QUICKIM_INNER_ADDR".into(), inner.clone()),
                 ("QUICKIM_JWT_SECRET".into(), TEST_JWT_SECRET.into()),
                 ("QUICKIM_INNER_KEY".into(), TEST_INNER_KEY.into()),
+                // Every test client is 127.0.0.1: the per-address limits are off unless a
+                // test of them sets them.
+                ("QUICKIM_CONN_RATE_PER_IP".into(), "0".into()),
+                ("QUICKIM_HANDSHAKE_RATE_PER_IP".into(), "0".into()),
             ]);
             for (k, v) in extra {
                 env.insert(k.to_string(), v.to_string());
@@ -307,6 +311,8 @@ impl Distributed {
             ("QUICKIM_JWT_SECRET".into(), TEST_JWT_SECRET.into()),
             ("QUICKIM_INNER_KEY".into(), TEST_INNER_KEY.into()),
             ("QUICKIM_DB_MAX_CONNECTIONS".into(), "8".into()),
+            ("QUICKIM_CONN_RATE_PER_IP".into(), "0".into()),
+            ("QUICKIM_HANDSHAKE_RATE_PER_IP".into(), "0".into()),
         ]);
         for (k, v) in extra {
             base_env.insert(k.to_string(), v.to_string());

@@ -1,7 +1,9 @@
 //! WebSocket: JSON text frames. One task per connection drives everything: session events
-//! out, client frames in (`send`, `mark_read`, answered by acks as they complete, at most
-//! [`IN_FLIGHT`] at once), and pings. The server pings every `ws_ping_s` and closes a peer
-//! silent for two intervals; close codes come from [`Disconnect`].
+//! out, client frames in (`send`, `mark_read`, answered by acks as they complete), and pings.
+//! At most [`IN_FLIGHT`] client requests run at once: with that many open, the connection
+//! stops reading the client's frames until one completes (backpressure, not refusal). The
+//! server pings every `ws_ping_s` and closes a peer silent for two intervals; close codes
+//! come from [`Disconnect`].
 //!
 //! One task (no reader task, no channels between halves) keeps an idle connection small.
 
@@ -33,8 +35,8 @@ use crate::notify::transport::coalesce::{BURST, BURST_BYTES, Coalesce};
 use crate::ratelimit::Bucket;
 use crate::state::AppState;
 
-/// Client requests in flight per connection.
-const IN_FLIGHT: usize = 16;
+/// Client requests in flight per connection (docs/protocol.md, "Limits").
+pub const IN_FLIGHT: usize = 16;
 
 /// How long the closing handshake may take.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -124,7 +126,7 @@ impl Limits {
         Limits { rate, frames: Bucket::full(rate.saturating_mul(2)), refused: 0 }
     }
 
-    fn inbound(&mut self, frame: Option<Result<WsMessage, tungstenite::Error>>, in_flight: usize) -> Inbound {
+    fn inbound(&mut self, frame: Option<Result<WsMessage, tungstenite::Error>>) -> Inbound {
         let frame = match frame {
             Some(Ok(f)) => f,
             Some(Err(tungstenite::Error::Capacity(_))) => return Inbound::Close(Disconnect::FrameTooLarge),
@@ -148,13 +150,14 @@ impl Limits {
             if self.refused > self.rate.saturating_mul(2).max(10) {
                 return Inbound::Close(Disconnect::RateLimited);
             }
-            return Inbound::Reply(error(req_id_of(&body), ErrorCode::RateLimited, "too many frames"));
+            return Inbound::Reply(error(
+                req_id_of(&body),
+                ErrorCode::FrameRateLimited,
+                &format!("more than {} frames per second", self.rate),
+            ));
         }
         self.refused = 0;
         match serde_json::from_str::<ClientFrame>(&body) {
-            Ok(_) if in_flight >= IN_FLIGHT => {
-                Inbound::Reply(error(req_id_of(&body), ErrorCode::RateLimited, "too many requests in flight"))
-            }
             Ok(request) => Inbound::Request(request),
             Err(e) => Inbound::Reply(error(req_id_of(&body), ErrorCode::InvalidParam, &format!("bad frame: {e}"))),
         }
@@ -206,9 +209,10 @@ where
                     break Some(d);
                 }
             },
-            frame = socket.next() => {
+            // With IN_FLIGHT requests open, the client's frames wait in its socket.
+            frame = socket.next(), if pending < IN_FLIGHT => {
                 seen = Instant::now();
-                match limits.inbound(frame, pending) {
+                match limits.inbound(frame) {
                     Inbound::Nothing => {}
                     Inbound::Reply(reply) => {
                         if socket.send(WsMessage::Text(Utf8Bytes::from(reply))).await.is_err() {
