@@ -79,10 +79,41 @@ const LEEWAY_S: i64 = 5;
 /// (platform or every platform, tokens issued before this ms are rejected)
 type PlatformRevocation = (Option<String>, i64);
 
+/// The claims of a /notify ticket: who (as the token it was exchanged for), which token
+/// life it inherits, and its own short life and id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TicketClaims {
+    sub: String,
+    plt: String,
+    /// The token's issue time (ms): revocations apply to tickets as to their token.
+    tiat: i64,
+    /// The token's expiry (ms): a stream opened with the ticket ends there.
+    texp: i64,
+    /// The ticket's expiry (seconds).
+    exp: i64,
+    /// Random id: a ticket is good once.
+    jti: String,
+}
+
+/// A verified /notify ticket, not yet used up.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// Whom it stands for.
+    pub caller: Caller,
+    /// Its id, to use it up.
+    pub id: String,
+    /// When it expires (ms).
+    pub expires_ms: i64,
+}
+
 /// Issues and verifies tokens.
 pub struct Auth {
     encoding: EncodingKey,
     hs256: DecodingKey,
+    /// Tickets are signed with a key of their own: a ticket is no token, nor the reverse.
+    ticket_encoding: EncodingKey,
+    ticket_decoding: DecodingKey,
+    ticket_ttl_s: u64,
     rsa: Vec<DecodingKey>,
     ed: Vec<DecodingKey>,
     default_ttl_s: u64,
@@ -110,9 +141,13 @@ impl Auth {
                 )));
             }
         }
+        let ticket_key = format!("{}\u{0}quickim-notify-ticket", secret.expose());
         Ok(Auth {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             hs256: DecodingKey::from_secret(secret.expose().as_bytes()),
+            ticket_encoding: EncodingKey::from_secret(ticket_key.as_bytes()),
+            ticket_decoding: DecodingKey::from_secret(ticket_key.as_bytes()),
+            ticket_ttl_s: config.notify_ticket_ttl_s,
             rsa,
             ed,
             default_ttl_s: config.token_ttl_s,
@@ -141,6 +176,53 @@ impl Auth {
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| ServiceError::internal(format!("cannot sign a token: {e}")))?;
         Ok((token, exp * 1000))
+    }
+
+    /// A single-use ticket for `caller`'s next /notify connection (see docs/protocol.md);
+    /// answers it with its expiry (ms).
+    pub fn issue_ticket(&self, caller: &Caller) -> Result<(String, i64), ServiceError> {
+        let now = now_ms();
+        let exp = (now / 1000 + self.ticket_ttl_s as i64).min(caller.expires_ms / 1000);
+        let jti = uuid::Uuid::new_v4().simple().to_string();
+        let claims = TicketClaims {
+            sub: caller.user_id.clone(),
+            plt: caller.platform.clone(),
+            tiat: caller.issued_ms,
+            texp: caller.expires_ms,
+            exp,
+            jti,
+        };
+        let ticket = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.ticket_encoding)
+            .map_err(|e| ServiceError::internal(format!("cannot sign a ticket: {e}")))?;
+        Ok((ticket, exp * 1000))
+    }
+
+    /// Verifies a ticket (signature, expiry, revocation of its token); using it up is the
+    /// caller's next step.
+    pub fn verify_ticket(&self, ticket: &str) -> Result<Ticket, ServiceError> {
+        let invalid = |why: &str| ServiceError::new(ErrorCode::InvalidToken, why.to_string());
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 0;
+        let claims = jsonwebtoken::decode::<TicketClaims>(ticket, &self.ticket_decoding, &validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => invalid("ticket expired"),
+                _ => invalid("invalid ticket"),
+            })?
+            .claims;
+        if self.is_revoked(&claims.sub, &claims.plt, claims.tiat) {
+            return Err(invalid("token revoked"));
+        }
+        Ok(Ticket {
+            caller: Caller {
+                user_id: claims.sub,
+                platform: claims.plt,
+                issued_ms: claims.tiat,
+                expires_ms: claims.texp,
+            },
+            id: claims.jti,
+            expires_ms: claims.exp * 1000,
+        })
     }
 
     /// Verifies a token: signature, expiry, identity shape, revocation.
@@ -299,6 +381,22 @@ mod tests {
 
     fn signed(a: &Auth, claims: serde_json::Value) -> String {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap()
+    }
+
+    #[test]
+    fn tickets_are_not_tokens_and_follow_their_token() {
+        let a = auth();
+        let (token, _) = a.issue("alice", "web", Some(600)).unwrap();
+        let caller = a.verify(&token).unwrap();
+        let (ticket, exp) = a.issue_ticket(&caller).unwrap();
+        assert!(exp <= now_ms() + 31_000);
+        let t = a.verify_ticket(&ticket).unwrap();
+        assert_eq!((t.caller.user_id.as_str(), t.caller.issued_ms), ("alice", caller.issued_ms));
+        assert_eq!(t.id.len(), 32);
+        assert!(a.verify(&ticket).is_err(), "a ticket is not a bearer token");
+        assert!(a.verify_ticket(&token).is_err(), "a token is not a ticket");
+        a.revoke(&Revocation { user_id: "alice".into(), platform: None, before_ms: now_ms() + 1 });
+        assert_eq!(a.verify_ticket(&ticket).unwrap_err().message, "token revoked");
     }
 
     #[test]

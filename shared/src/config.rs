@@ -90,6 +90,8 @@ config_keys! {
     token_ttl_s: u64 => u64 = 86_400, env "QUICKIM_TOKEN_TTL_S";
     /// Longest lifetime /inner/get_token grants, seconds
     token_max_ttl_s: u64 => u64 = 30 * 86_400, env "QUICKIM_TOKEN_MAX_TTL_S";
+    /// How long a /notify ticket (POST /notify_ticket) may be used, seconds
+    notify_ticket_ttl_s: u64 => u64 = 30, env "QUICKIM_NOTIFY_TICKET_TTL_S";
     /// Service roles: listener for /healthz, /readyz and /metrics (default 127.0.0.1:9090 for conversation, :9091 for message)
     ops_addr: Option<SocketAddr> => SocketAddr = None, env "QUICKIM_OPS_ADDR";
     /// Standalone SQLite file and generated secrets
@@ -280,8 +282,8 @@ impl Config {
             || self.write_timeout_s == 0
         {
             return fail(
-                "revocation_poll_s, hub_stall_s, hub_max_held_bytes, write_timeout_s, header_read_timeout_s and \
-                 body_read_timeout_s must be > 0"
+                "revocation_poll_s, hub_stall_s, hub_max_held_bytes, write_timeout_s, header_read_timeout_s, \
+                 body_read_timeout_s and notify_ticket_ttl_s must be > 0"
                     .into(),
             );
         }

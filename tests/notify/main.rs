@@ -12,6 +12,7 @@ mod protocols;
 mod resume;
 mod shutdown;
 mod soak;
+mod tickets;
 
 use std::time::Duration;
 

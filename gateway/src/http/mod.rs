@@ -134,6 +134,7 @@ pub fn public_router(state: AppState) -> Router {
             .route("/get_conversation_30msg_after_the_id", post(public::get_conversation_30msg_after_the_id))
             .route("/get_conversation_last_30_msg", post(public::get_conversation_last_30_msg))
             .route("/get_conversation_lastone_msg", post(public::get_conversation_lastone_msg))
+            .route("/notify_ticket", post(public::notify_ticket))
             .route("/notify", get(crate::notify::notify)),
     )
     .layer(Extension(BodyLimit(state.config.max_body_bytes, body_timeout(&state))))

@@ -45,6 +45,13 @@ const fn route(
 const ROUTES: &[Route] = &[
     route("/send_msg", "Send a message (answers once it is stored)", "SendMsgRequest", "Message", Access::Client),
     route(
+        "/notify_ticket",
+        "A single-use ticket for the next /notify connection (keeps the token out of URLs)",
+        "NotifyTicketRequest",
+        "NotifyTicketAnswer",
+        Access::Client,
+    ),
+    route(
         "/check_joined_conversation",
         "Whether the caller is a member",
         "ConversationRequest",
@@ -266,7 +273,8 @@ pub fn document() -> OpenApi {
                 "See docs/protocol.md: events `ready`, `message`, `kicked`, `resync` (and on WS `ack`/`error`), each with an opaque cursor.",
                 &[
                     ("protoc", "ws | sse | poll"),
-                    ("token", "client token (when the Authorization header cannot be set)"),
+                    ("token", "client token (when the Authorization header cannot be set; prefer a ticket)"),
+                    ("ticket", "a single-use ticket from POST /notify_ticket, instead of the token"),
                     ("cursor", "resume after this cursor"),
                     ("last_event_id", "SSE: same as the Last-Event-ID header"),
                     ("timeout", "poll: seconds to wait for the first event (default 30, max 60)"),
@@ -293,6 +301,8 @@ pub fn document() -> OpenApi {
         a::SendMsgRequest,
         a::ConversationRequest,
         a::DetailRequest,
+        a::NotifyTicketRequest,
+        a::NotifyTicketAnswer,
         a::LastMsgsRequest,
         a::GetJoinedRequest,
         a::CreateConversationRequest,

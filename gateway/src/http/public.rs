@@ -6,7 +6,8 @@ use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::{
     AroundRequest, ConversationDetail, ConversationRequest, CreateConversationRequest, CreatedConversation,
     DetailRequest, GetJoinedRequest, JoinedAnswer, JoinedConversations, LastMsgsRequest, LastOneAnswer, LeftAnswer,
-    MarkReadRequest, Message, MsgIdAnswer, MsgsAnswer, RangeRequest, ReadAnswer, SendMsgRequest,
+    MarkReadRequest, Message, MsgIdAnswer, MsgsAnswer, NotifyTicketAnswer, NotifyTicketRequest, RangeRequest,
+    ReadAnswer, SendMsgRequest,
 };
 use quickim_shared::protocol::service::{
     CheckJoined, CreateConversation, GetDetail, History, HistoryQuery, Join, LastMsgId, Leave, ListJoined, MarkRead,
@@ -40,6 +41,16 @@ pub async fn send_msg(
         )
         .await?;
     Ok(Envelope(msg))
+}
+
+/// POST /notify_ticket: a single-use ticket for the caller's next /notify connection.
+pub async fn notify_ticket(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(_): Body<NotifyTicketRequest>,
+) -> ApiResult<NotifyTicketAnswer> {
+    let (ticket, expires_at) = s.auth.issue_ticket(&caller)?;
+    Ok(Envelope(NotifyTicketAnswer { ticket, expires_at }))
 }
 
 /// POST /check_joined_conversation

@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use quickim_shared::config::Config;
 use quickim_shared::error::ErrorCode;
+use quickim_shared::protocol::service::ConsumeTicket;
 use serde::Deserialize;
 
 use crate::auth::Caller;
@@ -44,6 +45,7 @@ struct NotifyQuery {
     timeout: Option<String>,
     #[serde(rename = "token")]
     _token: Option<String>,
+    ticket: Option<String>,
 }
 
 /// GET /notify?protoc=ws|sse|poll — see docs/protocol.md.
@@ -64,7 +66,10 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         None if parts.headers.get(header::UPGRADE).is_some() => "ws",
         _ => return Err(ApiError::new(ErrorCode::InvalidParam, "protoc must be ws, sse or poll")),
     };
-    let caller = Caller::from_request_parts(&mut parts, &state).await?;
+    let caller = match &query.ticket {
+        Some(ticket) => caller_of_ticket(&state, ticket).await?,
+        None => Caller::from_request_parts(&mut parts, &state).await?,
+    };
     // Served by the listener itself: a long-poll may wait inside its response body.
     let lean = parts.extensions.get::<Lean>().is_some();
     let cursor_text = if protoc == "sse" {
@@ -154,6 +159,20 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
                 .await)
         }
     }
+}
+
+/// The caller a /notify ticket stands for, once the ticket is used up (on any node).
+async fn caller_of_ticket(state: &AppState, ticket: &str) -> Result<Caller, ApiError> {
+    let ticket = state.auth.verify_ticket(ticket)?;
+    let first = state.rpc.call(&ConsumeTicket { ticket_id: ticket.id, expires_ms: ticket.expires_ms }).await?;
+    if !first {
+        return Err(ApiError::new(ErrorCode::InvalidToken, "ticket already used: get a new one"));
+    }
+    tracing::Span::current().record("enduser.id", ticket.caller.user_id.as_str());
+    if let Err(wait) = state.limiter.check(&ticket.caller.user_id) {
+        return Err(ApiError::rate_limited(wait));
+    }
+    Ok(ticket.caller)
 }
 
 /// The long-poll wait asked for (or the default).

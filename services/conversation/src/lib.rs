@@ -17,8 +17,9 @@ use quickim_shared::protocol::api::{
     ArchiveAnswer, CreatedConversation, JoinedUsers, KickedUsers, LeftAnswer, ReadAnswer,
 };
 use quickim_shared::protocol::service::{
-    CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, CreateConversation, GetDetail, GetMemberships, Join,
-    Kick, Leave, ListJoined, ListRevocations, MarkRead, Memberships, Reply, RevocationPage, RevokeTokens, SetArchived,
+    CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, ConsumeTicket, CreateConversation, GetDetail,
+    GetMemberships, Join, Kick, Leave, ListJoined, ListRevocations, MarkRead, Memberships, Reply, RevocationPage,
+    RevokeTokens, SetArchived,
 };
 use quickim_shared::protocol::system;
 use quickim_shared::rpc::{self, Handler, answer};
@@ -53,6 +54,22 @@ impl ConversationService {
     /// flight). Returns once requests can be sent.
     pub async fn start(self, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
         let bus = self.bus.clone();
+        let store = self.store.clone();
+        let prune = shutdown.clone();
+        // Used /notify tickets are kept until they expire.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = prune.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = store.prune_tickets(quickim_shared::time::now_ms()).await {
+                            tracing::warn!(error = %e, "cannot prune used tickets");
+                        }
+                    }
+                }
+            }
+        });
         rpc::serve(&bus, CONVERSATION_SUBJECTS, CONVERSATION_QUEUE, 256, Arc::new(self), shutdown).await
     }
 
@@ -245,6 +262,15 @@ impl Handler for ConversationService {
                 .await
             }
             ListRevocations::SUBJECT => answer(payload, |r| self.revocations(r)).await,
+            ConsumeTicket::SUBJECT => {
+                answer(payload, async |r: ConsumeTicket| {
+                    if r.ticket_id.is_empty() || r.ticket_id.len() > 64 {
+                        return Err(ServiceError::invalid("ticket_id"));
+                    }
+                    Ok(self.store.consume_ticket(&r.ticket_id, r.expires_ms).await?)
+                })
+                .await
+            }
             other => rpc::unknown_operation(other),
         }
     }

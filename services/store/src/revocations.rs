@@ -1,4 +1,5 @@
-//! Token revocations written by /inner/kick_user and loaded by every gateway.
+//! Token revocations written by /inner/kick_user and loaded by every gateway, and the
+//! /notify tickets used so far.
 
 use quickim_shared::protocol::service::{Revocation, RevocationPage};
 use sqlx::Row;
@@ -58,5 +59,29 @@ impl Store {
         let more = revocations.len() > limit.max(1) as usize;
         revocations.truncate(limit.max(1) as usize);
         Ok(RevocationPage { revocations, more })
+    }
+}
+
+impl Store {
+    /// Records a /notify ticket as used; answers whether this was its first use.
+    pub async fn consume_ticket(&self, ticket_id: &str, expires_ms: i64) -> Result<bool> {
+        let done =
+            sqlx::query("INSERT INTO used_tickets (ticket_id, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(ticket_id)
+                .bind(expires_ms)
+                .execute(self.pool())
+                .instrument(sql_span(self.system(), "INSERT", "used_tickets"))
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Forgets used tickets that expired before `now_ms` (they cannot be presented again).
+    pub async fn prune_tickets(&self, now_ms: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM used_tickets WHERE expires_at < $1")
+            .bind(now_ms)
+            .execute(self.pool())
+            .instrument(sql_span(self.system(), "DELETE", "used_tickets"))
+            .await?;
+        Ok(done.rows_affected())
     }
 }

@@ -299,6 +299,21 @@ pub struct GetTokenRequest {
     pub ttl_s: Option<u64>,
 }
 
+/// Body of `/notify_ticket` (empty: the caller is the token's user).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyTicketRequest {}
+
+/// `data` of `/notify_ticket`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NotifyTicketAnswer {
+    /// Put it in the /notify URL as `ticket=` instead of the token: valid once, for
+    /// `notify_ticket_ttl_s` seconds.
+    pub ticket: String,
+    /// Until when the ticket may be used, ms since the epoch.
+    pub expires_at: i64,
+}
+
 /// `data` of `/inner/get_token`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenAnswer {

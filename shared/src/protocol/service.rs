@@ -200,6 +200,17 @@ pub struct RevocationPage {
     pub more: bool,
 }
 
+/// Uses up a /notify ticket: answers true the first time a ticket id is presented, false
+/// after (on any gateway).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsumeTicket {
+    /// The ticket's random id.
+    pub ticket_id: String,
+    /// When the ticket expires (ms): its record may go after.
+    pub expires_ms: i64,
+}
+call!(ConsumeTicket, "quickim.conv.consume_ticket", bool);
+
 /// One token revocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {

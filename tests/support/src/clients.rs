@@ -70,10 +70,35 @@ impl NotifyClient {
         protocol: Protocol,
         cursor: Option<&str>,
     ) -> Result<NotifyClient, Refused> {
+        Self::connect_as(public, token, None, protocol, cursor).await
+    }
+
+    /// Connects over WebSocket or SSE with a /notify ticket in the URL instead of a token.
+    pub async fn connect_with_ticket(
+        public: &str,
+        ticket: &str,
+        protocol: Protocol,
+        cursor: Option<&str>,
+    ) -> Result<NotifyClient, Refused> {
+        assert_ne!(protocol, Protocol::Poll, "long-polls send the token in a header");
+        Self::connect_as(public, "", Some(ticket), protocol, cursor).await
+    }
+
+    async fn connect_as(
+        public: &str,
+        token: &str,
+        ticket: Option<&str>,
+        protocol: Protocol,
+        cursor: Option<&str>,
+    ) -> Result<NotifyClient, Refused> {
         let base = public.trim_start_matches("http://").to_string();
+        let credential = match ticket {
+            Some(t) => format!("ticket={t}"),
+            None => format!("token={token}"),
+        };
         let inner = match protocol {
             Protocol::Ws => {
-                let mut url = format!("ws://{base}/notify?protoc=ws&token={token}");
+                let mut url = format!("ws://{base}/notify?protoc=ws&{credential}");
                 if let Some(c) = cursor {
                     url.push_str(&format!("&cursor={c}"));
                 }
@@ -91,7 +116,10 @@ impl NotifyClient {
             }
             Protocol::Sse => {
                 let http = reqwest::Client::new();
-                let mut req = http.get(format!("http://{base}/notify?protoc=sse")).bearer_auth(token);
+                let mut req = match ticket {
+                    Some(_) => http.get(format!("http://{base}/notify?protoc=sse&{credential}")),
+                    None => http.get(format!("http://{base}/notify?protoc=sse")).bearer_auth(token),
+                };
                 if let Some(c) = cursor {
                     req = req.header("Last-Event-ID", c);
                 }
