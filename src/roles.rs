@@ -12,6 +12,7 @@ use quickim_conversation::{ConversationLimits, ConversationService};
 use quickim_gateway::Gateway;
 use quickim_message::{MessageLimits, MessageService};
 use quickim_shared::bus::Bus;
+use quickim_shared::bus::nats::NatsOptions;
 use quickim_shared::config::{Config, Role, Secret};
 use quickim_shared::telemetry;
 use quickim_store::Store;
@@ -160,8 +161,19 @@ async fn start_services(
 }
 
 async fn connect_nats(config: &Config, node_id: &str) -> anyhow::Result<Bus> {
-    let url = config.nats_url.clone().unwrap_or_default();
-    Ok(Bus::connect_nats(&url, node_id).await?)
+    let options = NatsOptions {
+        url: config.nats_url.clone().unwrap_or_default(),
+        name: node_id.to_string(),
+        user: config.nats_user.clone().zip(config.nats_password.as_ref().map(|p| p.expose().to_string())),
+        token: config.nats_token.as_ref().map(|t| t.expose().to_string()),
+        nkey_seed: config.nats_nkey_seed.as_ref().map(|t| t.expose().to_string()),
+        creds_file: config.nats_creds_file.clone(),
+        tls_ca: config.nats_tls_ca.clone(),
+        tls_client: config.nats_tls_cert.clone().zip(config.nats_tls_key.clone()),
+        require_tls: config.nats_require_tls,
+        inbox_prefix: None,
+    };
+    Ok(Bus::connect_nats_with(&options, &config.nats_subject_prefix).await?)
 }
 
 /// Fills `jwt_secret` and `inner_key` from the data directory, generating them on first

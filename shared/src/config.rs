@@ -102,6 +102,26 @@ config_keys! {
     db_max_connections: u32 => u32 = 16, env "QUICKIM_DB_MAX_CONNECTIONS";
     /// nats://… for every distributed role
     nats_url: Option<String> => String = None, env "QUICKIM_NATS_URL";
+    /// NATS user (with nats_password)
+    nats_user: Option<String> => String = None, env "QUICKIM_NATS_USER";
+    /// NATS password (with nats_user)
+    nats_password: Option<Secret> => String = None, env "QUICKIM_NATS_PASSWORD";
+    /// NATS token
+    nats_token: Option<Secret> => String = None, env "QUICKIM_NATS_TOKEN";
+    /// NATS NKey seed (SU…)
+    nats_nkey_seed: Option<Secret> => String = None, env "QUICKIM_NATS_NKEY_SEED";
+    /// NATS credentials file (.creds: JWT and NKey seed)
+    nats_creds_file: Option<PathBuf> => PathBuf = None, env "QUICKIM_NATS_CREDS_FILE";
+    /// CA certificate (PEM) to verify the NATS server with; turns TLS on
+    nats_tls_ca: Option<PathBuf> => PathBuf = None, env "QUICKIM_NATS_TLS_CA";
+    /// Client certificate (PEM) for NATS servers that verify clients (with nats_tls_key)
+    nats_tls_cert: Option<PathBuf> => PathBuf = None, env "QUICKIM_NATS_TLS_CERT";
+    /// Client key (PEM) for nats_tls_cert
+    nats_tls_key: Option<PathBuf> => PathBuf = None, env "QUICKIM_NATS_TLS_KEY";
+    /// Refuse a NATS server that does not offer TLS
+    nats_require_tls: bool => bool = false, env "QUICKIM_NATS_REQUIRE_TLS";
+    /// Put every NATS subject behind this prefix (e.g. `prod` → `prod.quickim.msg.send`) so that several deployments share one NATS; every role of a deployment needs the same
+    nats_subject_prefix: String => String = String::new(), env "QUICKIM_NATS_SUBJECT_PREFIX";
     /// Name of this node in logs, traces and presence (default: role-host-pid)
     node_id: Option<String> => String = None, env "QUICKIM_NODE_ID";
     /// OTLP endpoint; trace export is off when unset
@@ -275,6 +295,22 @@ impl Config {
         }
         if self.token_ttl_s == 0 || self.token_ttl_s > self.token_max_ttl_s {
             return fail("token_ttl_s must be > 0 and ≤ token_max_ttl_s".into());
+        }
+        if !self.nats_subject_prefix.is_empty()
+            && !self.nats_subject_prefix.split('.').all(|t| {
+                !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+        {
+            return fail(format!(
+                "nats_subject_prefix must be dot-separated tokens of [A-Za-z0-9_-], not {:?}",
+                self.nats_subject_prefix
+            ));
+        }
+        if self.nats_user.is_some() != self.nats_password.is_some() {
+            return fail("nats_user and nats_password go together".into());
+        }
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            return fail("nats_tls_cert and nats_tls_key go together".into());
         }
         if self.revocation_poll_s == 0
             || self.hub_stall_s == 0

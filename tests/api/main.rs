@@ -6,6 +6,7 @@ mod abuse;
 mod bad_input;
 mod distributed;
 mod docs;
+mod nats_security;
 mod outage;
 mod routes;
 mod sends;

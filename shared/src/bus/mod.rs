@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::oneshot;
 
@@ -116,6 +117,9 @@ pub type Subscription = BoxStream<'static, Incoming>;
 #[derive(Clone)]
 pub struct Bus {
     backend: Arc<Backend>,
+    /// Put before every subject (`prod.` for `prod.quickim.msg.send`), so that several
+    /// deployments share one NATS; empty for none.
+    prefix: Arc<str>,
 }
 
 enum Backend {
@@ -133,7 +137,7 @@ impl Bus {
     /// An in-process bus whose messages hold at most `max_payload` bytes (as a NATS server's
     /// `max_payload`; for tests of paging).
     pub fn local_with_max_payload(capacity: usize, max_payload: usize) -> Bus {
-        Bus { backend: Arc::new(Backend::Local(local::LocalBus::new(capacity, max_payload))) }
+        Bus { backend: Arc::new(Backend::Local(local::LocalBus::new(capacity, max_payload))), prefix: Arc::from("") }
     }
 
     /// The largest message the bus carries now, payload and headers (NATS: the `max_payload`
@@ -153,8 +157,29 @@ impl Bus {
 
     /// Connects to NATS at `url` (retries in the background after the first connection).
     pub async fn connect_nats(url: &str, name: &str) -> Result<Bus, BusError> {
-        let bus = nats::NatsBus::connect(url, name).await?;
-        Ok(Bus { backend: Arc::new(Backend::Nats(bus)) })
+        Self::connect_nats_with(&nats::NatsOptions { url: url.to_string(), name: name.to_string(), ..Default::default() }, "")
+            .await
+    }
+
+    /// Connects to NATS with `options` (credentials, TLS); every subject is put behind
+    /// `subject_prefix` (empty: none).
+    pub async fn connect_nats_with(options: &nats::NatsOptions, subject_prefix: &str) -> Result<Bus, BusError> {
+        let mut options = options.clone();
+        if !subject_prefix.is_empty() && options.inbox_prefix.is_none() {
+            options.inbox_prefix = Some(format!("{subject_prefix}._INBOX"));
+        }
+        let bus = nats::NatsBus::connect(&options).await?;
+        let prefix = if subject_prefix.is_empty() { String::new() } else { format!("{subject_prefix}.") };
+        Ok(Bus { backend: Arc::new(Backend::Nats(bus)), prefix: Arc::from(prefix) })
+    }
+
+    /// `subject` behind the prefix.
+    fn outgoing<'a>(&self, subject: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.prefix.is_empty() {
+            std::borrow::Cow::Borrowed(subject)
+        } else {
+            std::borrow::Cow::Owned(format!("{}{subject}", self.prefix))
+        }
     }
 
     /// Sends a request and waits up to `timeout` for the answer.
@@ -165,26 +190,41 @@ impl Bus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Reply, BusError> {
+        let subject = self.outgoing(subject);
         match &*self.backend {
-            Backend::Local(b) => b.request(subject, headers, payload, timeout).await,
-            Backend::Nats(b) => b.request(subject, headers, payload, timeout).await,
+            Backend::Local(b) => b.request(&subject, headers, payload, timeout).await,
+            Backend::Nats(b) => b.request(&subject, headers, payload, timeout).await,
         }
     }
 
     /// Publishes to every subscriber (one per queue group); at-most-once.
     pub async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError> {
+        let subject = self.outgoing(subject);
         match &*self.backend {
-            Backend::Local(b) => b.publish(subject, headers, payload),
-            Backend::Nats(b) => b.publish(subject, headers, payload).await,
+            Backend::Local(b) => b.publish(&subject, headers, payload),
+            Backend::Nats(b) => b.publish(&subject, headers, payload).await,
         }
     }
 
     /// Subscribes to `subject` (wildcards allowed), optionally in a queue group.
     pub async fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<Subscription, BusError> {
-        match &*self.backend {
-            Backend::Local(b) => Ok(b.subscribe(subject, queue)),
-            Backend::Nats(b) => b.subscribe(subject, queue).await,
+        let sub = match &*self.backend {
+            Backend::Local(b) => b.subscribe(&self.outgoing(subject), queue),
+            Backend::Nats(b) => b.subscribe(&self.outgoing(subject), queue).await?,
+        };
+        if self.prefix.is_empty() {
+            return Ok(sub);
         }
+        // Handlers see the subjects without the prefix.
+        let prefix = self.prefix.clone();
+        Ok(sub
+            .map(move |mut m| {
+                if let Some(rest) = m.subject.strip_prefix(&*prefix) {
+                    m.subject = rest.to_string();
+                }
+                m
+            })
+            .boxed())
     }
 
     /// Sends a request to every subscriber (no queue groups) and gathers the answers that
@@ -197,9 +237,10 @@ impl Bus {
         timeout: Duration,
         expect: usize,
     ) -> Result<Vec<Reply>, BusError> {
+        let subject = self.outgoing(subject);
         match &*self.backend {
-            Backend::Local(b) => b.gather(subject, headers, payload, timeout, expect).await,
-            Backend::Nats(b) => b.gather(subject, headers, payload, timeout, expect).await,
+            Backend::Local(b) => b.gather(&subject, headers, payload, timeout, expect).await,
+            Backend::Nats(b) => b.gather(&subject, headers, payload, timeout, expect).await,
         }
     }
 

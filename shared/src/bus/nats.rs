@@ -8,33 +8,85 @@ use futures::StreamExt;
 
 use super::{BusError, Headers, Incoming, Reply, ReplyTo, Subscription};
 
+/// How to reach a NATS server and prove who we are.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// `nats://host:port` (or `tls://…`), several comma-separated.
+    pub url: String,
+    /// This connection's name (the node id), as the server shows it.
+    pub name: String,
+    /// User and password.
+    pub user: Option<(String, String)>,
+    /// Token.
+    pub token: Option<String>,
+    /// NKey seed (`SU…`).
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (JWT and NKey seed, as `nsc` writes them).
+    pub creds_file: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) to verify the server with; also turns TLS on.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Refuse a server that does not offer TLS.
+    pub require_tls: bool,
+    /// Inbox prefix for replies (`{subject_prefix}._INBOX` when subjects are prefixed).
+    pub inbox_prefix: Option<String>,
+}
+
 /// See the module docs.
 pub struct NatsBus {
     client: async_nats::Client,
 }
 
 impl NatsBus {
-    pub(super) async fn connect(url: &str, name: &str) -> Result<NatsBus, BusError> {
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
+    pub(super) async fn connect(o: &NatsOptions) -> Result<NatsBus, BusError> {
+        let url = o.url.as_str();
+        let fail = |e: String| BusError::Unavailable(format!("cannot connect to NATS at {url}: {e}"));
+        let mut options = async_nats::ConnectOptions::new()
+            .name(&o.name)
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             // Each subscription buffers at most this many messages; beyond, NATS drops
             // (and the /notify hub repairs the gap from the store).
-            .subscription_capacity(65_536)
-            .connect(url)
-            .await
-            .map_err(|e| BusError::Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;
+            .subscription_capacity(65_536);
+        if let Some(path) = &o.creds_file {
+            options = options.credentials_file(path).await.map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        }
+        if let Some((user, password)) = &o.user {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &o.token {
+            options = options.token(token.clone());
+        }
+        if let Some(seed) = &o.nkey_seed {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(ca) = &o.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &o.tls_client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        if o.require_tls {
+            options = options.require_tls(true);
+        }
+        if let Some(prefix) = &o.inbox_prefix {
+            options = options.custom_inbox_prefix(prefix.clone());
+        }
+        let client = options.connect(url).await.map_err(|e| fail(e.to_string()))?;
         let bus = NatsBus { client };
         // retry_on_initial_connect returns at once: wait (bounded) for the first connection so
-        // that start-up fails clearly when NATS is not there.
+        // that start-up fails clearly when NATS is not there (or refuses our credentials).
         for _ in 0..100 {
             if bus.is_connected() {
                 return Ok(bus);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(BusError::Unavailable(format!("NATS at {url} did not accept a connection within 5 s")))
+        Err(BusError::Unavailable(format!(
+            "NATS at {url} did not accept a connection within 5 s (is it running? are the credentials and TLS \
+             settings right?)"
+        )))
     }
 
     pub(super) async fn request(

@@ -343,8 +343,16 @@ impl Distributed {
     }
 
     pub fn add_service(&mut self, role: &str) {
+        self.add_service_with(role, &[]);
+    }
+
+    /// As [`Distributed::add_service`], with extra (or overriding) `QUICKIM_*` settings.
+    pub fn add_service_with(&mut self, role: &str, extra: &[(&str, &str)]) {
         let n = self.conversation.len() + self.message.len();
         let mut env = self.base_env.clone();
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
         env.insert("QUICKIM_NODE_ID".into(), format!("{role}-{n}"));
         let ops = format!("127.0.0.1:{}", free_port());
         env.insert("QUICKIM_OPS_ADDR".into(), ops.clone());
