@@ -152,6 +152,8 @@ async fn start_services(
             range_max: config.range_max,
             replay_page: config.replay_page,
             retention_ms: (config.replay_retention_s as i64).saturating_mul(1000),
+            key_ttl_ms: (config.idempotency_ttl_s as i64).saturating_mul(1000),
+            message_retention_ms: (config.message_retention_s as i64).saturating_mul(1000),
             send_batch_max: config.send_batch_max,
         };
         let serving = MessageService::new(store, bus.clone(), limits).start(shutdown.clone()).await?;

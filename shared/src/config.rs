@@ -163,6 +163,10 @@ config_keys! {
     log_partitions: Option<u16> => u16 = None, env "QUICKIM_LOG_PARTITIONS";
     /// Cursors older than this are answered with resync, seconds
     replay_retention_s: u64 => u64 = 86_400, env "QUICKIM_REPLAY_RETENTION_S";
+    /// How long idempotency keys (client_msg_id) are kept, seconds (at least a day); a send retried after is stored again
+    idempotency_ttl_s: u64 => u64 = 7 * 86_400, env "QUICKIM_IDEMPOTENCY_TTL_S";
+    /// Delete messages older than this, seconds; 0 keeps them forever. At least idempotency_ttl_s and replay_retention_s
+    message_retention_s: u64 => u64 = 0, env "QUICKIM_MESSAGE_RETENTION_S";
     /// Messages per replay page on resume (and most events per long-poll answer)
     replay_page: u32 => u32 = 500, env "QUICKIM_REPLAY_PAGE";
     /// How often a gateway reads recent token revocations from the store (closing the streams of a kick it missed), seconds
@@ -295,6 +299,17 @@ impl Config {
         }
         if self.token_ttl_s == 0 || self.token_ttl_s > self.token_max_ttl_s {
             return fail("token_ttl_s must be > 0 and ≤ token_max_ttl_s".into());
+        }
+        if self.idempotency_ttl_s < 86_400 {
+            return fail(format!("idempotency_ttl_s must be at least 86400 (a day), not {}", self.idempotency_ttl_s));
+        }
+        if self.message_retention_s > 0
+            && (self.message_retention_s < self.idempotency_ttl_s || self.message_retention_s < self.replay_retention_s)
+        {
+            return fail(format!(
+                "message_retention_s ({}) must be 0 (off) or at least idempotency_ttl_s ({}) and replay_retention_s ({})",
+                self.message_retention_s, self.idempotency_ttl_s, self.replay_retention_s
+            ));
         }
         if !self.nats_subject_prefix.is_empty()
             && !self.nats_subject_prefix.split('.').all(|t| {
@@ -456,6 +471,15 @@ mod tests {
 
         let err = Config::load(&parse(&["--cors-origins", "*"]), Role::Standalone).unwrap_err();
         assert!(err.0.contains("cors_origins"), "{err}");
+
+        // Keys live at least a day; messages at least as long as keys and the resume window.
+        let err = Config::load(&parse(&["--idempotency-ttl-s", "3600"]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("idempotency_ttl_s"), "{err}");
+        let err = Config::load(&parse(&["--message-retention-s", "86400"]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("message_retention_s"), "{err}");
+        assert!(Config::load(&parse(&["--message-retention-s", "604800"]), Role::Standalone).is_ok());
+        let err = Config::load(&parse(&["--nats-subject-prefix", "a..b"]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("nats_subject_prefix"), "{err}");
 
         assert!(Cli::try_parse_from(["quickim", "--public-addr", "nowhere"]).is_err());
     }

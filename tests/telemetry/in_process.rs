@@ -40,6 +40,8 @@ async fn a_standalone_send_is_one_trace_over_the_in_process_bus() {
         range_max: 100,
         replay_page: 500,
         retention_ms: 86_400_000,
+        key_ttl_ms: 7 * 86_400_000,
+        message_retention_ms: 0,
         send_batch_max: 500,
     };
     let _msg = MessageService::new(store, bus.clone(), limits).start(shutdown.clone()).await.unwrap();

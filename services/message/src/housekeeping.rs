@@ -1,26 +1,45 @@
 //! Periodic work of the message service: announcing the log heads (a gateway that missed
 //! the last entries of a partition learns of them within a second and reads them from the
-//! store) and recording retention checkpoints.
+//! store), recording retention checkpoints, expiring idempotency keys and — when
+//! `message_retention_s` is set — deleting messages older than it.
 
 use std::time::Duration;
 
 use quickim_shared::bus::Bus;
 use quickim_shared::protocol::event::HEADS_SUBJECT;
+use quickim_shared::time::now_ms;
 use quickim_store::Store;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) async fn run(
-    store: Store,
-    bus: Bus,
-    retention_ms: i64,
-    heads_every: Duration,
-    checkpoint_every: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut heads_tick = tokio::time::interval(heads_every);
-    let mut checkpoint_tick = tokio::time::interval(checkpoint_every);
+/// Rows deleted per statement when pruning (keys, messages): short transactions.
+const PRUNE_BATCH: u32 = 10_000;
+
+/// What the housekeeping keeps, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Periods {
+    /// Resume window (cursors older get resync).
+    pub replay_retention_ms: i64,
+    /// Idempotency keys are kept this long.
+    pub key_ttl_ms: i64,
+    /// Messages are kept this long (0: forever).
+    pub message_retention_ms: i64,
+    /// How often the log heads are announced.
+    pub heads_every: Duration,
+    /// How often a checkpoint is recorded.
+    pub checkpoint_every: Duration,
+    /// How often keys (and messages) are pruned.
+    pub prune_every: Duration,
+}
+
+pub(crate) async fn run(store: Store, bus: Bus, periods: Periods, shutdown: CancellationToken) {
+    let mut heads_tick = tokio::time::interval(periods.heads_every);
+    let mut checkpoint_tick = tokio::time::interval(periods.checkpoint_every);
+    let mut prune_tick = tokio::time::interval(periods.prune_every);
     heads_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    prune_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Checkpoints are kept for twice the longest period that needs a horizon.
+    let keep = periods.replay_retention_ms.max(periods.message_retention_ms);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -35,10 +54,62 @@ pub(crate) async fn run(
                 }
             }
             _ = checkpoint_tick.tick() => {
-                if let Err(e) = store.record_checkpoint(retention_ms).await {
+                if let Err(e) = store.record_checkpoint(keep).await {
                     tracing::warn!(error = %e, "cannot record a retention checkpoint");
                 }
             }
+            _ = prune_tick.tick() => prune(&store, periods, &shutdown).await,
         }
+    }
+}
+
+/// Expired idempotency keys, then (with a message retention) old messages, in batches.
+async fn prune(store: &Store, periods: Periods, shutdown: &CancellationToken) {
+    let before = now_ms() - periods.key_ttl_ms;
+    let mut keys = 0;
+    while !shutdown.is_cancelled() {
+        match store.prune_keys(before, PRUNE_BATCH).await {
+            Ok(n) => {
+                keys += n;
+                if n < u64::from(PRUNE_BATCH) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prune idempotency keys");
+                break;
+            }
+        }
+    }
+    metrics::counter!("quickim_pruned_keys_total").increment(keys);
+    if periods.message_retention_ms <= 0 {
+        return;
+    }
+    let horizon = match store.horizon(periods.message_retention_ms).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return, // not running that long yet
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the message retention horizon");
+            return;
+        }
+    };
+    let mut messages = 0;
+    while !shutdown.is_cancelled() {
+        match store.prune_messages(&horizon, PRUNE_BATCH).await {
+            Ok(n) => {
+                messages += n;
+                if n < u64::from(PRUNE_BATCH) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prune messages");
+                break;
+            }
+        }
+    }
+    metrics::counter!("quickim_pruned_messages_total").increment(messages);
+    if keys + messages > 0 {
+        tracing::info!(keys, messages, "pruned");
     }
 }

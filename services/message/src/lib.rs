@@ -4,8 +4,8 @@
 //! - `batcher.rs`: group commit: concurrent sends share one transaction, then their log
 //!   entries are published to the gateways;
 //! - `validate.rs`: shape checks of a message (ids, type, content size);
-//! - `housekeeping.rs`: periodic log-heads announcements (so gateways notice a lost tail)
-//!   and retention checkpoints.
+//! - `housekeeping.rs`: periodic log-heads announcements (so gateways notice a lost tail),
+//!   retention checkpoints, expiry of idempotency keys and (optionally) of old messages.
 
 mod batcher;
 mod housekeeping;
@@ -45,6 +45,10 @@ pub struct MessageLimits {
     pub replay_page: u32,
     /// Replay window, ms.
     pub retention_ms: i64,
+    /// Idempotency keys are kept this long, ms.
+    pub key_ttl_ms: i64,
+    /// Messages are kept this long, ms (0: forever).
+    pub message_retention_ms: i64,
     /// Most items in one batch request.
     pub send_batch_max: usize,
 }
@@ -68,15 +72,16 @@ impl MessageService {
     /// Returns once requests can be sent.
     pub async fn start(self, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
         let bus = self.bus.clone();
-        let housekeeping = tokio::spawn(housekeeping::run(
-            self.store.clone(),
-            bus.clone(),
-            self.limits.retention_ms,
-            Duration::from_secs(1),
+        let periods = housekeeping::Periods {
+            replay_retention_ms: self.limits.retention_ms,
+            key_ttl_ms: self.limits.key_ttl_ms,
+            message_retention_ms: self.limits.message_retention_ms,
+            heads_every: Duration::from_secs(1),
             // Often enough that the horizon is never more than a quarter window late.
-            Duration::from_millis((self.limits.retention_ms / 4).clamp(1_000, 60_000) as u64),
-            shutdown.clone(),
-        ));
+            checkpoint_every: Duration::from_millis((self.limits.retention_ms / 4).clamp(1_000, 60_000) as u64),
+            prune_every: Duration::from_secs(600),
+        };
+        let housekeeping = tokio::spawn(housekeeping::run(self.store.clone(), bus.clone(), periods, shutdown.clone()));
         let serving = rpc::serve(&bus, MESSAGE_SUBJECTS, MESSAGE_QUEUE, 4096, Arc::new(self), shutdown).await?;
         Ok(tokio::spawn(async move {
             let _ = serving.await;

@@ -682,3 +682,31 @@ async fn write_postgres(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()>
     }
     Ok(())
 }
+
+impl Store {
+    /// Deletes at most `batch` messages at or below `horizon` (one offset per partition: the
+    /// log's heads of the retention period ago), through the log's index; answers how many.
+    /// The conversations, their msg_id counters and memberships stay.
+    pub async fn prune_messages(&self, horizon: &[u64], batch: u32) -> Result<u64> {
+        let mut deleted = 0;
+        for (part, head) in horizon.iter().enumerate() {
+            if deleted >= u64::from(batch) {
+                break;
+            }
+            let left = i64::from(batch) - deleted as i64;
+            let done = sqlx::query(
+                "DELETE FROM messages WHERE part = $1 AND log_offset IN \
+                 (SELECT log_offset FROM messages WHERE part = $2 AND log_offset <= $3 ORDER BY log_offset LIMIT $4)",
+            )
+            .bind(part as i32)
+            .bind(part as i32)
+            .bind(db_int(*head))
+            .bind(left)
+            .execute(self.pool())
+            .instrument(sql_span(self.system(), "DELETE", "messages"))
+            .await?;
+            deleted += done.rows_affected();
+        }
+        Ok(deleted)
+    }
+}

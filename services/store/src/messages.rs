@@ -484,3 +484,20 @@ fn is_isolatable(e: &StoreError) -> bool {
         StoreError::Rejected(_) | StoreError::KeysTaken(_) => false,
     }
 }
+
+impl Store {
+    /// Deletes at most `batch` idempotency keys claimed before `before_ms`; answers how many.
+    /// A send retried with an expired key is stored again.
+    pub async fn prune_keys(&self, before_ms: i64, batch: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency WHERE (sender, client_msg_id) IN \
+             (SELECT sender, client_msg_id FROM idempotency WHERE created_at < $1 LIMIT $2)",
+        )
+        .bind(before_ms)
+        .bind(i64::from(batch))
+        .execute(self.pool())
+        .instrument(sql_span(self.system(), "DELETE", "idempotency"))
+        .await?;
+        Ok(done.rows_affected())
+    }
+}

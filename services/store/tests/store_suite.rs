@@ -68,6 +68,7 @@ both!(
     log_reads_and_heads,
     log_pages_stop_at_bytes_and_count,
     one_refused_item_never_fails_the_others,
+    expired_keys_and_old_messages_are_pruned,
     membership_and_revocation_pages,
     concurrent_senders_stay_gap_free,
     concurrent_retries_store_once,
@@ -485,6 +486,35 @@ async fn one_refused_item_never_fails_the_others(db: &Db) {
         None => assert_eq!(stored, (2..=8).collect::<Vec<_>>()),
     }
     assert_eq!(entries.len(), stored.len());
+}
+
+async fn expired_keys_and_old_messages_are_pruned(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("c", &["a"], None)).await.unwrap();
+    let (r, _) = s.send_batch(&[item("c", "a", "first", Some("k1"))]).await.unwrap();
+    assert_eq!(r[0].as_ref().unwrap().msg_id, 2);
+    // Within the key's life a retry answers the stored message; once it expired, it stores again.
+    assert_eq!(s.prune_keys(quickim_shared::time::now_ms() - 60_000, 100).await.unwrap(), 0);
+    let (r, _) = s.send_batch(&[item("c", "a", "first", Some("k1"))]).await.unwrap();
+    assert_eq!(r[0].as_ref().unwrap().msg_id, 2);
+    assert_eq!(s.prune_keys(quickim_shared::time::now_ms() + 1, 100).await.unwrap(), 1);
+    let (r, _) = s.send_batch(&[item("c", "a", "first", Some("k1"))]).await.unwrap();
+    assert_eq!(r[0].as_ref().unwrap().msg_id, 3, "stored again");
+    for i in 0..5 {
+        send(s, "c", "a", &format!("m{i}")).await;
+    }
+    // Messages up to a horizon (the heads of the retention period ago) go, in batches; the
+    // conversation goes on counting.
+    let horizon = s.heads().await.unwrap().heads;
+    let part = horizon.iter().position(|h| *h > 0).unwrap();
+    let mut cut = vec![0; horizon.len()];
+    cut[part] = horizon[part] - 2;
+    assert_eq!(s.prune_messages(&cut, 3).await.unwrap(), 3);
+    assert_eq!(s.prune_messages(&cut, 3).await.unwrap(), 3);
+    assert_eq!(s.prune_messages(&cut, 3).await.unwrap(), 0);
+    let h = s.history("c", "a", HistoryQuery::Last, false, 100, 1 << 20).await.unwrap();
+    assert_eq!(h.iter().map(|m| m.msg_id).collect::<Vec<_>>(), vec![7, 8]);
+    assert_eq!(send(s, "c", "a", "after").await, 9);
 }
 
 async fn membership_and_revocation_pages(db: &Db) {
