@@ -312,9 +312,10 @@ impl Config {
             ));
         }
         if !self.nats_subject_prefix.is_empty()
-            && !self.nats_subject_prefix.split('.').all(|t| {
-                !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            })
+            && !self
+                .nats_subject_prefix
+                .split('.')
+                .all(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
         {
             return fail(format!(
                 "nats_subject_prefix must be dot-separated tokens of [A-Za-z0-9_-], not {:?}",

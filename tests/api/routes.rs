@@ -213,9 +213,13 @@ async fn client_and_inner_routes_work_end_to_end() {
     assert_eq!(v["data"]["nodes"], 1);
     let (s, v) = api.inner("/inner/kick_user", json!({"user_id":"alice","platform":"web"})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    let revoked_before = v["data"]["revoked_before"].as_i64().unwrap();
     let (s, v) = api.client(&alice, "/get_joined_conversation", json!({})).await;
     assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, 40100));
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Tokens issued from `revoked_before` on are good (the kick's own millisecond is revoked).
+    while quickim_shared_now_ms() < revoked_before {
+        tokio::task::yield_now().await;
+    }
     let fresh = api.token("alice", "web").await;
     let (s, _) = api.client(&fresh, "/get_joined_conversation", json!({})).await;
     assert_eq!(s, StatusCode::OK, "tokens issued after the kick work");
@@ -368,4 +372,8 @@ async fn request_rate_is_limited_per_user() {
     assert_eq!(code(&v), 42900);
     let (s, _) = api.client(&b, "/get_joined_conversation", json!({})).await;
     assert_eq!(s, StatusCode::OK, "another user is not limited");
+}
+
+fn quickim_shared_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

@@ -176,9 +176,11 @@ async fn chromium_eventsource_reconnects_with_last_event_id_and_misses_nothing()
     }
     d.start_gateway_again(0).await;
     wait_for(&reports, "m4..m6 through the EventSource's own reconnect", |r| sse_messages(r).len() >= 6).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A last message: delivery is in order, so any duplicate of m1..m6 would come before it.
+    send(d.api(1), "c", "bob", "m7").await;
+    wait_for(&reports, "m7", |r| sse_messages(r).iter().any(|m| m == "m7")).await;
     let r = reports.lock().await;
-    assert_eq!(sse_messages(&r), (1..=6).map(|i| format!("m{i}")).collect::<Vec<_>>(), "exactly once, in order: {r:?}");
+    assert_eq!(sse_messages(&r), (1..=7).map(|i| format!("m{i}")).collect::<Vec<_>>(), "exactly once, in order: {r:?}");
     let ws_closed = r.iter().find(|v| v["src"] == "ws" && v["type"] == "close").cloned();
     assert_eq!(
         ws_closed.map(|v| v["code"].clone()),

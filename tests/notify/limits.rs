@@ -51,11 +51,12 @@ async fn connections_per_user_are_limited() {
     }
     assert!(NotifyClient::connect(&q.api.public, &other, Protocol::Ws, None).await.is_ok());
     drop(_a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.is_ok(),
-        "a closed connection frees its place"
-    );
+    // A closed connection frees its place (as soon as the server has seen it close).
+    let deadline = std::time::Instant::now() + SOON;
+    while NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "a closed connection did not free its place");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -97,6 +98,25 @@ async fn a_peer_that_stops_answering_pings_is_closed() {
     // A reading client is kept.
     let mut c = NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.unwrap();
     assert!(c.wait_closed(Duration::from_secs(4)).await.is_none());
+}
+
+/// The sum of a metric's lines on the node.
+async fn metric(api: &quickim_testkit::Api, name: &str) -> f64 {
+    let text = api.http.get(format!("{}/metrics", api.inner)).send().await.unwrap().text().await.unwrap();
+    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// Waits until the node counts `user` online.
+async fn wait_online(api: &quickim_testkit::Api, user: &str) {
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let (_, v) = api.inner("/inner/get_users_online", json!({ "user_ids": [user] })).await;
+        if v["data"]["users"][0]["online"] == true {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{user} never online");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Opens `/notify` over a raw socket (the request head only) and never reads an answer.
@@ -148,7 +168,7 @@ async fn a_client_that_never_reads_is_cut_by_the_write_timeout_on_every_transpor
     for (user, protocol) in [("alice", Protocol::Ws), ("bob", Protocol::Sse)] {
         let t = q.api.token(user, "web").await;
         let stuck = never_reading(&q.api.public, &t, protocol, None).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_online(&q.api, user).await;
         flood().await;
         let started = std::time::Instant::now();
         loop {
@@ -171,8 +191,14 @@ async fn a_client_that_never_reads_is_cut_by_the_write_timeout_on_every_transpor
     let cursor = c.next(SOON).await.unwrap()["cursor"].as_str().unwrap().to_string();
     drop(c);
     flood().await;
+    let cut_before = metric(&q.api, "quickim_write_timeouts_total").await;
     let mut stuck = never_reading(&q.api.public, &t, Protocol::Poll, Some(&cursor)).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Until the server gives up writing to it.
+    let deadline = std::time::Instant::now() + SOON;
+    while metric(&q.api, "quickim_write_timeouts_total").await <= cut_before {
+        assert!(std::time::Instant::now() < deadline, "the poll's write never timed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut buf = vec![0u8; 1 << 16];
     let mut read = 0usize;
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
@@ -187,12 +213,7 @@ async fn a_client_that_never_reads_is_cut_by_the_write_timeout_on_every_transpor
     assert!(closed.is_ok(), "the poll's connection is still open after {read} bytes");
     assert!(read < 500 * 60 * 1024, "the answer was cut short: {read} bytes");
 
-    let text = q.api.http.get(format!("{}/metrics", q.api.inner)).send().await.unwrap().text().await.unwrap();
-    let cut: f64 = text
-        .lines()
-        .find(|l| l.starts_with("quickim_write_timeouts_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
+    let cut = metric(&q.api, "quickim_write_timeouts_total").await;
     assert!(cut >= 2.0, "write timeouts: {cut}");
 }
 

@@ -127,7 +127,19 @@ async fn long_poll_answers_batches_at_once_and_waits_otherwise() {
     // a message while waiting ends the wait
     let api = q.api.clone();
     let sender = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Once the poll is waiting on the node.
+        loop {
+            let text = api.http.get(format!("{}/metrics", api.inner)).send().await.unwrap().text().await.unwrap();
+            let waiting: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("quickim_notify_connections{") && l.contains("poll"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if waiting >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         send(&api, "c", "bob", "while waiting").await;
     });
     let started = Instant::now();

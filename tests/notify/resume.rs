@@ -201,11 +201,29 @@ async fn a_cursor_beyond_the_retention_window_gets_resync() {
     let mut c = NotifyClient::connect(&q.api.public, &t, Protocol::Ws, None).await.unwrap();
     c.next(SOON).await.unwrap();
     let old = c.drop_connection().unwrap();
-    // Traffic for a few retention windows, so that checkpoints older than the window exist
-    // and lie beyond the old cursor.
-    for i in 0..12 {
+    // Traffic until a checkpoint older than the window lies beyond the old cursor: the old
+    // cursor is then answered with resync (observed on a long-poll, which changes nothing).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
         send(&q.api, "c", "bob", &format!("{i}")).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        i += 1;
+        let v: serde_json::Value = q
+            .api
+            .http
+            .get(format!("{}/notify?protoc=poll&timeout=0&cursor={old}", q.api.public))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["data"]["events"].as_array().is_some_and(|e| e.iter().any(|e| e["type"] == "resync")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the old cursor never fell out of the window");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for p in Protocol::ALL {
         let mut c = NotifyClient::connect(&q.api.public, &t, p, Some(&old)).await.unwrap();

@@ -28,7 +28,21 @@ async fn a_stopping_gateway_closes_streams_and_clients_resume_elsewhere() {
             (started.elapsed(), r.map(|r| r.status().as_u16()))
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the poll is waiting on the node.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let text = d.api(0).http.get(format!("{}/metrics", d.api(0).inner)).send().await.unwrap().text().await.unwrap();
+        let open: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("quickim_notify_connections{") && l.contains("poll"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if open >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the poll never started waiting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = Instant::now();
     let code = d.gateways[0].0.terminate(Duration::from_secs(15));
     assert_eq!(code, Some(0), "clean exit");

@@ -28,7 +28,8 @@ async fn a_ticket_opens_one_stream_on_any_gateway() {
         assert_eq!(c.next_message(SOON).await.unwrap()["content"], format!("over {protocol:?}"));
         // Once: on either gateway.
         for g in 0..2 {
-            let err = NotifyClient::connect_with_ticket(&d.api(g).public, &t, protocol, None).await.err().expect("used");
+            let err =
+                NotifyClient::connect_with_ticket(&d.api(g).public, &t, protocol, None).await.err().expect("used");
             assert_eq!((err.status, err.body["code"].as_u64()), (401, Some(40100)), "{:?}", err.body);
             assert_eq!(err.body["error"], "ticket already used: get a new one");
         }

@@ -157,8 +157,11 @@ impl Bus {
 
     /// Connects to NATS at `url` (retries in the background after the first connection).
     pub async fn connect_nats(url: &str, name: &str) -> Result<Bus, BusError> {
-        Self::connect_nats_with(&nats::NatsOptions { url: url.to_string(), name: name.to_string(), ..Default::default() }, "")
-            .await
+        Self::connect_nats_with(
+            &nats::NatsOptions { url: url.to_string(), name: name.to_string(), ..Default::default() },
+            "",
+        )
+        .await
     }
 
     /// Connects to NATS with `options` (credentials, TLS); every subject is put behind
