@@ -61,15 +61,27 @@ if ! command -v chromium >/dev/null 2>&1; then
   apt_install chromium || echo "chromium could not be installed; the browser test will fail" >&2
 fi
 
+# --- schemathesis (tests/api/schema.rs runs it against the served OpenAPI document)
+SCHEMATHESIS_VERSION=4.32.5
+if ! target/venv/bin/st --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+  log "installing schemathesis $SCHEMATHESIS_VERSION into target/venv"
+  if ! python3 -m venv target/venv >/dev/null 2>&1; then
+    apt_install python3-venv
+    python3 -m venv target/venv
+  fi
+  target/venv/bin/pip install -q "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# Doc tests first: the whole suite's summary is the last line of the run.
+log "doc tests"
+cargo test --workspace --doc
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else
   cargo test --workspace --no-fail-fast "$@"
 fi
-log "doc tests"
-cargo test --workspace --doc

@@ -5,6 +5,7 @@
 //! - `notify/`: /notify — the hub, the session core, the ws/sse/poll transports;
 //! - `auth.rs`: tokens (issue, verify, revoke);
 //! - `cluster.rs`: the control plane between gateways (presence, kick, heartbeats);
+//! - `fuzzing.rs`: what the fuzz targets (`fuzz/`) exercise;
 //! - `ratelimit.rs`: per-user request rate;
 //! - `state.rs`: the shared state handed to handlers.
 //!
@@ -13,6 +14,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod fuzzing;
 pub mod http;
 pub mod notify;
 pub mod ratelimit;

@@ -6,9 +6,11 @@ mod abuse;
 mod bad_input;
 mod distributed;
 mod docs;
+mod fuzz_corpus;
 mod nats_security;
 mod outage;
 mod routes;
+mod schema;
 mod sends;
 mod startup;
 

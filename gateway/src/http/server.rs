@@ -294,6 +294,36 @@ async fn read_head(
     }
 }
 
+/// How the public listener treats bytes that start a request (what its head reader decides;
+/// for the fuzzer and tests).
+#[derive(Debug)]
+pub enum Triage {
+    /// Served on the listener's own path: the request, whether the connection stays open
+    /// after it, and the head's length.
+    Lean(Box<Request<Body>>, bool, usize),
+    /// Handed to hyper.
+    Other,
+    /// More bytes are needed.
+    Partial,
+}
+
+/// Decides, as the head reader does, who serves a request that starts with `buf`.
+pub fn triage(buf: &[u8]) -> Triage {
+    if let Some(line_end) = buf.iter().position(|b| *b == b'\n') {
+        if !is_lean_request_line(&buf[..line_end]) {
+            return Triage::Other;
+        }
+    } else if buf.len() >= 11 && !buf.starts_with(b"GET /notify") {
+        return Triage::Other;
+    }
+    match parse(buf) {
+        Parsed::Lean(request, keep_alive, len) => Triage::Lean(request, keep_alive, len),
+        Parsed::Other => Triage::Other,
+        Parsed::Partial if buf.len() >= MAX_HEAD => Triage::Other,
+        Parsed::Partial => Triage::Partial,
+    }
+}
+
 fn is_lean_request_line(line: &[u8]) -> bool {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Some(rest) = line.strip_prefix(b"GET ") else { return false };

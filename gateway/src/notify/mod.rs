@@ -37,8 +37,9 @@ use crate::state::AppState;
 use cursor::Cursor;
 use session::Session;
 
-#[derive(Deserialize)]
-struct NotifyQuery {
+/// The query of a /notify request.
+#[derive(Debug, Deserialize)]
+pub struct NotifyQuery {
     protoc: Option<String>,
     cursor: Option<String>,
     last_event_id: Option<String>,
@@ -46,6 +47,13 @@ struct NotifyQuery {
     #[serde(rename = "token")]
     _token: Option<String>,
     ticket: Option<String>,
+}
+
+/// Reads a /notify request's query (a malformed one is 400 `invalid_param`).
+pub fn query_of(uri: &axum::http::Uri) -> Result<NotifyQuery, ApiError> {
+    Ok(Query::<NotifyQuery>::try_from_uri(uri)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidParam, format!("bad query: {e}")))?
+        .0)
 }
 
 /// GET /notify?protoc=ws|sse|poll — see docs/protocol.md.
@@ -58,9 +66,7 @@ pub async fn notify(State(state): State<AppState>, request: Request) -> Response
 
 async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
     let (mut parts, _body) = request.into_parts();
-    let query = Query::<NotifyQuery>::try_from_uri(&parts.uri)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidParam, format!("bad query: {e}")))?
-        .0;
+    let query = query_of(&parts.uri)?;
     let protoc = match query.protoc.as_deref() {
         Some(p @ ("ws" | "sse" | "poll")) => p,
         None if parts.headers.get(header::UPGRADE).is_some() => "ws",

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Message {
     /// The conversation the message belongs to.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// Gap-free position in the conversation, starting at 1.
     pub msg_id: u64,
@@ -22,6 +23,7 @@ pub struct Message {
     pub content: String,
     /// The sender's idempotency key, if it gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub client_msg_id: Option<String>,
     /// Milliseconds since the epoch, server clock, at commit.
     pub send_time: i64,
@@ -34,13 +36,16 @@ pub struct Message {
 #[serde(deny_unknown_fields)]
 pub struct SendMsgRequest {
     /// Target conversation; the caller must be a member.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// Message type (≥ 0; negative types are reserved for system messages).
     #[serde(rename = "type")]
+    #[schema(minimum = 0)]
     pub msg_type: i32,
     /// Content, at most the configured limit in UTF-8 bytes (64 KiB by default).
     pub content: String,
     /// Idempotency key, scoped to the sender: a retry returns the original message.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     #[serde(default)]
     pub client_msg_id: Option<String>,
 }
@@ -50,6 +55,7 @@ pub struct SendMsgRequest {
 #[serde(deny_unknown_fields)]
 pub struct ConversationRequest {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
 }
 
@@ -58,9 +64,11 @@ pub struct ConversationRequest {
 #[serde(deny_unknown_fields)]
 pub struct DetailRequest {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// Members per page, 1–1000 (default 500); fewer when they would not fit in one bus message.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     pub members_limit: Option<u32>,
     /// `next_members_cursor` of the previous page.
     #[serde(default)]
@@ -72,6 +80,7 @@ pub struct DetailRequest {
 #[serde(deny_unknown_fields)]
 pub struct LastMsgsRequest {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// Newest first when true; ascending by default.
     #[serde(default)]
@@ -87,6 +96,7 @@ pub struct GetJoinedRequest {
     pub archived: Option<bool>,
     /// Page size, 1–100 (default 50).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     #[serde(default)]
@@ -112,6 +122,7 @@ pub struct CreateConversationRequest {
 #[serde(deny_unknown_fields)]
 pub struct MarkReadRequest {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// Everything up to and including this msg_id is read (never moves backwards).
     pub msg_id: u64,
@@ -122,6 +133,7 @@ pub struct MarkReadRequest {
 #[serde(deny_unknown_fields)]
 pub struct RangeRequest {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// First msg_id (inclusive).
     pub start_msg_id: u64,
@@ -137,6 +149,7 @@ pub struct RangeRequest {
 #[serde(deny_unknown_fields)]
 pub struct AroundRequest {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// The pivot msg_id (excluded from the answer).
     pub msg_id: u64,
@@ -163,6 +176,7 @@ pub struct LeftAnswer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ConversationSummary {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// Opaque small integer chosen at creation.
     pub conversation_type: i32,
@@ -192,6 +206,7 @@ pub struct JoinedConversations {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MemberInfo {
     /// The member.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub user_id: String,
     /// `owner` or `member`.
     pub role: Role,
@@ -225,6 +240,7 @@ impl Role {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ConversationDetail {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// Opaque small integer chosen at creation.
     pub conversation_type: i32,
@@ -251,6 +267,7 @@ pub struct ConversationDetail {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreatedConversation {
     /// The new (or, for an idempotent repeat, existing) conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// False when an identical conversation already existed.
     pub created: bool,
@@ -291,11 +308,14 @@ pub struct LastOneAnswer {
 #[serde(deny_unknown_fields)]
 pub struct GetTokenRequest {
     /// Whom the token is for.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub user_id: String,
     /// The device family (`web`, `ios`, ...).
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,32}$")]
     pub platform: String,
     /// Lifetime in seconds (default and maximum from config).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub ttl_s: Option<u64>,
 }
 
@@ -329,6 +349,7 @@ pub struct TokenAnswer {
 pub struct InnerCreateConversationRequest {
     /// Name it yourself (idempotent re-create), or leave it out for a generated UUIDv7.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: Option<String>,
     /// Opaque small integer.
     pub conversation_type: i32,
@@ -339,6 +360,7 @@ pub struct InnerCreateConversationRequest {
     pub members: Vec<String>,
     /// Owner (added to the members if missing); none if absent.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub owner: Option<String>,
 }
 
@@ -347,6 +369,7 @@ pub struct InnerCreateConversationRequest {
 #[serde(deny_unknown_fields)]
 pub struct InnerMembersRequest {
     /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// Users to add or remove (1–1000).
     pub user_ids: Vec<String>,
@@ -388,15 +411,19 @@ pub struct ArchiveAnswer {
 #[serde(deny_unknown_fields)]
 pub struct InnerSendMsgRequest {
     /// Target conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub conversation_id: String,
     /// A member's user id, or "" for a system message.
+    #[schema(pattern = "^([A-Za-z0-9_.:@-]{1,128})?$")]
     pub from: String,
     /// Message type (≥ 0).
     #[serde(rename = "type")]
+    #[schema(minimum = 0)]
     pub msg_type: i32,
     /// Content.
     pub content: String,
     /// Idempotency key, scoped to `from`.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     #[serde(default)]
     pub client_msg_id: Option<String>,
 }
@@ -441,6 +468,7 @@ pub struct UsersOnlineRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct UserOnline {
     /// The user.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub user_id: String,
     /// At least one open /notify connection on some gateway.
     pub online: bool,
@@ -464,6 +492,7 @@ pub struct UsersOnlineAnswer {
 #[serde(deny_unknown_fields)]
 pub struct KickUserRequest {
     /// The user.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub user_id: String,
     /// Only this platform; every platform when absent.
     #[serde(default)]
