@@ -3,8 +3,7 @@
 
 /// mimalloc instead of the C library's allocator: a send allocates on one runtime thread and
 /// frees on another, which glibc's per-thread arenas pay for in locking and consolidation
-/// (≈12 % of the process's CPU under load). With mimalloc a persisted send costs 12–20 % less
-/// CPU; an idle connection costs ≈1.2 KiB more (docs/benchmarks.md).
+/// (docs/benchmarks.md has what it saves per send and costs per idle connection).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -15,7 +15,7 @@ use quickim_shared::bus::Bus;
 use quickim_shared::bus::nats::NatsOptions;
 use quickim_shared::config::{Config, Role, Secret};
 use quickim_shared::telemetry;
-use quickim_store::Store;
+use quickim_store::{Store, UnreadRule};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -141,8 +141,14 @@ async fn start_services(
     message: bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    store.set_unread_rule(UnreadRule::new(config.unread_system_types.clone()));
     if conversation {
-        let limits = ConversationLimits { max_members: config.max_members };
+        let limits = ConversationLimits {
+            max_members: config.max_members,
+            title_max_bytes: config.title_max_bytes,
+            avatar_max_bytes: config.avatar_max_bytes,
+            ext_max_bytes: config.ext_max_bytes,
+        };
         let serving = ConversationService::new(store.clone(), bus.clone(), limits).start(shutdown.clone()).await?;
         tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("conversation service: {e}")) });
     }
@@ -155,6 +161,8 @@ async fn start_services(
             key_ttl_ms: (config.idempotency_ttl_s as i64).saturating_mul(1000),
             message_retention_ms: (config.message_retention_s as i64).saturating_mul(1000),
             send_batch_max: config.send_batch_max,
+            edit_window_ms: (config.edit_window_s as i64).saturating_mul(1000),
+            recall_window_ms: (config.recall_window_s as i64).saturating_mul(1000),
         };
         let serving = MessageService::new(store, bus.clone(), limits).start(shutdown.clone()).await?;
         tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("message service: {e}")) });

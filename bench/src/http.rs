@@ -112,8 +112,8 @@ impl Conn {
     }
 
     /// Reads what has arrived onto the end of `buf`, straight into its spare capacity (at least
-    /// 16 KiB): a zeroed buffer to read into cost a 16 KiB memset per read, ≈6 % of the load
-    /// generator's CPU in the send scenario.
+    /// 16 KiB): a zeroed buffer to read into would cost a 16 KiB memset per read, a visible
+    /// share of the load generator's CPU in the send scenario.
     async fn fill(&mut self) -> anyhow::Result<usize> {
         self.buf.reserve(16 * 1024);
         Ok(self.stream.read_buf(&mut self.buf).await?)

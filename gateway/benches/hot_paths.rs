@@ -15,7 +15,8 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
 use quickim_gateway::notify::cursor::{self, Cursor};
-use quickim_gateway::notify::hub::{Encoded, Hub, HubConfig, Outgoing, Start};
+use quickim_gateway::notify::event::Encoded;
+use quickim_gateway::notify::hub::{Hub, HubConfig, Outgoing, Start};
 use quickim_gateway::notify::queue::Inbox;
 use quickim_shared::bus::Bus;
 use quickim_shared::fanout::publish_entries;
@@ -34,6 +35,7 @@ fn message(msg_id: u64) -> Message {
         content: "a message of about sixty-four bytes, as chat messages often are".into(),
         client_msg_id: Some("k-1234".into()),
         send_time: 1_790_000_000_000,
+        ..Default::default()
     }
 }
 
@@ -42,7 +44,7 @@ fn event_encode(c: &mut Criterion) {
     let position = cursor::encode(7, &[1_000_000, 2_000_000, 3_000_000, 4_000_000, 5, 6, 7, 8]);
     let cursor: Arc<str> = Arc::from(position.as_str());
     c.bench_function("event encode (message, 8-partition cursor)", |b| {
-        b.iter(|| Encoded::message(black_box(cursor.clone()), black_box(&m)))
+        b.iter(|| Encoded::message(black_box(cursor.clone()), black_box(&m), None))
     });
 }
 
@@ -62,9 +64,11 @@ async fn scripted_services(bus: Bus) {
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let body = match msg.subject.as_str() {
-                GetHeads::SUBJECT => serde_json::to_vec(&Reply::Ok(LogHeads { epoch: 1, heads: vec![0] })).unwrap(),
+                GetHeads::SUBJECT => {
+                    serde_json::to_vec(&Reply::Ok(LogHeads { epoch: 1, heads: vec![0].into() })).unwrap()
+                }
                 GetMemberships::SUBJECT => serde_json::to_vec(&Reply::Ok(Memberships {
-                    heads: vec![0],
+                    heads: vec![0].into(),
                     conversations: vec![MembershipRow { conversation_id: "c".into(), joined_msg_id: 1 }],
                     more: false,
                 }))

@@ -6,7 +6,7 @@ use quickim_shared::error::ErrorCode;
 use quickim_shared::protocol::api as a;
 use quickim_shared::protocol::event::ClientFrame;
 
-use crate::http::server::{Triage, triage};
+use crate::listener::{Triage, triage};
 use crate::notify::cursor::{self, Cursor};
 
 /// The public listener's own request-head path: what it serves itself is a bodiless
@@ -27,8 +27,8 @@ pub fn request_head(data: &[u8]) {
 pub fn cursor(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(c) = Cursor::decode(text) {
-        let again = Cursor::decode(&cursor::encode(c.epoch, &c.offsets));
-        assert!(again.is_ok_and(|a| a.epoch == c.epoch && a.offsets == c.offsets), "a cursor we encode decodes back");
+        let again = Cursor::decode(&cursor::encode(c.epoch, &c.position));
+        assert!(again.is_ok_and(|a| a.epoch == c.epoch && a.position == c.position), "a cursor we encode decodes back");
     }
 }
 

@@ -1,21 +1,30 @@
 //! The gateway: terminates client connections and serves the HTTP API.
 //!
-//! Where each piece lives:
-//! - `http/`: the public and /inner routers, extractors, the error mapping, OpenAPI;
-//! - `notify/`: /notify — the hub, the session core, the ws/sse/poll transports;
-//! - `auth.rs`: tokens (issue, verify, revoke);
+//! Where each piece lives (docs/architecture.md draws the paths through them):
+//! - `listener/`: accepting connections and reading requests (the lean /notify path, hyper
+//!   for the rest), write timeouts, protocol switches;
+//! - `http/`: the public and /inner routers, extractors, OpenAPI;
+//! - `notify/`: /notify — the hub, the session core, the event format, the ws/sse/poll
+//!   transports;
+//! - `actions.rs`: what a client does (send, mark_read) whether by HTTP or WebSocket frame;
+//! - `sends.rs`: sends on their way to the message services, coalesced;
+//! - `error.rs`: the one mapping from failures to HTTP answers;
+//! - `auth.rs`: tokens (issue, verify, revoke), /notify tickets;
 //! - `cluster.rs`: the control plane between gateways (presence, kick, heartbeats);
 //! - `fuzzing.rs`: what the fuzz targets (`fuzz/`) exercise;
-//! - `ratelimit.rs`: per-user request rate;
+//! - `ratelimit.rs`: request rates per user and per address;
 //! - `state.rs`: the shared state handed to handlers.
 //!
 //! The gateway holds no conversation state: every request goes to the conversation or
 //! message service over the bus.
 
+pub mod actions;
 pub mod auth;
 pub mod cluster;
+pub mod error;
 pub mod fuzzing;
 pub mod http;
+pub mod listener;
 pub mod notify;
 pub mod ratelimit;
 pub mod sends;
@@ -118,12 +127,12 @@ impl Gateway {
             draining.set_draining();
         });
         let config = &state.config;
-        let limits = http::server::Limits {
+        let limits = listener::Limits {
             write_timeout: Duration::from_secs(config.write_timeout_s),
             header_timeout: Duration::from_secs(config.header_read_timeout_s),
             per_ip: None,
         };
-        let public_limits = http::server::Limits {
+        let public_limits = listener::Limits {
             per_ip: (config.conn_rate_per_ip > 0).then(|| {
                 Arc::new(ratelimit::RateLimiter::new(
                     config.conn_rate_per_ip,
@@ -132,9 +141,8 @@ impl Gateway {
             }),
             ..limits.clone()
         };
-        let public =
-            http::server::serve(public, http::public_router(state.clone()), true, public_limits, shutdown.clone());
-        let inner = http::server::serve(inner, http::inner_router(state.clone()), false, limits, shutdown);
+        let public = listener::serve(public, http::public_router(state.clone()), true, public_limits, shutdown.clone());
+        let inner = listener::serve(inner, http::inner_router(state.clone()), false, limits, shutdown);
         tokio::join!(public, inner);
         // Upgraded WebSockets are not the server's: wait for them too (they close on shutdown).
         state.connections.close();

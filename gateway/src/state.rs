@@ -18,8 +18,8 @@ use crate::notify::registry::Registry;
 use crate::ratelimit::RateLimiter;
 use crate::sends::Sends;
 
-/// Everything a handler needs.
-pub struct State {
+/// Everything a handler needs (behind [`AppState`]).
+pub struct App {
     /// Typed calls to the services.
     pub rpc: RpcClient,
     /// Sends to the message services, coalesced.
@@ -52,13 +52,13 @@ pub struct State {
     draining: AtomicBool,
 }
 
-/// Cheap handle to [`State`].
+/// Cheap handle to [`App`].
 #[derive(Clone)]
-pub struct AppState(Arc<State>);
+pub struct AppState(Arc<App>);
 
 impl Deref for AppState {
-    type Target = State;
-    fn deref(&self) -> &State {
+    type Target = App;
+    fn deref(&self) -> &App {
         &self.0
     }
 }
@@ -79,7 +79,7 @@ impl AppState {
     ) -> AppState {
         let limiter = RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst);
         let handshakes = RateLimiter::new(config.handshake_rate_per_ip, config.handshake_rate_per_ip.saturating_mul(2));
-        AppState(Arc::new(State {
+        AppState(Arc::new(App {
             sends: Sends::start(rpc.clone()),
             rpc,
             auth,

@@ -14,6 +14,7 @@ use quickim_gateway::notify::queue::Closed;
 use quickim_shared::bus::Bus;
 use quickim_shared::error::ServiceError;
 use quickim_shared::fanout::publish_entries;
+use quickim_shared::position::Position;
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::event::{HEADS_SUBJECT, LogEntry};
 use quickim_shared::protocol::service::{
@@ -41,12 +42,13 @@ fn message_in(conversation: &str, offset: u64, msg_id: u64, content: String) -> 
             content,
             client_msg_id: None,
             send_time: 0,
+            ..Default::default()
         },
     }
 }
 
 fn heads(log: &Log) -> LogHeads {
-    LogHeads { epoch: 7, heads: vec![log.lock().unwrap().len() as u64] }
+    LogHeads { epoch: 7, heads: vec![log.lock().unwrap().len() as u64].into() }
 }
 
 /// What the scripted services answer, beyond the log itself.
@@ -59,7 +61,7 @@ struct Script {
     /// Reads fail while set.
     failing: AtomicBool,
     /// The memberships answered: (heads, conversations) — default: heads of the log, `c`.
-    memberships: Mutex<Option<(Vec<u64>, Vec<&'static str>)>>,
+    memberships: Mutex<Option<(Position, Vec<&'static str>)>>,
     /// Conversations per membership page (0: all).
     membership_page: AtomicUsize,
 }
@@ -344,11 +346,12 @@ async fn a_snapshot_read_ahead_of_the_hub_goes_live_where_it_was_read() {
             content: system::content(&system::Users { user_ids: vec!["u".into()] }),
             client_msg_id: None,
             send_time: 0,
+            ..Default::default()
         },
     };
     log.lock().unwrap().push(left.clone());
-    *script.memberships.lock().unwrap() = Some((vec![5], vec![]));
-    let (attachment, mut inbox) = hub.attach("u", Some(vec![3]), 1000, 1 << 20).await.unwrap();
+    *script.memberships.lock().unwrap() = Some((vec![5].into(), vec![]));
+    let (attachment, mut inbox) = hub.attach("u", Some(vec![3].into()), 1000, 1 << 20).await.unwrap();
     assert!(matches!(attachment.start, Start::Waiting));
     assert!(
         tokio::time::timeout(Duration::from_millis(300), inbox.recv()).await.is_err(),
@@ -371,7 +374,7 @@ async fn memberships_read_in_pages_all_count() {
     let log: Log = Arc::default();
     let script = Arc::new(Script::default());
     script.membership_page.store(1, Ordering::Relaxed);
-    *script.memberships.lock().unwrap() = Some((vec![0], vec!["a", "b", "c"]));
+    *script.memberships.lock().unwrap() = Some((vec![0].into(), vec!["a", "b", "c"]));
     scripted_services(bus.clone(), log.clone(), script.clone()).await;
     let hub = ready_hub(&bus, HubConfig::gap_fill(Duration::from_millis(50))).await;
     let (attachment, mut inbox) = hub.attach("u", None, 1000, 1 << 20).await.unwrap();

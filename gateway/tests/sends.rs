@@ -40,6 +40,7 @@ fn store(counts: &Counts, send: &SendMessage) -> Reply<Message> {
         content: send.content.clone(),
         client_msg_id: None,
         send_time: 0,
+        ..Default::default()
     })
 }
 
@@ -90,6 +91,7 @@ fn send(i: usize) -> SendMessage {
         msg_type: 1,
         content: if i.is_multiple_of(5) { "refuse".into() } else { format!("m{i}") },
         client_msg_id: None,
+        count_unread: true,
     }
 }
 

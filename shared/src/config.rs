@@ -153,6 +153,19 @@ config_keys! {
     max_members: u64 => u64 = 100_000, env "QUICKIM_MAX_MEMBERS";
     /// Whether clients may name other members in /create_conversation
     client_create_members: bool => bool = false, env "QUICKIM_CLIENT_CREATE_MEMBERS";
+    /// How long after sending a member may edit its message, seconds; 0 = no limit (/inner has none)
+    edit_window_s: u64 => u64 = 86_400, env "QUICKIM_EDIT_WINDOW_S";
+    /// How long after sending a member may recall its message, seconds; 0 = no limit (/inner has none)
+    recall_window_s: u64 => u64 = 86_400, env "QUICKIM_RECALL_WINDOW_S";
+    /// System message types (negative) that count as unread, comma-separated; none by default
+    #[arg(value_delimiter = ',', allow_negative_numbers = true)]
+    unread_system_types: Vec<i32> => Vec<i32> = Vec::new(), env "QUICKIM_UNREAD_SYSTEM_TYPES";
+    /// Longest conversation title, UTF-8 bytes
+    title_max_bytes: usize => usize = 256, env "QUICKIM_TITLE_MAX_BYTES";
+    /// Longest conversation avatar (URL or id), UTF-8 bytes
+    avatar_max_bytes: usize => usize = 2048, env "QUICKIM_AVATAR_MAX_BYTES";
+    /// Largest conversation ext (a JSON object), bytes as JSON
+    ext_max_bytes: usize => usize = 4096, env "QUICKIM_EXT_MAX_BYTES";
     /// Public API requests per second per user (per gateway node); 0 = unlimited
     rate_limit_per_s: u32 => u32 = 100, env "QUICKIM_RATE_LIMIT_PER_S";
     /// Burst above the rate
@@ -283,6 +296,12 @@ impl Config {
         }
         if self.send_batch_max == 0 {
             return fail("send_batch_max must be at least 1".into());
+        }
+        if let Some(t) = self.unread_system_types.iter().find(|t| !crate::protocol::system::ALL.contains(t)) {
+            return fail(format!(
+                "unread_system_types lists {t}, which is not a system type ({:?})",
+                crate::protocol::system::ALL
+            ));
         }
         if self.sse_heartbeat_s == 0 || self.sse_heartbeat_s > 15 {
             return fail(format!("sse_heartbeat_s must be within 1–15, not {}", self.sse_heartbeat_s));

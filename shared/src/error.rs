@@ -16,12 +16,20 @@ pub enum ErrorCode {
     InvalidText,
     /// A list holds more items than its limit (users, conversations, messages of a batch).
     TooManyItems,
+    /// The message cannot be edited, recalled or deleted (a system message).
+    NotRevisable,
     /// Missing, malformed, expired, forged or revoked token (or wrong inner key).
     InvalidToken,
     /// Authenticated, but this action is not allowed (e.g. self-join of a private conversation).
     Forbidden,
     /// The caller is not a member of the conversation, or the conversation does not exist.
     NotMember,
+    /// Only the sender may edit, recall or delete a message (or the business system).
+    NotSender,
+    /// The caller's role in the conversation does not allow this (e.g. changing its title).
+    RoleRequired,
+    /// The time to edit or recall the message (`edit_window_s`, `recall_window_s`) has passed.
+    RevisionWindowClosed,
     /// The resource does not exist (unknown route, unknown conversation on /inner).
     NotFound,
     /// The route exists but not with this HTTP method.
@@ -34,6 +42,8 @@ pub enum ErrorCode {
     ConversationArchived,
     /// The conversation has `max_members` active members already.
     ConversationFull,
+    /// The message was recalled or deleted: it cannot be changed any more.
+    MessageGone,
     /// Body or content larger than the configured limit.
     PayloadTooLarge,
     /// A message that, encoded, would not fit in one message of the cluster's bus (NATS's
@@ -41,6 +51,12 @@ pub enum ErrorCode {
     TooLargeForBus,
     /// The request body is over `max_body_bytes` (public) or `inner_max_body_bytes` (/inner).
     BodyTooLarge,
+    /// A conversation title over `title_max_bytes`.
+    TitleTooLarge,
+    /// A conversation avatar over `avatar_max_bytes`.
+    AvatarTooLarge,
+    /// A conversation's `ext` over `ext_max_bytes` (as JSON).
+    ExtTooLarge,
     /// Request rate above the configured limit; `Retry-After` says when to come back.
     RateLimited,
     /// Too many open /notify connections for this user.
@@ -59,22 +75,30 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::InvalidParam,
         ErrorCode::InvalidText,
         ErrorCode::TooManyItems,
+        ErrorCode::NotRevisable,
         ErrorCode::InvalidToken,
         ErrorCode::Forbidden,
         ErrorCode::NotMember,
+        ErrorCode::NotSender,
+        ErrorCode::RoleRequired,
+        ErrorCode::RevisionWindowClosed,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::RequestTimeout,
         ErrorCode::Conflict,
         ErrorCode::ConversationArchived,
         ErrorCode::ConversationFull,
+        ErrorCode::MessageGone,
         ErrorCode::PayloadTooLarge,
         ErrorCode::TooLargeForBus,
         ErrorCode::BodyTooLarge,
+        ErrorCode::TitleTooLarge,
+        ErrorCode::AvatarTooLarge,
+        ErrorCode::ExtTooLarge,
         ErrorCode::RateLimited,
         ErrorCode::TooManyConnections,
         ErrorCode::FrameRateLimited,
@@ -90,18 +114,26 @@ impl ErrorCode {
             ErrorCode::InvalidParam => 40000,
             ErrorCode::InvalidText => 40001,
             ErrorCode::TooManyItems => 40002,
+            ErrorCode::NotRevisable => 40003,
             ErrorCode::InvalidToken => 40100,
             ErrorCode::Forbidden => 40300,
             ErrorCode::NotMember => 40301,
+            ErrorCode::NotSender => 40302,
+            ErrorCode::RoleRequired => 40303,
+            ErrorCode::RevisionWindowClosed => 40304,
             ErrorCode::NotFound => 40400,
             ErrorCode::MethodNotAllowed => 40500,
             ErrorCode::RequestTimeout => 40800,
             ErrorCode::Conflict => 40900,
             ErrorCode::ConversationArchived => 40901,
             ErrorCode::ConversationFull => 40902,
+            ErrorCode::MessageGone => 40903,
             ErrorCode::PayloadTooLarge => 41300,
             ErrorCode::TooLargeForBus => 41301,
             ErrorCode::BodyTooLarge => 41302,
+            ErrorCode::TitleTooLarge => 41303,
+            ErrorCode::AvatarTooLarge => 41304,
+            ErrorCode::ExtTooLarge => 41305,
             ErrorCode::RateLimited => 42900,
             ErrorCode::TooManyConnections => 42901,
             ErrorCode::FrameRateLimited => 42902,
@@ -123,18 +155,26 @@ impl ErrorCode {
             ErrorCode::InvalidParam => "invalid_param",
             ErrorCode::InvalidText => "invalid_text",
             ErrorCode::TooManyItems => "too_many_items",
+            ErrorCode::NotRevisable => "not_revisable",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotMember => "not_member",
+            ErrorCode::NotSender => "not_sender",
+            ErrorCode::RoleRequired => "role_required",
+            ErrorCode::RevisionWindowClosed => "revision_window_closed",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Conflict => "conflict",
             ErrorCode::ConversationArchived => "conversation_archived",
             ErrorCode::ConversationFull => "conversation_full",
+            ErrorCode::MessageGone => "message_gone",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooLargeForBus => "too_large_for_bus",
             ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::TitleTooLarge => "title_too_large",
+            ErrorCode::AvatarTooLarge => "avatar_too_large",
+            ErrorCode::ExtTooLarge => "ext_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::FrameRateLimited => "frame_rate_limited",

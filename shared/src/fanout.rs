@@ -106,6 +106,7 @@ mod tests {
                 content: "x".repeat(content_bytes),
                 client_msg_id: None,
                 send_time: 0,
+                ..Default::default()
             },
         }
     }

@@ -6,6 +6,7 @@
 //! - [`bus`]: request/reply and publish/subscribe, over NATS or in-process.
 //! - [`rpc`]: typed calls and service dispatch on top of the bus.
 //! - [`fanout`]: publishing committed log entries to every gateway.
+//! - [`position`]: a position in the log (one offset per partition).
 //! - [`config`]: layered configuration (defaults → TOML → `QUICKIM_*` env → flags).
 //! - [`telemetry`]: logging/tracing set-up and trace-context propagation.
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod ids;
+pub mod position;
 pub mod protocol;
 pub mod rpc;
 pub mod telemetry;

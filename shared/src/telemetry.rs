@@ -85,8 +85,8 @@ pub fn init(config: &Config, service_name: &str, node_id: &str) -> Result<Teleme
     let env_filter =
         EnvFilter::try_new(&config.log).map_err(|e| ConfigError(format!("log filter {:?}: {e}", config.log)))?;
     // Without `log_spans` the log layer takes events only: it then keeps no span of its own,
-    // and formatting every request's spans (≈15–20 % of a node's CPU under load, measured on
-    // persisted sends) is left to the trace exporter, when there is one.
+    // and formatting every request's spans (a large share of a node's CPU under load: see
+    // `log_spans` in docs/operations.md) is left to the trace exporter, when there is one.
     let log_spans = config.log_spans;
     // Every filter states the most verbose level it may let through: one without that hint
     // makes the whole subscriber report "everything", and libraries then build (and format)
@@ -114,7 +114,7 @@ pub fn init(config: &Config, service_name: &str, node_id: &str) -> Result<Teleme
     });
     // Spans nobody records are not made at all: without a trace exporter and without
     // `log_spans`, the registry would still allocate, enter, exit and close every request's
-    // spans (≈6 % of a standalone node's CPU under persisted sends, measured with perf).
+    // spans (a measurable share of a node's CPU: docs/operations.md, `log_spans`).
     let spans_wanted = log_spans || otel.is_some();
     let level = if otel.is_some() { log_level.max(LevelFilter::INFO) } else { log_level };
     let spans = filter::filter_fn(move |meta| spans_wanted || meta.is_event()).with_max_level_hint(level);

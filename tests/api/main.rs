@@ -4,6 +4,7 @@
 
 mod abuse;
 mod bad_input;
+mod chat_state;
 mod distributed;
 mod docs;
 mod fuzz_corpus;

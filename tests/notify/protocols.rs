@@ -318,13 +318,18 @@ async fn long_poll_continuations_lose_nothing_whichever_cursor_comes_back() {
                 .sum::<u64>()
         }
     };
+    // A witness on the same node: once it has m2, so has the parked session (the hub hands an
+    // entry to every session in one step).
+    let mut witness = NotifyClient::connect(&q.api.public, &t, Protocol::Sse, None).await.unwrap();
     let (_, c0) = poll(None).await;
     send(&q.api, "c", "bob", "m1").await;
     send(&q.api, "c", "bob", "m2").await;
+    assert_eq!(contents(&messages(&mut witness, 2).await), ["m1", "m2"]);
     // The next poll continues the parked session: what came in between is there, in order.
     let (got, c1) = poll(Some(c0.clone())).await;
     assert_eq!(got, ["m1", "m2"]);
     send(&q.api, "c", "bob", "m3").await;
+    assert_eq!(contents(&messages(&mut witness, 1).await), ["m3"]);
     // The first answer was "lost": the client asks again from the older cursor. Nothing is
     // parked under it any more, so the store replays everything after it.
     let (got, _) = poll(Some(c0)).await;

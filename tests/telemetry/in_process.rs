@@ -33,7 +33,12 @@ async fn a_standalone_send_is_one_trace_over_the_in_process_bus() {
     let shutdown = CancellationToken::new();
     let store = Store::open_sqlite(&dir.path().join("q.db"), 4, 8).await.unwrap();
     let bus = Bus::local(1024);
-    let limits = quickim_conversation::ConversationLimits { max_members: 1000 };
+    let limits = quickim_conversation::ConversationLimits {
+        max_members: 1000,
+        title_max_bytes: 256,
+        avatar_max_bytes: 2048,
+        ext_max_bytes: 4096,
+    };
     let _conv = ConversationService::new(store.clone(), bus.clone(), limits).start(shutdown.clone()).await.unwrap();
     let limits = MessageLimits {
         max_content_bytes: 65536,
@@ -43,6 +48,8 @@ async fn a_standalone_send_is_one_trace_over_the_in_process_bus() {
         key_ttl_ms: 7 * 86_400_000,
         message_retention_ms: 0,
         send_batch_max: 500,
+        edit_window_ms: 0,
+        recall_window_ms: 0,
     };
     let _msg = MessageService::new(store, bus.clone(), limits).start(shutdown.clone()).await.unwrap();
     let config = Config {

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
 use crate::auth::Caller;
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// When a request arrived (set by the observing middleware, first thing).
@@ -36,10 +36,6 @@ impl FromRequestParts<AppState> for Deadline {
 /// size, and how long the client may take to send it.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize, pub std::time::Duration);
-
-/// The address a request came from (set by the listener).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub std::net::IpAddr);
 
 /// A JSON body of type `T`.
 pub struct Body<T>(pub T);

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use quickim_shared::error::ErrorCode;
 use serde::Serialize;
 
-use super::error::{ApiError, Envelope};
+use crate::error::{ApiError, Envelope};
 use crate::state::AppState;
 
 #[derive(Serialize)]

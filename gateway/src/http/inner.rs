@@ -5,18 +5,23 @@ use quickim_shared::bus::size;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::ids::{check_platform, check_user_id};
 use quickim_shared::protocol::api::{
-    ArchiveAnswer, BatchAnswer, BatchItemResult, CreatedConversation, GetTokenRequest, InnerCreateConversationRequest,
-    InnerMembersRequest, InnerSendBatchRequest, InnerSendMsgRequest, JoinedUsers, KickUserAnswer, KickUserRequest,
-    KickedUsers, Message, SetArchiveRequest, TokenAnswer, UserOnline, UsersOnlineAnswer, UsersOnlineRequest,
+    ArchiveAnswer, BatchAnswer, BatchItemResult, ConversationMembersRequest, ConversationMeta, CreatedConversation,
+    EditMsgRequest, GetTokenRequest, InnerCreateConversationRequest, InnerMembersRequest, InnerSendBatchRequest,
+    InnerSendMsgRequest, JoinedConversations, JoinedUsers, KickUserAnswer, KickUserRequest, KickedUsers, MembersPage,
+    Message, MsgRequest, RoleAnswer, SetArchiveRequest, SetMemberRoleRequest, TokenAnswer, UpdateConversationRequest,
+    UserConversationsRequest, UserOnline, UsersOnlineAnswer, UsersOnlineRequest, VersionsAnswer, VersionsRequest,
 };
 use quickim_shared::protocol::service::{
-    CreateConversation, Join, Kick, Origin, Revocation, RevokeTokens, SendBatch, SendMessage, SetArchived,
+    CreateConversation, GetVersions, Join, Kick, ListJoined, ListMembers, Origin, Revocation, RevokeTokens, SendBatch,
+    SendMessage, SetArchived, SetMemberRole, UpdateConversation,
 };
+use quickim_shared::protocol::system::Action;
 use quickim_shared::rpc::bus_error;
 use quickim_shared::time::now_ms;
 
-use super::error::{ApiError, ApiResult, Envelope};
 use super::extract::{Body, Deadline, InnerKey};
+use crate::actions::{self, NewMessage, Sender};
+use crate::error::{ApiError, ApiResult, Envelope};
 use crate::state::AppState;
 
 /// Most users or conversations an /inner list may name.
@@ -49,9 +54,94 @@ pub async fn create_conversation(
             joinable: r.joinable,
             members: r.members,
             owner: r.owner,
+            title: r.title,
+            avatar: r.avatar,
+            ext: r.ext,
+            meta_role: r.meta_role,
         })
         .await?;
     Ok(Envelope(created))
+}
+
+/// POST /inner/edit_msg: any message (e.g. updating an approval card).
+pub async fn edit_msg(State(s): State<AppState>, _: InnerKey, Body(r): Body<EditMsgRequest>) -> ApiResult<Message> {
+    let by = Sender::Inner("");
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Edit, Some(r.content)).await?))
+}
+
+/// POST /inner/recall_msg
+pub async fn recall_msg(State(s): State<AppState>, _: InnerKey, Body(r): Body<MsgRequest>) -> ApiResult<Message> {
+    let by = Sender::Inner("");
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Recall, None).await?))
+}
+
+/// POST /inner/delete_msg
+pub async fn delete_msg(State(s): State<AppState>, _: InnerKey, Body(r): Body<MsgRequest>) -> ApiResult<Message> {
+    let by = Sender::Inner("");
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Delete, None).await?))
+}
+
+/// POST /inner/get_msg_versions
+pub async fn get_msg_versions(
+    State(s): State<AppState>,
+    _: InnerKey,
+    Body(r): Body<VersionsRequest>,
+) -> ApiResult<VersionsAnswer> {
+    let q = GetVersions {
+        user_id: None,
+        conversation_id: r.conversation_id,
+        msg_id: r.msg_id,
+        after_version: r.after_version,
+    };
+    Ok(Envelope(s.rpc.call(&q).await?))
+}
+
+/// POST /inner/update_conversation: title, avatar, ext and who else may change them.
+pub async fn update_conversation(
+    State(s): State<AppState>,
+    _: InnerKey,
+    Body(r): Body<UpdateConversationRequest>,
+) -> ApiResult<ConversationMeta> {
+    Ok(Envelope(s.rpc.call(&UpdateConversation { by: None, changes: r }).await?))
+}
+
+/// POST /inner/set_member_role
+pub async fn set_member_role(
+    State(s): State<AppState>,
+    _: InnerKey,
+    Body(r): Body<SetMemberRoleRequest>,
+) -> ApiResult<RoleAnswer> {
+    let q = SetMemberRole { conversation_id: r.conversation_id, user_id: r.user_id, role: r.role };
+    Ok(Envelope(s.rpc.call(&q).await?))
+}
+
+/// POST /inner/get_user_conversations: a user's conversation list, as that user sees it.
+pub async fn get_user_conversations(
+    State(s): State<AppState>,
+    _: InnerKey,
+    Body(r): Body<UserConversationsRequest>,
+) -> ApiResult<JoinedConversations> {
+    check_user_id("user_id", &r.user_id)?;
+    let limit = r.limit.unwrap_or(50);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::InvalidParam, "limit must be within 1–100"));
+    }
+    let q = ListJoined { user_id: r.user_id, archived: r.archived, limit, cursor: r.cursor };
+    Ok(Envelope(s.rpc.call(&q).await?))
+}
+
+/// POST /inner/get_conversation_members
+pub async fn get_conversation_members(
+    State(s): State<AppState>,
+    _: InnerKey,
+    Body(r): Body<ConversationMembersRequest>,
+) -> ApiResult<MembersPage> {
+    let limit = r.limit.unwrap_or(500);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::InvalidParam, "limit must be within 1–1000"));
+    }
+    let q = ListMembers { conversation_id: r.conversation_id, limit, cursor: r.cursor };
+    Ok(Envelope(s.rpc.call(&q).await?))
 }
 
 /// POST /inner/join_conversation
@@ -91,6 +181,7 @@ fn inner_send(r: InnerSendMsgRequest) -> SendMessage {
         msg_type: r.msg_type,
         content: r.content,
         client_msg_id: r.client_msg_id,
+        count_unread: r.count_unread,
     }
 }
 
@@ -101,7 +192,14 @@ pub async fn send_msg(
     Deadline(deadline): Deadline,
     Body(r): Body<InnerSendMsgRequest>,
 ) -> ApiResult<Message> {
-    Ok(Envelope(s.sends.send(inner_send(r), deadline).await?))
+    let send = NewMessage {
+        conversation_id: r.conversation_id,
+        msg_type: r.msg_type,
+        content: r.content,
+        client_msg_id: r.client_msg_id,
+        count_unread: r.count_unread,
+    };
+    Ok(Envelope(actions::send(&s, Sender::Inner(&r.from), send, deadline).await?))
 }
 
 /// POST /inner/send_msg_batch: stored in order, one result per item.

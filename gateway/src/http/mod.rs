@@ -4,19 +4,16 @@
 //! - `inner.rs`: /inner routes (inner key);
 //! - `health.rs`: /healthz, /readyz (and /metrics, on the inner listener, is rendered here);
 //! - `openapi.rs`: the OpenAPI document;
-//! - `server.rs`: the accept loop (hyper, and SSE / long-poll streams served directly);
-//! - `socket.rs`: a client connection's socket, with its write timeout;
-//! - `extract.rs`: body, token and key extractors (bad input → 4xx in the project's format);
-//! - `error.rs`: the one mapping from failures to HTTP answers.
+//! - `extract.rs`: body, token and key extractors (bad input → 4xx in the project's format).
+//!
+//! The errors' one mapping to HTTP answers is `crate::error`; the accept loop that serves
+//! these routers is `crate::listener`.
 
-pub mod error;
 pub mod extract;
 pub mod health;
 pub mod inner;
 pub mod openapi;
 pub mod public;
-pub mod server;
-pub mod socket;
 
 use axum::Router;
 use axum::body::Body;
@@ -111,8 +108,8 @@ fn common(router: Router<AppState>) -> Router<AppState> {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi_json))
-        .fallback(error::not_found)
-        .method_not_allowed_fallback(error::method_not_allowed)
+        .fallback(crate::error::not_found)
+        .method_not_allowed_fallback(crate::error::method_not_allowed)
 }
 
 /// The public listener's routes.
@@ -135,6 +132,12 @@ pub fn public_router(state: AppState) -> Router {
             .route("/get_conversation_last_30_msg", post(public::get_conversation_last_30_msg))
             .route("/get_conversation_lastone_msg", post(public::get_conversation_lastone_msg))
             .route("/notify_ticket", post(public::notify_ticket))
+            .route("/edit_msg", post(public::edit_msg))
+            .route("/recall_msg", post(public::recall_msg))
+            .route("/delete_msg", post(public::delete_msg))
+            .route("/get_msg_versions", post(public::get_msg_versions))
+            .route("/update_conversation", post(public::update_conversation))
+            .route("/set_conversation_mute", post(public::set_conversation_mute))
             .route("/notify", get(crate::notify::notify)),
     )
     .layer(Extension(BodyLimit(state.config.max_body_bytes, body_timeout(&state))))
@@ -158,6 +161,14 @@ pub fn inner_router(state: AppState) -> Router {
             .route("/inner/send_msg_batch", post(inner::send_msg_batch))
             .route("/inner/get_users_online", post(inner::get_users_online))
             .route("/inner/kick_user", post(inner::kick_user))
+            .route("/inner/edit_msg", post(inner::edit_msg))
+            .route("/inner/recall_msg", post(inner::recall_msg))
+            .route("/inner/delete_msg", post(inner::delete_msg))
+            .route("/inner/get_msg_versions", post(inner::get_msg_versions))
+            .route("/inner/update_conversation", post(inner::update_conversation))
+            .route("/inner/set_member_role", post(inner::set_member_role))
+            .route("/inner/get_user_conversations", post(inner::get_user_conversations))
+            .route("/inner/get_conversation_members", post(inner::get_conversation_members))
             .route("/metrics", get(metrics)),
     )
     .layer(Extension(BodyLimit(state.config.inner_max_body_bytes, body_timeout(&state))))

@@ -4,19 +4,22 @@
 use axum::extract::State;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::{
-    AroundRequest, ConversationDetail, ConversationRequest, CreateConversationRequest, CreatedConversation,
-    DetailRequest, GetJoinedRequest, JoinedAnswer, JoinedConversations, LastMsgsRequest, LastOneAnswer, LeftAnswer,
-    MarkReadRequest, Message, MsgIdAnswer, MsgsAnswer, NotifyTicketAnswer, NotifyTicketRequest, RangeRequest,
-    ReadAnswer, SendMsgRequest,
+    AroundRequest, ConversationDetail, ConversationMeta, ConversationRequest, CreateConversationRequest,
+    CreatedConversation, DetailRequest, EditMsgRequest, GetJoinedRequest, JoinedAnswer, JoinedConversations,
+    LastMsgsRequest, LastOneAnswer, LeftAnswer, MarkReadRequest, Message, MsgIdAnswer, MsgRequest, MsgsAnswer,
+    MuteAnswer, MuteRequest, NotifyTicketAnswer, NotifyTicketRequest, RangeRequest, ReadAnswer, SendMsgRequest,
+    UpdateConversationRequest, VersionsAnswer, VersionsRequest,
 };
 use quickim_shared::protocol::service::{
-    CheckJoined, CreateConversation, GetDetail, History, HistoryQuery, Join, LastMsgId, Leave, ListJoined, MarkRead,
-    Origin, SendMessage,
+    CheckJoined, CreateConversation, GetDetail, GetVersions, History, HistoryQuery, Join, LastMsgId, Leave, ListJoined,
+    SetMute, UpdateConversation,
 };
+use quickim_shared::protocol::system::Action;
 
-use super::error::{ApiError, ApiResult, Envelope};
 use super::extract::{Body, Deadline};
+use crate::actions::{self, NewMessage, Sender};
 use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, Envelope};
 use crate::state::AppState;
 
 /// POST /send_msg
@@ -26,20 +29,14 @@ pub async fn send_msg(
     caller: Caller,
     Body(r): Body<SendMsgRequest>,
 ) -> ApiResult<Message> {
-    let msg = s
-        .sends
-        .send(
-            SendMessage {
-                origin: Origin::Client,
-                conversation_id: r.conversation_id,
-                from: caller.user_id,
-                msg_type: r.msg_type,
-                content: r.content,
-                client_msg_id: r.client_msg_id,
-            },
-            deadline,
-        )
-        .await?;
+    let send = NewMessage {
+        conversation_id: r.conversation_id,
+        msg_type: r.msg_type,
+        content: r.content,
+        client_msg_id: r.client_msg_id,
+        count_unread: true,
+    };
+    let msg = actions::send(&s, Sender::Member(&caller.user_id), send, deadline).await?;
     Ok(Envelope(msg))
 }
 
@@ -121,9 +118,66 @@ pub async fn create_conversation(
             joinable: r.joinable,
             members: others,
             owner: Some(caller.user_id),
+            title: r.title,
+            avatar: r.avatar,
+            ext: r.ext,
+            meta_role: None,
         })
         .await?;
     Ok(Envelope(created))
+}
+
+/// POST /edit_msg: the sender edits its message (within `edit_window_s`).
+pub async fn edit_msg(State(s): State<AppState>, caller: Caller, Body(r): Body<EditMsgRequest>) -> ApiResult<Message> {
+    let by = Sender::Member(&caller.user_id);
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Edit, Some(r.content)).await?))
+}
+
+/// POST /recall_msg: the sender recalls its message (within `recall_window_s`).
+pub async fn recall_msg(State(s): State<AppState>, caller: Caller, Body(r): Body<MsgRequest>) -> ApiResult<Message> {
+    let by = Sender::Member(&caller.user_id);
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Recall, None).await?))
+}
+
+/// POST /delete_msg: the sender deletes its message.
+pub async fn delete_msg(State(s): State<AppState>, caller: Caller, Body(r): Body<MsgRequest>) -> ApiResult<Message> {
+    let by = Sender::Member(&caller.user_id);
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Delete, None).await?))
+}
+
+/// POST /get_msg_versions: an edited message's versions (members only).
+pub async fn get_msg_versions(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<VersionsRequest>,
+) -> ApiResult<VersionsAnswer> {
+    let q = GetVersions {
+        user_id: Some(caller.user_id),
+        conversation_id: r.conversation_id,
+        msg_id: r.msg_id,
+        after_version: r.after_version,
+    };
+    Ok(Envelope(s.rpc.call(&q).await?))
+}
+
+/// POST /update_conversation: title, avatar, ext — for members whose role the conversation's
+/// `meta_role` allows.
+pub async fn update_conversation(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<UpdateConversationRequest>,
+) -> ApiResult<ConversationMeta> {
+    Ok(Envelope(s.rpc.call(&UpdateConversation { by: Some(caller.user_id), changes: r }).await?))
+}
+
+/// POST /set_conversation_mute
+pub async fn set_conversation_mute(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<MuteRequest>,
+) -> ApiResult<MuteAnswer> {
+    let q = SetMute { user_id: caller.user_id, conversation_id: r.conversation_id, muted: r.muted };
+    Ok(Envelope(s.rpc.call(&q).await?))
 }
 
 /// POST /join_conversation: self-join, only where the conversation allows it.
@@ -161,9 +215,7 @@ pub async fn mark_read(
     caller: Caller,
     Body(r): Body<MarkReadRequest>,
 ) -> ApiResult<ReadAnswer> {
-    let answer =
-        s.rpc.call(&MarkRead { user_id: caller.user_id, conversation_id: r.conversation_id, msg_id: r.msg_id }).await?;
-    Ok(Envelope(answer))
+    Ok(Envelope(actions::mark_read(&s, &caller.user_id, r.conversation_id, r.msg_id).await?))
 }
 
 async fn history(

@@ -7,6 +7,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use quickim_shared::position::Position;
 
 const VERSION: u8 = 1;
 
@@ -16,7 +17,7 @@ pub struct Cursor {
     /// The database's epoch.
     pub epoch: u32,
     /// One offset per partition.
-    pub offsets: Vec<u64>,
+    pub position: Position,
 }
 
 /// A string that is not a cursor.
@@ -26,7 +27,7 @@ pub struct BadCursor;
 impl Cursor {
     /// Encodes to the wire form.
     pub fn encode(&self) -> String {
-        encode(self.epoch, &self.offsets)
+        encode(self.epoch, &self.position)
     }
 
     /// Decodes the wire form.
@@ -51,7 +52,7 @@ impl Cursor {
         if !input.is_empty() {
             return Err(BadCursor);
         }
-        Ok(Cursor { epoch, offsets })
+        Ok(Cursor { epoch, position: Position::from(offsets) })
     }
 }
 
@@ -86,11 +87,6 @@ fn read_varint(input: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
-/// Element-wise maximum of two positions of the same length.
-pub fn max_position(a: &[u64], b: &[u64]) -> Vec<u64> {
-    a.iter().zip(b).map(|(x, y)| *x.max(y)).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,14 +94,14 @@ mod tests {
     #[test]
     fn round_trips() {
         for offsets in [vec![], vec![0], vec![0, 1, 127, 128, 300, u64::MAX], vec![5_000_000; 8]] {
-            let c = Cursor { epoch: 0xdead_beef, offsets };
+            let c = Cursor { epoch: 0xdead_beef, position: Position::from(offsets) };
             assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         }
     }
 
     #[test]
     fn is_short() {
-        let c = Cursor { epoch: u32::MAX, offsets: vec![5_000_000; 8] };
+        let c = Cursor { epoch: u32::MAX, position: Position::from(vec![5_000_000; 8]) };
         assert!(c.encode().len() <= 56, "{}", c.encode());
     }
 
@@ -114,7 +110,7 @@ mod tests {
         for s in ["", "!!", "AA", "not a cursor", &"A".repeat(5000)] {
             assert_eq!(Cursor::decode(s), Err(BadCursor), "{s:?}");
         }
-        let mut good = Cursor { epoch: 1, offsets: vec![1, 2] }.encode();
+        let mut good = Cursor { epoch: 1, position: Position::from(vec![1, 2]) }.encode();
         good.push('A');
         assert!(Cursor::decode(&good).is_err(), "trailing bytes");
         let truncated = encode(1, &[300]);

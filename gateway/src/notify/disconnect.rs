@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::hub::Encoded;
+use super::event::Encoded;
 
 /// What a client should do after a close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,14 +99,7 @@ impl Disconnect {
 
     /// The event sent before closing, on every protocol, if any.
     pub fn final_event(self) -> Option<Arc<Encoded>> {
-        (self == Disconnect::Kicked).then(|| {
-            Arc::new(Encoded {
-                kind: "kicked",
-                cursor: Arc::from(""),
-                json: bytes::Bytes::from_static(br#"{"type":"kicked","reason":"kick_user"}"#),
-                meta: None,
-            })
-        })
+        (self == Disconnect::Kicked).then(Encoded::kicked)
     }
 }
 

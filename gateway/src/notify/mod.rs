@@ -1,7 +1,8 @@
 //! /notify: realtime delivery over WebSocket, SSE and long-poll.
 //!
-//! - `hub.rs`: consumes the log in order (filling gaps from the store) and delivers to
-//!   connections through bounded queues;
+//! - `hub/`: consumes the log in order (filling gaps from the store), keeps who gets what,
+//!   and delivers to connections through bounded queues;
+//! - `event.rs`: the event format — one constructor per event kind, SSE and long-poll framing;
 //! - `queue.rs`: a connection's bounded outbound queue (events and bytes), empty = no buffer;
 //! - `session.rs`: the one session core: authentication, attach, replay from a cursor, then
 //!   live events;
@@ -13,6 +14,7 @@
 
 pub mod cursor;
 pub mod disconnect;
+pub mod event;
 pub mod hub;
 pub mod parked;
 pub mod queue;
@@ -23,18 +25,17 @@ pub mod transport;
 use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::TokioIo;
 use quickim_shared::config::Config;
 use quickim_shared::error::ErrorCode;
 use quickim_shared::protocol::service::ConsumeTicket;
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::http::error::ApiError;
-use crate::http::extract::Peer;
-use crate::http::server::{Lean, Takeover};
+use crate::error::ApiError;
+use crate::listener::{Lean, Peer, Switch};
 use crate::state::AppState;
 use cursor::Cursor;
+use event::Transport;
 use session::Session;
 
 /// The query of a /notify request.
@@ -67,18 +68,19 @@ pub async fn notify(State(state): State<AppState>, request: Request) -> Response
 async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
     let (mut parts, _body) = request.into_parts();
     let query = query_of(&parts.uri)?;
-    let protoc = match query.protoc.as_deref() {
-        Some(p @ ("ws" | "sse" | "poll")) => p,
-        None if parts.headers.get(header::UPGRADE).is_some() => "ws",
-        _ => return Err(ApiError::new(ErrorCode::InvalidParam, "protoc must be ws, sse or poll")),
-    };
+    let transport = match query.protoc.as_deref() {
+        Some(p) => Transport::parse(p),
+        None if parts.headers.get(header::UPGRADE).is_some() => Some(Transport::Ws),
+        None => None,
+    }
+    .ok_or_else(|| ApiError::new(ErrorCode::InvalidParam, "protoc must be ws, sse or poll"))?;
     let caller = match &query.ticket {
         Some(ticket) => caller_of_ticket(&state, ticket).await?,
         None => Caller::from_request_parts(&mut parts, &state).await?,
     };
     // Served by the listener itself: a long-poll may wait inside its response body.
     let lean = parts.extensions.get::<Lean>().is_some();
-    let cursor_text = if protoc == "sse" {
+    let cursor_text = if transport == Transport::Sse {
         parts
             .headers
             .get("last-event-id")
@@ -90,20 +92,17 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         query.cursor
     };
     let cursor_text = cursor_text.filter(|c| !c.is_empty());
+    let config = &state.config;
+    let max_events = config.replay_page as usize;
     // A poll that continues where this node's last answer to the same client left off.
-    if protoc == "poll"
+    if transport == Transport::Poll
         && let Some(c) = &cursor_text
-        && let timeout = poll_timeout(query.timeout.as_deref(), &state.config)?
+        && let timeout = poll_timeout(query.timeout.as_deref(), config)?
         && !state.is_draining()
         && let Some(session) = state.parked.take(&caller, c)
     {
-        return Ok(transport::poll::respond(
-            session,
-            std::time::Duration::from_secs(timeout),
-            state.config.replay_page,
-            lean,
-        )
-        .await);
+        let wait = std::time::Duration::from_secs(timeout);
+        return Ok(transport::poll::respond(session, wait, max_events, lean, state.parked.clone()).await);
     }
     // A new stream (not a parked poll's continuation): counted against its address's rate.
     if let Some(Peer(ip)) = parts.extensions.get::<Peer>()
@@ -119,50 +118,37 @@ async fn open(state: AppState, request: Request) -> Result<Response, ApiError> {
         ),
         None => None,
     };
-    let config = &state.config;
-    match protoc {
-        "ws" => {
+    let cx = session::Context {
+        hub: &state.hub,
+        rpc: &state.rpc,
+        registry: &state.registry,
+        shutdown: &state.shutdown,
+        draining: state.is_draining(),
+        max_connections_per_user: config.max_connections_per_user,
+        queue: (config.queue_max_events, config.queue_max_bytes),
+        replay_page: config.replay_page,
+    };
+    match transport {
+        Transport::Ws => {
             if !origin_allowed(&parts.headers, config) {
                 return Err(ApiError::new(ErrorCode::Forbidden, "origin not allowed"));
             }
             let response = transport::ws::handshake(&parts.headers)?;
-            // Served on the lean path: the server hands over the socket. Else hyper's upgrade.
-            let takeover = parts.extensions.remove::<Takeover>();
-            let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-            if takeover.is_none() && upgrade.is_none() {
-                return Err(ApiError::new(ErrorCode::InvalidParam, "this connection cannot switch protocols"));
-            }
-            let session = Box::pin(Session::open(&state, caller, "ws", resume)).await?;
+            let switch = Switch::of(&mut parts, &state.connections)
+                .ok_or_else(|| ApiError::new(ErrorCode::InvalidParam, "this connection cannot switch protocols"))?;
+            let session = Box::pin(Session::open(cx, caller, transport, resume)).await?;
             let state = state.clone();
-            match (takeover, upgrade) {
-                (Some(takeover), _) => takeover.claim(Box::new(move |stream, ahead| {
-                    Box::pin(transport::ws::serve(stream, ahead, session, state))
-                })),
-                (None, Some(upgrade)) => {
-                    let tracker = state.connections.clone();
-                    tracker.spawn(async move {
-                        if let Ok(upgraded) = upgrade.await {
-                            transport::ws::serve(TokioIo::new(upgraded), Vec::new(), session, state).await;
-                        }
-                    });
-                }
-                (None, None) => {}
-            }
+            switch.run(move |conn, ahead| transport::ws::serve(conn, ahead, session, state));
             Ok(response)
         }
-        "sse" => {
-            let session = Box::pin(Session::open(&state, caller, "sse", resume)).await?;
-            Ok(transport::sse::respond(
-                session,
-                std::time::Duration::from_secs(config.sse_heartbeat_s),
-                config.replay_page,
-            ))
+        Transport::Sse => {
+            let session = Box::pin(Session::open(cx, caller, transport, resume)).await?;
+            Ok(transport::sse::respond(session, std::time::Duration::from_secs(config.sse_heartbeat_s)))
         }
-        _ => {
-            let timeout = poll_timeout(query.timeout.as_deref(), config)?;
-            let session = Box::pin(Session::open(&state, caller, "poll", resume)).await?;
-            Ok(transport::poll::respond(session, std::time::Duration::from_secs(timeout), config.replay_page, lean)
-                .await)
+        Transport::Poll => {
+            let timeout = std::time::Duration::from_secs(poll_timeout(query.timeout.as_deref(), config)?);
+            let session = Box::pin(Session::open(cx, caller, transport, resume)).await?;
+            Ok(transport::poll::respond(session, timeout, max_events, lean, state.parked.clone()).await)
         }
     }
 }

@@ -26,7 +26,8 @@ pub const GRACE: Duration = Duration::from_secs(10);
 type Key = (String, String, Arc<str>);
 type Map = HashMap<Key, (Session, Instant)>;
 
-/// The parked sessions of this node.
+/// The parked sessions of this node (a cheap `Clone` handle).
+#[derive(Clone)]
 pub struct Parked {
     sessions: Arc<Mutex<Map>>,
 }
@@ -81,7 +82,7 @@ async fn sweep(sessions: Weak<Mutex<Map>>, shutdown: CancellationToken) {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => {
-                // Sessions hold the gateway's state: drop them so it can be freed.
+                // Dropped: their hub attachments and registrations go with them.
                 if let Some(sessions) = sessions.upgrade() {
                     let gone: Vec<_> = sessions.lock().map(|mut s| s.drain().collect()).unwrap_or_default();
                     drop(gone);

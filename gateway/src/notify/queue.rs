@@ -27,21 +27,21 @@ pub enum Closed {
     Behind,
 }
 
-struct State {
+struct Contents {
     items: VecDeque<Outgoing>,
     bytes: usize,
     closed: Option<Closed>,
 }
 
 struct Shared {
-    state: Mutex<State>,
+    state: Mutex<Contents>,
     notify: Notify,
     max_events: usize,
     max_bytes: usize,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Contents> {
         // A panic while holding this lock leaves the queue consistent (every change is one
         // field write), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -51,7 +51,7 @@ impl Shared {
 /// A new queue holding at most `max_events` events and `max_bytes` bytes of JSON.
 pub fn queue(max_events: usize, max_bytes: usize) -> (Outbox, Inbox) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { items: VecDeque::new(), bytes: 0, closed: None }),
+        state: Mutex::new(Contents { items: VecDeque::new(), bytes: 0, closed: None }),
         notify: Notify::new(),
         max_events: max_events.max(1),
         max_bytes,
@@ -67,7 +67,7 @@ pub struct Outbox {
 impl Outbox {
     /// Queues a message event; false (and the queue closes) when it would overflow, false
     /// when the queue is already closed.
-    pub fn push_event(&self, event: Arc<super::hub::Encoded>) -> bool {
+    pub fn push_event(&self, event: Arc<super::event::Encoded>) -> bool {
         let len = event.json.len();
         let mut s = self.shared.lock();
         if s.closed.is_some() {
@@ -178,11 +178,16 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notify::hub::Encoded;
+    use crate::notify::event::{Encoded, EventKind};
     use bytes::Bytes;
 
     fn event(n: usize) -> Arc<Encoded> {
-        Arc::new(Encoded { kind: "message", cursor: Arc::from("c"), json: Bytes::from(vec![b'x'; n]), meta: None })
+        Arc::new(Encoded {
+            kind: EventKind::Message,
+            cursor: Arc::from("c"),
+            json: Bytes::from(vec![b'x'; n]),
+            meta: None,
+        })
     }
 
     #[tokio::test]

@@ -8,31 +8,35 @@
 //!    from another database);
 //! 3. live events from the hub: everything after H.
 //!
-//! Replay and live meet exactly at H, so nothing is lost or sent twice. Transports call
-//! [`Session::pop`] and [`Session::fill`] until the replay is done, then [`Session::live`]
-//! (which is cancel-safe, so it can sit in a `select!` with pings and acks).
+//! Replay and live meet exactly at H, so nothing is lost or sent twice. Transports take
+//! events with [`Session::next`] (cancel-safe: a store read in flight survives a cancelled
+//! call, so it can sit in a `select!` with pings and client frames) and batch what is ready
+//! with [`Session::try_next`]. A session holds what it uses — the hub, the services, its
+//! registration — never the gateway's whole state.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use quickim_shared::error::ErrorCode;
-use quickim_shared::protocol::service::Replay;
+use quickim_shared::error::{ErrorCode, ServiceError};
+use quickim_shared::position::Position;
+use quickim_shared::protocol::service::{Replay, ReplayPage};
+use quickim_shared::rpc::RpcClient;
 use quickim_shared::telemetry::TraceContext;
-use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::cursor::{self, Cursor};
 use super::disconnect::Disconnect;
-use super::hub::{Attachment, Encoded, Outgoing, Start};
+use super::event::{Encoded, EventKind, ResyncReason, Transport};
+use super::hub::{Attachment, Hub, Outgoing, Start};
 use super::queue::{Closed, Inbox};
-use super::registry::Registration;
+use super::registry::{Registration, Registry};
 use crate::auth::Caller;
-use crate::http::error::ApiError;
-use crate::state::AppState;
+use crate::error::ApiError;
 
 /// How long a new connection may wait for its memberships to be read.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,18 +49,41 @@ pub enum Step {
     Close(Disconnect),
 }
 
+/// What a session needs from the gateway to open.
+pub struct Context<'a> {
+    /// Delivery.
+    pub hub: &'a Hub,
+    /// The services (replays).
+    pub rpc: &'a RpcClient,
+    /// Open connections (per-user limit, kicks, presence).
+    pub registry: &'a Arc<Registry>,
+    /// Cancelled when the node shuts down.
+    pub shutdown: &'a CancellationToken,
+    /// Whether the node refuses new streams (shutting down).
+    pub draining: bool,
+    /// `max_connections_per_user`.
+    pub max_connections_per_user: u32,
+    /// `queue_max_events`, `queue_max_bytes`.
+    pub queue: (usize, usize),
+    /// `replay_page`.
+    pub replay_page: u32,
+}
+
 /// A replay in progress: entries with `after < offset <= upto` remain.
 struct ReplayState {
-    after: Vec<u64>,
-    upto: Vec<u64>,
+    after: Position,
+    upto: Position,
 }
+
+type PageRead = Pin<Box<dyn Future<Output = Result<ReplayPage, ServiceError>> + Send>>;
 
 /// One client connection.
 pub struct Session {
-    protocol: &'static str,
+    transport: Transport,
     /// The connect span's context: replay pages are its children.
     trace: Option<TraceContext>,
-    state: AppState,
+    hub: Hub,
+    rpc: RpcClient,
     caller: Caller,
     _registration: Registration,
     kicked: CancellationToken,
@@ -65,8 +92,11 @@ pub struct Session {
     epoch: u32,
     buffered: VecDeque<Arc<Encoded>>,
     replay: Option<ReplayState>,
+    /// The replay page being read (kept across cancelled calls of `next`).
+    reading: Option<PageRead>,
+    replay_page: u32,
     /// Where the client is ahead of the hub (it came from a node further along).
-    ahead: Option<Vec<u64>>,
+    ahead: Option<Position>,
     /// The last cursor the client was given.
     cursor: Arc<str>,
     /// Whether a resume was asked for.
@@ -76,86 +106,61 @@ pub struct Session {
     replayed: u64,
 }
 
-#[derive(Serialize)]
-struct CursorWire<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    cursor: &'a str,
-}
-
-#[derive(Serialize)]
-struct ResyncWire<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    cursor: &'a str,
-    reason: &'a str,
-}
-
-fn simple(kind: &'static str, cursor: Arc<str>) -> Arc<Encoded> {
-    let json = serde_json::to_vec(&CursorWire { kind, cursor: &cursor }).unwrap_or_default();
-    Arc::new(Encoded { kind, cursor, json: Bytes::from(json), meta: None })
-}
-
-fn resync(cursor: Arc<str>, reason: &str) -> Arc<Encoded> {
-    let json = serde_json::to_vec(&ResyncWire { kind: "resync", cursor: &cursor, reason }).unwrap_or_default();
-    Arc::new(Encoded { kind: "resync", cursor, json: Bytes::from(json), meta: None })
-}
-
 impl Session {
     /// Opens a session for `caller`, resuming after `resume` if given.
     pub async fn open(
-        state: &AppState,
+        cx: Context<'_>,
         caller: Caller,
-        protocol: &'static str,
+        transport: Transport,
         resume: Option<Cursor>,
     ) -> Result<Session, ApiError> {
         let span = tracing::info_span!(
             "notify.connect",
             otel.kind = "server",
-            network.protocol.name = protocol,
+            network.protocol.name = transport.name(),
             enduser.id = %caller.user_id,
             resumed = resume.is_some(),
         );
-        Self::open_in(state, caller, protocol, resume).instrument(span).await
+        Self::open_in(cx, caller, transport, resume).instrument(span).await
     }
 
     async fn open_in(
-        state: &AppState,
+        cx: Context<'_>,
         caller: Caller,
-        protocol: &'static str,
+        transport: Transport,
         resume: Option<Cursor>,
     ) -> Result<Session, ApiError> {
-        if state.is_draining() {
+        if cx.draining {
             return Err(ApiError::new(ErrorCode::Unavailable, "this node is shutting down; connect to another"));
         }
-        if !state.hub.is_ready() {
+        if !cx.hub.is_ready() {
             return Err(ApiError::new(ErrorCode::Unavailable, "not ready yet, try again"));
         }
-        let registration = state
+        let registration = cx
             .registry
-            .register(&caller.user_id, &caller.platform, caller.issued_ms, state.config.max_connections_per_user)
+            .register(&caller.user_id, &caller.platform, caller.issued_ms, cx.max_connections_per_user)
             .map_err(|_| {
                 ApiError::new(
                     ErrorCode::TooManyConnections,
-                    format!("at most {} connections per user", state.config.max_connections_per_user),
+                    format!("at most {} connections per user", cx.max_connections_per_user),
                 )
             })?;
-        let (epoch, position, _) = state.hub.position();
+        let (epoch, position, _) = cx.hub.position();
         let mut resync_reason = None;
         let client = match &resume {
-            Some(c) if c.epoch == epoch && c.offsets.len() == position.len() => Some(c.offsets.clone()),
+            Some(c) if c.epoch == epoch && c.position.partitions() == position.partitions() => Some(c.position.clone()),
             Some(_) => {
-                resync_reason = Some("cursor_from_another_database");
+                resync_reason = Some(ResyncReason::CursorFromAnotherDatabase);
                 None
             }
             None => None,
         };
-        let (attachment, mut inbox) = state
+        let (attachment, mut inbox) = cx
             .hub
-            .attach(&caller.user_id, client.clone(), state.config.queue_max_events, state.config.queue_max_bytes)
+            .attach(&caller.user_id, client.clone(), cx.queue.0, cx.queue.1)
             .await
             .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
-        let live_from: Arc<[u64]> = match &attachment.start {
+        let live_from: Arc<Position> = match &attachment.start {
             Start::Live(p) => p.clone(),
             Start::Waiting => match tokio::time::timeout(INSTALL_TIMEOUT, inbox.recv()).await {
                 Ok(Ok(Outgoing::Installed(p))) => p,
@@ -171,34 +176,35 @@ impl Session {
         let cursor = match (&client, resync_reason) {
             (Some(c), _) => {
                 let given: Arc<str> = Arc::from(cursor::encode(epoch, c));
-                buffered.push_back(simple("ready", given.clone()));
-                if c.iter().zip(live_from.iter()).any(|(c, h)| c < h) {
-                    replay = Some(ReplayState { after: c.clone(), upto: live_from.to_vec() });
+                buffered.push_back(Encoded::ready(given.clone()));
+                if live_from.ahead_of(c) {
+                    replay = Some(ReplayState { after: c.clone(), upto: (*live_from).clone() });
                 }
-                if c.iter().zip(live_from.iter()).any(|(c, h)| c > h) {
+                if c.ahead_of(&live_from) {
                     ahead = Some(c.clone());
                 }
                 given
             }
             (None, Some(reason)) => {
-                buffered.push_back(simple("ready", live_cursor.clone()));
-                buffered.push_back(resync(live_cursor.clone(), reason));
+                buffered.push_back(Encoded::ready(live_cursor.clone()));
+                buffered.push_back(Encoded::resync(live_cursor.clone(), reason));
                 live_cursor
             }
             (None, None) => {
-                buffered.push_back(simple("ready", live_cursor.clone()));
+                buffered.push_back(Encoded::ready(live_cursor.clone()));
                 live_cursor
             }
         };
         let expires = Instant::now()
             + Duration::from_millis(u64::try_from(caller.expires_ms - quickim_shared::time::now_ms()).unwrap_or(0));
-        metrics::counter!("quickim_notify_connects_total", "protocol" => protocol, "resume" => if resume.is_some() { "yes" } else { "no" })
+        metrics::counter!("quickim_notify_connects_total", "protocol" => transport.name(), "resume" => if resume.is_some() { "yes" } else { "no" })
             .increment(1);
-        metrics::gauge!("quickim_notify_connections", "protocol" => protocol).increment(1.0);
+        metrics::gauge!("quickim_notify_connections", "protocol" => transport.name()).increment(1.0);
         Ok(Session {
-            protocol,
+            transport,
             trace: TraceContext::current(),
-            state: state.clone(),
+            hub: cx.hub.clone(),
+            rpc: cx.rpc.clone(),
             kicked: registration.kicked.clone(),
             _registration: registration,
             _attachment: attachment,
@@ -206,33 +212,35 @@ impl Session {
             epoch,
             buffered,
             replay,
+            reading: None,
+            replay_page: cx.replay_page,
             ahead,
             cursor,
             resumed: resume.is_some(),
             caller,
             expires,
-            shutdown: state.shutdown.clone(),
+            shutdown: cx.shutdown.clone(),
             replayed: 0,
         })
     }
 
-    /// The transport's name (`ws`, `sse`, `poll`).
-    pub fn protocol(&self) -> &'static str {
-        self.protocol
+    /// The session's transport.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
-    /// Records that `event` was written to the client: counted by protocol, the delivery lag
-    /// measured, and — when its trace is recorded — a `notify.write` span, child of the hub's
-    /// delivery, around `write`.
-    pub async fn written<R>(&self, event: &Encoded, write: impl Future<Output = R>) -> R {
+    /// Records that `event` was written to the client: counted by transport, the delivery
+    /// lag measured, and — when its trace is recorded — a `notify.write` span, child of the
+    /// hub's delivery, around `write`.
+    pub async fn written<R>(&mut self, event: &Encoded, write: impl Future<Output = R>) -> R {
         let Some(meta) = &event.meta else { return write.await };
         let result = match &meta.trace {
             Some(trace) => {
                 let span = tracing::info_span!(
                     "notify.write",
-                    otel.name = %format_args!("write {}", self.protocol),
+                    otel.name = %format_args!("write {}", self.transport.name()),
                     otel.kind = "producer",
-                    network.protocol.name = self.protocol,
+                    network.protocol.name = self.transport.name(),
                     enduser.id = %self.caller.user_id,
                     conversation_id = %meta.conversation_id,
                     msg_id = meta.msg_id,
@@ -242,7 +250,7 @@ impl Session {
             }
             None => write.await,
         };
-        let (delivered, lag) = delivery_metrics(self.protocol);
+        let (delivered, lag) = delivery_metrics(self.transport);
         delivered.increment(1);
         lag.record((quickim_shared::time::now_ms() - meta.send_time).max(0) as f64 / 1000.0);
         result
@@ -262,12 +270,6 @@ impl Session {
         self.kicked.is_cancelled()
     }
 
-    /// Parks this long-poll session for the same client's next poll (see `parked.rs`).
-    pub fn park(self) {
-        let state = self.state.clone();
-        state.parked.park(self);
-    }
-
     /// The authenticated user.
     pub fn caller(&self) -> &Caller {
         &self.caller
@@ -283,48 +285,97 @@ impl Session {
         self.resumed
     }
 
-    /// The next event produced so far without waiting (ready, replayed messages).
-    pub fn pop(&mut self) -> Option<Arc<Encoded>> {
-        let e = self.buffered.pop_front()?;
-        if !e.cursor.is_empty() {
-            self.cursor = e.cursor.clone();
-        }
-        Some(e)
-    }
-
     /// Whether a replay is still to be read from the store.
     pub fn replaying(&self) -> bool {
         self.replay.is_some()
     }
 
-    /// Reads the next replay page into the buffer (not cancel-safe: await it on its own).
-    pub async fn fill(&mut self, page: u32) -> Result<(), Disconnect> {
-        let Some(r) = self.replay.as_mut() else { return Ok(()) };
-        let request =
-            Replay { user_id: self.caller.user_id.clone(), after: r.after.clone(), upto: r.upto.clone(), limit: page };
-        let span = tracing::info_span!(
-            "notify.replay",
-            otel.kind = "internal",
-            network.protocol.name = self.protocol,
-            enduser.id = %self.caller.user_id,
-            messages = tracing::field::Empty,
-        );
-        if let Some(trace) = &self.trace {
-            trace.adopt(&span);
+    /// The next step, waiting for it (cancel-safe): what is buffered (ready, replayed
+    /// messages), then the replay's next page from the store, then live events — never a
+    /// live event before the replay is done (a live event's cursor is past what the replay
+    /// has not read).
+    pub async fn next(&mut self) -> Step {
+        loop {
+            if let Some(close) = self.closing() {
+                return Step::Close(close);
+            }
+            if let Some(e) = self.pop() {
+                return Step::Event(e);
+            }
+            if self.replay.is_some() {
+                if let Err(d) = self.fill().await {
+                    return Step::Close(d);
+                }
+                continue;
+            }
+            return self.live().await;
         }
-        let answer = self.state.rpc.call(&request).instrument(span.clone()).await.map_err(|e| {
+    }
+
+    /// The next event if one is ready without waiting (never starts a store read): for
+    /// writing what is ready in one go.
+    pub fn try_next(&mut self) -> Option<Arc<Encoded>> {
+        if let Some(e) = self.pop() {
+            return Some(e);
+        }
+        if self.replay.is_some() {
+            return None;
+        }
+        loop {
+            match self.inbox.try_recv()? {
+                Outgoing::Event(e) => {
+                    self.cursor = e.cursor.clone();
+                    return Some(e);
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads the replay's next page into the buffer (cancel-safe: the read in flight is kept
+    /// for the next call).
+    pub async fn fill(&mut self) -> Result<(), Disconnect> {
+        if self.reading.is_none() {
+            let Some(r) = self.replay.as_ref() else { return Ok(()) };
+            let request = Replay {
+                user_id: self.caller.user_id.clone(),
+                after: r.after.clone(),
+                upto: r.upto.clone(),
+                limit: self.replay_page,
+            };
+            let span = tracing::info_span!(
+                "notify.replay",
+                otel.kind = "internal",
+                network.protocol.name = self.transport.name(),
+                enduser.id = %self.caller.user_id,
+            );
+            if let Some(trace) = &self.trace {
+                trace.adopt(&span);
+            }
+            let rpc = self.rpc.clone();
+            self.reading = Some(Box::pin(async move { rpc.call(&request).await }.instrument(span)));
+        }
+        let Some(read) = self.reading.as_mut() else { return Ok(()) };
+        let answer = read.await;
+        self.reading = None;
+        let page = answer.map_err(|e| {
             tracing::warn!(error = %e.message, "replay failed");
             Disconnect::Unavailable
         })?;
-        span.record("messages", answer.entries.len());
-        if answer.expired {
+        self.take_page(page);
+        Ok(())
+    }
+
+    fn take_page(&mut self, page: ReplayPage) {
+        let Some(r) = self.replay.as_mut() else { return };
+        if page.expired {
             let upto: Arc<str> = Arc::from(cursor::encode(self.epoch, &r.upto));
-            self.buffered.push_back(resync(upto, "cursor_expired"));
+            self.buffered.push_back(Encoded::resync(upto, ResyncReason::CursorExpired));
             self.replay = None;
             metrics::counter!("quickim_notify_resyncs_total").increment(1);
-            return Ok(());
+            return;
         }
-        for entry in &answer.entries {
+        for entry in &page.entries {
             let p = usize::from(entry.part);
             if p >= r.after.len() {
                 continue;
@@ -335,29 +386,45 @@ impl Session {
             }
             r.after[p] = entry.offset;
             let c: Arc<str> = Arc::from(cursor::encode(self.epoch, &r.after));
-            self.buffered.push_back(Arc::new(Encoded::message(c, &entry.message)));
+            self.buffered.push_back(Encoded::message(c, &entry.message, None));
         }
-        self.replayed += answer.entries.len() as u64;
-        if !answer.more {
+        self.replayed += page.entries.len() as u64;
+        if !page.more {
             self.replay = None;
             metrics::counter!("quickim_notify_replayed_messages_total").increment(self.replayed);
             tracing::debug!(user = %self.caller.user_id, replayed = self.replayed, "replay done");
         }
-        Ok(())
+    }
+
+    /// A buffered event (ready, replayed messages), if any.
+    fn pop(&mut self) -> Option<Arc<Encoded>> {
+        let e = self.buffered.pop_front()?;
+        if !e.cursor.is_empty() {
+            self.cursor = e.cursor.clone();
+        }
+        Some(e)
+    }
+
+    /// Why the session must end now, if it must: kicked, shutting down, token expired.
+    fn closing(&self) -> Option<Disconnect> {
+        if self.kicked.is_cancelled() {
+            Some(Disconnect::Kicked)
+        } else if self.shutdown.is_cancelled() {
+            Some(Disconnect::Shutdown)
+        } else if Instant::now() >= self.expires {
+            Some(Disconnect::TokenExpired)
+        } else {
+            None
+        }
     }
 
     /// The next live step (cancel-safe).
-    pub async fn live(&mut self) -> Step {
+    async fn live(&mut self) -> Step {
         loop {
             // Under load the next event is usually queued already: take it without arming a
-            // timer and two cancellation waiters (a measurable cost per delivery), but not past
-            // a kick, a shutdown or the token's expiry.
-            let item = if self.kicked.is_cancelled() {
-                return Step::Close(Disconnect::Kicked);
-            } else if self.shutdown.is_cancelled() {
-                return Step::Close(Disconnect::Shutdown);
-            } else if Instant::now() >= self.expires {
-                return Step::Close(Disconnect::TokenExpired);
+            // timer and two cancellation waiters (a measurable cost per delivery).
+            let item = if let Some(close) = self.closing() {
+                return Step::Close(close);
             } else if let Some(item) = self.inbox.try_recv() {
                 Ok(item)
             } else {
@@ -382,19 +449,6 @@ impl Session {
         }
     }
 
-    /// A live event if one is queued (for long-poll batches).
-    pub fn try_live(&mut self) -> Option<Arc<Encoded>> {
-        loop {
-            match self.inbox.try_recv()? {
-                Outgoing::Event(e) => {
-                    self.cursor = e.cursor.clone();
-                    return Some(e);
-                }
-                _ => continue,
-            }
-        }
-    }
-
     /// In the live phase with nothing queued: the hub's position as a `cursor` event, if it
     /// moved past the client's cursor (keeps quiet clients inside the replay window).
     pub fn refresh(&mut self) -> Option<Arc<Encoded>> {
@@ -403,14 +457,12 @@ impl Session {
         }
         // Read the position first, then check the queue: every event up to the position is
         // then either delivered or still queued.
-        let (epoch, position, encoded) = self.state.hub.position();
+        let (epoch, position, encoded) = self.hub.position();
         if epoch != self.epoch || !self.inbox.is_empty() {
             return None;
         }
         let cursor: Arc<str> = match &self.ahead {
-            Some(ahead) if ahead.iter().zip(position.iter()).any(|(a, p)| a > p) => {
-                Arc::from(cursor::encode(epoch, &cursor::max_position(ahead, &position)))
-            }
+            Some(ahead) if ahead.ahead_of(&position) => Arc::from(cursor::encode(epoch, &ahead.max(&position))),
             _ => {
                 self.ahead = None;
                 encoded
@@ -420,32 +472,34 @@ impl Session {
             return None;
         }
         self.cursor = cursor.clone();
-        Some(simple("cursor", cursor))
+        Some(Encoded::cursor(cursor))
+    }
+
+    /// Whether `e` is the `ready` of a resumed session (a resumed long-poll knows where it
+    /// is and gets none).
+    pub fn is_resumed_ready(&self, e: &Encoded) -> bool {
+        self.resumed && e.kind == EventKind::Ready
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        metrics::counter!("quickim_notify_disconnects_total", "protocol" => self.protocol).increment(1);
-        metrics::gauge!("quickim_notify_connections", "protocol" => self.protocol).decrement(1.0);
+        let name = self.transport.name();
+        metrics::counter!("quickim_notify_disconnects_total", "protocol" => name).increment(1);
+        metrics::gauge!("quickim_notify_connections", "protocol" => name).decrement(1.0);
     }
 }
 
-/// The per-protocol delivery metrics, looked up once: a registry lookup per delivery was a
+/// The per-transport delivery metrics, looked up once: a registry lookup per delivery was a
 /// measurable share of fan-out.
-fn delivery_metrics(protocol: &'static str) -> &'static (metrics::Counter, metrics::Histogram) {
-    static WS: OnceLock<(metrics::Counter, metrics::Histogram)> = OnceLock::new();
-    static SSE: OnceLock<(metrics::Counter, metrics::Histogram)> = OnceLock::new();
-    static POLL: OnceLock<(metrics::Counter, metrics::Histogram)> = OnceLock::new();
-    let cell = match protocol {
-        "ws" => &WS,
-        "sse" => &SSE,
-        _ => &POLL,
-    };
+fn delivery_metrics(transport: Transport) -> &'static (metrics::Counter, metrics::Histogram) {
+    static CELLS: [OnceLock<(metrics::Counter, metrics::Histogram)>; 3] =
+        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let cell = &CELLS[transport as usize];
     cell.get_or_init(|| {
         (
-            metrics::counter!("quickim_notify_events_delivered_total", "protocol" => protocol),
-            metrics::histogram!("quickim_delivery_lag_seconds", "protocol" => protocol),
+            metrics::counter!("quickim_notify_events_delivered_total", "protocol" => transport.name()),
+            metrics::histogram!("quickim_delivery_lag_seconds", "protocol" => transport.name()),
         )
     })
 }

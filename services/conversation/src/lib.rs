@@ -14,12 +14,13 @@ use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::fanout::publish_entries;
 use quickim_shared::ids::{check_conversation_id, check_platform, check_user_id};
 use quickim_shared::protocol::api::{
-    ArchiveAnswer, CreatedConversation, JoinedUsers, KickedUsers, LeftAnswer, ReadAnswer,
+    ArchiveAnswer, ConversationMeta, CreatedConversation, JoinedUsers, KickedUsers, LeftAnswer, MetaRole, MuteAnswer,
+    ReadAnswer, RoleAnswer,
 };
 use quickim_shared::protocol::service::{
     CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, ConsumeTicket, CreateConversation, GetDetail,
-    GetMemberships, Join, Kick, Leave, ListJoined, ListRevocations, MarkRead, Memberships, Reply, RevocationPage,
-    RevokeTokens, SetArchived,
+    GetMemberships, Join, Kick, Leave, ListJoined, ListMembers, ListRevocations, MarkRead, Memberships, Reply,
+    RevocationPage, RevokeTokens, SetArchived, SetMemberRole, SetMute, UpdateConversation,
 };
 use quickim_shared::protocol::system;
 use quickim_shared::rpc::{self, Handler, answer};
@@ -35,6 +36,12 @@ pub const MAX_LIST: usize = 1000;
 pub struct ConversationLimits {
     /// Most active members of one conversation.
     pub max_members: u64,
+    /// Longest title, UTF-8 bytes.
+    pub title_max_bytes: usize,
+    /// Longest avatar, UTF-8 bytes.
+    pub avatar_max_bytes: usize,
+    /// Largest ext, bytes of JSON.
+    pub ext_max_bytes: usize,
 }
 
 /// The service: a store and the bus to publish on.
@@ -85,6 +92,7 @@ impl ConversationService {
             return Err(ServiceError::invalid("a conversation needs at least one member"));
         }
         self.system_message_fits(&r.members)?;
+        self.check_meta(r.title.as_deref(), r.avatar.as_deref(), r.ext.as_ref())?;
         let out = self
             .store
             .create_conversation(NewConversation {
@@ -93,6 +101,10 @@ impl ConversationService {
                 joinable: r.joinable,
                 members: r.members,
                 owner: r.owner,
+                title: r.title,
+                avatar: r.avatar,
+                ext: r.ext,
+                meta_role: r.meta_role.unwrap_or(MetaRole::None),
             })
             .await?;
         publish_entries(&self.bus, &out.entries).await;
@@ -152,6 +164,71 @@ impl ConversationService {
 }
 
 impl ConversationService {
+    /// Checks a conversation's metadata against the limits, each with its own code.
+    fn check_meta(
+        &self,
+        title: Option<&str>,
+        avatar: Option<&str>,
+        ext: Option<&serde_json::Value>,
+    ) -> Result<(), ServiceError> {
+        let l = &self.limits;
+        for (field, value, max, code) in [
+            ("title", title, l.title_max_bytes, ErrorCode::TitleTooLarge),
+            ("avatar", avatar, l.avatar_max_bytes, ErrorCode::AvatarTooLarge),
+        ] {
+            let Some(value) = value else { continue };
+            if value.contains('\0') {
+                return Err(ServiceError::new(
+                    ErrorCode::InvalidText,
+                    format!("{field} must not contain U+0000 (NUL)"),
+                ));
+            }
+            if value.len() > max {
+                return Err(ServiceError::new(code, format!("{field} is {} bytes; the limit is {max}", value.len())));
+            }
+        }
+        if let Some(ext) = ext {
+            if !ext.is_object() {
+                return Err(ServiceError::invalid("ext must be a JSON object"));
+            }
+            let text = ext.to_string();
+            // PostgreSQL's text (and jsonb) cannot hold U+0000, escaped or not.
+            if text.contains("\\u0000") {
+                return Err(ServiceError::new(ErrorCode::InvalidText, "ext must not contain U+0000 (NUL)"));
+            }
+            if text.len() > l.ext_max_bytes {
+                return Err(ServiceError::new(
+                    ErrorCode::ExtTooLarge,
+                    format!("ext is {} bytes as JSON; the limit is {}", text.len(), l.ext_max_bytes),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn update(&self, r: UpdateConversation) -> Reply<ConversationMeta> {
+        let c = &r.changes;
+        check_conversation_id(&c.conversation_id)?;
+        if let Some(by) = &r.by {
+            check_user_id("user_id", by)?;
+            if c.meta_role.is_some() {
+                return Err(ServiceError::new(ErrorCode::Forbidden, "meta_role is set by the business system"));
+            }
+        }
+        self.check_meta(c.title.as_deref(), c.avatar.as_deref(), c.ext.as_ref())?;
+        let (meta, entries) = self.store.update_conversation(r.by.as_deref(), c).await?;
+        publish_entries(&self.bus, &entries).await;
+        Ok(meta)
+    }
+
+    async fn set_role(&self, r: SetMemberRole) -> Reply<RoleAnswer> {
+        check_conversation_id(&r.conversation_id)?;
+        check_user_id("user_id", &r.user_id)?;
+        let (changed, entries) = self.store.set_member_role(&r.conversation_id, &r.user_id, r.role).await?;
+        publish_entries(&self.bus, &entries).await;
+        Ok(RoleAnswer { changed })
+    }
+
     /// A membership change is stored with a system message naming the users; that message
     /// must cross the bus to the gateways (as a log entry, in gap fills, in replays), so a
     /// list too long for it is refused before anything is stored.
@@ -245,8 +322,27 @@ impl Handler for ConversationService {
             MarkRead::SUBJECT => {
                 answer(payload, async |r: MarkRead| {
                     check_conversation_id(&r.conversation_id)?;
-                    let read_msg_id = self.store.mark_read(&r.conversation_id, &r.user_id, r.msg_id).await?;
-                    Ok(ReadAnswer { read_msg_id })
+                    let (read_msg_id, unread) = self.store.mark_read(&r.conversation_id, &r.user_id, r.msg_id).await?;
+                    Ok(ReadAnswer { read_msg_id, unread })
+                })
+                .await
+            }
+            UpdateConversation::SUBJECT => answer(payload, |r| self.update(r)).await,
+            SetMemberRole::SUBJECT => answer(payload, |r| self.set_role(r)).await,
+            SetMute::SUBJECT => {
+                answer(payload, async |r: SetMute| {
+                    check_conversation_id(&r.conversation_id)?;
+                    let muted = self.store.set_mute(&r.conversation_id, &r.user_id, r.muted).await?;
+                    Ok(MuteAnswer { muted })
+                })
+                .await
+            }
+            ListMembers::SUBJECT => {
+                answer(payload, async |r: ListMembers| {
+                    check_conversation_id(&r.conversation_id)?;
+                    let limit = r.limit.clamp(1, 1000);
+                    let budget = self.bus.payload_budget();
+                    Ok(self.store.members_page(&r.conversation_id, r.cursor.as_deref(), limit, budget).await?)
                 })
                 .await
             }

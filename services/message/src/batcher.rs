@@ -36,8 +36,8 @@ impl Batcher {
     /// Starts the writer, taking up to `max_batch` messages per transaction. One batch at a
     /// time: SQLite has one writer anyway, and on PostgreSQL every batch locks the log
     /// partitions it appends to until it commits, so parallel batches of one service mostly
-    /// wait for each other while one writer gets bigger batches (measured: 4 writers, ≈10
-    /// messages a batch, 3,500 msg/s with two services; one writer, ≈33 a batch, 6,600).
+    /// wait for each other while one writer gets bigger batches (docs/benchmarks.md, "Sends
+    /// (distributed)", has the measurements).
     pub fn start(store: Store, bus: Bus, max_batch: usize) -> Batcher {
         let (tx, mut rx) = mpsc::channel::<Job>(max_batch * 4);
         let (publish_tx, mut publish_rx) = mpsc::channel::<Committed>(PUBLISH_BACKLOG);

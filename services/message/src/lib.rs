@@ -19,12 +19,13 @@ use quickim_shared::bus::{Bus, BusError, size};
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::fanout::publish_entries;
 use quickim_shared::ids::check_conversation_id;
-use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::api::{Message, VersionsAnswer};
 use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::service::{
-    Call, GetHeads, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayPage, Reply,
-    SEND_EACH_MAX, SendBatch, SendEach, SendMessage,
+    Call, GetHeads, GetVersions, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayPage,
+    Reply, ReviseMessage, SEND_EACH_MAX, SendBatch, SendEach, SendMessage,
 };
+use quickim_shared::protocol::system::{self, Action};
 use quickim_shared::rpc::{self, Handler, answer};
 use quickim_shared::telemetry;
 use quickim_store::Store;
@@ -51,6 +52,10 @@ pub struct MessageLimits {
     pub message_retention_ms: i64,
     /// Most items in one batch request.
     pub send_batch_max: usize,
+    /// A member may edit its message this long after sending, ms (0: always).
+    pub edit_window_ms: i64,
+    /// A member may recall its message this long after sending, ms (0: always).
+    pub recall_window_ms: i64,
 }
 
 /// The service.
@@ -134,6 +139,45 @@ impl MessageService {
             .collect())
     }
 
+    /// Edit, recall or delete: stored with its revision entry, which is then published.
+    async fn revise(&self, r: ReviseMessage) -> Reply<Message> {
+        let mut revision = validate::revision(r, self.limits.max_content_bytes)?;
+        revision.window_ms = match revision.action {
+            Action::Edit => self.limits.edit_window_ms,
+            Action::Recall => self.limits.recall_window_ms,
+            Action::Delete => 0,
+        };
+        // The revision entry carries the new content: it must cross the bus like a send.
+        let entry = Message {
+            conversation_id: revision.conversation_id.clone(),
+            from: String::new(),
+            msg_type: system::REVISED,
+            content: system::content(&system::Revised {
+                msg_id: revision.msg_id,
+                action: revision.action,
+                content: revision.content.clone(),
+                by: revision.by.clone(),
+            }),
+            ..Message::default()
+        };
+        let budget = self.bus.payload_budget();
+        if size::encoded_len(&entry) + REVISION_OVERHEAD > budget {
+            return Err(ServiceError::new(
+                ErrorCode::TooLargeForBus,
+                format!("this edit is over the bus's {budget} bytes; shorten it"),
+            ));
+        }
+        let (msg, entries) = self.store.revise(revision).await?;
+        publish_entries(&self.bus, &entries).await;
+        Ok(msg)
+    }
+
+    async fn versions(&self, r: GetVersions) -> Reply<VersionsAnswer> {
+        check_conversation_id(&r.conversation_id)?;
+        let budget = self.bus.payload_budget();
+        Ok(self.store.versions(&r.conversation_id, r.user_id.as_deref(), r.msg_id, r.after_version, budget).await?)
+    }
+
     async fn history(&self, r: History) -> Reply<Vec<Message>> {
         check_conversation_id(&r.conversation_id)?;
         let budget = self.bus.payload_budget();
@@ -165,6 +209,10 @@ impl MessageService {
     }
 }
 
+/// Bytes a revision entry takes on the bus beyond its message (log entry fields, trace
+/// context, the revised message in the answer).
+const REVISION_OVERHEAD: usize = 1024;
+
 /// How many of `entries` fit in one bus message of `budget` bytes; an error when not even
 /// the first does (a message stored while the bus allowed more).
 fn fit_page(entries: &[LogEntry], budget: usize) -> Result<usize, ServiceError> {
@@ -195,6 +243,8 @@ impl Handler for MessageService {
             }
             GetHeads::SUBJECT => answer(payload, async |_: GetHeads| Ok(self.store.heads().await?)).await,
             ReadLog::SUBJECT => answer(payload, |r| self.read_log(r)).await,
+            ReviseMessage::SUBJECT => answer(payload, |r| self.revise(r)).await,
+            GetVersions::SUBJECT => answer(payload, |r| self.versions(r)).await,
             other => rpc::unknown_operation(other),
         }
     }

@@ -2,14 +2,17 @@
 //! that records it (through [`Store::append`]), so a change has a place in the conversation's
 //! msg_id order and in the log that /notify follows.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use tracing::Instrument;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use quickim_shared::bus::size;
 use quickim_shared::error::{ErrorCode, ServiceError};
-use quickim_shared::protocol::api::{ConversationDetail, ConversationSummary, JoinedConversations, MemberInfo, Role};
+use quickim_shared::protocol::api::{
+    ConversationDetail, ConversationMeta, ConversationSummary, JoinedConversations, MemberInfo, MemberRole,
+    MembersPage, Message, MetaRole, Role, UpdateConversationRequest,
+};
 use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::service::{MembershipRow, Memberships};
 use quickim_shared::protocol::system;
@@ -17,7 +20,7 @@ use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
 use crate::log::{NewEntry, read_heads};
-use crate::sql::{Params, api_int, db_int, get_bool, padded, pow2_chunks};
+use crate::sql::{MESSAGE_COLUMNS, Params, api_int, db_int, get_bool, message, padded, pow2_chunks};
 use crate::{Result, Store, StoreError, sql_span};
 
 /// A conversation to create.
@@ -33,6 +36,14 @@ pub struct NewConversation {
     pub members: Vec<String>,
     /// Owner, if any.
     pub owner: Option<String>,
+    /// Title.
+    pub title: Option<String>,
+    /// Avatar.
+    pub avatar: Option<String>,
+    /// Free JSON object.
+    pub ext: Option<serde_json::Value>,
+    /// Who may change the metadata besides the business system.
+    pub meta_role: MetaRole,
 }
 
 /// What creating a conversation did.
@@ -64,14 +75,24 @@ impl Store {
         let members = dedup(&members);
         let mut sorted = members.clone();
         sorted.sort();
-        let created =
-            system::Created { conversation_type: new.conversation_type, owner: new.owner.clone(), user_ids: sorted };
+        let meta_role = (new.meta_role != MetaRole::None).then(|| new.meta_role.as_str().to_string());
+        let created = system::Created {
+            conversation_type: new.conversation_type,
+            owner: new.owner.clone(),
+            user_ids: sorted,
+            title: new.title.clone().filter(|t| !t.is_empty()),
+            avatar: new.avatar.clone().filter(|a| !a.is_empty()),
+            ext: new.ext.clone().filter(|e| !is_empty_ext(e)),
+            meta_role: meta_role.clone(),
+        };
+        let ext_text = created.ext.as_ref().map(|e| e.to_string());
         let part = self.partition_for(&id);
         write_tx!(self, |tx| {
             let now = now_ms();
             let inserted = sqlx::query(
                 "INSERT INTO conversations (conversation_id, conversation_type, joinable, archived, created_at, \
-                 last_msg_id, last_send_time, part, last_offset) VALUES ($1, $2, $3, $4, $5, 0, $6, $7, 0) \
+                 last_msg_id, last_send_time, part, last_offset, title, avatar, ext, meta_role) \
+                 VALUES ($1, $2, $3, $4, $5, 0, $6, $7, 0, $8, $9, $10, $11) \
                  ON CONFLICT (conversation_id) DO NOTHING",
             )
             .bind(id.as_str())
@@ -81,6 +102,10 @@ impl Store {
             .bind(now)
             .bind(now)
             .bind(i32::from(part))
+            .bind(created.title.as_deref())
+            .bind(created.avatar.as_deref())
+            .bind(ext_text.as_deref())
+            .bind(meta_role.as_deref())
             .execute(&mut **tx)
             .instrument(sql_span(self.system(), "INSERT", "conversations"))
             .await?
@@ -90,19 +115,10 @@ impl Store {
             }
             let mut convs = self.lock_conversations(tx, &[id.as_str()]).await?;
             let entries = self
-                .append(
-                    tx,
-                    &mut convs,
-                    vec![NewEntry {
-                        conversation_id: id.clone(),
-                        from: String::new(),
-                        msg_type: system::CREATED,
-                        content: system::content(&created),
-                        client_msg_id: None,
-                    }],
-                )
+                .append(tx, &mut convs, vec![NewEntry::system(&id, system::CREATED, system::content(&created))])
                 .await?;
             let msg_id = entries.first().map(|e| e.message.msg_id).unwrap_or(1);
+            let counted = convs.get(id.as_str()).map_or(0, |c| c.counted);
             let rows: Vec<(String, Role)> = members
                 .iter()
                 .map(|u| {
@@ -110,7 +126,7 @@ impl Store {
                     (u.clone(), role)
                 })
                 .collect();
-            upsert_members(self.system(), tx, &id, &rows, msg_id).await?;
+            upsert_members(self.system(), tx, &id, &rows, msg_id, counted).await?;
             Ok(CreateOutcome { conversation_id: id.clone(), created: true, entries })
         })
     }
@@ -184,8 +200,9 @@ impl Store {
             let entries =
                 self.append(tx, &mut convs, vec![system_entry(conversation_id, system::JOINED, &new)]).await?;
             let msg_id = entries.first().map(|e| e.message.msg_id).unwrap_or_default();
+            let counted = convs.get(conversation_id).map_or(0, |c| c.counted);
             let rows: Vec<(String, Role)> = new.iter().map(|u| (u.clone(), Role::Member)).collect();
-            upsert_members(self.system(), tx, conversation_id, &rows, msg_id).await?;
+            upsert_members(self.system(), tx, conversation_id, &rows, msg_id, counted).await?;
             Ok((users.clone(), entries))
         })
     }
@@ -257,16 +274,8 @@ impl Store {
             }
             q.execute(&mut **tx).instrument(sql_span(self.system(), "UPDATE", "conversations")).await?;
             let content = system::content(&system::Archived { archived });
-            let new: Vec<NewEntry> = changed
-                .iter()
-                .map(|id| NewEntry {
-                    conversation_id: id.clone(),
-                    from: String::new(),
-                    msg_type: system::ARCHIVED,
-                    content: content.clone(),
-                    client_msg_id: None,
-                })
-                .collect();
+            let new: Vec<NewEntry> =
+                changed.iter().map(|id| NewEntry::system(id, system::ARCHIVED, content.clone())).collect();
             for id in &changed {
                 if let Some(c) = convs.get_mut(id) {
                     c.archived = archived;
@@ -306,16 +315,11 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<ConversationDetail> {
-        let (after_joined, after_user) = match cursor {
-            None => (-1, String::new()),
-            Some(c) => decode_page_cursor(c).ok_or_else(|| {
-                StoreError::from(ServiceError::invalid("members_cursor is not a cursor from this service"))
-            })?,
-        };
+        let after = members_cursor(cursor)?;
         self.require_member(conversation_id, user_id).await?;
         let conv = sqlx::query(
-            "SELECT conversation_type, joinable, archived, created_at, last_msg_id, last_send_time, \
-             (SELECT count(*) FROM members WHERE conversation_id = $1 AND active = $2) AS member_count \
+            "SELECT conversation_type, joinable, archived, created_at, last_msg_id, last_send_time, title, avatar, ext, \
+             meta_role, (SELECT count(*) FROM members WHERE conversation_id = $1 AND active = $2) AS member_count \
              FROM conversations WHERE conversation_id = $1",
         )
         .bind(conversation_id)
@@ -324,6 +328,62 @@ impl Store {
         .instrument(sql_span(self.system(), "SELECT", "conversations"))
         .await?
         .ok_or_else(ServiceError::not_member)?;
+        let meta = meta_of(conversation_id, &conv)?;
+        // The rest of the answer takes at most this much (ids of 128 characters, numbers).
+        let budget = max_bytes.saturating_sub(512 + size::encoded_len(&meta));
+        let (members, next_members_cursor) = self.members_after(conversation_id, after, limit, budget).await?;
+        Ok(ConversationDetail {
+            conversation_id: conversation_id.to_string(),
+            conversation_type: conv.try_get::<i64, _>("conversation_type")? as i32,
+            joinable: get_bool(&conv, "joinable")?,
+            archived: get_bool(&conv, "archived")?,
+            title: meta.title,
+            avatar: meta.avatar,
+            ext: meta.ext,
+            meta_role: meta.meta_role,
+            created_at: conv.try_get("created_at")?,
+            last_msg_id: api_int(conv.try_get("last_msg_id")?),
+            last_send_time: conv.try_get("last_send_time")?,
+            member_count: api_int(conv.try_get("member_count")?),
+            members,
+            next_members_cursor,
+        })
+    }
+
+    /// One page of a conversation's active members, for the business system (no membership
+    /// check; an unknown conversation is `not_found`).
+    pub async fn members_page(
+        &self,
+        conversation_id: &str,
+        cursor: Option<&str>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<MembersPage> {
+        let after = members_cursor(cursor)?;
+        let count = sqlx::query(
+            "SELECT (SELECT count(*) FROM members WHERE conversation_id = $1 AND active = $2) AS member_count \
+             FROM conversations WHERE conversation_id = $1",
+        )
+        .bind(conversation_id)
+        .bind(1i32)
+        .fetch_optional(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "conversations"))
+        .await?
+        .ok_or_else(|| ServiceError::new(ErrorCode::NotFound, "no such conversation"))?;
+        let (members, next_cursor) =
+            self.members_after(conversation_id, after, limit, max_bytes.saturating_sub(512)).await?;
+        Ok(MembersPage { member_count: api_int(count.try_get("member_count")?), members, next_cursor })
+    }
+
+    /// Active members after `after` (joined_msg_id, user_id) in join order: at most `limit`
+    /// and `max_bytes` of JSON (at least one); answers them and the cursor of the next page.
+    async fn members_after(
+        &self,
+        conversation_id: &str,
+        (after_joined, after_user): (i64, String),
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<(Vec<MemberInfo>, Option<String>)> {
         let rows = sqlx::query(
             "SELECT user_id, role, joined_msg_id, read_msg_id FROM members \
              WHERE conversation_id = $1 AND active = $2 AND (joined_msg_id, user_id) > ($3, $4) \
@@ -342,7 +402,7 @@ impl Store {
             .map(|r| {
                 Ok(MemberInfo {
                     user_id: r.try_get("user_id")?,
-                    role: if r.try_get::<String, _>("role")? == "owner" { Role::Owner } else { Role::Member },
+                    role: Role::parse(&r.try_get::<String, _>("role")?),
                     joined_msg_id: api_int(r.try_get("joined_msg_id")?),
                     read_msg_id: api_int(r.try_get("read_msg_id")?),
                 })
@@ -350,29 +410,18 @@ impl Store {
             .collect::<Result<Vec<_>>>()?;
         let mut more = members.len() > limit.max(1) as usize;
         members.truncate(limit.max(1) as usize);
-        // The rest of the answer takes at most this much (ids of 128 characters, numbers).
-        let fits = size::fitting(&members, max_bytes.saturating_sub(512), 0).max(1).min(members.len());
+        let fits = size::fitting(&members, max_bytes, 0).max(1).min(members.len());
         if fits < members.len() {
             members.truncate(fits);
             more = true;
         }
-        let next_members_cursor =
+        let next =
             if more { members.last().map(|m| encode_page_cursor(db_int(m.joined_msg_id), &m.user_id)) } else { None };
-        Ok(ConversationDetail {
-            conversation_id: conversation_id.to_string(),
-            conversation_type: conv.try_get::<i64, _>("conversation_type")? as i32,
-            joinable: get_bool(&conv, "joinable")?,
-            archived: get_bool(&conv, "archived")?,
-            created_at: conv.try_get("created_at")?,
-            last_msg_id: api_int(conv.try_get("last_msg_id")?),
-            last_send_time: conv.try_get("last_send_time")?,
-            member_count: api_int(conv.try_get("member_count")?),
-            members,
-            next_members_cursor,
-        })
+        Ok((members, next))
     }
 
-    /// One page of the user's conversations, newest activity first: at most `limit`, and no
+    /// One page of the user's conversations, newest activity first, each with its metadata,
+    /// its last message, the user's read position and unread count: at most `limit`, and no
     /// more than fit in `max_bytes` of JSON.
     pub async fn list_joined(
         &self,
@@ -390,7 +439,8 @@ impl Store {
         };
         let mut p = Params::new(self.system());
         let mut sql = format!(
-            "SELECT c.conversation_id, c.conversation_type, c.last_msg_id, c.last_send_time, c.archived, m.read_msg_id \
+            "SELECT c.conversation_id, c.conversation_type, c.last_msg_id, c.last_send_time, c.archived, c.title, \
+             c.avatar, c.ext, c.counted, c.preview_msg_id, m.read_msg_id, m.read_counted, m.role, m.muted \
              FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id \
              WHERE m.user_id = {} AND m.active = {}",
             p.next(),
@@ -416,18 +466,32 @@ impl Store {
         q = q.bind(i64::from(limit) + 1);
         let rows = q.fetch_all(self.pool()).instrument(sql_span(self.system(), "SELECT", "members")).await?;
         let mut conversations = Vec::with_capacity(rows.len());
+        let mut previews = Vec::with_capacity(rows.len());
         for r in &rows {
-            let last = api_int(r.try_get("last_msg_id")?);
-            let read = api_int(r.try_get("read_msg_id")?);
+            let counted: i64 = r.try_get("counted")?;
+            let read_counted: i64 = r.try_get("read_counted")?;
+            let ext: Option<String> = r.try_get("ext")?;
             conversations.push(ConversationSummary {
                 conversation_id: r.try_get("conversation_id")?,
                 conversation_type: r.try_get::<i64, _>("conversation_type")? as i32,
-                last_msg_id: last,
-                read_msg_id: read,
-                unread: last.saturating_sub(read),
+                title: r.try_get("title")?,
+                avatar: r.try_get("avatar")?,
+                ext: ext.and_then(|e| serde_json::from_str(&e).ok()),
+                role: Role::parse(&r.try_get::<String, _>("role")?),
+                last_msg_id: api_int(r.try_get("last_msg_id")?),
+                last_msg: None,
+                read_msg_id: api_int(r.try_get("read_msg_id")?),
+                unread: api_int(counted - read_counted),
+                muted: get_bool(r, "muted")?,
                 last_send_time: r.try_get("last_send_time")?,
                 archived: get_bool(r, "archived")?,
             });
+            previews.push(r.try_get::<i64, _>("preview_msg_id")?);
+        }
+        let page = conversations.len().min(limit as usize);
+        let mut last = self.messages_at(&conversations[..page], &previews[..page]).await?;
+        for c in &mut conversations {
+            c.last_msg = last.remove(&c.conversation_id);
         }
         let fits = size::fitting(&conversations, max_bytes.saturating_sub(512), 0).max(1);
         let next_cursor = if conversations.len() > (limit as usize).min(fits) {
@@ -439,35 +503,276 @@ impl Store {
         Ok(JoinedConversations { conversations, next_cursor })
     }
 
+    /// The messages `msg_ids[i]` of `conversations[i]` (0: none), by conversation.
+    async fn messages_at(
+        &self,
+        conversations: &[ConversationSummary],
+        msg_ids: &[i64],
+    ) -> Result<HashMap<String, Message>> {
+        let wanted: Vec<(&str, i64)> = conversations
+            .iter()
+            .zip(msg_ids)
+            .filter(|(_, id)| **id > 0)
+            .map(|(c, id)| (c.conversation_id.as_str(), *id))
+            .collect();
+        let mut out = HashMap::new();
+        for chunk in wanted.chunks(128).map(padded) {
+            let mut p = Params::new(self.system());
+            let list = chunk.iter().map(|_| p.row(2)).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE (m.conversation_id, m.msg_id) IN (VALUES {list})"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (c, id) in &chunk {
+                q = q.bind(*c).bind(*id);
+            }
+            for row in q.fetch_all(self.pool()).instrument(sql_span(self.system(), "SELECT", "messages")).await? {
+                let m = message(&row)?;
+                out.insert(m.conversation_id.clone(), m);
+            }
+        }
+        Ok(out)
+    }
+
     /// Moves the member's read position forward to `msg_id` (clamped to the newest message);
-    /// answers the position after the call.
-    pub async fn mark_read(&self, conversation_id: &str, user_id: &str, msg_id: u64) -> Result<u64> {
+    /// answers the position after the call and what still counts as unread.
+    pub async fn mark_read(&self, conversation_id: &str, user_id: &str, msg_id: u64) -> Result<(u64, u64)> {
         let row = sqlx::query(
-            "SELECT c.last_msg_id, m.read_msg_id FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id \
+            "SELECT c.last_msg_id, c.counted, m.read_msg_id, m.read_counted FROM members m \
+             JOIN conversations c ON c.conversation_id = m.conversation_id \
              WHERE m.conversation_id = $1 AND m.user_id = $2 AND m.active = $3",
         )
         .bind(conversation_id)
         .bind(user_id)
         .bind(1i32)
-        .fetch_optional(self.pool()).instrument(sql_span(self.system(), "SELECT", "members"))
+        .fetch_optional(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "members"))
         .await?
         .ok_or_else(ServiceError::not_member)?;
         let last: i64 = row.try_get("last_msg_id")?;
+        let counted: i64 = row.try_get("counted")?;
         let read: i64 = row.try_get("read_msg_id")?;
+        let mut read_counted: i64 = row.try_get("read_counted")?;
         let target = db_int(msg_id).min(last);
         if target > read {
-            sqlx::query(
-                "UPDATE members SET read_msg_id = $1 WHERE conversation_id = $2 AND user_id = $3 AND read_msg_id < $4",
+            // Messages up to the target that count (a message removed by retention: what the
+            // newest one left before it counted).
+            let at = sqlx::query(
+                "SELECT counted FROM messages WHERE conversation_id = $1 AND msg_id <= $2 ORDER BY msg_id DESC LIMIT 1",
+            )
+            .bind(conversation_id)
+            .bind(target)
+            .fetch_optional(self.pool())
+            .instrument(sql_span(self.system(), "SELECT", "messages"))
+            .await?;
+            if let Some(at) = at {
+                read_counted = read_counted.max(at.try_get("counted")?);
+            }
+            let moved = sqlx::query(
+                "UPDATE members SET read_msg_id = $1, read_counted = $2 \
+                 WHERE conversation_id = $3 AND user_id = $4 AND read_msg_id < $5",
             )
             .bind(target)
+            .bind(read_counted)
             .bind(conversation_id)
             .bind(user_id)
             .bind(target)
             .execute(self.pool())
             .instrument(sql_span(self.system(), "UPDATE", "members"))
-            .await?;
+            .await?
+            .rows_affected();
+            if moved == 0 {
+                // A later position was written meanwhile (another mark_read, an own send).
+                return Box::pin(self.mark_read(conversation_id, user_id, 0)).await;
+            }
         }
-        Ok(api_int(target.max(read)))
+        Ok((api_int(target.max(read)), api_int(counted - read_counted)))
+    }
+
+    /// Changes a conversation's metadata: `by` a member (whose role must be at least the
+    /// conversation's `meta_role`) or the business system (None). Fields equal to the stored
+    /// ones change nothing; the changed ones are recorded in one META_CHANGED message.
+    pub async fn update_conversation(
+        &self,
+        by: Option<&str>,
+        changes: &UpdateConversationRequest,
+    ) -> Result<(ConversationMeta, Vec<LogEntry>)> {
+        let id = changes.conversation_id.as_str();
+        write_tx!(self, |tx| {
+            let mut convs = self.lock_conversations(tx, &[id]).await?;
+            let Some(conv) = convs.get(id) else {
+                return Err(missing(by.is_some()));
+            };
+            let archived = conv.archived;
+            let row = sqlx::query("SELECT title, avatar, ext, meta_role FROM conversations WHERE conversation_id = $1")
+                .bind(id)
+                .fetch_one(&mut **tx)
+                .instrument(sql_span(self.system(), "SELECT", "conversations"))
+                .await?;
+            let mut meta = meta_of(id, &row)?;
+            if let Some(user) = by {
+                let role = self.role_in(tx, id, user).await?.ok_or_else(ServiceError::not_member)?;
+                if archived {
+                    return Err(
+                        ServiceError::new(ErrorCode::ConversationArchived, "the conversation is archived").into()
+                    );
+                }
+                match meta.meta_role.lowest() {
+                    Some(lowest) if role >= lowest => {}
+                    Some(lowest) => {
+                        return Err(ServiceError::new(
+                            ErrorCode::RoleRequired,
+                            format!("changing this conversation takes the role {}", lowest.as_str()),
+                        )
+                        .into());
+                    }
+                    None => {
+                        return Err(ServiceError::new(
+                            ErrorCode::RoleRequired,
+                            "only the business system changes this conversation",
+                        )
+                        .into());
+                    }
+                }
+            }
+            let mut changed = system::MetaChanged { by: by.unwrap_or_default().to_string(), ..Default::default() };
+            if let Some(t) = &changes.title
+                && meta.title.as_deref().unwrap_or("") != t
+            {
+                changed.title = Some(t.clone());
+                meta.title = Some(t.clone()).filter(|t| !t.is_empty());
+            }
+            if let Some(a) = &changes.avatar
+                && meta.avatar.as_deref().unwrap_or("") != a
+            {
+                changed.avatar = Some(a.clone());
+                meta.avatar = Some(a.clone()).filter(|a| !a.is_empty());
+            }
+            if let Some(e) = &changes.ext {
+                let new = Some(e.clone()).filter(|e| !is_empty_ext(e));
+                if new != meta.ext {
+                    changed.ext = Some(new.clone().unwrap_or_else(|| serde_json::json!({})));
+                    meta.ext = new;
+                }
+            }
+            if let Some(r) = changes.meta_role
+                && r != meta.meta_role
+            {
+                changed.meta_role = Some(r.as_str().to_string());
+                meta.meta_role = r;
+            }
+            if changed == (system::MetaChanged { by: changed.by.clone(), ..Default::default() }) {
+                return Ok((meta, Vec::new()));
+            }
+            let ext_text = meta.ext.as_ref().map(|e| e.to_string());
+            sqlx::query(
+                "UPDATE conversations SET title = $1, avatar = $2, ext = $3, meta_role = $4 WHERE conversation_id = $5",
+            )
+            .bind(meta.title.as_deref())
+            .bind(meta.avatar.as_deref())
+            .bind(ext_text.as_deref())
+            .bind((meta.meta_role != MetaRole::None).then(|| meta.meta_role.as_str()))
+            .bind(id)
+            .execute(&mut **tx)
+            .instrument(sql_span(self.system(), "UPDATE", "conversations"))
+            .await?;
+            let entries = self
+                .append(tx, &mut convs, vec![NewEntry::system(id, system::META_CHANGED, system::content(&changed))])
+                .await?;
+            meta.msg_id = entries.first().map(|e| e.message.msg_id);
+            Ok((meta, entries))
+        })
+    }
+
+    /// Sets a member's role (a new owner makes the former owner an admin); answers the roles
+    /// that changed, recorded in one ROLES_CHANGED message.
+    pub async fn set_member_role(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        role: Role,
+    ) -> Result<(Vec<MemberRole>, Vec<LogEntry>)> {
+        write_tx!(self, |tx| {
+            let mut convs = self.lock_conversations(tx, &[conversation_id]).await?;
+            if !convs.contains_key(conversation_id) {
+                return Err(missing(false));
+            }
+            let current = self
+                .role_in(tx, conversation_id, user_id)
+                .await?
+                .ok_or_else(|| ServiceError::new(ErrorCode::NotMember, format!("{user_id} is not a member")))?;
+            if current == role {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            let mut changed = vec![MemberRole { user_id: user_id.to_string(), role }];
+            if role == Role::Owner {
+                let owners = sqlx::query(
+                    "SELECT user_id FROM members WHERE conversation_id = $1 AND active = $2 AND role = $3 AND user_id <> $4",
+                )
+                .bind(conversation_id)
+                .bind(1i32)
+                .bind(Role::Owner.as_str())
+                .bind(user_id)
+                .fetch_all(&mut **tx)
+                .instrument(sql_span(self.system(), "SELECT", "members"))
+                .await?;
+                for o in owners {
+                    changed.push(MemberRole { user_id: o.try_get("user_id")?, role: Role::Admin });
+                }
+            }
+            for c in &changed {
+                sqlx::query("UPDATE members SET role = $1 WHERE conversation_id = $2 AND user_id = $3")
+                    .bind(c.role.as_str())
+                    .bind(conversation_id)
+                    .bind(c.user_id.as_str())
+                    .execute(&mut **tx)
+                    .instrument(sql_span(self.system(), "UPDATE", "members"))
+                    .await?;
+            }
+            let content = system::RolesChanged {
+                roles: changed
+                    .iter()
+                    .map(|c| system::RoleChange { user_id: c.user_id.clone(), role: c.role.as_str().to_string() })
+                    .collect(),
+            };
+            let entries = self
+                .append(
+                    tx,
+                    &mut convs,
+                    vec![NewEntry::system(conversation_id, system::ROLES_CHANGED, system::content(&content))],
+                )
+                .await?;
+            Ok((changed.clone(), entries))
+        })
+    }
+
+    /// Mutes or unmutes a conversation for one of its members (unread still counts).
+    pub async fn set_mute(&self, conversation_id: &str, user_id: &str, muted: bool) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE members SET muted = $1 WHERE conversation_id = $2 AND user_id = $3 AND active = $4")
+                .bind(i32::from(muted))
+                .bind(conversation_id)
+                .bind(user_id)
+                .bind(1i32)
+                .execute(self.pool())
+                .instrument(sql_span(self.system(), "UPDATE", "members"))
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(ServiceError::not_member().into());
+        }
+        Ok(muted)
+    }
+
+    /// An active member's role, if it is one.
+    async fn role_in(&self, tx: &mut AnyConnection, conversation_id: &str, user_id: &str) -> Result<Option<Role>> {
+        let row = sqlx::query("SELECT role FROM members WHERE conversation_id = $1 AND user_id = $2 AND active = $3")
+            .bind(conversation_id)
+            .bind(user_id)
+            .bind(1i32)
+            .fetch_optional(&mut *tx)
+            .instrument(sql_span(self.system(), "SELECT", "members"))
+            .await?;
+        row.map(|r| Ok(Role::parse(&r.try_get::<String, _>("role")?))).transpose()
     }
 
     /// One page of the user's active memberships (in conversation_id order, after `after`,
@@ -511,13 +816,12 @@ fn missing(self_join: bool) -> StoreError {
 }
 
 fn system_entry(conversation_id: &str, msg_type: i32, users: &[String]) -> NewEntry {
-    NewEntry {
-        conversation_id: conversation_id.to_string(),
-        from: String::new(),
-        msg_type,
-        content: system::content(&system::Users { user_ids: users.to_vec() }),
-        client_msg_id: None,
-    }
+    NewEntry::system(conversation_id, msg_type, system::content(&system::Users { user_ids: users.to_vec() }))
+}
+
+/// An ext that holds nothing (`{}` or null): stored as none.
+fn is_empty_ext(ext: &serde_json::Value) -> bool {
+    ext.is_null() || ext.as_object().is_some_and(|o| o.is_empty())
 }
 
 /// Which of `users` are active members.
@@ -547,21 +851,24 @@ async fn active_members(
     Ok(out)
 }
 
-/// Makes `users` active members from `msg_id` on (their read position starts there).
+/// Makes `users` active members from `msg_id` on (their read position starts there, where
+/// `counted` messages counted as unread).
 async fn upsert_members(
     system: &'static str,
     tx: &mut AnyConnection,
     conversation_id: &str,
     users: &[(String, Role)],
     msg_id: u64,
+    counted: i64,
 ) -> Result<()> {
     for chunk in pow2_chunks(users, 64) {
         let mut p = Params::new(system);
-        let rows = chunk.iter().map(|_| p.row(6)).collect::<Vec<_>>().join(", ");
+        let rows = chunk.iter().map(|_| p.row(7)).collect::<Vec<_>>().join(", ");
         let sql = format!(
-            "INSERT INTO members (conversation_id, user_id, role, active, joined_msg_id, read_msg_id) VALUES {rows} \
-             ON CONFLICT (conversation_id, user_id) DO UPDATE SET active = excluded.active, \
-             joined_msg_id = excluded.joined_msg_id, read_msg_id = excluded.read_msg_id, left_msg_id = NULL"
+            "INSERT INTO members (conversation_id, user_id, role, active, joined_msg_id, read_msg_id, read_counted) \
+             VALUES {rows} ON CONFLICT (conversation_id, user_id) DO UPDATE SET active = excluded.active, \
+             role = excluded.role, joined_msg_id = excluded.joined_msg_id, read_msg_id = excluded.read_msg_id, \
+             read_counted = excluded.read_counted, left_msg_id = NULL"
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (user, role) in chunk {
@@ -571,7 +878,8 @@ async fn upsert_members(
                 .bind(role.as_str())
                 .bind(1i32)
                 .bind(db_int(msg_id))
-                .bind(db_int(msg_id));
+                .bind(db_int(msg_id))
+                .bind(counted);
         }
         q.execute(&mut *tx).instrument(sql_span(system, "INSERT", "members")).await?;
     }
@@ -603,6 +911,28 @@ async fn deactivate(
         q.execute(&mut *tx).instrument(sql_span(system, "UPDATE", "members")).await?;
     }
     Ok(())
+}
+
+/// The position after which a members page starts.
+fn members_cursor(cursor: Option<&str>) -> Result<(i64, String)> {
+    match cursor {
+        None => Ok((-1, String::new())),
+        Some(c) => decode_page_cursor(c)
+            .ok_or_else(|| StoreError::from(ServiceError::invalid("members cursor is not a cursor from this service"))),
+    }
+}
+
+/// A conversation's metadata from a row with `title`, `avatar`, `ext` and `meta_role`.
+fn meta_of(conversation_id: &str, row: &sqlx::any::AnyRow) -> Result<ConversationMeta> {
+    let ext: Option<String> = row.try_get("ext")?;
+    Ok(ConversationMeta {
+        conversation_id: conversation_id.to_string(),
+        title: row.try_get("title")?,
+        avatar: row.try_get("avatar")?,
+        ext: ext.and_then(|e| serde_json::from_str(&e).ok()),
+        meta_role: MetaRole::parse(row.try_get::<Option<String>, _>("meta_role")?.as_deref()),
+        msg_id: None,
+    })
 }
 
 fn encode_page_cursor(last_send_time: i64, conversation_id: &str) -> String {

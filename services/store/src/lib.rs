@@ -11,6 +11,7 @@
 //! - `messages.rs`: sending (membership, archive and idempotency checks) and history;
 //! - `messages_sqlite.rs`: a send batch's statements on SQLite, run by the calling thread on
 //!   a connection of their own (no hand-over to a pooled connection's worker thread);
+//! - `revisions.rs`: edits, recalls and deletions of messages, and their versions;
 //! - `revocations.rs`: token revocations;
 //! - `sql.rs`: placeholder building and row decoding shared by the above.
 //!
@@ -60,6 +61,7 @@ mod log;
 mod messages;
 mod messages_sqlite;
 mod postgres;
+mod revisions;
 mod revocations;
 mod sql;
 mod sqlite;
@@ -73,7 +75,9 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, Transaction};
 
 pub use conversations::{CreateOutcome, NewConversation};
+pub use log::UnreadRule;
 pub use messages::SendItem;
+pub use revisions::Revision;
 
 /// Which database is behind the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +155,8 @@ struct Inner {
     write_lock: Option<tokio::sync::Mutex<()>>,
     /// SQLite: the connection that stores send batches (see `sqlite::open_direct`).
     direct: Option<std::sync::Mutex<rusqlite::Connection>>,
+    /// Which messages count as unread (set once at start; the default until then).
+    unread: std::sync::OnceLock<UnreadRule>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -202,7 +208,21 @@ impl Store {
         }
         let write_lock = (dialect == Dialect::Sqlite).then(|| tokio::sync::Mutex::new(()));
         let direct = direct.map(std::sync::Mutex::new);
-        Ok(Store { inner: Arc::new(Inner { pool, writer, dialect, partitions, epoch, write_lock, direct }) })
+        let unread = std::sync::OnceLock::new();
+        Ok(Store { inner: Arc::new(Inner { pool, writer, dialect, partitions, epoch, write_lock, direct, unread }) })
+    }
+
+    /// Sets which system types count as unread (`unread_system_types`); once, at start.
+    pub fn set_unread_rule(&self, rule: UnreadRule) {
+        if self.inner.unread.set(rule).is_err() {
+            tracing::warn!("the unread rule was set already; keeping the first");
+        }
+    }
+
+    /// Which messages count as unread.
+    pub(crate) fn unread_rule(&self) -> &UnreadRule {
+        static DEFAULT: std::sync::LazyLock<UnreadRule> = std::sync::LazyLock::new(UnreadRule::default);
+        self.inner.unread.get().unwrap_or(&DEFAULT)
     }
 
     /// Log partitions of this database.

@@ -9,9 +9,11 @@
 use std::collections::{BTreeMap, HashMap};
 use tracing::Instrument;
 
+use quickim_shared::position::Position;
 use quickim_shared::protocol::api::Message;
 use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::service::{LogHeads, ReplayPage};
+use quickim_shared::protocol::system;
 use quickim_shared::time::now_ms;
 use sqlx::AnyPool;
 use sqlx::{AnyConnection, Row};
@@ -71,6 +73,10 @@ pub(crate) struct LockedConversation {
     pub last_msg_id: i64,
     pub last_send_time: i64,
     pub part: u16,
+    /// Messages that count as unread, up to `last_msg_id`.
+    pub counted: i64,
+    /// The newest message other than a revision.
+    pub preview_msg_id: i64,
 }
 
 /// SQLite: the conversations whose ids are in the JSON array bound to `?`, as one JSON value
@@ -78,7 +84,8 @@ pub(crate) struct LockedConversation {
 macro_rules! sqlite_conversations_json {
     () => {
         "SELECT json_group_array(json_array(conversation_id, joinable, archived, last_msg_id, \
-         last_send_time, part)) FROM conversations WHERE conversation_id IN (SELECT value FROM jsonb_each(?))"
+         last_send_time, part, counted, preview_msg_id)) FROM conversations \
+         WHERE conversation_id IN (SELECT value FROM jsonb_each(?))"
     };
 }
 pub(crate) use sqlite_conversations_json;
@@ -97,15 +104,24 @@ pub(crate) fn heads_from_json(json: &str) -> Result<HashMap<u16, i64>> {
 }
 
 /// Conversations as read on SQLite: `[[id, joinable, archived, last_msg_id, last_send_time,
-/// part], ...]`.
+/// part, counted, preview_msg_id], ...]`.
 pub(crate) fn locked_from_json(json: &str) -> Result<BTreeMap<String, LockedConversation>> {
-    let rows: Vec<(String, i64, i64, i64, i64, i64)> = from_json(json)?;
+    type Row = (String, i64, i64, i64, i64, i64, i64, i64);
+    let rows: Vec<Row> = from_json(json)?;
     let mut out = BTreeMap::new();
-    for (id, joinable, archived, last_msg_id, last_send_time, part) in rows {
+    for (id, joinable, archived, last_msg_id, last_send_time, part, counted, preview_msg_id) in rows {
         let part = u16::try_from(part).map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
         out.insert(
             id,
-            LockedConversation { joinable: joinable != 0, archived: archived != 0, last_msg_id, last_send_time, part },
+            LockedConversation {
+                joinable: joinable != 0,
+                archived: archived != 0,
+                last_msg_id,
+                last_send_time,
+                part,
+                counted,
+                preview_msg_id,
+            },
         );
     }
     Ok(out)
@@ -114,8 +130,8 @@ pub(crate) fn locked_from_json(json: &str) -> Result<BTreeMap<String, LockedConv
 /// PostgreSQL: locks the conversations of a JSON array of ids, in id order (FOR UPDATE locks
 /// the rows after the sort), and answers the ones that exist.
 pub(crate) const LOCK_CONVERSATIONS_POSTGRES: &str = "\
-SELECT conversation_id, joinable, archived, last_msg_id, last_send_time, part FROM conversations
-WHERE conversation_id = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))
+SELECT conversation_id, joinable, archived, last_msg_id, last_send_time, part, counted, preview_msg_id
+FROM conversations WHERE conversation_id = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))
 ORDER BY conversation_id FOR UPDATE";
 
 /// A message to append (its conversation must be locked in the same transaction).
@@ -126,6 +142,23 @@ pub(crate) struct NewEntry {
     pub msg_type: i32,
     pub content: String,
     pub client_msg_id: Option<String>,
+    /// false: never counts as unread (`count_unread: false` of /inner); otherwise the
+    /// store's [`UnreadRule`] decides.
+    pub count_unread: bool,
+}
+
+impl NewEntry {
+    /// A system message (from nobody) of `msg_type` with `content`.
+    pub(crate) fn system(conversation_id: &str, msg_type: i32, content: String) -> NewEntry {
+        NewEntry {
+            conversation_id: conversation_id.to_string(),
+            from: String::new(),
+            msg_type,
+            content,
+            client_msg_id: None,
+            count_unread: true,
+        }
+    }
 }
 
 impl Store {
@@ -152,8 +185,8 @@ impl Store {
         }
         // PostgreSQL: one statement for any number of ids (a JSON array), looked up by key.
         // With a list of parameters instead, each list length was a statement of its own,
-        // planned again at every call (0.3 ms), and from about 64 ids planned as a scan of
-        // the whole table (1 ms at 6,200 conversations) where the key finds them in 0.1 ms.
+        // planned again at every call, and from a few dozen ids planned as a scan of the
+        // whole table (docs/benchmarks.md has the measurements).
         let rows = sqlx::query(LOCK_CONVERSATIONS_POSTGRES)
             .bind(to_json(&ids)?)
             .fetch_all(&mut *tx)
@@ -169,6 +202,8 @@ impl Store {
                     last_send_time: row.try_get("last_send_time")?,
                     part: u16::try_from(row.try_get::<i64, _>("part")?)
                         .map_err(|_| StoreError::Corrupt("partition out of range".into()))?,
+                    counted: row.try_get("counted")?,
+                    preview_msg_id: row.try_get("preview_msg_id")?,
                 },
             );
         }
@@ -236,7 +271,7 @@ impl Store {
                 heads = heads_from_json(&row.try_get::<String, _>("rows")?)?;
             }
         }
-        let (out, rows) = plan_append(convs, entries, &heads)?;
+        let (out, rows) = plan_append(convs, entries, &heads, self.unread_rule())?;
         match self.dialect() {
             Dialect::Sqlite => write_sqlite(tx, &rows).await?,
             Dialect::Postgres => write_postgres(tx, &rows).await?,
@@ -445,7 +480,7 @@ impl Store {
 
     /// The heads of `retention_ms` ago (the newest checkpoint at least that old), if any:
     /// positions below them are outside the replay window.
-    pub async fn horizon(&self, retention_ms: i64) -> Result<Option<Vec<u64>>> {
+    pub async fn horizon(&self, retention_ms: i64) -> Result<Option<Position>> {
         let row = sqlx::query("SELECT heads FROM log_checkpoints WHERE taken_at <= $1 ORDER BY taken_at DESC LIMIT 1")
             .bind(now_ms() - retention_ms)
             .fetch_optional(self.pool())
@@ -455,8 +490,8 @@ impl Store {
             None => Ok(None),
             Some(row) => {
                 let text: String = row.try_get("heads")?;
-                let heads: Vec<u64> = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                Ok((heads.len() == usize::from(self.partitions())).then_some(heads))
+                let heads: Position = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok((heads.partitions() == usize::from(self.partitions())).then_some(heads))
             }
         }
     }
@@ -467,12 +502,13 @@ impl Store {
     }
 }
 
-pub(crate) async fn read_heads(system: &'static str, conn: &mut AnyConnection) -> Result<Vec<u64>> {
+pub(crate) async fn read_heads(system: &'static str, conn: &mut AnyConnection) -> Result<Position> {
     let rows = sqlx::query("SELECT head FROM log_partitions ORDER BY part")
         .fetch_all(&mut *conn)
         .instrument(sql_span(system, "SELECT", "log_partitions"))
         .await?;
-    rows.iter().map(|r| Ok(api_int(r.try_get("head")?))).collect()
+    let heads: Result<Vec<u64>> = rows.iter().map(|r| Ok(api_int(r.try_get("head")?))).collect();
+    heads.map(Position::from)
 }
 
 /// How many of `entries` go to each partition (by their locked conversations).
@@ -492,6 +528,7 @@ pub(crate) fn plan_append(
     convs: &mut BTreeMap<String, LockedConversation>,
     entries: Vec<NewEntry>,
     heads: &HashMap<u16, i64>,
+    rule: &UnreadRule,
 ) -> Result<(Vec<LogEntry>, AppendRows)> {
     let now = now_ms();
     let msg_ids = Store::plan_msg_ids(convs, &entries)?;
@@ -505,10 +542,22 @@ pub(crate) fn plan_append(
         new_heads.push((*part, head + count));
     }
     let mut out = Vec::with_capacity(entries.len());
+    let mut counted = Vec::with_capacity(entries.len());
     for (e, msg_id) in entries.into_iter().zip(msg_ids) {
         let conv =
             convs.get_mut(&e.conversation_id).ok_or_else(|| StoreError::Corrupt("conversation not locked".into()))?;
         let offset = next_offset.get_mut(&conv.part).ok_or_else(|| StoreError::Corrupt("partition".into()))?;
+        if rule.counts(e.msg_type, e.count_unread) {
+            conv.counted += 1;
+        }
+        counted.push(conv.counted);
+        conv.last_msg_id = msg_id;
+        // A revision changes another message: it is neither what a conversation list shows
+        // nor activity that moves the conversation up.
+        if e.msg_type != system::REVISED {
+            conv.last_send_time = now;
+            conv.preview_msg_id = msg_id;
+        }
         let entry = LogEntry {
             part: conv.part,
             offset: api_int(*offset),
@@ -520,15 +569,35 @@ pub(crate) fn plan_append(
                 content: e.content,
                 client_msg_id: e.client_msg_id,
                 send_time: now,
+                ..Message::default()
             },
         };
         *offset += 1;
-        conv.last_msg_id = msg_id;
-        conv.last_send_time = now;
         out.push(entry);
     }
-    let rows = AppendRows::of(&new_heads, &out)?;
+    let rows = AppendRows::of(&new_heads, &out, &counted, convs)?;
     Ok((out, rows))
+}
+
+/// Which messages count as unread: user and business messages unless sent with
+/// `count_unread: false`, and the system types configured (`unread_system_types`; none by
+/// default). A sender's own message never counts for it: sending moves its read position.
+/// The rule applies when a message is stored; changing it changes nothing stored before.
+#[derive(Debug, Clone, Default)]
+pub struct UnreadRule {
+    system_types: Vec<i32>,
+}
+
+impl UnreadRule {
+    /// System types listed in `system_types` count too.
+    pub fn new(system_types: Vec<i32>) -> UnreadRule {
+        UnreadRule { system_types }
+    }
+
+    /// Whether a message of `msg_type` sent with `count_unread` counts.
+    pub fn counts(&self, msg_type: i32, count_unread: bool) -> bool {
+        count_unread && (msg_type >= 0 || self.system_types.contains(&msg_type))
+    }
 }
 
 /// The rows an append writes, as JSON arrays bound as one parameter per table: the
@@ -538,19 +607,31 @@ pub(crate) struct AppendRows {
     /// `[[part, head], ...]`
     pub(crate) parts: String,
     /// `[[conversation_id, msg_id, part, log_offset, sender, msg_type, content,
-    /// client_msg_id, send_time], ...]`
+    /// client_msg_id, send_time, counted], ...]`
     pub(crate) messages: String,
-    /// `[[conversation_id, last_msg_id, last_offset, send_time], ...]` (one per conversation)
+    /// `[[conversation_id, last_msg_id, last_offset, last_send_time, counted,
+    /// preview_msg_id], ...]` (one per conversation)
     pub(crate) conversations: String,
+    /// `[[conversation_id, user_id, msg_id, counted], ...]`: each sender has read up to its
+    /// own newest message (one per conversation and sender).
+    pub(crate) reads: String,
     /// Rows of each: (partitions, messages, conversations).
     pub(crate) counts: (i64, i64, i64),
+    /// Rows of `reads`.
+    pub(crate) read_rows: i64,
 }
 
 impl AppendRows {
-    fn of(new_heads: &[(u16, i64)], appended: &[LogEntry]) -> Result<AppendRows> {
+    fn of(
+        new_heads: &[(u16, i64)],
+        appended: &[LogEntry],
+        counted: &[i64],
+        convs: &BTreeMap<String, LockedConversation>,
+    ) -> Result<AppendRows> {
         let messages: Vec<_> = appended
             .iter()
-            .map(|e| {
+            .zip(counted)
+            .map(|(e, counted)| {
                 let m = &e.message;
                 (
                     &m.conversation_id,
@@ -562,22 +643,38 @@ impl AppendRows {
                     &m.content,
                     &m.client_msg_id,
                     m.send_time,
+                    counted,
                 )
             })
             .collect();
         let mut newest: BTreeMap<&str, &LogEntry> = BTreeMap::new();
-        for e in appended {
+        let mut reads: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+        for (e, counted) in appended.iter().zip(counted) {
             newest.insert(&e.message.conversation_id, e);
+            if !e.message.from.is_empty() {
+                reads.insert((&e.message.conversation_id, &e.message.from), (db_int(e.message.msg_id), *counted));
+            }
         }
-        let conversations: Vec<_> = newest
-            .into_iter()
-            .map(|(id, e)| (id, db_int(e.message.msg_id), db_int(e.offset), e.message.send_time))
-            .collect();
+        let mut conversations = Vec::with_capacity(newest.len());
+        for (id, e) in newest {
+            let c = convs.get(id).ok_or_else(|| StoreError::Corrupt("conversation not locked".into()))?;
+            conversations.push((
+                id,
+                db_int(e.message.msg_id),
+                db_int(e.offset),
+                c.last_send_time,
+                c.counted,
+                c.preview_msg_id,
+            ));
+        }
+        let reads: Vec<_> = reads.into_iter().map(|((c, u), (msg_id, counted))| (c, u, msg_id, counted)).collect();
         Ok(AppendRows {
             parts: to_json(&new_heads)?,
             messages: to_json(&messages)?,
             conversations: to_json(&conversations)?,
+            reads: to_json(&reads)?,
             counts: (new_heads.len() as i64, messages.len() as i64, conversations.len() as i64),
+            read_rows: reads.len() as i64,
         })
     }
 }
@@ -594,8 +691,8 @@ pub(crate) const APPEND_PARTS_SQLITE: &str = append_parts_sqlite!();
 macro_rules! append_messages_sqlite {
     () => {
         "INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, \
-         send_time) SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
-         value ->> 7, value ->> 8 FROM jsonb_each(?)"
+         send_time, counted) SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+         value ->> 6, value ->> 7, value ->> 8, value ->> 9 FROM jsonb_each(?)"
     };
 }
 pub(crate) const APPEND_MESSAGES_SQLITE: &str = append_messages_sqlite!();
@@ -604,75 +701,104 @@ pub(crate) const APPEND_MESSAGES_SQLITE: &str = append_messages_sqlite!();
 macro_rules! append_conversations_sqlite {
     () => {
         "UPDATE conversations SET last_msg_id = v.value ->> 1, last_offset = v.value ->> 2, \
-         last_send_time = v.value ->> 3 FROM jsonb_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0"
+         last_send_time = v.value ->> 3, counted = v.value ->> 4, preview_msg_id = v.value ->> 5 \
+         FROM jsonb_each(?) AS v WHERE conversations.conversation_id = v.value ->> 0"
     };
 }
 pub(crate) const APPEND_CONVERSATIONS_SQLITE: &str = append_conversations_sqlite!();
 
-/// SQLite: the three statements of an append in one round trip to the connection's worker
-/// thread (for the writes of conversation changes; send batches run them one by one on the
-/// direct connection).
-const APPEND_SQLITE: &str =
-    concat!(append_parts_sqlite!(), ";\n", append_messages_sqlite!(), ";\n", append_conversations_sqlite!(), ";");
+/// SQLite: the senders' read positions (`AppendRows::reads`).
+macro_rules! append_reads_sqlite {
+    () => {
+        "UPDATE members SET read_msg_id = v.value ->> 2, read_counted = v.value ->> 3 FROM jsonb_each(?) AS v \
+         WHERE members.conversation_id = v.value ->> 0 AND members.user_id = v.value ->> 1 \
+         AND members.read_msg_id < v.value ->> 2"
+    };
+}
+pub(crate) const APPEND_READS_SQLITE: &str = append_reads_sqlite!();
+
+/// SQLite: the statements of an append in one round trip to the connection's worker thread
+/// (for the writes of conversation changes and revisions; send batches run them one by one
+/// on the direct connection).
+const APPEND_SQLITE: &str = concat!(
+    append_parts_sqlite!(),
+    ";\n",
+    append_messages_sqlite!(),
+    ";\n",
+    append_conversations_sqlite!(),
+    ";\n",
+    append_reads_sqlite!(),
+    ";"
+);
 
 async fn write_sqlite(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
     let span = tracing::info_span!(
         "db.query",
-        otel.name = "UPDATE log_partitions; INSERT messages; UPDATE conversations",
+        otel.name = "UPDATE log_partitions; INSERT messages; UPDATE conversations; UPDATE members",
         otel.kind = "client",
         db.system.name = "sqlite",
         db.operation.name = "BATCH",
-        db.operation.batch.size = 3,
+        db.operation.batch.size = 4,
     );
     let done = sqlx::query(APPEND_SQLITE)
         .bind(rows.parts.as_str())
         .bind(rows.messages.as_str())
         .bind(rows.conversations.as_str())
+        .bind(rows.reads.as_str())
         .execute(&mut *tx)
         .instrument(span)
         .await?;
     // sqlx sums sqlite3_changes() over the statements.
     let (parts, msgs, convs) = rows.counts;
-    let expected = parts + msgs + convs;
+    let expected = parts + msgs + convs + rows.read_rows;
     if done.rows_affected() != expected as u64 {
         return Err(StoreError::Corrupt(format!("append wrote {} rows of {expected}", done.rows_affected())));
     }
     Ok(())
 }
 
-/// PostgreSQL: the same three writes in one statement — one round trip while the partition
-/// locks are held, where one statement per table (and per chunk of rows) took five or more.
+/// PostgreSQL: the same writes in one statement — one round trip while the partition locks
+/// are held, where one statement per table (and per chunk of rows) took five or more.
 ///
-/// The conversations are found through their key (`= ANY` of the batch's ids): joined to
-/// `jsonb_array_elements` alone (which the planner takes for 100 rows), the update was
-/// planned as a hash join over a scan of every conversation, per batch — 0.13 ms at 1,000
-/// conversations and growing with the table.
+/// The conversations and the senders' member rows are found through their keys (`= ANY` of
+/// the batch's ids): joined to `jsonb_array_elements` alone (which the planner takes for 100
+/// rows), an update was planned as a hash join over a scan of the whole table, per batch,
+/// growing with the table (docs/benchmarks.md).
 pub(crate) const APPEND_POSTGRES: &str = "\
 WITH parts AS (
   UPDATE log_partitions p SET head = (v.e ->> 1)::bigint
   FROM jsonb_array_elements($1::jsonb) AS v(e)
   WHERE p.part = (v.e ->> 0)::integer RETURNING 1
 ), msgs AS (
-  INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, send_time)
+  INSERT INTO messages (conversation_id, msg_id, part, log_offset, sender, msg_type, content, client_msg_id, send_time,
+    counted)
   SELECT e ->> 0, (e ->> 1)::bigint, (e ->> 2)::integer, (e ->> 3)::bigint, e ->> 4, (e ->> 5)::integer, e ->> 6,
-    e ->> 7, (e ->> 8)::bigint
+    e ->> 7, (e ->> 8)::bigint, (e ->> 9)::bigint
   FROM jsonb_array_elements($2::jsonb) AS v(e)
   RETURNING 1
 ), convs AS (
   UPDATE conversations c SET last_msg_id = (v.e ->> 1)::bigint, last_offset = (v.e ->> 2)::bigint,
-    last_send_time = (v.e ->> 3)::bigint
+    last_send_time = (v.e ->> 3)::bigint, counted = (v.e ->> 4)::bigint, preview_msg_id = (v.e ->> 5)::bigint
   FROM jsonb_array_elements($3::jsonb) AS v(e)
   WHERE c.conversation_id = v.e ->> 0
     AND c.conversation_id = ANY (ARRAY(SELECT w.e ->> 0 FROM jsonb_array_elements($3::jsonb) AS w(e)))
   RETURNING 1
+), reads AS (
+  UPDATE members m SET read_msg_id = (v.e ->> 2)::bigint, read_counted = (v.e ->> 3)::bigint
+  FROM jsonb_array_elements($4::jsonb) AS v(e)
+  WHERE m.conversation_id = v.e ->> 0 AND m.user_id = v.e ->> 1 AND m.read_msg_id < (v.e ->> 2)::bigint
+    AND m.conversation_id = ANY (ARRAY(SELECT w.e ->> 0 FROM jsonb_array_elements($4::jsonb) AS w(e)))
+  RETURNING 1
 )
-SELECT (SELECT count(*) FROM parts) AS parts, (SELECT count(*) FROM msgs) AS msgs, (SELECT count(*) FROM convs) AS convs";
+SELECT (SELECT count(*) FROM parts) AS parts, (SELECT count(*) FROM msgs) AS msgs, (SELECT count(*) FROM convs) AS convs,
+  (SELECT count(*) FROM reads) AS reads";
 
 async fn write_postgres(tx: &mut AnyConnection, rows: &AppendRows) -> Result<()> {
     let row = sqlx::query(APPEND_POSTGRES)
         .bind(rows.parts.as_str())
         .bind(rows.messages.as_str())
         .bind(rows.conversations.as_str())
+        .bind(rows.reads.as_str())
         .fetch_one(&mut *tx)
         .instrument(sql_span("postgresql", "INSERT", "messages"))
         .await?;

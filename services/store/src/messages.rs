@@ -15,7 +15,7 @@ use quickim_shared::protocol::service::{HistoryQuery, Origin};
 use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
-use crate::log::{LockedConversation, NewEntry, plan_append};
+use crate::log::{LockedConversation, NewEntry, UnreadRule, plan_append};
 use crate::sql::{MESSAGE_COLUMNS, Params, db_int, message, pow2_chunks, to_json};
 use crate::{Dialect, Result, Store, StoreError, messages_sqlite, sql_span};
 
@@ -34,6 +34,8 @@ pub struct SendItem {
     pub content: String,
     /// Idempotency key, scoped to the sender.
     pub client_msg_id: Option<String>,
+    /// false: never counts as unread (a business notice).
+    pub count_unread: bool,
 }
 
 pub(crate) type Key = (String, String);
@@ -43,8 +45,14 @@ impl SendItem {
         self.client_msg_id.as_ref().map(|k| (self.from.clone(), k.clone()))
     }
 
+    /// The answer to a retry that finds `m` stored under its key: `m` when it is the same
+    /// message (content compared unless `m` was revised since), else a conflict.
     fn same_as(&self, m: &Message) -> std::result::Result<Message, ServiceError> {
-        if m.conversation_id == self.conversation_id && m.msg_type == self.msg_type && m.content == self.content {
+        let revised = m.edited_at.is_some() || m.recalled || m.deleted;
+        if m.conversation_id == self.conversation_id
+            && m.msg_type == self.msg_type
+            && (revised || m.content == self.content)
+        {
             Ok(m.clone())
         } else {
             Err(ServiceError::conflict("client_msg_id was already used for a different message"))
@@ -145,6 +153,7 @@ impl Verdicts {
                     msg_type: it.msg_type,
                     content: it.content.clone(),
                     client_msg_id: it.client_msg_id.clone(),
+                    count_unread: it.count_unread,
                 }
             })
             .collect()
@@ -186,7 +195,12 @@ impl Verdicts {
 /// SQLite: one attempt at the batch in one transaction on `conn` (the direct connection):
 /// `BEGIN IMMEDIATE` with every read of the batch, the idempotency keys, the append, then
 /// `COMMIT`. Everything but a committed batch is rolled back.
-fn send_attempt_sqlite(conn: &rusqlite::Connection, items: &[SendItem], conflicted: &HashSet<Key>) -> Result<Attempt> {
+fn send_attempt_sqlite(
+    conn: &rusqlite::Connection,
+    items: &[SendItem],
+    conflicted: &HashSet<Key>,
+    rule: &UnreadRule,
+) -> Result<Attempt> {
     let (mut convs, members, heads) = match messages_sqlite::begin_with_reads(conn, items) {
         Ok(reads) => reads,
         Err(e) => return messages_sqlite::end(conn, Err(e)),
@@ -204,7 +218,7 @@ fn send_attempt_sqlite(conn: &rusqlite::Connection, items: &[SendItem], conflict
         let entries = if new.is_empty() {
             Vec::new()
         } else {
-            let (entries, rows) = plan_append(&mut convs, new, &heads)?;
+            let (entries, rows) = plan_append(&mut convs, new, &heads, rule)?;
             messages_sqlite::write_append(conn, &rows)?;
             entries
         };
@@ -247,7 +261,10 @@ impl Store {
         let mut conflicted: HashSet<Key> = HashSet::new();
         for _ in 0..8 {
             let attempt = match self.dialect() {
-                Dialect::Sqlite => self.with_direct(|conn| send_attempt_sqlite(conn, items, &conflicted)).await?,
+                Dialect::Sqlite => {
+                    let rule = self.unread_rule();
+                    self.with_direct(|conn| send_attempt_sqlite(conn, items, &conflicted, rule)).await?
+                }
                 // Keys lost to a concurrent batch: the attempt is rolled back (so the keys it
                 // claimed are free again) and run without them.
                 Dialect::Postgres => match write_tx!(self, |tx| {

@@ -11,11 +11,13 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
 use crate::log::{
-    APPEND_CONVERSATIONS_SQLITE, APPEND_MESSAGES_SQLITE, APPEND_PARTS_SQLITE, AppendRows, LockedConversation,
-    heads_from_json, locked_from_json, sqlite_conversations_json, sqlite_heads_json,
+    APPEND_CONVERSATIONS_SQLITE, APPEND_MESSAGES_SQLITE, APPEND_PARTS_SQLITE, APPEND_READS_SQLITE, AppendRows,
+    LockedConversation, heads_from_json, locked_from_json, sqlite_conversations_json, sqlite_heads_json,
 };
 use crate::messages::{Attempt, Key, claim_keys_sql};
-use crate::sql::{MESSAGE_COLUMNS, Params, api_int, from_json, padded, pow2_chunks, to_json};
+use crate::sql::{
+    MESSAGE_COLUMNS, Params, STATE_DELETED, STATE_RECALLED, api_int, from_json, padded, pow2_chunks, to_json,
+};
 use crate::{Result, SendItem, StoreError, sql_span};
 
 /// The batch's reads in one statement answering one row: its conversations (as
@@ -119,8 +121,9 @@ pub(crate) fn claim_keys(conn: &Connection, claims: &[(Key, &str, i64)]) -> Resu
     Ok(lost)
 }
 
-/// Writes an append: the partitions' new heads, the messages, the conversations' new heads.
-/// Every statement must change exactly the rows it was given (checked before the commit).
+/// Writes an append: the partitions' new heads, the messages, the conversations' new heads,
+/// the senders' read positions. Every statement but the last must change exactly the rows it
+/// was given (checked before the commit); a read position already past a message stays.
 pub(crate) fn write_append(conn: &Connection, rows: &AppendRows) -> Result<()> {
     let (parts, msgs, convs) = rows.counts;
     for (sql, json, expected, table, operation) in [
@@ -134,6 +137,8 @@ pub(crate) fn write_append(conn: &Connection, rows: &AppendRows) -> Result<()> {
             return Err(StoreError::Corrupt(format!("append wrote {changed} rows of {expected} in {table}")));
         }
     }
+    let _span = sql_span("sqlite", "UPDATE", "members").entered();
+    conn.prepare_cached(APPEND_READS_SQLITE)?.execute([&rows.reads])?;
     Ok(())
 }
 
@@ -171,5 +176,8 @@ fn message(row: &rusqlite::Row<'_>) -> Result<Message> {
         content: row.get("content")?,
         client_msg_id: row.get("client_msg_id")?,
         send_time: row.get("send_time")?,
+        edited_at: row.get("edited_at")?,
+        recalled: row.get::<_, i64>("state")? == STATE_RECALLED,
+        deleted: row.get::<_, i64>("state")? == STATE_DELETED,
     })
 }

@@ -67,15 +67,23 @@ mod tests {
         let plan = explain(&store, &EXISTING_KEYS_POSTGRES, &[&keys]).await;
         assert!(plan.contains("idempotency_pkey") && plan.contains("messages_pkey"), "{plan}");
         assert!(!plan.contains("Seq Scan"), "{plan}");
-        let messages = r#"[["c37", 2, 1, 9001, "u37", 1, "x", null, 1], ["c74", 2, 2, 9001, "u74", 1, "y", null, 1]]"#;
+        let messages =
+            r#"[["c37", 2, 1, 9001, "u37", 1, "x", null, 1, 1], ["c74", 2, 2, 9001, "u74", 1, "y", null, 1, 1]]"#;
         let plan = explain(
             &store,
             APPEND_POSTGRES,
-            &[r#"[[1, 9001], [2, 9001]]"#, messages, r#"[["c37", 2, 9001, 1], ["c74", 2, 9001, 1]]"#],
+            &[
+                r#"[[1, 9001], [2, 9001]]"#,
+                messages,
+                r#"[["c37", 2, 9001, 1, 1, 2], ["c74", 2, 9001, 1, 1, 2]]"#,
+                r#"[["c37", "u37", 2, 1], ["c74", "u74", 2, 1]]"#,
+            ],
         )
         .await;
         assert!(plan.contains("Update on conversations") && plan.contains("conversations_pkey"), "{plan}");
         assert!(!plan.contains("Seq Scan on conversations"), "{plan}");
+        assert!(plan.contains("Update on members") && plan.contains("members_pkey"), "{plan}");
+        assert!(!plan.contains("Seq Scan on members"), "{plan}");
 
         store.close().await;
         pg.drop_db().await;

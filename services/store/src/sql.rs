@@ -92,40 +92,62 @@ pub(crate) fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
 }
 
 /// The columns [`message`] reads, for a table aliased `m`.
-pub(crate) const MESSAGE_COLUMNS: &str =
-    "m.conversation_id, m.msg_id, m.sender, m.msg_type, m.content, m.client_msg_id, m.send_time, m.part, m.log_offset";
+pub(crate) const MESSAGE_COLUMNS: &str = "m.conversation_id, m.msg_id, m.sender, m.msg_type, m.content, \
+     m.client_msg_id, m.send_time, m.part, m.log_offset, m.edited_at, m.state";
+
+/// `messages.state` of a recalled message (0: as sent or edited).
+pub(crate) const STATE_RECALLED: i64 = 1;
+/// `messages.state` of a deleted message.
+pub(crate) const STATE_DELETED: i64 = 2;
 
 /// SQLite: `sql`, a query answering [`MESSAGE_COLUMNS`], wrapped to answer all its rows as
 /// one JSON row named `rows` (SQLite hands rows over one by one, each a thread wake-up).
 pub(crate) fn entries_as_json(sql: &str) -> String {
     format!(
         "SELECT json_group_array(json_array(conversation_id, msg_id, sender, msg_type, content, client_msg_id, \
-         send_time, part, log_offset)) AS rows FROM ({sql})"
+         send_time, part, log_offset, edited_at, state)) AS rows FROM ({sql})"
     )
 }
 
 /// The entries of an [`entries_as_json`] row, in (partition, offset) order.
 pub(crate) fn entries_from_json(rows: &str) -> Result<Vec<LogEntry>> {
-    type Row = (String, i64, String, i64, String, Option<String>, i64, i64, i64);
+    type Row = (String, i64, String, i64, String, Option<String>, i64, i64, i64, Option<i64>, i64);
     let rows: Vec<Row> = from_json(rows)?;
     let mut entries = rows
         .into_iter()
-        .map(|(conversation_id, msg_id, from, msg_type, content, client_msg_id, send_time, part, offset)| {
-            Ok(LogEntry {
-                part: u16::try_from(part).map_err(|_| StoreError::Corrupt("partition out of range".into()))?,
-                offset: api_int(offset),
-                message: Message {
-                    conversation_id,
-                    msg_id: api_int(msg_id),
-                    from,
-                    msg_type: i32::try_from(msg_type)
-                        .map_err(|_| StoreError::Corrupt("msg_type out of range".into()))?,
-                    content,
-                    client_msg_id,
-                    send_time,
-                },
-            })
-        })
+        .map(
+            |(
+                conversation_id,
+                msg_id,
+                from,
+                msg_type,
+                content,
+                client_msg_id,
+                send_time,
+                part,
+                offset,
+                edited_at,
+                state,
+            )| {
+                Ok(LogEntry {
+                    part: u16::try_from(part).map_err(|_| StoreError::Corrupt("partition out of range".into()))?,
+                    offset: api_int(offset),
+                    message: Message {
+                        conversation_id,
+                        msg_id: api_int(msg_id),
+                        from,
+                        msg_type: i32::try_from(msg_type)
+                            .map_err(|_| StoreError::Corrupt("msg_type out of range".into()))?,
+                        content,
+                        client_msg_id,
+                        send_time,
+                        edited_at,
+                        recalled: state == STATE_RECALLED,
+                        deleted: state == STATE_DELETED,
+                    },
+                })
+            },
+        )
         .collect::<Result<Vec<_>>>()?;
     entries.sort_by_key(|e| (e.part, e.offset));
     Ok(entries)
@@ -141,6 +163,9 @@ pub(crate) fn message(row: &AnyRow) -> Result<Message> {
         content: row.try_get("content")?,
         client_msg_id: row.try_get("client_msg_id")?,
         send_time: row.try_get("send_time")?,
+        edited_at: row.try_get("edited_at")?,
+        recalled: row.try_get::<i64, _>("state")? == STATE_RECALLED,
+        deleted: row.try_get::<i64, _>("state")? == STATE_DELETED,
     })
 }
 

@@ -13,7 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use crate::{Result, StoreError, any_pool_options};
 
 /// Settings of every connection.
-const CONNECTION_PRAGMAS: [&str; 6] = [
+const CONNECTION_PRAGMAS: [&str; 7] = [
     "PRAGMA synchronous = FULL",
     "PRAGMA busy_timeout = 10000",
     "PRAGMA foreign_keys = ON",
@@ -25,6 +25,9 @@ const CONNECTION_PRAGMAS: [&str; 6] = [
     // under load a commit adds dozens of pages, and at 1,000 the writer ran a checkpoint
     // several times a second on the send path.
     "PRAGMA wal_autocheckpoint = 10000",
+    // A recalled or deleted message's content is overwritten in the file, not left in free
+    // space.
+    "PRAGMA secure_delete = ON",
 ];
 
 /// The connection that stores send batches, called directly on the thread that runs the
@@ -68,8 +71,7 @@ pub(crate) async fn open(path: &Path, max_connections: u32) -> Result<AnyPool> {
 /// How often the WAL is copied into the database file in the background. Hot pages (the
 /// partitions' heads, the newest leaves of the message indexes) are rewritten by every
 /// commit; copying once a second writes each of them to the database file once a second,
-/// where every 100 ms wrote them ten times (with the writer's own checkpoints rarer too, the
-/// disk writes of a send run fell by about a quarter).
+/// where every 100 ms wrote them ten times (docs/benchmarks.md has the disk writes saved).
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Copies the WAL into the database file every [`CHECKPOINT_EVERY`] on a connection of

@@ -4,9 +4,12 @@
 use std::collections::HashSet;
 
 use quickim_shared::error::ErrorCode;
+use quickim_shared::protocol::api::ConversationSummary;
+use quickim_shared::protocol::api::MetaRole;
 use quickim_shared::protocol::service::{HistoryQuery, Origin};
 use quickim_shared::protocol::system;
-use quickim_store::{NewConversation, SendItem, Store};
+use quickim_shared::protocol::system::Action;
+use quickim_store::{NewConversation, Revision, SendItem, Store, UnreadRule};
 use quickim_testkit::PgDatabase;
 
 struct Db {
@@ -74,6 +77,9 @@ both!(
     concurrent_retries_store_once,
     keys_lost_to_a_concurrent_batch_leave_the_others_usable,
     retention_horizon_forces_resync,
+    unread_counts_what_others_send,
+    listed_system_types_count_as_unread,
+    revisions_rewrite_in_place_and_recall_erases,
 );
 
 fn conv(id: &str, members: &[&str], owner: Option<&str>) -> NewConversation {
@@ -83,6 +89,10 @@ fn conv(id: &str, members: &[&str], owner: Option<&str>) -> NewConversation {
         joinable: false,
         members: members.iter().map(|s| s.to_string()).collect(),
         owner: owner.map(str::to_string),
+        title: None,
+        avatar: None,
+        ext: None,
+        meta_role: MetaRole::None,
     }
 }
 
@@ -94,6 +104,7 @@ fn item(c: &str, from: &str, content: &str, key: Option<&str>) -> SendItem {
         msg_type: 1,
         content: content.to_string(),
         client_msg_id: key.map(str::to_string),
+        count_unread: true,
     }
 }
 
@@ -344,9 +355,9 @@ async fn unread_and_joined_list(db: &Db) {
     assert_eq!(ids.len(), 5);
     let c4 = all.iter().find(|c| c.conversation_id == "c4").unwrap();
     assert_eq!((c4.last_msg_id, c4.read_msg_id, c4.unread), (5, 1, 4));
-    assert_eq!(s.mark_read("c4", "a", 3).await.unwrap(), 3);
-    assert_eq!(s.mark_read("c4", "a", 2).await.unwrap(), 3, "never moves back");
-    assert_eq!(s.mark_read("c4", "a", 999).await.unwrap(), 5, "clamped to the newest");
+    assert_eq!(s.mark_read("c4", "a", 3).await.unwrap(), (3, 2));
+    assert_eq!(s.mark_read("c4", "a", 2).await.unwrap(), (3, 2), "never moves back");
+    assert_eq!(s.mark_read("c4", "a", 999).await.unwrap(), (5, 0), "clamped to the newest");
     let archived = s.list_joined("a", Some(true), 10, None, 1 << 20).await.unwrap();
     assert_eq!(archived.conversations.len(), 1);
     assert!(archived.conversations[0].archived);
@@ -688,4 +699,105 @@ async fn retention_horizon_forces_resync(db: &Db) {
     assert!(!page.expired);
     assert_eq!(page.entries.len(), 2);
     assert!(s.horizon(1).await.unwrap().is_some());
+}
+
+async fn summary(s: &Store, user: &str, conversation: &str) -> ConversationSummary {
+    let list = s.list_joined(user, None, 100, None, 1 << 20).await.unwrap();
+    list.conversations.into_iter().find(|c| c.conversation_id == conversation).unwrap()
+}
+
+async fn read_and_unread(s: &Store, user: &str, conversation: &str) -> (u64, u64) {
+    let c = summary(s, user, conversation).await;
+    (c.read_msg_id, c.unread)
+}
+
+async fn unread_counts_what_others_send(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("u", &["a", "b"], None)).await.unwrap(); // 1
+    send(s, "u", "a", "x").await; // 2
+    send(s, "u", "a", "y").await; // 3
+    for _ in 0..3 {
+        send(s, "u", "b", "z").await; // 4, 5, 6
+    }
+    let mut notice = item("u", "", "a quiet notice", None);
+    (notice.origin, notice.count_unread) = (Origin::Inner, false);
+    s.send_batch(&[notice]).await.unwrap().0.remove(0).unwrap(); // 7
+    s.join("u", &users(&["c"]), false, 1000).await.unwrap(); // 8, a system message
+    assert_eq!(read_and_unread(s, "a", "u").await, (3, 3), "a's own sends moved its read position");
+    assert_eq!(read_and_unread(s, "b", "u").await, (6, 0));
+    assert_eq!(read_and_unread(s, "c", "u").await, (8, 0), "a new member starts at its join");
+    let nine = send(s, "u", "a", "last").await;
+    assert_eq!(read_and_unread(s, "a", "u").await, (9, 0));
+    assert_eq!(read_and_unread(s, "b", "u").await, (6, 1));
+    assert_eq!(read_and_unread(s, "c", "u").await, (8, 1));
+    let listed = summary(s, "c", "u").await;
+    assert_eq!(listed.last_msg.map(|m| (m.msg_id, m.content)), Some((nine, "last".to_string())));
+    assert_eq!(s.mark_read("u", "b", 9).await.unwrap(), (9, 0));
+}
+
+async fn listed_system_types_count_as_unread(db: &Db) {
+    let s = &db.store;
+    s.set_unread_rule(UnreadRule::new(vec![system::JOINED]));
+    s.create_conversation(conv("u", &["a"], None)).await.unwrap(); // 1
+    send(s, "u", "a", "x").await; // 2
+    s.join("u", &users(&["b"]), false, 1000).await.unwrap(); // 3, counted
+    assert_eq!(read_and_unread(s, "a", "u").await, (2, 1), "the join counts for those already in");
+    assert_eq!(read_and_unread(s, "b", "u").await, (3, 0), "not for the one who joined");
+}
+
+async fn revisions_rewrite_in_place_and_recall_erases(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("r", &["a", "b"], None)).await.unwrap(); // 1
+    let m = send(s, "r", "a", "secret one").await; // 2
+    let rev = |action: Action, content: Option<&str>, by: &str| Revision {
+        origin: if by.is_empty() { Origin::Inner } else { Origin::Client },
+        by: by.to_string(),
+        conversation_id: "r".into(),
+        msg_id: m,
+        action,
+        content: content.map(str::to_string),
+        window_ms: 0,
+    };
+    let (edited, entries) = s.revise(rev(Action::Edit, Some("secret two"), "a")).await.unwrap();
+    assert_eq!((edited.msg_id, edited.content.as_str()), (m, "secret two"));
+    assert!(edited.edited_at.is_some());
+    assert_eq!(entries.len(), 1);
+    assert_eq!((entries[0].message.msg_id, entries[0].message.msg_type), (m + 1, system::REVISED));
+    let part = entries[0].part;
+    let err = s.revise(rev(Action::Edit, Some("not mine"), "b")).await.unwrap_err();
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::NotSender);
+    let (_, entries) = s.revise(rev(Action::Edit, Some("secret three"), "")).await.unwrap();
+    assert_eq!(entries[0].message.msg_id, m + 2, "the business system may edit anyone's");
+    let versions = s.versions("r", Some("b"), m, None, 1 << 20).await.unwrap().versions;
+    let contents: Vec<_> = versions.iter().map(|v| v.content.as_str()).collect();
+    assert_eq!(contents, vec!["secret one", "secret two", "secret three"]);
+    assert_eq!(read_and_unread(s, "b", "r").await, (1, 1), "revisions do not count as unread");
+
+    let (recalled, entries) = s.revise(rev(Action::Recall, None, "a")).await.unwrap();
+    assert!(recalled.recalled && recalled.content.is_empty(), "{recalled:?}");
+    assert_eq!(entries[0].message.msg_id, m + 3);
+    let (again, entries) = s.revise(rev(Action::Recall, None, "a")).await.unwrap();
+    assert_eq!((again, entries.len()), (recalled.clone(), 0), "a repeated recall changes nothing");
+    let err = s.revise(rev(Action::Edit, Some("back"), "")).await.unwrap_err();
+    assert_eq!(quickim_shared::error::ServiceError::from(err).code, ErrorCode::MessageGone);
+
+    // Gone from every read: history, the log (gap fill, replay), versions.
+    let history = s.history("r", "b", HistoryQuery::Range { start: 1, end: 100 }, false, 100, 1 << 20).await.unwrap();
+    let log = s.read_log(part, 0, 1_000_000, 100, 1 << 20).await.unwrap();
+    let text = format!("{history:?} {log:?}");
+    assert!(!text.contains("secret"), "recalled content is still stored: {text}");
+    assert_eq!(history.iter().map(|m| m.msg_id).collect::<Vec<_>>(), (1..=5).collect::<Vec<_>>(), "gap-free");
+    assert!(s.versions("r", Some("b"), m, None, 1 << 20).await.unwrap().versions.is_empty());
+    let listed = summary(s, "b", "r").await;
+    assert_eq!(
+        listed.last_msg.map(|m| (m.msg_id, m.recalled)),
+        Some((m, true)),
+        "a revision is never the last message"
+    );
+
+    // Delete: a tombstone, for the sender at any time.
+    let d = send(s, "r", "b", "bye").await;
+    let (deleted, _) =
+        s.revise(Revision { msg_id: d, by: "b".into(), ..rev(Action::Delete, None, "b") }).await.unwrap();
+    assert!(deleted.deleted && deleted.content.is_empty(), "{deleted:?}");
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// A stored message, as every read route and every `message` event carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Message {
     /// The conversation the message belongs to.
     #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
@@ -27,6 +27,79 @@ pub struct Message {
     pub client_msg_id: Option<String>,
     /// Milliseconds since the epoch, server clock, at commit.
     pub send_time: i64,
+    /// When the content was last edited (ms), if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<i64>,
+    /// Recalled by its sender (or the business system): the content is gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recalled: bool,
+    /// Deleted: the content is gone; clients hide the message (its msg_id stays).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+/// Body of `/edit_msg` and `/inner/edit_msg`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditMsgRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// The message to edit.
+    #[schema(minimum = 1)]
+    pub msg_id: u64,
+    /// The new content (same limits as a send).
+    pub content: String,
+}
+
+/// Body of `/recall_msg` and `/delete_msg` (and their /inner twins).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MsgRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// The message.
+    #[schema(minimum = 1)]
+    pub msg_id: u64,
+}
+
+/// One version of an edited message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MsgVersion {
+    /// 0 for the content as sent, then 1, 2, … per edit.
+    pub version: u32,
+    /// The content of this version.
+    pub content: String,
+    /// When this version was made (ms): the send time for version 0, else the edit's.
+    pub at: i64,
+}
+
+/// Body of `/get_msg_versions` and `/inner/get_msg_versions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VersionsRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// The message.
+    #[schema(minimum = 1)]
+    pub msg_id: u64,
+    /// `next_after_version` of the previous page.
+    #[serde(default)]
+    pub after_version: Option<u32>,
+}
+
+/// `data` of `/get_msg_versions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VersionsAnswer {
+    /// Oldest first; the newest is the current content. A message never edited has one
+    /// version; a recalled or deleted one none. At most 1000, and as many as fit in one bus
+    /// message.
+    pub versions: Vec<MsgVersion>,
+    /// More follow: pass it as `after_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after_version: Option<u32>,
 }
 
 // ---------------------------------------------------------------- public routes
@@ -115,6 +188,77 @@ pub struct CreateConversationRequest {
     /// Other members; only accepted where `client_create_members` is enabled.
     #[serde(default)]
     pub members: Vec<String>,
+    /// Title (at most `title_max_bytes`).
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Avatar (at most `avatar_max_bytes`).
+    #[serde(default)]
+    pub avatar: Option<String>,
+    /// Free JSON object (at most `ext_max_bytes` as JSON).
+    #[serde(default)]
+    pub ext: Option<serde_json::Value>,
+}
+
+/// Body of `/update_conversation` (and, with `meta_role`, `/inner/update_conversation`):
+/// the fields given change, the others stay; `""` (or `{}` for ext) clears one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateConversationRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// New title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// New avatar.
+    #[serde(default)]
+    pub avatar: Option<String>,
+    /// New ext (a JSON object).
+    #[serde(default)]
+    pub ext: Option<serde_json::Value>,
+    /// /inner only: who may change the metadata besides the business system.
+    #[serde(default)]
+    pub meta_role: Option<MetaRole>,
+}
+
+/// `data` of `/update_conversation`: the metadata after the call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ConversationMeta {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// Title, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Avatar, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<String>,
+    /// ext, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ext: Option<serde_json::Value>,
+    /// Who may change the metadata besides the business system.
+    pub meta_role: MetaRole,
+    /// msg_id of the system message that recorded the change (absent when nothing changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<u64>,
+}
+
+/// Body of `/set_conversation_mute`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MuteRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// Muted or not.
+    pub muted: bool,
+}
+
+/// `data` of `/set_conversation_mute`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MuteAnswer {
+    /// The state after the call.
+    pub muted: bool,
 }
 
 /// Body of `/mark_read`.
@@ -172,7 +316,7 @@ pub struct LeftAnswer {
     pub left: bool,
 }
 
-/// One line of the caller's conversation list.
+/// One line of the caller's conversation list: everything a conversation list renders.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ConversationSummary {
     /// The conversation.
@@ -180,13 +324,29 @@ pub struct ConversationSummary {
     pub conversation_id: String,
     /// Opaque small integer chosen at creation.
     pub conversation_type: i32,
-    /// Newest msg_id (0 if none).
+    /// Title, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Avatar (a URL or an id of the business's choosing), if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<String>,
+    /// Free JSON object of the business's choosing, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ext: Option<serde_json::Value>,
+    /// The member's role.
+    pub role: Role,
+    /// Newest msg_id (0 if none), revisions included.
     pub last_msg_id: u64,
-    /// What the caller has read.
+    /// The newest message other than a revision, in its latest state (edited, recalled,
+    /// deleted); null when there is none (or it was removed by retention).
+    pub last_msg: Option<Message>,
+    /// What the member has read.
     pub read_msg_id: u64,
-    /// `last_msg_id - read_msg_id`, exact.
+    /// Messages after `read_msg_id` that count as unread (docs/api.md, "Unread"), exact.
     pub unread: u64,
-    /// send_time of the newest message (ms), or creation time.
+    /// The member muted the conversation: unread still counts, badges may leave it out.
+    pub muted: bool,
+    /// Time of the last activity (ms): the newest message other than a revision, or creation.
     pub last_send_time: i64,
     /// Whether the conversation is archived.
     pub archived: bool,
@@ -208,7 +368,7 @@ pub struct MemberInfo {
     /// The member.
     #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub user_id: String,
-    /// `owner` or `member`.
+    /// `owner`, `admin` or `member`.
     pub role: Role,
     /// msg_id of the system message that recorded the (latest) join.
     pub joined_msg_id: u64,
@@ -216,14 +376,16 @@ pub struct MemberInfo {
     pub read_msg_id: u64,
 }
 
-/// A member's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// A member's role, lowest first (so roles compare by rank).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// Created the conversation (or was named owner by the business system).
-    Owner,
     /// Any other member.
     Member,
+    /// Named by the business system (or a former owner).
+    Admin,
+    /// Created the conversation (or was named owner by the business system); at most one.
+    Owner,
 }
 
 impl Role {
@@ -231,7 +393,63 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Owner => "owner",
+            Role::Admin => "admin",
             Role::Member => "member",
+        }
+    }
+
+    /// The stored form read back (anything unknown is a plain member).
+    pub fn parse(s: &str) -> Role {
+        match s {
+            "owner" => Role::Owner,
+            "admin" => Role::Admin,
+            _ => Role::Member,
+        }
+    }
+}
+
+/// Who may change a conversation's title, avatar and ext besides the business system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MetaRole {
+    /// Only the business system (/inner): the default.
+    None,
+    /// Members with this role or a higher one.
+    Member,
+    /// Admins and the owner.
+    Admin,
+    /// The owner.
+    Owner,
+}
+
+impl MetaRole {
+    /// The stored form (`None` is stored as NULL).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetaRole::None => "none",
+            MetaRole::Member => "member",
+            MetaRole::Admin => "admin",
+            MetaRole::Owner => "owner",
+        }
+    }
+
+    /// The stored form read back.
+    pub fn parse(s: Option<&str>) -> MetaRole {
+        match s {
+            Some("member") => MetaRole::Member,
+            Some("admin") => MetaRole::Admin,
+            Some("owner") => MetaRole::Owner,
+            _ => MetaRole::None,
+        }
+    }
+
+    /// The lowest role allowed, if members may change the metadata at all.
+    pub fn lowest(self) -> Option<Role> {
+        match self {
+            MetaRole::None => None,
+            MetaRole::Member => Some(Role::Member),
+            MetaRole::Admin => Some(Role::Admin),
+            MetaRole::Owner => Some(Role::Owner),
         }
     }
 }
@@ -248,6 +466,17 @@ pub struct ConversationDetail {
     pub joinable: bool,
     /// Whether the conversation is archived.
     pub archived: bool,
+    /// Title, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Avatar, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<String>,
+    /// Free JSON object, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ext: Option<serde_json::Value>,
+    /// Who may change title, avatar and ext besides the business system.
+    pub meta_role: MetaRole,
     /// Creation time (ms).
     pub created_at: i64,
     /// Newest msg_id.
@@ -285,6 +514,8 @@ pub struct MsgIdAnswer {
 pub struct ReadAnswer {
     /// The caller's read position after the call.
     pub read_msg_id: u64,
+    /// What still counts as unread after it.
+    pub unread: u64,
 }
 
 /// `data` of the history routes.
@@ -362,6 +593,96 @@ pub struct InnerCreateConversationRequest {
     #[serde(default)]
     #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     pub owner: Option<String>,
+    /// Title (at most `title_max_bytes`).
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Avatar (at most `avatar_max_bytes`).
+    #[serde(default)]
+    pub avatar: Option<String>,
+    /// Free JSON object (at most `ext_max_bytes` as JSON).
+    #[serde(default)]
+    pub ext: Option<serde_json::Value>,
+    /// Who may change the metadata besides the business system (default `none`).
+    #[serde(default)]
+    pub meta_role: Option<MetaRole>,
+}
+
+/// Body of `/inner/set_member_role`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetMemberRoleRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// An active member.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub user_id: String,
+    /// The new role; a new owner makes the former owner an admin.
+    pub role: Role,
+}
+
+/// `data` of `/inner/set_member_role`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RoleAnswer {
+    /// Every role that changed (empty when the member had that role already).
+    pub changed: Vec<MemberRole>,
+}
+
+/// A member's role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemberRole {
+    /// The member.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub user_id: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// Body of `/inner/get_user_conversations`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserConversationsRequest {
+    /// Whose conversations.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub user_id: String,
+    /// Only archived (true) or only active (false) conversations; both when absent.
+    #[serde(default)]
+    pub archived: Option<bool>,
+    /// Page size, 1–100 (default 50).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// Body of `/inner/get_conversation_members`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationMembersRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// Members per page, 1–1000 (default 500); fewer when they would not fit in one bus message.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// `data` of `/inner/get_conversation_members`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MembersPage {
+    /// Active members.
+    pub member_count: u64,
+    /// One page, by join order (`joined_msg_id`, then `user_id`).
+    pub members: Vec<MemberInfo>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// Body of `/inner/join_conversation` and `/inner/kickout_conversation`.
@@ -426,6 +747,13 @@ pub struct InnerSendMsgRequest {
     #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
     #[serde(default)]
     pub client_msg_id: Option<String>,
+    /// false: the message never counts as unread (a business notice). Default true.
+    #[serde(default = "yes")]
+    pub count_unread: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Body of `/inner/send_msg_batch`.
@@ -537,14 +865,20 @@ mod tests {
             from: "alice".into(),
             msg_type: 1,
             content: "hi".into(),
-            client_msg_id: None,
             send_time: 1_700_000_000_000,
+            ..Message::default()
         };
         let v = serde_json::to_value(&m).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"conversation_id":"c1","msg_id":7,"from":"alice","type":1,
                 "content":"hi","send_time":1_700_000_000_000i64})
+        );
+        let revised = Message { edited_at: Some(5), recalled: true, deleted: true, ..m };
+        let v = serde_json::to_value(&revised).unwrap();
+        assert_eq!(
+            (v["edited_at"].as_i64(), v["recalled"].as_bool(), v["deleted"].as_bool()),
+            (Some(5), Some(true), Some(true))
         );
     }
 

@@ -8,11 +8,14 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::api::{
-    ArchiveAnswer, ConversationDetail, CreatedConversation, JoinedConversations, JoinedUsers, KickedUsers, LeftAnswer,
-    Message, ReadAnswer,
+    ArchiveAnswer, ConversationDetail, ConversationMeta, CreatedConversation, JoinedConversations, JoinedUsers,
+    KickedUsers, LeftAnswer, MembersPage, Message, MetaRole, MuteAnswer, ReadAnswer, Role, RoleAnswer,
+    UpdateConversationRequest, VersionsAnswer,
 };
 use super::event::LogEntry;
+use super::system::Action;
 use crate::error::ServiceError;
+use crate::position::Position;
 
 /// A request with a fixed subject and reply type.
 pub trait Call: Serialize + DeserializeOwned + Send + 'static {
@@ -58,8 +61,68 @@ pub struct CreateConversation {
     pub members: Vec<String>,
     /// Owner, if any.
     pub owner: Option<String>,
+    /// Title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Avatar.
+    #[serde(default)]
+    pub avatar: Option<String>,
+    /// Free JSON object.
+    #[serde(default)]
+    pub ext: Option<serde_json::Value>,
+    /// Who may change the metadata besides the business system.
+    #[serde(default)]
+    pub meta_role: Option<MetaRole>,
 }
 call!(CreateConversation, "quickim.conv.create", CreatedConversation);
+
+/// Change a conversation's title, avatar, ext (and, from /inner, `meta_role`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpdateConversation {
+    /// The member asking (its role is checked against the conversation's `meta_role`), or
+    /// None for the business system.
+    pub by: Option<String>,
+    /// What to change.
+    pub changes: UpdateConversationRequest,
+}
+call!(UpdateConversation, "quickim.conv.update", ConversationMeta);
+
+/// Set a member's role (inner).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetMemberRole {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The member.
+    pub user_id: String,
+    /// The new role.
+    pub role: Role,
+}
+call!(SetMemberRole, "quickim.conv.set_role", RoleAnswer);
+
+/// Mute or unmute a conversation for one member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetMute {
+    /// The member.
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+    /// New state.
+    pub muted: bool,
+}
+call!(SetMute, "quickim.conv.set_mute", MuteAnswer);
+
+/// One page of a conversation's members (inner: no membership check).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListMembers {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Members per page (already checked by the gateway).
+    pub limit: u32,
+    /// Opaque cursor.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+call!(ListMembers, "quickim.conv.members", MembersPage);
 
 /// Is `user_id` an active member of the conversation?
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -240,7 +303,7 @@ call!(GetMemberships, "quickim.conv.memberships", Memberships);
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Memberships {
     /// Log heads (one offset per partition) at the snapshot.
-    pub heads: Vec<u64>,
+    pub heads: Position,
     /// Active memberships, in conversation_id order.
     pub conversations: Vec<MembershipRow>,
     /// More follow: ask again after the last conversation.
@@ -284,8 +347,54 @@ pub struct SendMessage {
     pub content: String,
     /// Idempotency key, scoped to `from`.
     pub client_msg_id: Option<String>,
+    /// false: never counts as unread (a business notice; /inner only).
+    #[serde(default = "counts_by_default", skip_serializing_if = "is_true")]
+    pub count_unread: bool,
 }
 call!(SendMessage, "quickim.msg.send", Message);
+
+fn counts_by_default() -> bool {
+    true
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
+/// Edit, recall or delete a message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReviseMessage {
+    /// Client (only its own messages, within the configured windows) or inner (any
+    /// message).
+    pub origin: Origin,
+    /// The caller (a client's user id; "" for the business system).
+    pub by: String,
+    /// The conversation.
+    pub conversation_id: String,
+    /// The message.
+    pub msg_id: u64,
+    /// What to do.
+    pub action: Action,
+    /// The new content (edit only).
+    #[serde(default)]
+    pub content: Option<String>,
+}
+call!(ReviseMessage, "quickim.msg.revise", Message);
+
+/// The versions of a message (a client must be an active member).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetVersions {
+    /// The caller, or None for the business system.
+    pub user_id: Option<String>,
+    /// The conversation.
+    pub conversation_id: String,
+    /// The message.
+    pub msg_id: u64,
+    /// Versions after this one (paging).
+    #[serde(default)]
+    pub after_version: Option<u32>,
+}
+call!(GetVersions, "quickim.msg.versions", VersionsAnswer);
 
 /// Store several messages, each with its own result, in order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -380,7 +489,7 @@ pub struct LogHeads {
     /// The database's epoch (a random number fixed at creation, carried in cursors).
     pub epoch: u32,
     /// Newest offset of each partition (index = partition).
-    pub heads: Vec<u64>,
+    pub heads: Position,
 }
 
 /// Entries of one partition with `after < offset <= upto` (gap fill), in offset order, at
@@ -405,9 +514,9 @@ pub struct Replay {
     /// The user.
     pub user_id: String,
     /// Exclusive lower bounds, one per partition (the client's cursor).
-    pub after: Vec<u64>,
+    pub after: Position,
     /// Inclusive upper bounds, one per partition.
-    pub upto: Vec<u64>,
+    pub upto: Position,
     /// Most entries in this page.
     pub limit: u32,
 }

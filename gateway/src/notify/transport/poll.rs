@@ -12,29 +12,30 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, Bytes, BytesMut};
-
+use bytes::Bytes;
 use quickim_shared::error::ErrorCode;
 
-use crate::http::error::ApiError;
-use crate::notify::hub::Encoded;
+use crate::error::ApiError;
+use crate::notify::event::{self, Encoded};
+use crate::notify::parked::Parked;
 use crate::notify::session::{Session, Step};
 
-/// Answers one poll. `in_body`: wait inside the response's body (for the listener's lean
-/// path, see `http::server::Lean`), else here (hyper frames a later body in chunks). What
-/// the client missed is read first, before the status is chosen: a replay that fails before
-/// a single event is answered 503, so the client backs off and polls again from its cursor.
-pub async fn respond(mut session: Session, timeout: Duration, page: u32, in_body: bool) -> Response {
-    let max = page.max(1) as usize;
-    let Ok((events, closed)) = replayed(&mut session, page, max).await else {
+/// Answers one poll; the session is parked for the next poll after. `in_body`: wait
+/// inside the response's body (for the listener's lean path, see `listener::Lean`), else
+/// here (hyper frames a later body in chunks). What the client missed is read first, before
+/// the status is chosen: a replay that fails before a single event is answered 503, so the
+/// client backs off and polls again from its cursor.
+pub async fn respond(mut session: Session, timeout: Duration, max: usize, in_body: bool, parked: Parked) -> Response {
+    let max = max.max(1);
+    let Ok((events, closed)) = replayed(&mut session, max).await else {
         return ApiError::new(ErrorCode::Unavailable, "cannot read what you missed now, try again").into_response();
     };
     let body = if in_body {
         Body::from_stream(futures::stream::once(async move {
-            Ok::<Bytes, std::convert::Infallible>(answer(session, events, closed, timeout, max).await)
+            Ok::<Bytes, std::convert::Infallible>(answer(session, events, closed, timeout, max, parked).await)
         }))
     } else {
-        Body::from(answer(session, events, closed, timeout, max).await)
+        Body::from(answer(session, events, closed, timeout, max, parked).await)
     };
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
@@ -42,13 +43,12 @@ pub async fn respond(mut session: Session, timeout: Duration, page: u32, in_body
 /// The events the session has ready and what the replay reads from the store, up to `max`;
 /// whether the replay stopped short (the store failed after some events). `Err`: it failed
 /// before the first one.
-async fn replayed(session: &mut Session, page: u32, max: usize) -> Result<(Vec<Arc<Encoded>>, bool), ()> {
+async fn replayed(session: &mut Session, max: usize) -> Result<(Vec<Arc<Encoded>>, bool), ()> {
     let mut events: Vec<Arc<Encoded>> = Vec::new();
-    let resumed = session.resumed();
     loop {
-        while let Some(e) = session.pop() {
+        while let Some(e) = session.try_next() {
             // A resumed poll knows where it is: no `ready` in its answers.
-            if !(resumed && e.kind == "ready") {
+            if !session.is_resumed_ready(&e) {
                 events.push(e);
             }
             if events.len() >= max {
@@ -58,7 +58,7 @@ async fn replayed(session: &mut Session, page: u32, max: usize) -> Result<(Vec<A
         if !session.replaying() {
             return Ok((events, false));
         }
-        if Box::pin(session.fill(page)).await.is_err() {
+        if session.fill().await.is_err() {
             return if events.is_empty() { Err(()) } else { Ok((events, true)) };
         }
     }
@@ -72,16 +72,16 @@ async fn answer(
     mut closed: bool,
     timeout: Duration,
     max: usize,
+    parked: Parked,
 ) -> Bytes {
-    let resumed = session.resumed();
     // Live events only once the replay is complete: a live event's cursor is past whatever
     // the replay has not read yet.
-    let live = resumed && !closed && !session.replaying();
+    let live = session.resumed() && !closed && !session.replaying();
     if live && events.is_empty() {
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         tokio::select! {
-            step = session.live() => match step {
+            step = session.next() => match step {
                 Step::Event(e) => events.push(e),
                 Step::Close(reason) => {
                     closed = true;
@@ -93,7 +93,7 @@ async fn answer(
     }
     if live && !closed {
         while events.len() < max {
-            match session.try_live() {
+            match session.try_next() {
                 Some(e) => events.push(e),
                 None => break,
             }
@@ -102,20 +102,12 @@ async fn answer(
             session.refresh();
         }
     }
-    let cursor = session.cursor().clone();
-    let mut body = BytesMut::with_capacity(64 + events.iter().map(|e| e.json.len() + 1).sum::<usize>());
-    body.put_slice(br#"{"code":0,"data":{"events":["#);
-    for (i, e) in events.iter().enumerate() {
-        if i > 0 {
-            body.put_u8(b',');
-        }
-        session.written(e, async { body.put_slice(&e.json) }).await;
+    let body = event::poll_body(&events, session.cursor());
+    for e in &events {
+        session.written(e, async {}).await;
     }
-    body.put_slice(br#"],"cursor":"#);
-    body.put_slice(serde_json::to_string(&*cursor).unwrap_or_default().as_bytes());
-    body.put_slice(b"}}");
     if !closed {
-        session.park();
+        parked.park(session);
     }
-    body.freeze()
+    body
 }

@@ -18,18 +18,19 @@ use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use quickim_shared::error::{ErrorCode, ServiceError};
-use quickim_shared::protocol::event::{ClientFrame, Event};
-use quickim_shared::protocol::service::{MarkRead, Origin, SendMessage};
-use tokio::io::{AsyncRead, AsyncWrite};
+use quickim_shared::protocol::event::ClientFrame;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
+use tracing::Instrument;
 
-use crate::http::error::ApiError;
+use crate::actions::{self, NewMessage, Sender};
+use crate::error::ApiError;
+use crate::listener::Conn;
 use crate::notify::disconnect::Disconnect;
-use crate::notify::hub::Encoded;
+use crate::notify::event::{self, Encoded, Transport};
 use crate::notify::session::{Session, Step};
 use crate::notify::transport::coalesce::{BURST, BURST_BYTES, Coalesce};
 use crate::ratelimit::Bucket;
@@ -83,11 +84,8 @@ pub fn config(state: &AppState) -> WebSocketConfig {
 }
 
 /// Runs the connection on `io` after the handshake; `ahead`: bytes the client sent after
-/// its request head.
-pub async fn serve<S>(io: S, ahead: Vec<u8>, session: Session, state: AppState)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+/// its request head. (`state`: for the client's `send` and `mark_read` frames.)
+pub async fn serve(io: Conn, ahead: Vec<u8>, session: Session, state: AppState) {
     let config = Some(config(&state));
     let io = Coalesce::new(io);
     let socket = if ahead.is_empty() {
@@ -164,41 +162,22 @@ impl Limits {
     }
 }
 
-type Socket<S> = WebSocketStream<Coalesce<S>>;
+type Socket = WebSocketStream<Coalesce<Conn>>;
 
-async fn run<S>(mut socket: Socket<S>, mut session: Session, state: AppState)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+async fn run(mut socket: Socket, mut session: Session, state: AppState) {
     let ping_every = Duration::from_secs(state.config.ws_ping_s);
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let page = state.config.replay_page;
     let mut limits = Limits::new(state.config.ws_frames_per_s);
     // Created at the first request: most connections never send one.
     let mut requests: Option<FuturesUnordered<Answer>> = None;
     let mut seen = Instant::now();
     let close = loop {
-        // Ready and replay first (not cancel-safe: no select around them).
-        if let Some(e) = session.pop() {
-            if write_burst(&mut socket, &mut session, e, Session::pop).await.is_err() {
-                break None;
-            }
-            continue;
-        }
-        if session.replaying() {
-            // Boxed: the replay's future is large and rare; inline it would make every idle
-            // connection's task as large.
-            if let Err(d) = Box::pin(session.fill(page)).await {
-                break Some(d);
-            }
-            continue;
-        }
         let pending = requests.as_ref().map_or(0, FuturesUnordered::len);
         tokio::select! {
-            step = session.live() => match step {
+            step = session.next() => match step {
                 Step::Event(e) => {
-                    if write_burst(&mut socket, &mut session, e, Session::try_live).await.is_err() {
+                    if write_burst(&mut socket, &mut session, e).await.is_err() {
                         break None;
                     }
                 }
@@ -253,7 +232,8 @@ where
     drop(session);
     let Some(d) = close else { return };
     let frame = CloseFrame { code: CloseCode::from(d.ws_code()), reason: Utf8Bytes::from_static(d.reason()) };
-    metrics::counter!("quickim_notify_closed_total", "protocol" => "ws", "reason" => d.reason()).increment(1);
+    metrics::counter!("quickim_notify_closed_total", "protocol" => Transport::Ws.name(), "reason" => d.reason())
+        .increment(1);
     let _ = tokio::time::timeout(CLOSE_WAIT, socket.send(WsMessage::Close(Some(frame)))).await;
     // The closing handshake: read (and discard) until the client answers with its close
     // frame. Closing a socket with unread data makes TCP reset it, and the close frame would
@@ -268,22 +248,18 @@ where
     .await;
 }
 
-/// Writes `first` and the events `next` hands out after it (at most [`BURST`] events or
-/// about [`BURST_BYTES`]) with one system call.
-async fn write_burst<S>(
-    socket: &mut Socket<S>,
+/// Writes `first` and the events ready after it (at most [`BURST`] events or about
+/// [`BURST_BYTES`]) with one system call.
+async fn write_burst(
+    socket: &mut Socket,
     session: &mut Session,
     first: Arc<Encoded>,
-    next: fn(&mut Session) -> Option<Arc<Encoded>>,
-) -> Result<(), tungstenite::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) -> Result<(), tungstenite::Error> {
     socket.get_mut().hold(true);
     let mut written = session.written(&first, socket.feed(text(&first.json))).await;
     let mut count = 1;
     while written.is_ok() && count < BURST && socket.get_ref().held() < BURST_BYTES {
-        let Some(e) = next(session) else { break };
+        let Some(e) = session.try_next() else { break };
         written = session.written(&e, socket.feed(text(&e.json))).await;
         count += 1;
     }
@@ -301,38 +277,46 @@ fn text(json: &Bytes) -> WsMessage {
     WsMessage::Text(Utf8Bytes::try_from(json.clone()).unwrap_or_default())
 }
 
+/// Answers a client frame, as the same request over HTTP would be answered: the same
+/// per-user rate limit, then the same action.
 async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
-    let (req_id, result) = match frame {
-        ClientFrame::Send { req_id, conversation_id, msg_type, content, client_msg_id } => {
-            let deadline = tokio::time::Instant::now() + state.rpc.timeout();
-            let send = SendMessage {
-                origin: Origin::Client,
-                conversation_id,
-                from: user_id.to_string(),
-                msg_type,
-                content,
-                client_msg_id,
-            };
-            let r = state.sends.send(send, deadline).await.map(|m| Event::Ack {
-                req_id: req_id.clone(),
-                message: Some(m),
-                read_msg_id: None,
-            });
-            (req_id, r)
-        }
-        ClientFrame::MarkRead { req_id, conversation_id, msg_id } => {
-            let r = state
-                .rpc
-                .call(&MarkRead { user_id: user_id.to_string(), conversation_id, msg_id })
-                .await
-                .map(|a| Event::Ack { req_id: req_id.clone(), message: None, read_msg_id: Some(a.read_msg_id) });
-            (req_id, r)
-        }
+    let (name, req_id) = match &frame {
+        ClientFrame::Send { req_id, .. } => ("send", req_id.clone()),
+        ClientFrame::MarkRead { req_id, .. } => ("mark_read", req_id.clone()),
     };
-    match result {
-        Ok(event) => serde_json::to_string(&event).unwrap_or_default(),
-        Err(ServiceError { code, message }) => error(Some(req_id), code, &message),
+    let span = tracing::info_span!(
+        "ws.request",
+        otel.name = %format_args!("ws {name}"),
+        otel.kind = "server",
+        enduser.id = %user_id,
+    );
+    async {
+        if let Err(wait) = state.limiter.check(user_id) {
+            return event::error(
+                Some(&req_id),
+                ErrorCode::RateLimited,
+                &format!("too many requests; retry in {wait} s"),
+            );
+        }
+        match frame {
+            ClientFrame::Send { conversation_id, msg_type, content, client_msg_id, .. } => {
+                let deadline = tokio::time::Instant::now() + state.rpc.timeout();
+                let send = NewMessage { conversation_id, msg_type, content, client_msg_id, count_unread: true };
+                match actions::send(state, Sender::Member(user_id), send, deadline).await {
+                    Ok(m) => event::ack_send(&req_id, &m),
+                    Err(ServiceError { code, message }) => event::error(Some(&req_id), code, &message),
+                }
+            }
+            ClientFrame::MarkRead { conversation_id, msg_id, .. } => {
+                match actions::mark_read(state, user_id, conversation_id, msg_id).await {
+                    Ok(a) => event::ack_read(&req_id, a.read_msg_id),
+                    Err(ServiceError { code, message }) => event::error(Some(&req_id), code, &message),
+                }
+            }
+        }
     }
+    .instrument(span)
+    .await
 }
 
 fn req_id_of(body: &str) -> Option<serde_json::Value> {
@@ -340,5 +324,5 @@ fn req_id_of(body: &str) -> Option<serde_json::Value> {
 }
 
 fn error(req_id: Option<serde_json::Value>, code: ErrorCode, message: &str) -> String {
-    serde_json::to_string(&Event::Error { req_id, code: code.number(), error: message.to_string() }).unwrap_or_default()
+    event::error(req_id.as_ref(), code, message)
 }

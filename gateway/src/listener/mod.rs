@@ -1,4 +1,5 @@
-//! The listeners' accept loop.
+//! The listeners: accepting connections and reading them, for both the public and the
+//! /inner router (`crate::http` builds those).
 //!
 //! Every connection is served by hyper, except the ones whose requests are `/notify`
 //! streams: those are parked for minutes or hours, and hyper keeps about 24 KiB of buffers
@@ -8,7 +9,7 @@
 //! authentication, CORS, tracing and metrics are the same), with its response written
 //! straight to the socket — `Content-Length` for long-poll answers, chunked for event
 //! streams, and for a WebSocket handshake the `101` after which the handler's
-//! [`Takeover`] runs the socket — and the connection kept alive for the next poll. Anything
+//! [`Switch`] runs the socket — and the connection kept alive for the next poll. Anything
 //! else hands the connection, with the bytes already read, to hyper. An idle stream then
 //! costs its session and little more.
 
@@ -28,8 +29,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 
-use super::extract::Peer;
-use super::socket::Socket;
+use socket::Socket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -45,9 +45,115 @@ const MAX_AHEAD: usize = 16 * 1024;
 /// Bytes of a later body gathered before its head is written (see `write_response`).
 const READY_BYTES: usize = 256 * 1024;
 
+pub mod socket;
+
+/// The address a request came from (in every request's extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::IpAddr);
+
 /// What runs a connection after a `101 Switching Protocols`: the socket and any bytes the
 /// client sent after its request head.
-pub type TakeoverFn = Box<dyn FnOnce(Socket, Vec<u8>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+type TakeoverFn = Box<dyn FnOnce(Socket, Vec<u8>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A connection handed over after a `101 Switching Protocols`, whichever path served the
+/// request: the listener's own socket, or hyper's upgraded connection.
+pub enum Conn {
+    /// Served on the listener's own path.
+    Socket(Socket),
+    /// Upgraded by hyper.
+    Upgraded(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+/// How a request may switch protocols — the one way a handler gets the connection after
+/// answering `101`, whoever served the request.
+pub struct Switch(SwitchKind);
+
+enum SwitchKind {
+    Lean(Takeover),
+    Hyper(hyper::upgrade::OnUpgrade, TaskTracker),
+}
+
+impl Switch {
+    /// The request's way to switch, if it has one; connections upgraded through hyper run
+    /// in `tracker` (the server does not wait for them itself).
+    pub fn of(parts: &mut axum::http::request::Parts, tracker: &TaskTracker) -> Option<Switch> {
+        if let Some(t) = parts.extensions.remove::<Takeover>() {
+            return Some(Switch(SwitchKind::Lean(t)));
+        }
+        let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+        Some(Switch(SwitchKind::Hyper(upgrade, tracker.clone())))
+    }
+
+    /// Runs `f` on the connection, and the bytes the client sent after its request head,
+    /// once the `101` is written.
+    pub fn run<F>(self, f: impl FnOnce(Conn, Vec<u8>) -> F + Send + 'static)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match self.0 {
+            SwitchKind::Lean(takeover) => {
+                takeover.claim(Box::new(move |socket, ahead| Box::pin(f(Conn::Socket(socket), ahead))))
+            }
+            SwitchKind::Hyper(upgrade, tracker) => {
+                tracker.spawn(async move {
+                    if let Ok(upgraded) = upgrade.await {
+                        f(Conn::Upgraded(hyper_util::rt::TokioIo::new(upgraded)), Vec::new()).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+macro_rules! conn_delegate {
+    ($self:ident, $inner:ident => $e:expr) => {
+        match $self.get_mut() {
+            Conn::Socket($inner) => {
+                let $inner = Pin::new($inner);
+                $e
+            }
+            Conn::Upgraded($inner) => {
+                let $inner = Pin::new($inner);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        conn_delegate!(self, io => io.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        conn_delegate!(self, io => io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        conn_delegate!(self, io => io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Socket(s) => s.is_write_vectored(),
+            Conn::Upgraded(u) => u.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        conn_delegate!(self, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        conn_delegate!(self, io => io.poll_shutdown(cx))
+    }
+}
 
 /// In the extensions of every request served on the lean path: a response body that ends
 /// after the data it has ready when first polled is written with a `Content-Length` (hyper
@@ -56,14 +162,14 @@ pub type TakeoverFn = Box<dyn FnOnce(Socket, Vec<u8>) -> Pin<Box<dyn Future<Outp
 pub struct Lean;
 
 /// In the extensions of a request served on the lean path that may switch protocols: a
-/// handler answering `101` claims the connection here. (Requests served by hyper carry
-/// hyper's `OnUpgrade` instead.)
+/// handler answering `101` claims the connection here, through [`Switch`]. (Requests served
+/// by hyper carry hyper's `OnUpgrade` instead.)
 #[derive(Clone, Default)]
-pub struct Takeover(Arc<Mutex<Option<TakeoverFn>>>);
+struct Takeover(Arc<Mutex<Option<TakeoverFn>>>);
 
 impl Takeover {
     /// Runs `f` on the connection once the `101` answer is written.
-    pub fn claim(&self, f: TakeoverFn) {
+    fn claim(&self, f: TakeoverFn) {
         if let Ok(mut slot) = self.0.lock() {
             *slot = Some(f);
         }

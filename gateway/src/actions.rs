@@ -1,0 +1,86 @@
+//! What a member or the business system does, however it asks — a public HTTP request
+//! (`/send_msg`, `/mark_read`, `/edit_msg`, ...), an /inner one (`/inner/send_msg`,
+//! `/inner/edit_msg`, ...) or a WebSocket frame (`send`, `mark_read`): one function each, so coalescing, deadlines and everything after
+//! apply to all alike. (Rate limits apply per request before: the token extractor for HTTP,
+//! the WebSocket transport for frames, with the same per-user limiter.)
+
+use quickim_shared::error::ServiceError;
+use quickim_shared::protocol::api::{Message, ReadAnswer};
+use quickim_shared::protocol::service::{MarkRead, Origin, ReviseMessage, SendMessage};
+use quickim_shared::protocol::system::Action;
+use tokio::time::Instant;
+
+use crate::state::AppState;
+
+/// Who sends a message.
+#[derive(Clone, Copy)]
+pub enum Sender<'a> {
+    /// A member, by token or WebSocket: membership and archive are checked.
+    Member(&'a str),
+    /// The business system (/inner), in the name of `from`.
+    Inner(&'a str),
+}
+
+/// A message to store.
+pub struct NewMessage {
+    /// Target conversation.
+    pub conversation_id: String,
+    /// Message type (≥ 0).
+    pub msg_type: i32,
+    /// Content.
+    pub content: String,
+    /// Idempotency key.
+    pub client_msg_id: Option<String>,
+    /// false: never counts as unread (/inner only).
+    pub count_unread: bool,
+}
+
+/// Stores a message (through the gateway's coalesced sends) and answers it, by `deadline`.
+pub async fn send(
+    state: &AppState,
+    sender: Sender<'_>,
+    send: NewMessage,
+    deadline: Instant,
+) -> Result<Message, ServiceError> {
+    let (origin, from) = match sender {
+        Sender::Member(user) => (Origin::Client, user),
+        Sender::Inner(from) => (Origin::Inner, from),
+    };
+    let message = SendMessage {
+        origin,
+        conversation_id: send.conversation_id,
+        from: from.to_string(),
+        msg_type: send.msg_type,
+        content: send.content,
+        client_msg_id: send.client_msg_id,
+        count_unread: send.count_unread,
+    };
+    state.sends.send(message, deadline).await
+}
+
+/// Edits, recalls or deletes a message: a member its own (within the configured windows),
+/// the business system any.
+pub async fn revise(
+    state: &AppState,
+    by: Sender<'_>,
+    conversation_id: String,
+    msg_id: u64,
+    action: Action,
+    content: Option<String>,
+) -> Result<Message, ServiceError> {
+    let (origin, by) = match by {
+        Sender::Member(user) => (Origin::Client, user.to_string()),
+        Sender::Inner(_) => (Origin::Inner, String::new()),
+    };
+    state.rpc.call(&ReviseMessage { origin, by, conversation_id, msg_id, action, content }).await
+}
+
+/// Moves `user`'s read position in a conversation forward; answers where it is.
+pub async fn mark_read(
+    state: &AppState,
+    user: &str,
+    conversation_id: String,
+    msg_id: u64,
+) -> Result<ReadAnswer, ServiceError> {
+    state.rpc.call(&MarkRead { user_id: user.to_string(), conversation_id, msg_id }).await
+}

@@ -1,0 +1,588 @@
+//! The hub: one task per gateway that turns the log into deliveries. Its jobs, each in a
+//! module of its own with its own tests:
+//!
+//! - `order.rs` — the log in order: every partition consumed in offset order. Entries arrive
+//!   over the bus (at-most-once, possibly out of order between message-service instances);
+//!   early ones are held back (bounded in bytes), and when a gap stays open for `gap_fill_ms`
+//!   — or a heads announcement shows entries never received — the missing ones are read from
+//!   the store, page after page (each page one bus message) until the gap is closed. So live
+//!   delivery never depends on the bus losing nothing, and each partition's position means
+//!   "every entry up to here has been dispatched". A partition that stays behind its known
+//!   head for `hub_stall_s` stalls the node: it reports not ready, closes its connections
+//!   with `node_behind` (clients resume on another node, from their cursors) and refuses new
+//!   ones until every partition has caught up again.
+//! - `members.rs` — the membership index, per user (shared by that user's connections):
+//!   installed from a snapshot of the store at the user's first connection (read in pages,
+//!   each a snapshot of its own; changes arriving meanwhile are applied on top when newer than
+//!   the first page), then kept current by the log itself (a JOINED entry subscribes the user
+//!   from that message on, a LEFT/KICKED entry is delivered to the user and then unsubscribes
+//!   it). A snapshot read ahead of the hub (its heads past the hub's position) is installed
+//!   only once the hub has reached those heads: the connection then goes live there, and
+//!   everything before comes from the store's replay, so a leave the snapshot already shows
+//!   still reaches the user in order.
+//! - `slots.rs` — delivery: one bounded queue per connection (events and bytes), a message
+//!   event encoded once and shared by every connection that gets it; a full queue means a slow
+//!   consumer, dropped from delivery and told (the client resumes from its last cursor).
+//!
+//! This file: the handle ([`Hub`]) and the task that owns the three and runs their I/O.
+
+mod members;
+mod order;
+mod slots;
+
+use std::sync::Arc;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use quickim_shared::bus::{Bus, BusError, Headers, Incoming};
+use quickim_shared::error::ServiceError;
+use quickim_shared::position::Position;
+use quickim_shared::protocol::event::{BusEntry, HEADS_SUBJECT, LOG_SUBJECT, LogEntry};
+use quickim_shared::protocol::service::{GetHeads, GetMemberships, LogHeads, ReadLog};
+use quickim_shared::protocol::system::MembershipChange;
+use quickim_shared::rpc::RpcClient;
+use quickim_shared::telemetry::{TraceContext, set_parent};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::cursor;
+use super::event::Encoded;
+use super::queue::{self, Closed, Inbox, Outbox};
+use members::{Change, Installed, Joined, Members, Snapshot};
+use order::{Heads, LogOrder, Stall};
+use slots::Slots;
+
+/// Identifies a connection to the hub.
+pub type SessionId = u64;
+
+/// Snapshots fetched at once.
+const SNAPSHOT_CONCURRENCY: usize = 64;
+
+/// How the hub follows the log.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// How long a gap may stay open before it is filled from the store.
+    pub gap_fill: Duration,
+    /// How long a partition may stay behind its known head before the node stalls.
+    pub stall_after: Duration,
+    /// Most bytes of early entries held back, all partitions together.
+    pub max_held_bytes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig::from_config(&quickim_shared::config::Config::default())
+    }
+}
+
+impl HubConfig {
+    /// The defaults, with gaps filled after `gap_fill`.
+    pub fn gap_fill(gap_fill: Duration) -> HubConfig {
+        HubConfig { gap_fill, ..HubConfig::default() }
+    }
+
+    /// The hub's settings from the configuration.
+    pub fn from_config(config: &quickim_shared::config::Config) -> HubConfig {
+        HubConfig {
+            gap_fill: Duration::from_millis(config.gap_fill_ms),
+            stall_after: Duration::from_secs(config.hub_stall_s),
+            max_held_bytes: config.hub_max_held_bytes,
+        }
+    }
+}
+
+/// What the hub sends a connection.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A message event.
+    Event(Arc<Encoded>),
+    /// The connection is live: it gets every entry after this position.
+    Installed(Arc<Position>),
+    /// The user's memberships could not be read; the connection should close and retry.
+    InstallFailed,
+}
+
+/// How an attached connection starts.
+#[derive(Debug)]
+pub enum Start {
+    /// Live at once, from this position.
+    Live(Arc<Position>),
+    /// Wait for [`Outgoing::Installed`] (the user's memberships are being read).
+    Waiting,
+}
+
+/// A connection attached to the hub; detaches on drop.
+pub struct Attachment {
+    /// Its id.
+    pub id: SessionId,
+    /// How it starts.
+    pub start: Start,
+    hub: Hub,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.hub.detach(self.id);
+    }
+}
+
+enum Command {
+    Attach { user: String, client: Option<Position>, outbox: Outbox, reply: oneshot::Sender<(SessionId, Start)> },
+    Detach { id: SessionId },
+    Install { user: Arc<str>, snapshot: Option<Snapshot> },
+    Filled { part: u16, result: Result<Vec<LogEntry>, String> },
+}
+
+/// What every connection may read without asking the hub.
+struct Published {
+    ready: AtomicBool,
+    /// A partition stayed behind too long (see the module docs).
+    stalled: AtomicBool,
+    /// When the log's heads were last heard of (ms since the epoch): the message services
+    /// announce them every second, read from the database.
+    heads_at: AtomicI64,
+    /// (epoch, position, encoded cursor) after the last dispatched entry.
+    position: RwLock<(u32, Arc<Position>, Arc<str>)>,
+}
+
+/// Handle to the hub task.
+#[derive(Clone)]
+pub struct Hub {
+    cmds: mpsc::Sender<Command>,
+    published: Arc<Published>,
+}
+
+/// The hub stopped (the gateway is shutting down).
+#[derive(Debug)]
+pub struct HubGone;
+
+impl Hub {
+    /// Subscribes to the log and starts the hub task; it becomes ready once it has read the
+    /// log heads from the message service.
+    pub async fn start(
+        bus: Bus,
+        rpc: RpcClient,
+        config: HubConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Hub, BusError> {
+        let log = bus.subscribe(LOG_SUBJECT, None).await?;
+        let heads = bus.subscribe(HEADS_SUBJECT, None).await?;
+        let (cmds, cmd_rx) = mpsc::channel(8192);
+        let published = Arc::new(Published {
+            ready: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+            heads_at: AtomicI64::new(0),
+            position: RwLock::new((0, Arc::new(Position::default()), Arc::from(""))),
+        });
+        let hub = Hub { cmds: cmds.clone(), published: published.clone() };
+        tokio::spawn(async move {
+            let Some(start) = initial_heads(&rpc, &shutdown).await else {
+                return;
+            };
+            let mut task = HubTask::new(start, rpc, cmds, published, config);
+            task.run(futures::stream::select(log, heads), cmd_rx, shutdown).await;
+        });
+        Ok(hub)
+    }
+
+    /// Whether the hub knows where the log is and keeps up with it.
+    pub fn is_ready(&self) -> bool {
+        self.published.ready.load(Ordering::Relaxed) && !self.is_stalled()
+    }
+
+    /// How long ago the log's heads were last heard of (a message service and its database
+    /// answer every second), if ever.
+    pub fn heads_age(&self) -> Option<Duration> {
+        let at = self.published.heads_at.load(Ordering::Relaxed);
+        (at > 0).then(|| Duration::from_millis(u64::try_from(quickim_shared::time::now_ms() - at).unwrap_or(0)))
+    }
+
+    /// Whether a partition stayed behind the log too long (the node serves no connection
+    /// until it has caught up).
+    pub fn is_stalled(&self) -> bool {
+        self.published.stalled.load(Ordering::Relaxed)
+    }
+
+    /// The database epoch, the position every connection has been served up to, and its
+    /// encoded cursor.
+    pub fn position(&self) -> (u32, Arc<Position>, Arc<str>) {
+        self.published.position.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Attaches a connection of `user_id` that resumes from `client` (if any); its queue holds
+    /// at most `max_events` events and `max_bytes` bytes.
+    pub async fn attach(
+        &self,
+        user_id: &str,
+        client: Option<Position>,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<(Attachment, Inbox), HubGone> {
+        let (outbox, inbox) = queue::queue(max_events, max_bytes);
+        let (reply, answer) = oneshot::channel();
+        self.cmds
+            .send(Command::Attach { user: user_id.to_string(), client, outbox, reply })
+            .await
+            .map_err(|_| HubGone)?;
+        let (id, start) = answer.await.map_err(|_| HubGone)?;
+        Ok((Attachment { id, start, hub: self.clone() }, inbox))
+    }
+
+    fn detach(&self, id: SessionId) {
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.cmds.try_send(Command::Detach { id })
+            // Without a runtime the hub's task is gone too: nothing to detach from.
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let cmds = self.cmds.clone();
+            runtime.spawn(async move {
+                let _ = cmds.send(cmd).await;
+            });
+        }
+    }
+}
+
+async fn initial_heads(rpc: &RpcClient, shutdown: &CancellationToken) -> Option<LogHeads> {
+    loop {
+        match rpc.call(&GetHeads {}).await {
+            Ok(h) => return Some(h),
+            Err(e) => tracing::warn!(error = %e.message, "hub waiting for the message service"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The hub task: the log in order, the membership index and the delivery slots, and the
+/// reads (snapshots, gap fills) they ask for.
+struct HubTask {
+    order: LogOrder,
+    members: Members,
+    slots: Slots,
+    rpc: RpcClient,
+    cmds: mpsc::Sender<Command>,
+    published: Arc<Published>,
+    config: HubConfig,
+    snapshots: Arc<Semaphore>,
+}
+
+impl HubTask {
+    fn new(
+        heads: LogHeads,
+        rpc: RpcClient,
+        cmds: mpsc::Sender<Command>,
+        published: Arc<Published>,
+        config: HubConfig,
+    ) -> HubTask {
+        let n = heads.heads.len();
+        let task = HubTask {
+            order: LogOrder::new(heads, config),
+            members: Members::default(),
+            slots: Slots::default(),
+            rpc,
+            cmds,
+            published,
+            config,
+            snapshots: Arc::new(Semaphore::new(SNAPSHOT_CONCURRENCY)),
+        };
+        task.publish_position();
+        task.published.heads_at.store(quickim_shared::time::now_ms(), Ordering::Relaxed);
+        task.published.ready.store(true, Ordering::Relaxed);
+        tracing::info!(epoch = task.order.epoch, partitions = n, "hub ready");
+        task
+    }
+
+    async fn run(
+        &mut self,
+        mut bus: impl futures::Stream<Item = Incoming> + Unpin,
+        mut cmds: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval((self.config.gap_fill / 2).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = cmds.recv() => self.command(cmd),
+                Some(msg) = bus.next() => self.incoming(msg),
+                _ = tick.tick() => {
+                    for read in self.order.due_fills(Instant::now()) {
+                        self.fill(read);
+                    }
+                    self.watch_lag();
+                }
+                _ = sweep.tick() => self.members.sweep(),
+            }
+        }
+        self.published.ready.store(false, Ordering::Relaxed);
+    }
+
+    fn publish_position(&self) {
+        let position = &self.order.position;
+        let cursor: Arc<str> = Arc::from(cursor::encode(self.order.epoch, position));
+        let mut published = self.published.position.write().unwrap_or_else(|e| e.into_inner());
+        *published = (self.order.epoch, Arc::new(position.clone()), cursor);
+    }
+
+    // ------------------------------------------------------------ connections
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Attach { user, client, outbox, reply } => self.attach(user, client, outbox, reply),
+            Command::Detach { id } => self.detach(id),
+            Command::Install { user, snapshot } => {
+                let installed = self.members.install(&user, snapshot, &self.order.position);
+                self.installed(installed);
+            }
+            Command::Filled { part, result } => self.filled(part, result),
+        }
+    }
+
+    fn attach(
+        &mut self,
+        user: String,
+        client: Option<Position>,
+        outbox: Outbox,
+        reply: oneshot::Sender<(SessionId, Start)>,
+    ) {
+        let user = self.members.key(&user);
+        let id = self.slots.add(user.clone(), outbox, client);
+        let start = match self.members.connect(&user, id) {
+            Joined::Installed => {
+                self.slots.go_live(id, &self.order.position);
+                Start::Live(Arc::new(self.order.position.clone()))
+            }
+            Joined::Waiting { fetch } => {
+                if fetch {
+                    self.fetch_snapshot(user);
+                }
+                Start::Waiting
+            }
+        };
+        if reply.send((id, start)).is_err() {
+            self.detach(id);
+        }
+    }
+
+    fn detach(&mut self, id: SessionId) {
+        if let Some(user) = self.slots.remove(id) {
+            self.members.disconnect(&user, id);
+        }
+    }
+
+    fn fetch_snapshot(&self, user: Arc<str>) {
+        let (rpc, cmds, permits) = (self.rpc.clone(), self.cmds.clone(), self.snapshots.clone());
+        tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let snapshot = match read_snapshot(&rpc, &user).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "cannot read memberships");
+                    None
+                }
+            };
+            let _ = cmds.send(Command::Install { user, snapshot }).await;
+        });
+    }
+
+    fn installed(&mut self, installed: Installed) {
+        match installed {
+            Installed::Now(sessions) => self.slots.installed(&sessions, &self.order.position),
+            Installed::Failed(sessions) => self.slots.install_failed(&sessions),
+            Installed::Later | Installed::Nobody => {}
+        }
+    }
+
+    // ------------------------------------------------------------ the log
+
+    fn incoming(&mut self, msg: Incoming) {
+        if msg.subject == HEADS_SUBJECT {
+            if let Ok(heads) = serde_json::from_slice::<LogHeads>(&msg.payload) {
+                self.heads(heads);
+            }
+            return;
+        }
+        // One bus message is a committed batch: the position is published once, after it.
+        match serde_json::from_slice::<Vec<BusEntry>>(&msg.payload) {
+            Ok(entries) => {
+                for e in entries {
+                    self.take(e.entry, e.trace);
+                }
+                self.after_entries();
+            }
+            Err(e) => tracing::warn!(error = %e, subject = %msg.subject, "undecodable log entries"),
+        }
+    }
+
+    /// Entries were taken: the position is published, snapshots it reached installed.
+    fn after_entries(&mut self) {
+        self.publish_position();
+        for sessions in self.members.install_reached(&self.order.position) {
+            self.slots.installed(&sessions, &self.order.position);
+        }
+    }
+
+    fn heads(&mut self, heads: LogHeads) {
+        match self.order.heads(&heads) {
+            Heads::Noted => self.published.heads_at.store(quickim_shared::time::now_ms(), Ordering::Relaxed),
+            Heads::Replaced => {
+                tracing::error!(
+                    old = self.order.epoch,
+                    new = heads.epoch,
+                    "the database changed under the gateway; restarting delivery"
+                );
+                // Every connection starts over (its cursor gets resync).
+                self.slots.clear();
+                self.members.clear();
+                self.order = LogOrder::new(heads, self.config);
+                self.publish_position();
+            }
+        }
+    }
+
+    /// Takes one entry; whatever it makes dispatchable is delivered.
+    fn take(&mut self, entry: LogEntry, headers: Headers) {
+        let (members, slots, epoch) = (&mut self.members, &mut self.slots, self.order.epoch);
+        self.order.take(entry, headers, |position, entry, headers| {
+            dispatch(members, slots, epoch, position, entry, headers);
+        });
+    }
+
+    /// Reads a page of a gap from the store.
+    fn fill(&self, read: ReadLog) {
+        metrics::counter!("quickim_hub_gap_fills_total").increment(1);
+        let (rpc, cmds) = (self.rpc.clone(), self.cmds.clone());
+        tokio::spawn(async move {
+            let result = match rpc.call(&read).await {
+                Ok(entries) if entries.is_empty() => {
+                    Err(format!("the store has no entries after {} up to {}", read.after, read.upto))
+                }
+                Ok(entries) => Ok(entries),
+                Err(e) => Err(e.message),
+            };
+            let _ = cmds.send(Command::Filled { part: read.part, result }).await;
+        });
+    }
+
+    /// A gap-fill page came back: taken, then the next page read at once while the gap stays
+    /// open (as fast as the store answers, not a page per tick).
+    fn filled(&mut self, part: u16, result: Result<Vec<LogEntry>, String>) {
+        let ok = match result {
+            Ok(entries) => {
+                metrics::counter!("quickim_hub_gap_filled_entries_total").increment(entries.len() as u64);
+                for e in entries {
+                    self.take(e, Headers::new());
+                }
+                self.after_entries();
+                true
+            }
+            Err(error) => {
+                metrics::counter!("quickim_hub_gap_fill_failures_total").increment(1);
+                let failures = self.order.failures(part) + 1;
+                tracing::warn!(part, failures, %error, "gap fill failed; retrying");
+                false
+            }
+        };
+        if let Some(next) = self.order.filled(part, ok) {
+            self.fill(next);
+        }
+    }
+
+    /// Measures how far behind the log each partition is, and stalls or resumes the node.
+    fn watch_lag(&mut self) {
+        for (p, lag) in self.order.lag().enumerate() {
+            metrics::gauge!("quickim_hub_lag_entries", "partition" => p.to_string()).set(lag as f64);
+        }
+        metrics::gauge!("quickim_hub_held_bytes").set(self.order.held_bytes() as f64);
+        match self.order.watch(Instant::now()) {
+            Stall::Began => {
+                tracing::error!(
+                    behind = ?self.order.lag().collect::<Vec<_>>(),
+                    "the hub fell behind the log; closing connections until it has caught up"
+                );
+                self.published.stalled.store(true, Ordering::Relaxed);
+                metrics::gauge!("quickim_hub_stalled").set(1.0);
+                metrics::counter!("quickim_hub_stalls_total").increment(1);
+                self.slots.close_all(Closed::Behind);
+            }
+            Stall::Ended => {
+                tracing::info!("the hub has caught up with the log; serving again");
+                self.published.stalled.store(false, Ordering::Relaxed);
+                metrics::gauge!("quickim_hub_stalled").set(0.0);
+            }
+            Stall::Same => {}
+        }
+    }
+}
+
+/// Delivers one entry (the hub now at `position`): a membership change is applied around its
+/// delivery (a joiner gets its JOINED entry, a leaver its LEFT entry, and nothing after).
+fn dispatch(
+    members: &mut Members,
+    slots: &mut Slots,
+    epoch: u32,
+    position: &Position,
+    entry: LogEntry,
+    headers: &Headers,
+) {
+    let p = usize::from(entry.part);
+    let span = tracing::info_span!(
+        "log.deliver",
+        otel.name = %format_args!("deliver {LOG_SUBJECT}"),
+        otel.kind = "consumer",
+        messaging.system = "quickim-bus",
+        messaging.destination.name = LOG_SUBJECT,
+        log.partition = entry.part,
+        messaging.operation.type = "process",
+        conversation_id = %entry.message.conversation_id,
+        msg_id = entry.message.msg_id,
+        deliveries = tracing::field::Empty,
+    );
+    set_parent(&span, headers);
+    let _enter = span.enter();
+    let trace = TraceContext::current();
+    let message = &entry.message;
+    let msg_id = message.msg_id;
+    let change = MembershipChange::of(message);
+    let conversation = members.conversation(&message.conversation_id);
+
+    if let Some(MembershipChange::Joined(users)) = &change {
+        for u in users {
+            members.change(u, p, entry.offset, &conversation, msg_id, Change::Join);
+        }
+    }
+    let delivered =
+        slots.deliver(members.recipients(&conversation, msg_id), message, (epoch, p, entry.offset), position, &trace);
+    metrics::counter!("quickim_hub_deliveries_total").increment(delivered.queued);
+    span.record("deliveries", delivered.queued);
+    if let Some(MembershipChange::Left(users) | MembershipChange::Kicked(users)) = &change {
+        for u in users {
+            members.change(u, p, entry.offset, &conversation, msg_id, Change::Leave);
+        }
+    }
+    for id in delivered.overflowed {
+        metrics::counter!("quickim_slow_consumer_disconnects_total").increment(1);
+        if let Some(user) = slots.remove(id) {
+            members.disconnect(&user, id);
+        }
+    }
+    slots.catch_up(position);
+}
+
+/// Reads all of a user's memberships, page by page.
+async fn read_snapshot(rpc: &RpcClient, user: &str) -> Result<Snapshot, ServiceError> {
+    let mut page = rpc.call(&GetMemberships { user_id: user.to_string(), after: None }).await?;
+    let first = page.heads.clone();
+    let mut conversations = std::mem::take(&mut page.conversations);
+    while page.more {
+        let after = conversations.last().map(|r| r.conversation_id.clone());
+        page = rpc.call(&GetMemberships { user_id: user.to_string(), after }).await?;
+        conversations.append(&mut page.conversations);
+    }
+    Ok(Snapshot { first, last: page.heads, conversations })
+}
