@@ -1,13 +1,17 @@
 //! What a member or the business system does, however it asks — a public HTTP request
-//! (`/send_msg`, `/mark_read`, `/edit_msg`, ...), an /inner one (`/inner/send_msg`,
-//! `/inner/edit_msg`, ...) or a WebSocket frame (`send`, `mark_read`): one function each, so coalescing, deadlines and everything after
-//! apply to all alike. (Rate limits apply per request before: the token extractor for HTTP,
+//! (`/send_msg`, `/mark_read`, `/signal`, `/edit_msg`, ...), an /inner one
+//! (`/inner/send_msg`, `/inner/edit_msg`, ...) or a WebSocket frame (`send`, `mark_read`,
+//! `signal`): one function each, so coalescing, deadlines and everything after apply to all
+//! alike. (Rate limits apply per request before: the token extractor for HTTP,
 //! the WebSocket transport for frames, with the same per-user limiter.)
 
-use quickim_shared::error::ServiceError;
-use quickim_shared::protocol::api::{Message, ReadAnswer};
-use quickim_shared::protocol::service::{MarkRead, Origin, ReviseMessage, SendMessage};
+use quickim_shared::error::{ErrorCode, ServiceError};
+use quickim_shared::ids::check_conversation_id;
+use quickim_shared::protocol::api::{Message, ReadAnswer, SignalAnswer};
+use quickim_shared::protocol::event::{LIVE_SUBJECT, Live, SignalKind};
+use quickim_shared::protocol::service::{CheckJoined, MarkRead, Origin, ReviseMessage, SendMessage};
 use quickim_shared::protocol::system::Action;
+use quickim_shared::rpc::bus_error;
 use tokio::time::Instant;
 
 use crate::state::AppState;
@@ -83,4 +87,44 @@ pub async fn mark_read(
     msg_id: u64,
 ) -> Result<ReadAnswer, ServiceError> {
     state.rpc.call(&MarkRead { user_id: user.to_string(), conversation_id, msg_id }).await
+}
+
+/// An ephemeral signal from a member to the conversation's other members, on every node:
+/// checked (content by kind, size, rate, membership), then fanned out, never stored.
+pub async fn signal(
+    state: &AppState,
+    user: &str,
+    conversation_id: String,
+    kind: SignalKind,
+    content: Option<String>,
+) -> Result<SignalAnswer, ServiceError> {
+    check_conversation_id(&conversation_id)?;
+    let content = match (kind, content) {
+        (SignalKind::Custom, Some(c)) if !c.is_empty() => Some(c),
+        (SignalKind::Custom, _) => return Err(ServiceError::invalid("a custom signal carries content")),
+        (_, Some(_)) => return Err(ServiceError::invalid("only custom signals carry content")),
+        (_, None) => None,
+    };
+    if let Some(c) = &content {
+        let max = state.config.signal_max_bytes;
+        if c.len() > max {
+            return Err(ServiceError::new(ErrorCode::SignalTooLarge, format!("signal content over {max} bytes")));
+        }
+        if c.contains('\0') {
+            return Err(ServiceError::new(ErrorCode::InvalidText, "signal content holds a NUL character"));
+        }
+    }
+    if let Err(wait) = state.signals.check(user) {
+        return Err(ServiceError::new(ErrorCode::TooManySignals, format!("too many signals; retry in {wait} s")));
+    }
+    let joined =
+        state.rpc.call(&CheckJoined { user_id: user.to_string(), conversation_id: conversation_id.clone() }).await?;
+    if !joined {
+        return Err(ServiceError::not_member());
+    }
+    let live = Live::Signal { conversation_id, from: user.to_string(), kind, content };
+    let body = serde_json::to_vec(&live).map_err(ServiceError::internal)?;
+    state.rpc.bus().publish(LIVE_SUBJECT, Vec::new(), body.into()).await.map_err(bus_error)?;
+    metrics::counter!("quickim_live_signals_sent_total", "kind" => kind.name()).increment(1);
+    Ok(SignalAnswer { sent: true })
 }

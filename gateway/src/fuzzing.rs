@@ -7,7 +7,7 @@ use quickim_shared::protocol::api as a;
 use quickim_shared::protocol::event::ClientFrame;
 
 use crate::listener::{Triage, triage};
-use crate::notify::cursor::{self, Cursor};
+use crate::notify::cursor::Cursor;
 
 /// The public listener's own request-head path: what it serves itself is a bodiless
 /// `GET /notify` whose head fits in what was read, and its query reads or is refused as
@@ -27,8 +27,8 @@ pub fn request_head(data: &[u8]) {
 pub fn cursor(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(c) = Cursor::decode(text) {
-        let again = Cursor::decode(&cursor::encode(c.epoch, &c.position));
-        assert!(again.is_ok_and(|a| a.epoch == c.epoch && a.position == c.position), "a cursor we encode decodes back");
+        let again = Cursor::decode(&c.encode());
+        assert!(again.is_ok_and(|a| a == c), "a cursor we encode decodes back");
     }
 }
 

@@ -26,6 +26,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod listener;
 pub mod notify;
+pub mod presence;
 pub mod ratelimit;
 pub mod sends;
 pub mod state;
@@ -98,6 +99,7 @@ impl Gateway {
         let public = bind(config.public_addr).await?;
         let inner = bind(config.inner_addr).await?;
         tokio::spawn(follow_revocations(state.clone(), shutdown.clone()));
+        tokio::spawn(presence::run(state.clone(), shutdown.clone()));
         Ok(Gateway { state, public, inner, shutdown })
     }
 

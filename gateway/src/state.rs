@@ -30,6 +30,8 @@ pub struct App {
     pub limiter: RateLimiter,
     /// New /notify streams per IP address.
     pub handshakes: RateLimiter,
+    /// Per-user signal rate (typing, ...).
+    pub signals: RateLimiter,
     /// Open /notify connections of this node.
     pub registry: Arc<Registry>,
     /// The other gateways.
@@ -79,12 +81,14 @@ impl AppState {
     ) -> AppState {
         let limiter = RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst);
         let handshakes = RateLimiter::new(config.handshake_rate_per_ip, config.handshake_rate_per_ip.saturating_mul(2));
+        let signals = RateLimiter::new(config.signal_rate_per_s, config.signal_rate_per_s.saturating_mul(2));
         AppState(Arc::new(App {
             sends: Sends::start(rpc.clone()),
             rpc,
             auth,
             limiter,
             handshakes,
+            signals,
             registry,
             cluster,
             hub,

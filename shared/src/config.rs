@@ -166,6 +166,14 @@ config_keys! {
     avatar_max_bytes: usize => usize = 2048, env "QUICKIM_AVATAR_MAX_BYTES";
     /// Largest conversation ext (a JSON object), bytes as JSON
     ext_max_bytes: usize => usize = 4096, env "QUICKIM_EXT_MAX_BYTES";
+    /// Signals (typing, ...) per second per user (per gateway node; burst: twice that); 0 = unlimited
+    signal_rate_per_s: u32 => u32 = 5, env "QUICKIM_SIGNAL_RATE_PER_S";
+    /// Largest content of a signal, UTF-8 bytes
+    signal_max_bytes: usize => usize = 256, env "QUICKIM_SIGNAL_MAX_BYTES";
+    /// How long receivers show "typing" unless it is renewed, seconds (sent with each typing event)
+    typing_ttl_s: u64 => u64 = 6, env "QUICKIM_TYPING_TTL_S";
+    /// A user whose last connection closed is announced offline only after this long without one, seconds (0: at once)
+    presence_debounce_s: u64 => u64 = 5, env "QUICKIM_PRESENCE_DEBOUNCE_S";
     /// Public API requests per second per user (per gateway node); 0 = unlimited
     rate_limit_per_s: u32 => u32 = 100, env "QUICKIM_RATE_LIMIT_PER_S";
     /// Burst above the rate
@@ -302,6 +310,15 @@ impl Config {
                 "unread_system_types lists {t}, which is not a system type ({:?})",
                 crate::protocol::system::ALL
             ));
+        }
+        if self.signal_max_bytes > 4096 {
+            return fail(format!("signal_max_bytes must be at most 4096, not {}", self.signal_max_bytes));
+        }
+        if self.presence_debounce_s > 600 {
+            return fail(format!("presence_debounce_s must be at most 600, not {}", self.presence_debounce_s));
+        }
+        if self.typing_ttl_s == 0 || self.typing_ttl_s > 60 {
+            return fail(format!("typing_ttl_s must be within 1–60, not {}", self.typing_ttl_s));
         }
         if self.sse_heartbeat_s == 0 || self.sse_heartbeat_s > 15 {
             return fail(format!("sse_heartbeat_s must be within 1–15, not {}", self.sse_heartbeat_s));

@@ -57,6 +57,8 @@ pub enum ErrorCode {
     AvatarTooLarge,
     /// A conversation's `ext` over `ext_max_bytes` (as JSON).
     ExtTooLarge,
+    /// A signal's content over `signal_max_bytes`.
+    SignalTooLarge,
     /// Request rate above the configured limit; `Retry-After` says when to come back.
     RateLimited,
     /// Too many open /notify connections for this user.
@@ -65,6 +67,8 @@ pub enum ErrorCode {
     FrameRateLimited,
     /// Too many new connections (or WebSocket handshakes) from one IP address.
     TooManyConnectionsFromIp,
+    /// Signals (typing, ...) above `signal_rate_per_s` for this user.
+    TooManySignals,
     /// A dependency (bus, database, service) cannot be reached or the node is shutting down.
     Unavailable,
     /// A dependency did not answer in time.
@@ -75,7 +79,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::InvalidParam,
         ErrorCode::InvalidText,
         ErrorCode::TooManyItems,
@@ -99,10 +103,12 @@ impl ErrorCode {
         ErrorCode::TitleTooLarge,
         ErrorCode::AvatarTooLarge,
         ErrorCode::ExtTooLarge,
+        ErrorCode::SignalTooLarge,
         ErrorCode::RateLimited,
         ErrorCode::TooManyConnections,
         ErrorCode::FrameRateLimited,
         ErrorCode::TooManyConnectionsFromIp,
+        ErrorCode::TooManySignals,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
         ErrorCode::Timeout,
@@ -134,10 +140,12 @@ impl ErrorCode {
             ErrorCode::TitleTooLarge => 41303,
             ErrorCode::AvatarTooLarge => 41304,
             ErrorCode::ExtTooLarge => 41305,
+            ErrorCode::SignalTooLarge => 41306,
             ErrorCode::RateLimited => 42900,
             ErrorCode::TooManyConnections => 42901,
             ErrorCode::FrameRateLimited => 42902,
             ErrorCode::TooManyConnectionsFromIp => 42903,
+            ErrorCode::TooManySignals => 42904,
             ErrorCode::Internal => 50000,
             ErrorCode::Unavailable => 50300,
             ErrorCode::Timeout => 50400,
@@ -175,10 +183,12 @@ impl ErrorCode {
             ErrorCode::TitleTooLarge => "title_too_large",
             ErrorCode::AvatarTooLarge => "avatar_too_large",
             ErrorCode::ExtTooLarge => "ext_too_large",
+            ErrorCode::SignalTooLarge => "signal_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::FrameRateLimited => "frame_rate_limited",
             ErrorCode::TooManyConnectionsFromIp => "too_many_connections_from_ip",
+            ErrorCode::TooManySignals => "too_many_signals",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",

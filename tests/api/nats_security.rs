@@ -13,12 +13,12 @@ const NATS_CONFIG: &str = r#"
 authorization {
   users = [
     { user: gateway, password: gateway-secret, permissions: {
-        publish: { allow: ["prod.quickim.msg.*", "prod.quickim.conv.*", "prod.quickim.ctl.>"] }
-        subscribe: { allow: ["prod.quickim.log", "prod.quickim.heads", "prod.quickim.ctl.>", "prod._INBOX.>"] }
+        publish: { allow: ["prod.quickim.msg.*", "prod.quickim.conv.*", "prod.quickim.ctl.>", "prod.quickim.live"] }
+        subscribe: { allow: ["prod.quickim.log", "prod.quickim.heads", "prod.quickim.live", "prod.quickim.ctl.>", "prod._INBOX.>"] }
         allow_responses: true
     } }
     { user: conversation, password: conversation-secret, permissions: {
-        publish: { allow: ["prod.quickim.log"] }
+        publish: { allow: ["prod.quickim.log", "prod.quickim.live"] }
         subscribe: { allow: ["prod.quickim.conv.*"] }
         allow_responses: true
     } }
@@ -60,7 +60,23 @@ async fn every_role_works_with_its_own_user_and_least_permissions() {
     c.next(Duration::from_secs(10)).await.unwrap();
     let (s, v) = d.api(0).client(&bob, "/send_msg", json!({"conversation_id":"c","type":1,"content":"secured"})).await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(c.next_message(Duration::from_secs(10)).await.unwrap()["content"], "secured");
+    let m = c.next_message(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(m["content"], "secured");
+    // Live signals cross on quickim.live: bob's typing, and alice's receipt (to her own
+    // devices too).
+    let (s, v) = d.api(0).client(&bob, "/signal", json!({"conversation_id":"c","kind":"typing"})).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = d.api(0).client(&alice, "/mark_read", json!({"conversation_id":"c","msg_id":m["msg_id"]})).await;
+    assert_eq!(s, 200, "{v}");
+    let mut live = Vec::new();
+    while live.len() < 2 {
+        let e = c.next(Duration::from_secs(10)).await.expect("a signal and a receipt");
+        if e["type"] == "signal" || e["type"] == "read" {
+            live.push(e["type"].as_str().unwrap().to_string());
+        }
+    }
+    live.sort();
+    assert_eq!(live, ["read", "signal"]);
     let (_, v) = d.api(0).inner("/inner/get_users_online", json!({"user_ids":["alice"]})).await;
     assert_eq!((v["data"]["nodes"].as_u64(), v["data"]["users"][0]["online"].as_bool()), (Some(2), Some(true)), "{v}");
     let (_, v) = d.api(0).inner("/inner/kick_user", json!({"user_id":"alice"})).await;

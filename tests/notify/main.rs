@@ -8,6 +8,7 @@ mod bus_limits;
 mod cluster;
 mod kick;
 mod limits;
+mod live;
 mod protocols;
 mod resume;
 mod shutdown;

@@ -12,8 +12,8 @@ use quickim_shared::protocol::api::{
     UserConversationsRequest, UserOnline, UsersOnlineAnswer, UsersOnlineRequest, VersionsAnswer, VersionsRequest,
 };
 use quickim_shared::protocol::service::{
-    CreateConversation, GetVersions, Join, Kick, ListJoined, ListMembers, Origin, Revocation, RevokeTokens, SendBatch,
-    SendMessage, SetArchived, SetMemberRole, UpdateConversation,
+    CreateConversation, GetLastSeen, GetVersions, Join, Kick, ListJoined, ListMembers, Origin, Revocation,
+    RevokeTokens, SendBatch, SendMessage, SetArchived, SetMemberRole, UpdateConversation,
 };
 use quickim_shared::protocol::system::Action;
 use quickim_shared::rpc::bus_error;
@@ -58,6 +58,8 @@ pub async fn create_conversation(
             avatar: r.avatar,
             ext: r.ext,
             meta_role: r.meta_role,
+            receipts: r.receipts,
+            presence: r.presence,
         })
         .await?;
     Ok(Envelope(created))
@@ -279,7 +281,7 @@ pub async fn get_users_online(
     check_user_list(&r.user_ids)?;
     let (presence, nodes) =
         s.cluster.presence(&r.user_ids, s.config.max_connections_per_user).await.map_err(bus_error)?;
-    let users = r
+    let mut users = r
         .user_ids
         .into_iter()
         .map(|u| match presence.get(&u) {
@@ -288,10 +290,19 @@ pub async fn get_users_online(
                 platforms: p.platforms.clone(),
                 connections: p.connections,
                 user_id: u,
+                last_seen: None,
             },
-            None => UserOnline { user_id: u, online: false, platforms: Vec::new(), connections: 0 },
+            None => UserOnline { user_id: u, online: false, platforms: Vec::new(), connections: 0, last_seen: None },
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let offline: Vec<String> = users.iter().filter(|u| !u.online).map(|u| u.user_id.clone()).collect();
+    if !offline.is_empty() {
+        let seen: std::collections::HashMap<String, i64> =
+            s.rpc.call(&GetLastSeen { user_ids: offline }).await?.into_iter().collect();
+        for u in users.iter_mut().filter(|u| !u.online) {
+            u.last_seen = seen.get(&u.user_id).copied();
+        }
+    }
     Ok(Envelope(UsersOnlineAnswer { users, nodes }))
 }
 

@@ -126,6 +126,7 @@ pub fn public_router(state: AppState) -> Router {
             .route("/leave_conversation", post(public::leave_conversation))
             .route("/get_lastone_msgid", post(public::get_lastone_msgid))
             .route("/mark_read", post(public::mark_read))
+            .route("/signal", post(public::signal))
             .route("/get_conversation_msg_by_range", post(public::get_conversation_msg_by_range))
             .route("/get_conversation_30msg_before_the_id", post(public::get_conversation_30msg_before_the_id))
             .route("/get_conversation_30msg_after_the_id", post(public::get_conversation_30msg_after_the_id))

@@ -90,6 +90,13 @@ const ROUTES: &[Route] = &[
     ),
     route("/mark_read", "Move the caller's read position forward", "MarkReadRequest", "ReadAnswer", Access::Client),
     route(
+        "/signal",
+        "Send an ephemeral signal (typing, ...) to the conversation's other members",
+        "SignalRequest",
+        "SignalAnswer",
+        Access::Client,
+    ),
+    route(
         "/get_conversation_msg_by_range",
         "Messages start..=end (at most range_max)",
         "RangeRequest",
@@ -205,7 +212,7 @@ const ROUTES: &[Route] = &[
     ),
     route(
         "/inner/update_conversation",
-        "Change title, avatar, ext and meta_role",
+        "Change title, avatar, ext, meta_role and receipts",
         "UpdateConversationRequest",
         "ConversationMeta",
         Access::Inner,
@@ -416,6 +423,9 @@ pub fn document() -> OpenApi {
         a::UserConversationsRequest,
         a::ConversationMembersRequest,
         a::MembersPage,
+        a::SignalRequest,
+        a::SignalAnswer,
+        quickim_shared::protocol::event::SignalKind,
         a::ErrorBody,
     );
     OpenApiBuilder::new()

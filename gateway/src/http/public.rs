@@ -8,7 +8,7 @@ use quickim_shared::protocol::api::{
     CreatedConversation, DetailRequest, EditMsgRequest, GetJoinedRequest, JoinedAnswer, JoinedConversations,
     LastMsgsRequest, LastOneAnswer, LeftAnswer, MarkReadRequest, Message, MsgIdAnswer, MsgRequest, MsgsAnswer,
     MuteAnswer, MuteRequest, NotifyTicketAnswer, NotifyTicketRequest, RangeRequest, ReadAnswer, SendMsgRequest,
-    UpdateConversationRequest, VersionsAnswer, VersionsRequest,
+    SignalAnswer, SignalRequest, UpdateConversationRequest, VersionsAnswer, VersionsRequest,
 };
 use quickim_shared::protocol::service::{
     CheckJoined, CreateConversation, GetDetail, GetVersions, History, HistoryQuery, Join, LastMsgId, Leave, ListJoined,
@@ -122,6 +122,8 @@ pub async fn create_conversation(
             avatar: r.avatar,
             ext: r.ext,
             meta_role: None,
+            receipts: None,
+            presence: None,
         })
         .await?;
     Ok(Envelope(created))
@@ -207,6 +209,15 @@ pub async fn get_lastone_msgid(
 ) -> ApiResult<MsgIdAnswer> {
     let msg_id = s.rpc.call(&LastMsgId { user_id: caller.user_id, conversation_id: r.conversation_id }).await?;
     Ok(Envelope(MsgIdAnswer { msg_id }))
+}
+
+/// POST /signal: typing and other ephemeral signals, never stored.
+pub async fn signal(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<SignalRequest>,
+) -> ApiResult<SignalAnswer> {
+    Ok(Envelope(actions::signal(&s, &caller.user_id, r.conversation_id, r.kind, r.content).await?))
 }
 
 /// POST /mark_read

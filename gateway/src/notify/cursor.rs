@@ -1,15 +1,19 @@
 //! Cursors: a client's exact position in the log, opaque to clients.
 //!
 //! A cursor is the database's epoch and one offset per log partition: "every entry of
-//! partition p up to offset[p] has been delivered". Encoded as base64url (no padding) of
-//! `version(1) | epoch(u32 LE) | partitions(u16 LE) | offsets as LEB128 varints`; eight
-//! partitions at a few million entries each make about 52 characters.
+//! partition p up to offset[p] has been delivered", and when the gateway made it (seconds):
+//! a resume delivers the read receipts of about that time on. Encoded as base64url (no
+//! padding) of `version(2) | epoch(u32 LE) | partitions(u16 LE) | offsets as LEB128 varints
+//! | made-at seconds as a LEB128 varint`; eight partitions at a few million entries each make
+//! about 58 characters. Version 1 (no time) is still read.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use quickim_shared::position::Position;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Cursors made before the time was added.
+const VERSION_WITHOUT_TIME: u8 = 1;
 
 /// A decoded cursor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +22,8 @@ pub struct Cursor {
     pub epoch: u32,
     /// One offset per partition.
     pub position: Position,
+    /// When a gateway made it, seconds since the epoch (0: unknown, a version 1 cursor).
+    pub made_s: u64,
 }
 
 /// A string that is not a cursor.
@@ -27,7 +33,7 @@ pub struct BadCursor;
 impl Cursor {
     /// Encodes to the wire form.
     pub fn encode(&self) -> String {
-        encode(self.epoch, &self.position)
+        encode_made(self.epoch, &self.position, self.made_s)
     }
 
     /// Decodes the wire form.
@@ -37,7 +43,7 @@ impl Cursor {
         }
         let bytes = URL_SAFE_NO_PAD.decode(s).map_err(|_| BadCursor)?;
         let (&version, rest) = bytes.split_first().ok_or(BadCursor)?;
-        if version != VERSION || rest.len() < 6 {
+        if !(version == VERSION || version == VERSION_WITHOUT_TIME) || rest.len() < 6 {
             return Err(BadCursor);
         }
         let epoch = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
@@ -49,22 +55,35 @@ impl Cursor {
             offsets.push(v);
             input = &input[used..];
         }
+        let mut made_s = 0;
+        if version == VERSION {
+            let (v, used) = read_varint(input).ok_or(BadCursor)?;
+            made_s = v;
+            input = &input[used..];
+        }
         if !input.is_empty() {
             return Err(BadCursor);
         }
-        Ok(Cursor { epoch, position: Position::from(offsets) })
+        Ok(Cursor { epoch, position: Position::from(offsets), made_s })
     }
 }
 
-/// Encodes `epoch` and `offsets` without building a [`Cursor`].
+/// Encodes `epoch` and `offsets`, made now, without building a [`Cursor`].
 pub fn encode(epoch: u32, offsets: &[u64]) -> String {
-    let mut buf = Vec::with_capacity(7 + offsets.len() * 4);
+    let now_s = u64::try_from(quickim_shared::time::now_ms() / 1000).unwrap_or(0);
+    encode_made(epoch, offsets, now_s)
+}
+
+/// Encodes `epoch` and `offsets` made at `made_s` (seconds).
+pub fn encode_made(epoch: u32, offsets: &[u64], made_s: u64) -> String {
+    let mut buf = Vec::with_capacity(12 + offsets.len() * 4);
     buf.push(VERSION);
     buf.extend_from_slice(&epoch.to_le_bytes());
     buf.extend_from_slice(&(offsets.len() as u16).to_le_bytes());
     for &o in offsets {
         write_varint(&mut buf, o);
     }
+    write_varint(&mut buf, made_s);
     URL_SAFE_NO_PAD.encode(buf)
 }
 
@@ -94,15 +113,32 @@ mod tests {
     #[test]
     fn round_trips() {
         for offsets in [vec![], vec![0], vec![0, 1, 127, 128, 300, u64::MAX], vec![5_000_000; 8]] {
-            let c = Cursor { epoch: 0xdead_beef, position: Position::from(offsets) };
+            let c = Cursor { epoch: 0xdead_beef, position: Position::from(offsets), made_s: 1_795_000_000 };
             assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         }
     }
 
     #[test]
     fn is_short() {
-        let c = Cursor { epoch: u32::MAX, position: Position::from(vec![5_000_000; 8]) };
-        assert!(c.encode().len() <= 56, "{}", c.encode());
+        let c = Cursor { epoch: u32::MAX, position: Position::from(vec![5_000_000; 8]), made_s: 1_795_000_000 };
+        assert!(c.encode().len() <= 60, "{}", c.encode());
+    }
+
+    #[test]
+    fn reads_cursors_without_a_time() {
+        let mut buf = vec![VERSION_WITHOUT_TIME];
+        buf.extend_from_slice(&7u32.to_le_bytes());
+        buf.extend_from_slice(&2u16.to_le_bytes());
+        buf.extend_from_slice(&[5, 0x80, 0x01]);
+        let c = Cursor::decode(&URL_SAFE_NO_PAD.encode(&buf)).unwrap();
+        assert_eq!((c.epoch, &c.position[..], c.made_s), (7, &[5, 128][..], 0));
+    }
+
+    #[test]
+    fn is_made_now() {
+        let now_s = u64::try_from(quickim_shared::time::now_ms() / 1000).unwrap();
+        let c = Cursor::decode(&encode(1, &[3])).unwrap();
+        assert!(c.made_s.abs_diff(now_s) <= 1, "{} vs {now_s}", c.made_s);
     }
 
     #[test]
@@ -110,7 +146,7 @@ mod tests {
         for s in ["", "!!", "AA", "not a cursor", &"A".repeat(5000)] {
             assert_eq!(Cursor::decode(s), Err(BadCursor), "{s:?}");
         }
-        let mut good = Cursor { epoch: 1, position: Position::from(vec![1, 2]) }.encode();
+        let mut good = Cursor { epoch: 1, position: Position::from(vec![1, 2]), made_s: 9 }.encode();
         good.push('A');
         assert!(Cursor::decode(&good).is_err(), "trailing bytes");
         let truncated = encode(1, &[300]);

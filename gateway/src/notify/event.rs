@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use quickim_shared::error::ErrorCode;
 use quickim_shared::protocol::api::Message;
+use quickim_shared::protocol::event::SignalKind;
 use quickim_shared::telemetry::TraceContext;
 use serde::Serialize;
 
@@ -24,6 +25,12 @@ pub enum EventKind {
     Kicked,
     /// The client cannot be resumed exactly: reload, then continue from the cursor.
     Resync,
+    /// A member's read position moved (a read receipt; live, and the latest on resume).
+    Read,
+    /// A member's ephemeral signal (typing, ...): live only.
+    Signal,
+    /// A co-member came online or went offline (conversations with presence on): live only.
+    Presence,
 }
 
 impl EventKind {
@@ -35,6 +42,9 @@ impl EventKind {
             EventKind::Cursor => "cursor",
             EventKind::Kicked => "kicked",
             EventKind::Resync => "resync",
+            EventKind::Read => "read",
+            EventKind::Signal => "signal",
+            EventKind::Presence => "presence",
         }
     }
 }
@@ -137,6 +147,39 @@ struct ResyncWire<'a> {
     reason: &'static str,
 }
 
+#[derive(Serialize)]
+struct ReadWire<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    conversation_id: &'a str,
+    user_id: &'a str,
+    read_msg_id: u64,
+}
+
+#[derive(Serialize)]
+struct SignalWire<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    conversation_id: &'a str,
+    from: &'a str,
+    #[serde(rename = "kind")]
+    signal: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct PresenceWire<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    user_id: &'a str,
+    online: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_seen: Option<i64>,
+}
+
 fn json<T: Serialize>(value: &T) -> Bytes {
     // These types cannot fail to serialize.
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
@@ -171,6 +214,39 @@ impl Encoded {
     pub fn resync(cursor: Arc<str>, reason: ResyncReason) -> Arc<Encoded> {
         let json = json(&ResyncWire { kind: EventKind::Resync.name(), cursor: &cursor, reason: reason.name() });
         Arc::new(Encoded { kind: EventKind::Resync, cursor, json, meta: None })
+    }
+
+    /// `{"type":"read","conversation_id":…,"user_id":…,"read_msg_id":N}` (no cursor: not
+    /// a place in the log).
+    pub fn read(conversation_id: &str, user_id: &str, read_msg_id: u64) -> Arc<Encoded> {
+        let json = json(&ReadWire { kind: EventKind::Read.name(), conversation_id, user_id, read_msg_id });
+        Arc::new(Encoded { kind: EventKind::Read, cursor: Arc::from(""), json, meta: None })
+    }
+
+    /// `{"type":"signal","conversation_id":…,"from":…,"kind":…,"content"?:…,"expires_in_ms"?:N}`
+    /// (no cursor); `expires_in_ms` for `typing`.
+    pub fn signal(
+        conversation_id: &str,
+        from: &str,
+        kind: SignalKind,
+        content: Option<&str>,
+        typing_ttl_ms: u64,
+    ) -> Arc<Encoded> {
+        let wire = SignalWire {
+            kind: EventKind::Signal.name(),
+            conversation_id,
+            from,
+            signal: kind.name(),
+            content,
+            expires_in_ms: (kind == SignalKind::Typing).then_some(typing_ttl_ms),
+        };
+        Arc::new(Encoded { kind: EventKind::Signal, cursor: Arc::from(""), json: json(&wire), meta: None })
+    }
+
+    /// `{"type":"presence","user_id":…,"online":bool,"last_seen"?:ms}` (no cursor).
+    pub fn presence(user_id: &str, online: bool, last_seen: Option<i64>) -> Arc<Encoded> {
+        let json = json(&PresenceWire { kind: EventKind::Presence.name(), user_id, online, last_seen });
+        Arc::new(Encoded { kind: EventKind::Presence, cursor: Arc::from(""), json, meta: None })
     }
 
     /// `{"type":"kicked","reason":"kick_user"}` (no cursor: the stream ends).
@@ -210,6 +286,11 @@ struct ErrorWire<'a> {
 /// `{"type":"ack","req_id":…,"message":{…}}`: a `send` frame's message is stored.
 pub fn ack_send(req_id: &serde_json::Value, message: &Message) -> String {
     serde_json::to_string(&Ack { kind: "ack", req_id, message: Some(message), read_msg_id: None }).unwrap_or_default()
+}
+
+/// `{"type":"ack","req_id":…}`: a frame without an answer of its own (`signal`) was taken.
+pub fn ack(req_id: &serde_json::Value) -> String {
+    serde_json::to_string(&Ack { kind: "ack", req_id, message: None, read_msg_id: None }).unwrap_or_default()
 }
 
 /// `{"type":"ack","req_id":…,"read_msg_id":N}`: a `mark_read` frame's answer.
@@ -310,6 +391,36 @@ mod tests {
                 EventKind::Resync,
                 r#"{"type":"resync","cursor":"AQ","reason":"cursor_from_another_database"}"#,
             ),
+            (
+                Encoded::presence("bob", true, None),
+                EventKind::Presence,
+                r#"{"type":"presence","user_id":"bob","online":true}"#,
+            ),
+            (
+                Encoded::presence("bob", false, Some(1_795_000_000_000)),
+                EventKind::Presence,
+                r#"{"type":"presence","user_id":"bob","online":false,"last_seen":1795000000000}"#,
+            ),
+            (
+                Encoded::read("c1", "bob", 12),
+                EventKind::Read,
+                r#"{"type":"read","conversation_id":"c1","user_id":"bob","read_msg_id":12}"#,
+            ),
+            (
+                Encoded::signal("c1", "bob", SignalKind::Typing, None, 6000),
+                EventKind::Signal,
+                r#"{"type":"signal","conversation_id":"c1","from":"bob","kind":"typing","expires_in_ms":6000}"#,
+            ),
+            (
+                Encoded::signal("c1", "bob", SignalKind::TypingStopped, None, 6000),
+                EventKind::Signal,
+                r#"{"type":"signal","conversation_id":"c1","from":"bob","kind":"typing_stopped"}"#,
+            ),
+            (
+                Encoded::signal("c1", "bob", SignalKind::Custom, Some("recording \"audio\""), 6000),
+                EventKind::Signal,
+                r#"{"type":"signal","conversation_id":"c1","from":"bob","kind":"custom","content":"recording \"audio\""}"#,
+            ),
         ];
         for (event, kind, json) in cases {
             assert_eq!(text(&event.json), json);
@@ -329,6 +440,7 @@ mod tests {
             r#"{"type":"ack","req_id":7,"message":{"conversation_id":"c1","msg_id":3,"from":"alice","type":1,"content":"hi \"there\"\n","client_msg_id":"k1","send_time":1700000000000}}"#
         );
         assert_eq!(ack_read(&serde_json::json!("r"), 9), r#"{"type":"ack","req_id":"r","read_msg_id":9}"#);
+        assert_eq!(ack(&serde_json::json!("s")), r#"{"type":"ack","req_id":"s"}"#);
         assert_eq!(
             error(Some(&serde_json::json!("a")), ErrorCode::NotMember, "not a member"),
             r#"{"type":"error","req_id":"a","code":40301,"error":"not a member"}"#

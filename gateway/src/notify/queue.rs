@@ -86,6 +86,25 @@ impl Outbox {
         true
     }
 
+    /// Queues a live signal (receipt, typing): only while the queue is at most half full,
+    /// else it is dropped (false) — a signal never makes a connection a slow consumer nor
+    /// takes the room its messages need.
+    pub fn push_live(&self, event: Arc<super::event::Encoded>) -> bool {
+        let len = event.json.len();
+        let mut s = self.shared.lock();
+        if s.closed.is_some()
+            || s.items.len() >= self.shared.max_events / 2
+            || s.bytes + len > self.shared.max_bytes / 2
+        {
+            return false;
+        }
+        s.bytes += len;
+        s.items.push_back(Outgoing::Event(event));
+        drop(s);
+        self.shared.notify.notify_one();
+        true
+    }
+
     /// Queues a control item (installed, install failed): not counted against the bounds.
     pub fn push_control(&self, item: Outgoing) {
         let mut s = self.shared.lock();
@@ -201,6 +220,21 @@ mod tests {
         assert!(matches!(inbox.recv().await, Ok(Outgoing::InstallFailed)));
         assert!(matches!(inbox.recv().await, Ok(Outgoing::Event(e)) if e.json.len() == 2));
         assert_eq!(inbox.recv().await.err(), Some(Closed::HubGone));
+    }
+
+    #[tokio::test]
+    async fn live_signals_use_half_the_room_and_never_close_the_queue() {
+        let (outbox, mut inbox) = queue(4, 1000);
+        assert!(outbox.push_live(event(1)));
+        assert!(outbox.push_live(event(1)));
+        assert!(!outbox.push_live(event(1)), "past half the events: dropped");
+        assert!(outbox.push_event(event(1)) && outbox.push_event(event(1)), "messages still fit");
+        for _ in 0..4 {
+            assert!(matches!(inbox.recv().await, Ok(Outgoing::Event(_))));
+        }
+        let (outbox, _inbox) = queue(100, 10);
+        assert!(!outbox.push_live(event(6)), "past half the bytes: dropped");
+        assert!(outbox.push_event(event(6)), "and the queue is still open");
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! The open /notify connections of this node, by user: for the connections-per-user limit,
-//! presence (/inner/get_users_online) and /inner/kick_user.
+//! presence (/inner/get_users_online, and the users whose first connection opened or last
+//! one closed, for `presence.rs`) and /inner/kick_user.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -28,6 +29,10 @@ pub struct Registry {
     users: Mutex<HashMap<String, Vec<Entry>>>,
     next_id: AtomicU64,
     total: AtomicU64,
+    /// Users whose first connection opened or last one closed since last taken (bounded by
+    /// the users of this node).
+    changed: Mutex<HashSet<String>>,
+    change: tokio::sync::Notify,
 }
 
 /// A registered connection; unregisters on drop.
@@ -61,6 +66,9 @@ impl Registry {
         let list = users.entry(user_id.to_string()).or_default();
         if list.len() >= max as usize {
             return Err(TooManyConnections);
+        }
+        if list.is_empty() {
+            self.mark(user_id);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kick = CancellationToken::new();
@@ -104,6 +112,22 @@ impl Registry {
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
+
+    fn mark(&self, user_id: &str) {
+        self.changed.lock().unwrap_or_else(|e| e.into_inner()).insert(user_id.to_string());
+        self.change.notify_one();
+    }
+
+    /// Waits until a user's first connection opened or last one closed (returns at once if
+    /// one did since the last [`Registry::take_changed`]).
+    pub async fn changed(&self) {
+        self.change.notified().await;
+    }
+
+    /// The users whose first connection opened or last one closed since the last call.
+    pub fn take_changed(&self) -> Vec<String> {
+        self.changed.lock().unwrap_or_else(|e| e.into_inner()).drain().collect()
+    }
 }
 
 impl Drop for Registration {
@@ -113,6 +137,7 @@ impl Drop for Registration {
             list.retain(|e| e.id != self.id);
             if list.is_empty() {
                 users.remove(&self.user_id);
+                self.registry.mark(&self.user_id);
             }
         }
         self.registry.total.fetch_sub(1, Ordering::Relaxed);

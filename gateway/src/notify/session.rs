@@ -2,7 +2,8 @@
 //!
 //! Opening a session: register the connection (per-user limit, kick handle), attach it to
 //! the hub and wait until it is live at hub position H. Then the session produces, in order:
-//! 1. `ready` — with the client's cursor when resuming, else the cursor of H;
+//! 1. `ready` — with the client's cursor when resuming, else the cursor of H; then, when
+//!    resuming, the read receipts that moved since about when that cursor was made;
 //! 2. when resuming from cursor C: every message the user missed with C < offset ≤ H, read
 //!    from the store page by page (or `resync` when C is older than the retention window or
 //!    from another database);
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::position::Position;
-use quickim_shared::protocol::service::{Replay, ReplayPage};
+use quickim_shared::protocol::service::{GetReceipts, Replay, ReplayPage};
 use quickim_shared::rpc::RpcClient;
 use quickim_shared::telemetry::TraceContext;
 use tokio::time::Instant;
@@ -40,6 +41,15 @@ use crate::error::ApiError;
 
 /// How long a new connection may wait for its memberships to be read.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A resume gets the read receipts that moved from this long before its cursor was made
+/// (covers the hub's coalescing, the bus and clocks apart; a receipt is a position, so one
+/// seen twice changes nothing).
+const RECEIPTS_MARGIN_MS: i64 = 60_000;
+
+/// Most receipts a resume gets (pages of the conversation service); past it the client
+/// reloads read positions over HTTP (docs/protocol.md).
+const RESUME_RECEIPTS_MAX: usize = 5_000;
 
 /// The next thing a transport should do.
 pub enum Step {
@@ -175,8 +185,13 @@ impl Session {
         let mut ahead = None;
         let cursor = match (&client, resync_reason) {
             (Some(c), _) => {
-                let given: Arc<str> = Arc::from(cursor::encode(epoch, c));
+                let made_s = resume.as_ref().map_or(0, |r| r.made_s);
+                let given: Arc<str> = Arc::from(cursor::encode_made(epoch, c, made_s));
                 buffered.push_back(Encoded::ready(given.clone()));
+                if made_s > 0 {
+                    let since_ms = i64::try_from(made_s).unwrap_or(i64::MAX / 1000) * 1000 - RECEIPTS_MARGIN_MS;
+                    missed_receipts(cx.rpc, &caller.user_id, since_ms, &mut buffered).await;
+                }
                 if live_from.ahead_of(c) {
                     replay = Some(ReplayState { after: c.clone(), upto: (*live_from).clone() });
                 }
@@ -324,7 +339,9 @@ impl Session {
         loop {
             match self.inbox.try_recv()? {
                 Outgoing::Event(e) => {
-                    self.cursor = e.cursor.clone();
+                    if !e.cursor.is_empty() {
+                        self.cursor = e.cursor.clone();
+                    }
                     return Some(e);
                 }
                 _ => continue,
@@ -438,7 +455,9 @@ impl Session {
             };
             match item {
                 Ok(Outgoing::Event(e)) => {
-                    self.cursor = e.cursor.clone();
+                    if !e.cursor.is_empty() {
+                        self.cursor = e.cursor.clone();
+                    }
                     return Step::Event(e);
                 }
                 Ok(Outgoing::Installed(_)) => continue,
@@ -492,6 +511,31 @@ impl Drop for Session {
 
 /// The per-transport delivery metrics, looked up once: a registry lookup per delivery was a
 /// measurable share of fan-out.
+/// Buffers the read receipts of `user`'s conversations that moved at or after `since_ms`.
+/// A receipt is a live signal: if they cannot be read the resume goes on without them.
+async fn missed_receipts(rpc: &RpcClient, user: &str, since_ms: i64, out: &mut VecDeque<Arc<Encoded>>) {
+    let mut after = None;
+    let mut taken = 0;
+    while taken < RESUME_RECEIPTS_MAX {
+        let page = match rpc.call(&GetReceipts { user_id: user.to_string(), since_ms, after: after.take() }).await {
+            Ok(page) => page,
+            Err(e) => {
+                metrics::counter!("quickim_notify_receipt_read_failures_total").increment(1);
+                tracing::warn!(error = %e.message, "cannot read the receipts a resume missed");
+                return;
+            }
+        };
+        taken += page.receipts.len();
+        for r in &page.receipts {
+            out.push_back(Encoded::read(&r.conversation_id, &r.user_id, r.read_msg_id));
+        }
+        match page.receipts.last() {
+            Some(last) if page.more => after = Some((last.conversation_id.clone(), last.user_id.clone())),
+            _ => return,
+        }
+    }
+}
+
 fn delivery_metrics(transport: Transport) -> &'static (metrics::Counter, metrics::Histogram) {
     static CELLS: [OnceLock<(metrics::Counter, metrics::Histogram)>; 3] =
         [OnceLock::new(), OnceLock::new(), OnceLock::new()];

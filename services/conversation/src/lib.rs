@@ -17,10 +17,12 @@ use quickim_shared::protocol::api::{
     ArchiveAnswer, ConversationMeta, CreatedConversation, JoinedUsers, KickedUsers, LeftAnswer, MetaRole, MuteAnswer,
     ReadAnswer, RoleAnswer,
 };
+use quickim_shared::protocol::event::{LIVE_SUBJECT, Live};
 use quickim_shared::protocol::service::{
     CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, ConsumeTicket, CreateConversation, GetDetail,
-    GetMemberships, Join, Kick, Leave, ListJoined, ListMembers, ListRevocations, MarkRead, Memberships, Reply,
-    RevocationPage, RevokeTokens, SetArchived, SetMemberRole, SetMute, UpdateConversation,
+    GetLastSeen, GetMemberships, GetReceipts, Join, Kick, Leave, ListJoined, ListMembers, ListRevocations, MarkRead,
+    Memberships, PresenceConversations, RecordSeen, Reply, RevocationPage, RevokeTokens, SetArchived, SetMemberRole,
+    SetMute, UpdateConversation,
 };
 use quickim_shared::protocol::system;
 use quickim_shared::rpc::{self, Handler, answer};
@@ -30,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Most users or conversations one request may name.
 pub const MAX_LIST: usize = 1000;
+
+/// Most receipts in one answer to a resuming gateway (and what fits in one bus message).
+const RECEIPTS_PAGE: u32 = 1000;
 
 /// Limits the conversation service applies.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +110,8 @@ impl ConversationService {
                 avatar: r.avatar,
                 ext: r.ext,
                 meta_role: r.meta_role.unwrap_or(MetaRole::None),
+                receipts: r.receipts.unwrap_or(true),
+                presence: r.presence.unwrap_or(false),
             })
             .await?;
         publish_entries(&self.bus, &out.entries).await;
@@ -206,13 +213,38 @@ impl ConversationService {
         Ok(())
     }
 
+    /// Moves a read position; a move in a conversation with receipts on is told to every
+    /// gateway (a `read` event for the members connected there), after the commit.
+    async fn mark_read(&self, r: MarkRead) -> Reply<ReadAnswer> {
+        check_conversation_id(&r.conversation_id)?;
+        let mark = self.store.mark_read(&r.conversation_id, &r.user_id, r.msg_id).await?;
+        if mark.moved && mark.receipts {
+            let read =
+                Live::Read { conversation_id: r.conversation_id, user_id: r.user_id, read_msg_id: mark.read_msg_id };
+            match serde_json::to_vec(&read) {
+                Ok(body) => {
+                    if let Err(e) = self.bus.publish(LIVE_SUBJECT, Vec::new(), body.into()).await {
+                        // A receipt is a live signal: lost with the bus, found again by a
+                        // resume (the position is stored).
+                        tracing::warn!(error = %e, "cannot publish a read receipt");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot encode a read receipt"),
+            }
+        }
+        Ok(ReadAnswer { read_msg_id: mark.read_msg_id, unread: mark.unread })
+    }
+
     async fn update(&self, r: UpdateConversation) -> Reply<ConversationMeta> {
         let c = &r.changes;
         check_conversation_id(&c.conversation_id)?;
         if let Some(by) = &r.by {
             check_user_id("user_id", by)?;
-            if c.meta_role.is_some() {
-                return Err(ServiceError::new(ErrorCode::Forbidden, "meta_role is set by the business system"));
+            if c.meta_role.is_some() || c.receipts.is_some() || c.presence.is_some() {
+                return Err(ServiceError::new(
+                    ErrorCode::Forbidden,
+                    "meta_role, receipts and presence are set by the business system",
+                ));
             }
         }
         self.check_meta(c.title.as_deref(), c.avatar.as_deref(), c.ext.as_ref())?;
@@ -319,11 +351,41 @@ impl Handler for ConversationService {
                 })
                 .await
             }
-            MarkRead::SUBJECT => {
-                answer(payload, async |r: MarkRead| {
-                    check_conversation_id(&r.conversation_id)?;
-                    let (read_msg_id, unread) = self.store.mark_read(&r.conversation_id, &r.user_id, r.msg_id).await?;
-                    Ok(ReadAnswer { read_msg_id, unread })
+            MarkRead::SUBJECT => answer(payload, |r| self.mark_read(r)).await,
+            PresenceConversations::SUBJECT => {
+                answer(payload, async |r: PresenceConversations| {
+                    check_user_id("user_id", &r.user_id)?;
+                    let budget = self.bus.payload_budget();
+                    let after = r.after.as_deref();
+                    Ok(self.store.presence_conversations(&r.user_id, after, MAX_LIST as u32, budget).await?)
+                })
+                .await
+            }
+            RecordSeen::SUBJECT => {
+                answer(payload, async |r: RecordSeen| {
+                    check_user_id("user_id", &r.user_id)?;
+                    Ok(self.store.record_seen(&r.user_id, r.at_ms).await?)
+                })
+                .await
+            }
+            GetLastSeen::SUBJECT => {
+                answer(payload, async |r: GetLastSeen| {
+                    if r.user_ids.len() > MAX_LIST {
+                        return Err(ServiceError::new(ErrorCode::TooManyItems, format!("at most {MAX_LIST} users")));
+                    }
+                    for u in &r.user_ids {
+                        check_user_id("user_ids", u)?;
+                    }
+                    Ok(self.store.last_seen(&r.user_ids).await?)
+                })
+                .await
+            }
+            GetReceipts::SUBJECT => {
+                answer(payload, async |r: GetReceipts| {
+                    check_user_id("user_id", &r.user_id)?;
+                    let after = r.after.as_ref().map(|(c, u)| (c.as_str(), u.as_str()));
+                    let budget = self.bus.payload_budget();
+                    Ok(self.store.receipts_since(&r.user_id, r.since_ms, after, RECEIPTS_PAGE, budget).await?)
                 })
                 .await
             }

@@ -14,7 +14,7 @@ use quickim_shared::protocol::api::{
     MembersPage, Message, MetaRole, Role, UpdateConversationRequest,
 };
 use quickim_shared::protocol::event::LogEntry;
-use quickim_shared::protocol::service::{MembershipRow, Memberships};
+use quickim_shared::protocol::service::{ConversationIdsPage, MembershipRow, Memberships, Receipt, ReceiptsPage};
 use quickim_shared::protocol::system;
 use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
@@ -44,6 +44,23 @@ pub struct NewConversation {
     pub ext: Option<serde_json::Value>,
     /// Who may change the metadata besides the business system.
     pub meta_role: MetaRole,
+    /// Whether members get each other's read receipts.
+    pub receipts: bool,
+    /// Whether members get each other's presence.
+    pub presence: bool,
+}
+
+/// Where a mark_read left the member's read position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadMark {
+    /// The read position after the call.
+    pub read_msg_id: u64,
+    /// What still counts as unread.
+    pub unread: u64,
+    /// Whether this call moved it.
+    pub moved: bool,
+    /// Whether the conversation has read receipts on.
+    pub receipts: bool,
 }
 
 /// What creating a conversation did.
@@ -84,6 +101,8 @@ impl Store {
             avatar: new.avatar.clone().filter(|a| !a.is_empty()),
             ext: new.ext.clone().filter(|e| !is_empty_ext(e)),
             meta_role: meta_role.clone(),
+            receipts: (!new.receipts).then_some(false),
+            presence: new.presence.then_some(true),
         };
         let ext_text = created.ext.as_ref().map(|e| e.to_string());
         let part = self.partition_for(&id);
@@ -91,8 +110,8 @@ impl Store {
             let now = now_ms();
             let inserted = sqlx::query(
                 "INSERT INTO conversations (conversation_id, conversation_type, joinable, archived, created_at, \
-                 last_msg_id, last_send_time, part, last_offset, title, avatar, ext, meta_role) \
-                 VALUES ($1, $2, $3, $4, $5, 0, $6, $7, 0, $8, $9, $10, $11) \
+                 last_msg_id, last_send_time, part, last_offset, title, avatar, ext, meta_role, receipts, presence) \
+                 VALUES ($1, $2, $3, $4, $5, 0, $6, $7, 0, $8, $9, $10, $11, $12, $13) \
                  ON CONFLICT (conversation_id) DO NOTHING",
             )
             .bind(id.as_str())
@@ -106,6 +125,8 @@ impl Store {
             .bind(created.avatar.as_deref())
             .bind(ext_text.as_deref())
             .bind(meta_role.as_deref())
+            .bind(i32::from(new.receipts))
+            .bind(i32::from(new.presence))
             .execute(&mut **tx)
             .instrument(sql_span(self.system(), "INSERT", "conversations"))
             .await?
@@ -319,7 +340,8 @@ impl Store {
         self.require_member(conversation_id, user_id).await?;
         let conv = sqlx::query(
             "SELECT conversation_type, joinable, archived, created_at, last_msg_id, last_send_time, title, avatar, ext, \
-             meta_role, (SELECT count(*) FROM members WHERE conversation_id = $1 AND active = $2) AS member_count \
+             meta_role, receipts, presence, \
+             (SELECT count(*) FROM members WHERE conversation_id = $1 AND active = $2) AS member_count \
              FROM conversations WHERE conversation_id = $1",
         )
         .bind(conversation_id)
@@ -341,6 +363,8 @@ impl Store {
             avatar: meta.avatar,
             ext: meta.ext,
             meta_role: meta.meta_role,
+            receipts: meta.receipts,
+            presence: meta.presence,
             created_at: conv.try_get("created_at")?,
             last_msg_id: api_int(conv.try_get("last_msg_id")?),
             last_send_time: conv.try_get("last_send_time")?,
@@ -385,9 +409,10 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<MemberInfo>, Option<String>)> {
         let rows = sqlx::query(
-            "SELECT user_id, role, joined_msg_id, read_msg_id FROM members \
-             WHERE conversation_id = $1 AND active = $2 AND (joined_msg_id, user_id) > ($3, $4) \
-             ORDER BY joined_msg_id, user_id LIMIT $5",
+            "SELECT m.user_id, m.role, m.joined_msg_id, m.read_msg_id, p.last_seen FROM members m \
+             LEFT JOIN user_presence p ON p.user_id = m.user_id \
+             WHERE m.conversation_id = $1 AND m.active = $2 AND (m.joined_msg_id, m.user_id) > ($3, $4) \
+             ORDER BY m.joined_msg_id, m.user_id LIMIT $5",
         )
         .bind(conversation_id)
         .bind(1i32)
@@ -405,6 +430,7 @@ impl Store {
                     role: Role::parse(&r.try_get::<String, _>("role")?),
                     joined_msg_id: api_int(r.try_get("joined_msg_id")?),
                     read_msg_id: api_int(r.try_get("read_msg_id")?),
+                    last_seen: r.try_get("last_seen")?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -534,11 +560,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Moves the member's read position forward to `msg_id` (clamped to the newest message);
-    /// answers the position after the call and what still counts as unread.
-    pub async fn mark_read(&self, conversation_id: &str, user_id: &str, msg_id: u64) -> Result<(u64, u64)> {
+    /// Moves the member's read position forward to `msg_id` (clamped to the newest message):
+    /// where it is after the call, what still counts as unread, whether this call moved it
+    /// and whether the conversation has read receipts on.
+    pub async fn mark_read(&self, conversation_id: &str, user_id: &str, msg_id: u64) -> Result<ReadMark> {
         let row = sqlx::query(
-            "SELECT c.last_msg_id, c.counted, m.read_msg_id, m.read_counted FROM members m \
+            "SELECT c.last_msg_id, c.counted, c.receipts, m.read_msg_id, m.read_counted FROM members m \
              JOIN conversations c ON c.conversation_id = m.conversation_id \
              WHERE m.conversation_id = $1 AND m.user_id = $2 AND m.active = $3",
         )
@@ -553,6 +580,7 @@ impl Store {
         let counted: i64 = row.try_get("counted")?;
         let read: i64 = row.try_get("read_msg_id")?;
         let mut read_counted: i64 = row.try_get("read_counted")?;
+        let receipts = get_bool(&row, "receipts")?;
         let target = db_int(msg_id).min(last);
         if target > read {
             // Messages up to the target that count (a message removed by retention: what the
@@ -569,11 +597,12 @@ impl Store {
                 read_counted = read_counted.max(at.try_get("counted")?);
             }
             let moved = sqlx::query(
-                "UPDATE members SET read_msg_id = $1, read_counted = $2 \
-                 WHERE conversation_id = $3 AND user_id = $4 AND read_msg_id < $5",
+                "UPDATE members SET read_msg_id = $1, read_counted = $2, read_at = $3 \
+                 WHERE conversation_id = $4 AND user_id = $5 AND read_msg_id < $6",
             )
             .bind(target)
             .bind(read_counted)
+            .bind(now_ms())
             .bind(conversation_id)
             .bind(user_id)
             .bind(target)
@@ -585,8 +614,137 @@ impl Store {
                 // A later position was written meanwhile (another mark_read, an own send).
                 return Box::pin(self.mark_read(conversation_id, user_id, 0)).await;
             }
+            return Ok(ReadMark {
+                read_msg_id: api_int(target),
+                unread: api_int(counted - read_counted),
+                moved: true,
+                receipts,
+            });
         }
-        Ok((api_int(target.max(read)), api_int(counted - read_counted)))
+        Ok(ReadMark { read_msg_id: api_int(read), unread: api_int(counted - read_counted), moved: false, receipts })
+    }
+
+    /// The user's conversations with presence on, in id order after `after`: at most
+    /// `limit`, and what fits in `max_bytes` as JSON.
+    pub async fn presence_conversations(
+        &self,
+        user_id: &str,
+        after: Option<&str>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<ConversationIdsPage> {
+        let rows = sqlx::query(
+            "SELECT m.conversation_id FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id \
+             WHERE m.user_id = $1 AND m.active = $2 AND c.presence = $3 AND m.conversation_id > $4 \
+             ORDER BY m.conversation_id LIMIT $5",
+        )
+        .bind(user_id)
+        .bind(1i32)
+        .bind(1i32)
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "members"))
+        .await?;
+        let mut page = ConversationIdsPage::default();
+        let mut bytes = 256;
+        for row in &rows {
+            let id: String = row.try_get("conversation_id")?;
+            if page.conversation_ids.len() as u32 == limit
+                || (bytes + id.len() + 3 > max_bytes && !page.conversation_ids.is_empty())
+            {
+                page.more = true;
+                break;
+            }
+            bytes += id.len() + 3;
+            page.conversation_ids.push(id);
+        }
+        Ok(page)
+    }
+
+    /// Records that `user_id` went offline at `at_ms` (a later time only).
+    pub async fn record_seen(&self, user_id: &str, at_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO user_presence (user_id, last_seen) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO UPDATE SET last_seen = excluded.last_seen \
+             WHERE user_presence.last_seen < excluded.last_seen",
+        )
+        .bind(user_id)
+        .bind(at_ms)
+        .execute(self.pool())
+        .instrument(sql_span(self.system(), "INSERT", "user_presence"))
+        .await?;
+        Ok(())
+    }
+
+    /// When each of `user_ids` last went offline (those never seen are left out).
+    pub async fn last_seen(&self, user_ids: &[String]) -> Result<Vec<(String, i64)>> {
+        let mut out = Vec::new();
+        for chunk in user_ids.chunks(500) {
+            let mut params = Params::new(self.system());
+            let sql =
+                format!("SELECT user_id, last_seen FROM user_presence WHERE user_id IN ({})", params.list(chunk.len()));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for u in chunk {
+                q = q.bind(u.as_str());
+            }
+            for row in q.fetch_all(self.pool()).instrument(sql_span(self.system(), "SELECT", "user_presence")).await? {
+                out.push((row.try_get("user_id")?, row.try_get("last_seen")?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The read positions that moved at or after `since_ms` (by a mark_read) in the
+    /// conversations with receipts on where `user_id` is a member, the user's own included:
+    /// the latest of each member, ordered by (conversation, member), from after `after`,
+    /// at most `limit` and what fits in `max_bytes` as JSON.
+    pub async fn receipts_since(
+        &self,
+        user_id: &str,
+        since_ms: i64,
+        after: Option<(&str, &str)>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<ReceiptsPage> {
+        let (after_conv, after_user) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(
+            "SELECT m.conversation_id, m.user_id, m.read_msg_id FROM members me \
+             JOIN conversations c ON c.conversation_id = me.conversation_id \
+             JOIN members m ON m.conversation_id = me.conversation_id \
+             WHERE me.user_id = $1 AND me.active = $2 AND c.receipts = $3 AND m.active = $4 AND m.read_at >= $5 \
+               AND (m.conversation_id > $6 OR (m.conversation_id = $7 AND m.user_id > $8)) \
+             ORDER BY m.conversation_id, m.user_id LIMIT $9",
+        )
+        .bind(user_id)
+        .bind(1i32)
+        .bind(1i32)
+        .bind(1i32)
+        .bind(since_ms)
+        .bind(after_conv)
+        .bind(after_conv)
+        .bind(after_user)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "members"))
+        .await?;
+        let mut page = ReceiptsPage::default();
+        let mut bytes = 64;
+        for row in &rows {
+            let r = Receipt {
+                conversation_id: row.try_get("conversation_id")?,
+                user_id: row.try_get("user_id")?,
+                read_msg_id: api_int(row.try_get("read_msg_id")?),
+            };
+            let len = size::encoded_len(&r) + 1;
+            if page.receipts.len() as u32 == limit || (bytes + len > max_bytes && !page.receipts.is_empty()) {
+                page.more = true;
+                break;
+            }
+            bytes += len;
+            page.receipts.push(r);
+        }
+        Ok(page)
     }
 
     /// Changes a conversation's metadata: `by` a member (whose role must be at least the
@@ -604,11 +762,13 @@ impl Store {
                 return Err(missing(by.is_some()));
             };
             let archived = conv.archived;
-            let row = sqlx::query("SELECT title, avatar, ext, meta_role FROM conversations WHERE conversation_id = $1")
-                .bind(id)
-                .fetch_one(&mut **tx)
-                .instrument(sql_span(self.system(), "SELECT", "conversations"))
-                .await?;
+            let row = sqlx::query(
+                "SELECT title, avatar, ext, meta_role, receipts, presence FROM conversations WHERE conversation_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&mut **tx)
+            .instrument(sql_span(self.system(), "SELECT", "conversations"))
+            .await?;
             let mut meta = meta_of(id, &row)?;
             if let Some(user) = by {
                 let role = self.role_in(tx, id, user).await?.ok_or_else(ServiceError::not_member)?;
@@ -661,17 +821,32 @@ impl Store {
                 changed.meta_role = Some(r.as_str().to_string());
                 meta.meta_role = r;
             }
+            if let Some(r) = changes.receipts
+                && r != meta.receipts
+            {
+                changed.receipts = Some(r);
+                meta.receipts = r;
+            }
+            if let Some(p) = changes.presence
+                && p != meta.presence
+            {
+                changed.presence = Some(p);
+                meta.presence = p;
+            }
             if changed == (system::MetaChanged { by: changed.by.clone(), ..Default::default() }) {
                 return Ok((meta, Vec::new()));
             }
             let ext_text = meta.ext.as_ref().map(|e| e.to_string());
             sqlx::query(
-                "UPDATE conversations SET title = $1, avatar = $2, ext = $3, meta_role = $4 WHERE conversation_id = $5",
+                "UPDATE conversations SET title = $1, avatar = $2, ext = $3, meta_role = $4, receipts = $5, \
+                 presence = $6 WHERE conversation_id = $7",
             )
             .bind(meta.title.as_deref())
             .bind(meta.avatar.as_deref())
             .bind(ext_text.as_deref())
             .bind((meta.meta_role != MetaRole::None).then(|| meta.meta_role.as_str()))
+            .bind(i32::from(meta.receipts))
+            .bind(i32::from(meta.presence))
             .bind(id)
             .execute(&mut **tx)
             .instrument(sql_span(self.system(), "UPDATE", "conversations"))
@@ -922,7 +1097,8 @@ fn members_cursor(cursor: Option<&str>) -> Result<(i64, String)> {
     }
 }
 
-/// A conversation's metadata from a row with `title`, `avatar`, `ext` and `meta_role`.
+/// A conversation's metadata from a row with `title`, `avatar`, `ext`, `meta_role`,
+/// `receipts` and `presence`.
 fn meta_of(conversation_id: &str, row: &sqlx::any::AnyRow) -> Result<ConversationMeta> {
     let ext: Option<String> = row.try_get("ext")?;
     Ok(ConversationMeta {
@@ -931,6 +1107,8 @@ fn meta_of(conversation_id: &str, row: &sqlx::any::AnyRow) -> Result<Conversatio
         avatar: row.try_get("avatar")?,
         ext: ext.and_then(|e| serde_json::from_str(&e).ok()),
         meta_role: MetaRole::parse(row.try_get::<Option<String>, _>("meta_role")?.as_deref()),
+        receipts: get_bool(row, "receipts")?,
+        presence: get_bool(row, "presence")?,
         msg_id: None,
     })
 }

@@ -74,7 +74,7 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, Transaction};
 
-pub use conversations::{CreateOutcome, NewConversation};
+pub use conversations::{CreateOutcome, NewConversation, ReadMark};
 pub use log::UnreadRule;
 pub use messages::SendItem;
 pub use revisions::Revision;

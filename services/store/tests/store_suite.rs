@@ -80,6 +80,7 @@ both!(
     unread_counts_what_others_send,
     listed_system_types_count_as_unread,
     revisions_rewrite_in_place_and_recall_erases,
+    receipts_since_a_time_and_presence_records,
 );
 
 fn conv(id: &str, members: &[&str], owner: Option<&str>) -> NewConversation {
@@ -93,6 +94,8 @@ fn conv(id: &str, members: &[&str], owner: Option<&str>) -> NewConversation {
         avatar: None,
         ext: None,
         meta_role: MetaRole::None,
+        receipts: true,
+        presence: false,
     }
 }
 
@@ -355,9 +358,10 @@ async fn unread_and_joined_list(db: &Db) {
     assert_eq!(ids.len(), 5);
     let c4 = all.iter().find(|c| c.conversation_id == "c4").unwrap();
     assert_eq!((c4.last_msg_id, c4.read_msg_id, c4.unread), (5, 1, 4));
-    assert_eq!(s.mark_read("c4", "a", 3).await.unwrap(), (3, 2));
-    assert_eq!(s.mark_read("c4", "a", 2).await.unwrap(), (3, 2), "never moves back");
-    assert_eq!(s.mark_read("c4", "a", 999).await.unwrap(), (5, 0), "clamped to the newest");
+    let mark = |m: quickim_store::ReadMark| (m.read_msg_id, m.unread, m.moved);
+    assert_eq!(mark(s.mark_read("c4", "a", 3).await.unwrap()), (3, 2, true));
+    assert_eq!(mark(s.mark_read("c4", "a", 2).await.unwrap()), (3, 2, false), "never moves back");
+    assert_eq!(mark(s.mark_read("c4", "a", 999).await.unwrap()), (5, 0, true), "clamped to the newest");
     let archived = s.list_joined("a", Some(true), 10, None, 1 << 20).await.unwrap();
     assert_eq!(archived.conversations.len(), 1);
     assert!(archived.conversations[0].archived);
@@ -732,7 +736,8 @@ async fn unread_counts_what_others_send(db: &Db) {
     assert_eq!(read_and_unread(s, "c", "u").await, (8, 1));
     let listed = summary(s, "c", "u").await;
     assert_eq!(listed.last_msg.map(|m| (m.msg_id, m.content)), Some((nine, "last".to_string())));
-    assert_eq!(s.mark_read("u", "b", 9).await.unwrap(), (9, 0));
+    let m = s.mark_read("u", "b", 9).await.unwrap();
+    assert_eq!((m.read_msg_id, m.unread, m.moved, m.receipts), (9, 0, true, true));
 }
 
 async fn listed_system_types_count_as_unread(db: &Db) {
@@ -800,4 +805,43 @@ async fn revisions_rewrite_in_place_and_recall_erases(db: &Db) {
     let (deleted, _) =
         s.revise(Revision { msg_id: d, by: "b".into(), ..rev(Action::Delete, None, "b") }).await.unwrap();
     assert!(deleted.deleted && deleted.content.is_empty(), "{deleted:?}");
+}
+
+async fn receipts_since_a_time_and_presence_records(db: &Db) {
+    let s = &db.store;
+    s.create_conversation(conv("r1", &["a", "b"], None)).await.unwrap();
+    s.create_conversation(NewConversation { receipts: false, ..conv("quiet", &["a", "b"], None) }).await.unwrap();
+    s.create_conversation(NewConversation { presence: true, ..conv("p", &["a", "c"], None) }).await.unwrap();
+    for c in ["r1", "quiet"] {
+        send(s, c, "a", "x").await;
+        send(s, c, "a", "y").await;
+    }
+    let before = quickim_shared::time::now_ms();
+    assert!(!s.mark_read("quiet", "b", 3).await.unwrap().receipts);
+    s.mark_read("r1", "b", 2).await.unwrap();
+    s.mark_read("r1", "b", 3).await.unwrap();
+    let page = s.receipts_since("a", before, None, 100, 1 << 20).await.unwrap();
+    let got: Vec<_> =
+        page.receipts.iter().map(|r| (r.conversation_id.as_str(), r.user_id.as_str(), r.read_msg_id)).collect();
+    assert_eq!(got, vec![("r1", "b", 3)], "the latest, and none where receipts are off");
+    assert!(
+        s.receipts_since("a", quickim_shared::time::now_ms() + 1000, None, 100, 1 << 20)
+            .await
+            .unwrap()
+            .receipts
+            .is_empty()
+    );
+    let page = s.receipts_since("b", before, None, 100, 1 << 20).await.unwrap();
+    assert_eq!(page.receipts.len(), 1, "the reader's own, for its other devices");
+
+    // Presence: the user's conversations with it on; last_seen only moves forward.
+    let page = s.presence_conversations("a", None, 10, 1 << 20).await.unwrap();
+    assert_eq!((page.conversation_ids, page.more), (vec!["p".to_string()], false));
+    assert!(s.presence_conversations("b", None, 10, 1 << 20).await.unwrap().conversation_ids.is_empty());
+    s.record_seen("c", 2_000).await.unwrap();
+    s.record_seen("c", 1_000).await.unwrap();
+    assert_eq!(s.last_seen(&users(&["c", "z"])).await.unwrap(), vec![("c".to_string(), 2_000)]);
+    let detail = s.detail("p", "a", None, 10, 1 << 20).await.unwrap();
+    let c = detail.members.iter().find(|m| m.user_id == "c").unwrap();
+    assert_eq!((c.last_seen, detail.presence, detail.receipts), (Some(2_000), true, true));
 }

@@ -219,6 +219,12 @@ pub struct UpdateConversationRequest {
     /// /inner only: who may change the metadata besides the business system.
     #[serde(default)]
     pub meta_role: Option<MetaRole>,
+    /// /inner only: whether members get each other's read receipts (`read` events).
+    #[serde(default)]
+    pub receipts: Option<bool>,
+    /// /inner only: whether members get each other's presence (`presence` events).
+    #[serde(default)]
+    pub presence: Option<bool>,
 }
 
 /// `data` of `/update_conversation`: the metadata after the call.
@@ -238,6 +244,10 @@ pub struct ConversationMeta {
     pub ext: Option<serde_json::Value>,
     /// Who may change the metadata besides the business system.
     pub meta_role: MetaRole,
+    /// Whether members get each other's read receipts.
+    pub receipts: bool,
+    /// Whether members get each other's presence.
+    pub presence: bool,
     /// msg_id of the system message that recorded the change (absent when nothing changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msg_id: Option<u64>,
@@ -270,6 +280,27 @@ pub struct MarkReadRequest {
     pub conversation_id: String,
     /// Everything up to and including this msg_id is read (never moves backwards).
     pub msg_id: u64,
+}
+
+/// Body of `/signal`: an ephemeral signal to the conversation's other members.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// `typing`, `typing_stopped` or `custom`.
+    pub kind: super::event::SignalKind,
+    /// `custom` only: what it signals (at most `signal_max_bytes`).
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+/// `data` of `/signal`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SignalAnswer {
+    /// Fanned out to every gateway (delivery is live only, to the members connected then).
+    pub sent: bool,
 }
 
 /// Body of `/get_conversation_msg_by_range`.
@@ -374,6 +405,10 @@ pub struct MemberInfo {
     pub joined_msg_id: u64,
     /// What the member has read.
     pub read_msg_id: u64,
+    /// When the member last went offline (ms; absent if never seen offline). Whether it is
+    /// online now: `/inner/get_users_online` or `presence` events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<i64>,
 }
 
 /// A member's role, lowest first (so roles compare by rank).
@@ -477,6 +512,10 @@ pub struct ConversationDetail {
     pub ext: Option<serde_json::Value>,
     /// Who may change title, avatar and ext besides the business system.
     pub meta_role: MetaRole,
+    /// Whether members get each other's read receipts (`read` events).
+    pub receipts: bool,
+    /// Whether members get each other's presence (`presence` events).
+    pub presence: bool,
     /// Creation time (ms).
     pub created_at: i64,
     /// Newest msg_id.
@@ -605,6 +644,12 @@ pub struct InnerCreateConversationRequest {
     /// Who may change the metadata besides the business system (default `none`).
     #[serde(default)]
     pub meta_role: Option<MetaRole>,
+    /// Whether members get each other's read receipts (default true; off for large groups).
+    #[serde(default)]
+    pub receipts: Option<bool>,
+    /// Whether members get each other's online/offline events (default false).
+    #[serde(default)]
+    pub presence: Option<bool>,
 }
 
 /// Body of `/inner/set_member_role`.
@@ -804,6 +849,9 @@ pub struct UserOnline {
     pub platforms: Vec<String>,
     /// Open connections across all gateways.
     pub connections: u32,
+    /// Offline: when it last went offline (ms), if ever seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<i64>,
 }
 
 /// `data` of `/inner/get_users_online`.

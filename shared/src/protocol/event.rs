@@ -46,6 +46,74 @@ pub struct BusEntry<E = LogEntry> {
 /// Subject on which message services announce the partition heads (for tail-gap detection).
 pub const HEADS_SUBJECT: &str = "quickim.heads";
 
+/// Subject of live signals between nodes ([`Live`]): never stored, never replayed; every
+/// gateway delivers them to the members connected to it.
+pub const LIVE_SUBJECT: &str = "quickim.live";
+
+/// A live signal as it crosses the bus (bounded: ids and a signal's content are limited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Live {
+    /// A member's read position moved (read receipts are on in the conversation).
+    Read {
+        /// The conversation.
+        conversation_id: String,
+        /// The member who read.
+        user_id: String,
+        /// Its read position now.
+        read_msg_id: u64,
+    },
+    /// A member's ephemeral signal (typing, ...).
+    Signal {
+        /// The conversation.
+        conversation_id: String,
+        /// The member who signals.
+        from: String,
+        /// What it signals.
+        kind: SignalKind,
+        /// Free content (`custom`), size-limited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<String>,
+    },
+    /// A user came online (its first connection on any node) or went offline (its last one
+    /// closed, after the debounce): for the members of `conversations` (those of the user's
+    /// with presence on; one page, bounded in bytes).
+    Presence {
+        /// The user.
+        user_id: String,
+        /// Online now, or not.
+        online: bool,
+        /// When it went offline (ms).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_seen: Option<i64>,
+        /// The user's conversations with presence on (a page of them).
+        conversations: Vec<String>,
+    },
+}
+
+/// The kinds of ephemeral signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalKind {
+    /// The member is typing: receivers show it until `expires_in_ms` unless renewed.
+    Typing,
+    /// The member stopped typing (without sending).
+    TypingStopped,
+    /// Anything else the application defines, in `content` (e.g. "recording audio").
+    Custom,
+}
+
+impl SignalKind {
+    /// The `kind` field.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SignalKind::Typing => "typing",
+            SignalKind::TypingStopped => "typing_stopped",
+            SignalKind::Custom => "custom",
+        }
+    }
+}
+
 // ---------------------------------------------------------------- /notify
 
 /// A frame a WebSocket client may send.
@@ -75,11 +143,38 @@ pub enum ClientFrame {
         /// New read position.
         msg_id: u64,
     },
+    /// An ephemeral signal to the conversation's other members (as /signal).
+    Signal {
+        /// Echoed in the answer.
+        req_id: serde_json::Value,
+        /// The conversation.
+        conversation_id: String,
+        /// What it signals.
+        kind: SignalKind,
+        /// Free content (`custom`).
+        #[serde(default)]
+        content: Option<String>,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn golden_live_signals() {
+        let read = Live::Read { conversation_id: "c".into(), user_id: "bob".into(), read_msg_id: 7 };
+        assert_eq!(
+            serde_json::to_string(&read).unwrap(),
+            r#"{"type":"read","conversation_id":"c","user_id":"bob","read_msg_id":7}"#
+        );
+        let typing =
+            Live::Signal { conversation_id: "c".into(), from: "bob".into(), kind: SignalKind::Typing, content: None };
+        assert_eq!(
+            serde_json::to_string(&typing).unwrap(),
+            r#"{"type":"signal","conversation_id":"c","from":"bob","kind":"typing"}"#
+        );
+    }
 
     #[test]
     fn golden_client_frames() {
@@ -98,5 +193,12 @@ mod tests {
             .is_err()
         );
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"subscribe"}"#).is_err());
+        let f: ClientFrame =
+            serde_json::from_str(r#"{"type":"signal","req_id":2,"conversation_id":"c","kind":"typing"}"#).unwrap();
+        assert!(matches!(f, ClientFrame::Signal { kind: SignalKind::Typing, content: None, .. }));
+        assert!(
+            serde_json::from_str::<ClientFrame>(r#"{"type":"signal","req_id":2,"conversation_id":"c","kind":"dance"}"#)
+                .is_err()
+        );
     }
 }

@@ -73,6 +73,12 @@ pub struct CreateConversation {
     /// Who may change the metadata besides the business system.
     #[serde(default)]
     pub meta_role: Option<MetaRole>,
+    /// Read receipts on (default) or off.
+    #[serde(default)]
+    pub receipts: Option<bool>,
+    /// Presence events on or off (default).
+    #[serde(default)]
+    pub presence: Option<bool>,
 }
 call!(CreateConversation, "quickim.conv.create", CreatedConversation);
 
@@ -221,6 +227,80 @@ pub struct MarkRead {
     pub msg_id: u64,
 }
 call!(MarkRead, "quickim.conv.mark_read", ReadAnswer);
+
+/// The read positions that moved (by a mark_read) at or after `since_ms` in the user's
+/// conversations with receipts on, the user's own included: what a resuming client missed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetReceipts {
+    /// The resuming user.
+    pub user_id: String,
+    /// Moved at or after this time (ms).
+    pub since_ms: i64,
+    /// Continue after this (conversation, member) of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<(String, String)>,
+}
+call!(GetReceipts, "quickim.conv.receipts", ReceiptsPage);
+
+/// The user's conversations with presence on, a page at a time (for a presence event).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PresenceConversations {
+    /// The user.
+    pub user_id: String,
+    /// Continue after this conversation id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+call!(PresenceConversations, "quickim.conv.presence_conversations", ConversationIdsPage);
+
+/// A page of conversation ids, in id order, bounded in count and bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationIdsPage {
+    /// The ids.
+    pub conversation_ids: Vec<String>,
+    /// More follow: ask again after the last one.
+    #[serde(default)]
+    pub more: bool,
+}
+
+/// Record when a user went offline (its last connection on any node closed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordSeen {
+    /// The user.
+    pub user_id: String,
+    /// When (ms).
+    pub at_ms: i64,
+}
+call!(RecordSeen, "quickim.conv.record_seen", ());
+
+/// When each of the users last went offline (users never seen offline are left out).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetLastSeen {
+    /// The users (at most 1000).
+    pub user_ids: Vec<String>,
+}
+call!(GetLastSeen, "quickim.conv.last_seen", Vec<(String, i64)>);
+
+/// A member's read position in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The member.
+    pub user_id: String,
+    /// Its read position.
+    pub read_msg_id: u64,
+}
+
+/// A page of [`Receipt`]s, ordered by (conversation, member), bounded in count and bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptsPage {
+    /// The receipts.
+    pub receipts: Vec<Receipt>,
+    /// More follow: ask again after the last one.
+    #[serde(default)]
+    pub more: bool,
+}
 
 /// Revoke a user's tokens issued before `before_ms` (optionally one platform only).
 #[derive(Debug, Clone, Serialize, Deserialize)]

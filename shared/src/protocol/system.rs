@@ -84,6 +84,12 @@ pub struct MetaChanged {
     /// New lowest role that may change the metadata (`none` = only the business system).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta_role: Option<String>,
+    /// Read receipts turned on or off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipts: Option<bool>,
+    /// Presence events turned on or off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<bool>,
     /// Who changed it: a member's user id, or "" for the business system.
     pub by: String,
 }
@@ -125,6 +131,12 @@ pub struct Created {
     /// Lowest role that may change the metadata, if members may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta_role: Option<String>,
+    /// `false` when read receipts are off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipts: Option<bool>,
+    /// `true` when presence events are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<bool>,
 }
 
 /// Content of [`JOINED`], [`LEFT`] and [`KICKED`] messages.
@@ -197,6 +209,8 @@ mod tests {
             avatar: None,
             ext: None,
             meta_role: None,
+            receipts: None,
+            presence: None,
         });
         assert!(!created.contains("title"), "absent metadata is not written: {created}");
         assert_eq!(

@@ -270,6 +270,11 @@ impl Members {
             .copied()
     }
 
+    /// The connections of the conversation's members now (for live signals).
+    pub fn connected<'a>(&'a self, conversation: &'a str) -> impl Iterator<Item = SessionId> + 'a {
+        self.recipients(conversation, u64::MAX)
+    }
+
     /// Forgets users without connections whose linger period ran out.
     pub fn sweep(&mut self) {
         let now = Instant::now();

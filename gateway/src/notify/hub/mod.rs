@@ -23,9 +23,14 @@
 //! - `slots.rs` — delivery: one bounded queue per connection (events and bytes), a message
 //!   event encoded once and shared by every connection that gets it; a full queue means a slow
 //!   consumer, dropped from delivery and told (the client resumes from its last cursor).
+//! - `live.rs` — live signals (never stored, no place in the log): read receipts coalesced
+//!   per member and conversation; typing and other signals, and presence, go to the members
+//!   connected here as they come, into the room a queue has to spare (never making a slow
+//!   consumer).
 //!
-//! This file: the handle ([`Hub`]) and the task that owns the three and runs their I/O.
+//! This file: the handle ([`Hub`]) and the task that owns the four and runs their I/O.
 
+mod live;
 mod members;
 mod order;
 mod slots;
@@ -39,7 +44,7 @@ use futures::StreamExt;
 use quickim_shared::bus::{Bus, BusError, Headers, Incoming};
 use quickim_shared::error::ServiceError;
 use quickim_shared::position::Position;
-use quickim_shared::protocol::event::{BusEntry, HEADS_SUBJECT, LOG_SUBJECT, LogEntry};
+use quickim_shared::protocol::event::{BusEntry, HEADS_SUBJECT, LIVE_SUBJECT, LOG_SUBJECT, Live, LogEntry};
 use quickim_shared::protocol::service::{GetHeads, GetMemberships, LogHeads, ReadLog};
 use quickim_shared::protocol::system::MembershipChange;
 use quickim_shared::rpc::RpcClient;
@@ -50,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 use super::cursor;
 use super::event::Encoded;
 use super::queue::{self, Closed, Inbox, Outbox};
+use live::Receipts;
 use members::{Change, Installed, Joined, Members, Snapshot};
 use order::{Heads, LogOrder, Stall};
 use slots::Slots;
@@ -69,6 +75,8 @@ pub struct HubConfig {
     pub stall_after: Duration,
     /// Most bytes of early entries held back, all partitions together.
     pub max_held_bytes: usize,
+    /// `typing` events tell receivers to show it this long (ms).
+    pub typing_ttl_ms: u64,
 }
 
 impl Default for HubConfig {
@@ -89,6 +97,7 @@ impl HubConfig {
             gap_fill: Duration::from_millis(config.gap_fill_ms),
             stall_after: Duration::from_secs(config.hub_stall_s),
             max_held_bytes: config.hub_max_held_bytes,
+            typing_ttl_ms: config.typing_ttl_s * 1000,
         }
     }
 }
@@ -169,6 +178,7 @@ impl Hub {
     ) -> Result<Hub, BusError> {
         let log = bus.subscribe(LOG_SUBJECT, None).await?;
         let heads = bus.subscribe(HEADS_SUBJECT, None).await?;
+        let live = bus.subscribe(LIVE_SUBJECT, None).await?;
         let (cmds, cmd_rx) = mpsc::channel(8192);
         let published = Arc::new(Published {
             ready: AtomicBool::new(false),
@@ -182,7 +192,7 @@ impl Hub {
                 return;
             };
             let mut task = HubTask::new(start, rpc, cmds, published, config);
-            task.run(futures::stream::select(log, heads), cmd_rx, shutdown).await;
+            task.run(futures::stream::select(futures::stream::select(log, heads), live), cmd_rx, shutdown).await;
         });
         Ok(hub)
     }
@@ -262,6 +272,7 @@ struct HubTask {
     order: LogOrder,
     members: Members,
     slots: Slots,
+    receipts: Receipts,
     rpc: RpcClient,
     cmds: mpsc::Sender<Command>,
     published: Arc<Published>,
@@ -282,6 +293,7 @@ impl HubTask {
             order: LogOrder::new(heads, config),
             members: Members::default(),
             slots: Slots::default(),
+            receipts: Receipts::default(),
             rpc,
             cmds,
             published,
@@ -304,6 +316,8 @@ impl HubTask {
         let mut tick = tokio::time::interval((self.config.gap_fill / 2).max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        let mut held_receipts = tokio::time::interval(live::RECEIPT_INTERVAL / 5);
+        held_receipts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -317,6 +331,11 @@ impl HubTask {
                     self.watch_lag();
                 }
                 _ = sweep.tick() => self.members.sweep(),
+                _ = held_receipts.tick() => {
+                    for (conversation, user, read) in self.receipts.due(Instant::now()) {
+                        self.deliver_read(&conversation, &user, read);
+                    }
+                }
             }
         }
         self.published.ready.store(false, Ordering::Relaxed);
@@ -401,6 +420,10 @@ impl HubTask {
     // ------------------------------------------------------------ the log
 
     fn incoming(&mut self, msg: Incoming) {
+        if msg.subject == LIVE_SUBJECT {
+            self.live(&msg.payload);
+            return;
+        }
         if msg.subject == HEADS_SUBJECT {
             if let Ok(heads) = serde_json::from_slice::<LogHeads>(&msg.payload) {
                 self.heads(heads);
@@ -417,6 +440,40 @@ impl HubTask {
             }
             Err(e) => tracing::warn!(error = %e, subject = %msg.subject, "undecodable log entries"),
         }
+    }
+
+    // ------------------------------------------------------------ live signals
+
+    fn live(&mut self, payload: &[u8]) {
+        match serde_json::from_slice::<Live>(payload) {
+            Ok(Live::Read { conversation_id, user_id, read_msg_id }) => {
+                if let Some(read) = self.receipts.note(&conversation_id, &user_id, read_msg_id, Instant::now()) {
+                    self.deliver_read(&conversation_id, &user_id, read);
+                }
+            }
+            Ok(Live::Signal { conversation_id, from, kind, content }) => {
+                let event =
+                    Encoded::signal(&conversation_id, &from, kind, content.as_deref(), self.config.typing_ttl_ms);
+                let n = self.slots.deliver_live(self.members.connected(&conversation_id), &event, Some(&from));
+                metrics::counter!("quickim_live_signals_delivered_total", "kind" => kind.name()).increment(n);
+            }
+            Ok(Live::Presence { user_id, online, last_seen, conversations }) => {
+                let event = Encoded::presence(&user_id, online, last_seen);
+                let ids: std::collections::HashSet<SessionId> =
+                    conversations.iter().flat_map(|c| self.members.connected(c)).collect();
+                let n = self.slots.deliver_live(ids.into_iter(), &event, Some(&user_id));
+                metrics::counter!("quickim_live_signals_delivered_total", "kind" => "presence").increment(n);
+            }
+            Err(e) => tracing::warn!(error = %e, "undecodable live signal"),
+        }
+    }
+
+    /// A `read` event to every connection of the conversation's members here (the reader's
+    /// other devices included).
+    fn deliver_read(&self, conversation: &str, user: &str, read: u64) {
+        let event = Encoded::read(conversation, user, read);
+        let n = self.slots.deliver_live(self.members.connected(conversation), &event, None);
+        metrics::counter!("quickim_live_signals_delivered_total", "kind" => "read").increment(n);
     }
 
     /// Entries were taken: the position is published, snapshots it reached installed.

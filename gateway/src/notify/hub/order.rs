@@ -273,8 +273,12 @@ mod tests {
     }
 
     fn order(max_held_bytes: usize) -> LogOrder {
-        let config =
-            HubConfig { gap_fill: Duration::from_millis(100), stall_after: Duration::from_secs(60), max_held_bytes };
+        let config = HubConfig {
+            gap_fill: Duration::from_millis(100),
+            stall_after: Duration::from_secs(60),
+            max_held_bytes,
+            ..HubConfig::default()
+        };
         LogOrder::new(LogHeads { epoch: 1, heads: Position::zero(2) }, config)
     }
 
@@ -354,8 +358,12 @@ mod tests {
 
     #[test]
     fn a_partition_behind_too_long_stalls_the_node_until_all_caught_up() {
-        let config =
-            HubConfig { gap_fill: Duration::ZERO, stall_after: Duration::from_millis(10), max_held_bytes: 1 << 20 };
+        let config = HubConfig {
+            gap_fill: Duration::ZERO,
+            stall_after: Duration::from_millis(10),
+            max_held_bytes: 1 << 20,
+            ..HubConfig::default()
+        };
         let mut o = LogOrder::new(LogHeads { epoch: 1, heads: Position::zero(2) }, config);
         o.heads(&LogHeads { epoch: 1, heads: vec![2, 1].into() });
         assert_eq!(o.watch(Instant::now()), Stall::Same);

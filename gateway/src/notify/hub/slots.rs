@@ -154,6 +154,30 @@ impl Slots {
         out
     }
 
+    /// Queues a live signal for the live connections among `ids`, except those of `except`
+    /// (the user who sent it); a connection without room is skipped, never dropped.
+    /// Answers how many got it.
+    pub fn deliver_live(
+        &self,
+        ids: impl Iterator<Item = SessionId>,
+        event: &Arc<Encoded>,
+        except: Option<&str>,
+    ) -> u64 {
+        let mut queued = 0;
+        for id in ids {
+            let Some(slot) = self.slots.get(&id) else { continue };
+            if !slot.live || except.is_some_and(|u| *slot.user == *u) {
+                continue;
+            }
+            if slot.outbox.push_live(event.clone()) {
+                queued += 1;
+            } else {
+                metrics::counter!("quickim_live_signals_dropped_total").increment(1);
+            }
+        }
+        queued
+    }
+
     /// Connections that came from a node ahead of this one stop skipping once the hub,
     /// now at `position`, has passed them.
     pub fn catch_up(&mut self, position: &Position) {
@@ -194,10 +218,10 @@ mod tests {
         }
     }
 
-    fn cursor_of(inbox: &mut queue::Inbox) -> Option<String> {
+    fn position_of(inbox: &mut queue::Inbox) -> Option<Position> {
         match inbox.try_recv()? {
-            Outgoing::Event(e) => Some(e.cursor.to_string()),
-            _ => cursor_of(inbox),
+            Outgoing::Event(e) => cursor::Cursor::decode(&e.cursor).ok().map(|c| c.position),
+            _ => position_of(inbox),
         }
     }
 
@@ -238,10 +262,10 @@ mod tests {
         }
         assert!(i.try_recv().is_none(), "4 and 5 came from the other node");
         s.deliver([id].into_iter(), &message(6), (1, 1, 2), &at(&[5, 2]), &None);
-        assert_eq!(cursor_of(&mut i), Some(cursor::encode(1, &at(&[5, 2]))), "its own cursor: the larger of both");
+        assert_eq!(position_of(&mut i), Some(at(&[5, 2])), "its own cursor: the larger of both");
         s.catch_up(&at(&[5, 2]));
         s.deliver([id].into_iter(), &message(6), (1, 0, 6), &at(&[6, 2]), &None);
-        assert_eq!(cursor_of(&mut i), Some(cursor::encode(1, &at(&[6, 2]))), "the hub's cursor once passed");
+        assert_eq!(position_of(&mut i), Some(at(&[6, 2])), "the hub's cursor once passed");
     }
 
     #[test]

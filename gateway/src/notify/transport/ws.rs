@@ -283,6 +283,7 @@ async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
     let (name, req_id) = match &frame {
         ClientFrame::Send { req_id, .. } => ("send", req_id.clone()),
         ClientFrame::MarkRead { req_id, .. } => ("mark_read", req_id.clone()),
+        ClientFrame::Signal { req_id, .. } => ("signal", req_id.clone()),
     };
     let span = tracing::info_span!(
         "ws.request",
@@ -291,7 +292,9 @@ async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
         enduser.id = %user_id,
     );
     async {
-        if let Err(wait) = state.limiter.check(user_id) {
+        // Signals have a rate of their own (checked by the action).
+        let limited = if matches!(frame, ClientFrame::Signal { .. }) { Ok(()) } else { state.limiter.check(user_id) };
+        if let Err(wait) = limited {
             return event::error(
                 Some(&req_id),
                 ErrorCode::RateLimited,
@@ -310,6 +313,12 @@ async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
             ClientFrame::MarkRead { conversation_id, msg_id, .. } => {
                 match actions::mark_read(state, user_id, conversation_id, msg_id).await {
                     Ok(a) => event::ack_read(&req_id, a.read_msg_id),
+                    Err(ServiceError { code, message }) => event::error(Some(&req_id), code, &message),
+                }
+            }
+            ClientFrame::Signal { conversation_id, kind, content, .. } => {
+                match actions::signal(state, user_id, conversation_id, kind, content).await {
+                    Ok(_) => event::ack(&req_id),
                     Err(ServiceError { code, message }) => event::error(Some(&req_id), code, &message),
                 }
             }

@@ -1,0 +1,126 @@
+//! Presence: debounced `presence` events (online, offline with `last_seen`) for the members
+//! of a user's conversations with presence on, consistent across gateway nodes.
+//!
+//! Each node watches its own connections (the registry marks users whose first connection
+//! opened or last one closed). A user's first connection here announces it online at once (a
+//! user already online on another node is announced again: receivers keep a state, and an
+//! event twice changes nothing). When its last connection here closes, the node waits
+//! `presence_debounce_s`: a reconnection here meanwhile announces nothing; otherwise the node
+//! asks every node (the cluster's presence query) and, if none holds a connection of the
+//! user, records `last_seen` and announces it offline. Of nodes closing at the same time at
+//! least the last one announces. Announcements cross the bus (`quickim.live`) with a page of
+//! the user's presence-on conversations; each gateway's hub delivers them to those
+//! conversations' members connected there.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quickim_shared::protocol::event::{LIVE_SUBJECT, Live};
+use quickim_shared::protocol::service::{PresenceConversations, RecordSeen};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AppState;
+
+/// Announcements in flight at once (each a cluster query and a few service calls).
+const CONCURRENCY: usize = 64;
+
+/// Watches this node's connections until shutdown; see the module docs.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let debounce = Duration::from_secs(state.config.presence_debounce_s);
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut offline_since: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = state.registry.changed() => {}
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        for user in state.registry.take_changed() {
+            if state.registry.presence(&user).1 > 0 {
+                // Back within the debounce: it never went offline.
+                if offline_since.remove(&user).is_none() {
+                    announce(&state, &permits, user, true);
+                }
+            } else {
+                offline_since.entry(user).or_insert(now);
+            }
+        }
+        let due: Vec<String> = offline_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= debounce)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for user in due {
+            offline_since.remove(&user);
+            announce(&state, &permits, user, false);
+        }
+    }
+}
+
+fn announce(state: &AppState, permits: &Arc<Semaphore>, user: String, online: bool) {
+    let (state, permits) = (state.clone(), permits.clone());
+    tokio::spawn(async move {
+        let Ok(_permit) = permits.acquire_owned().await else { return };
+        let last_seen = if online {
+            None
+        } else {
+            match state.cluster.presence(std::slice::from_ref(&user), state.config.max_connections_per_user).await {
+                Ok((p, _)) if p.get(&user).is_some_and(|p| p.connections > 0) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, %user, "cannot ask the other nodes about a user; not announcing it offline");
+                    return;
+                }
+            }
+            let at_ms = quickim_shared::time::now_ms();
+            if let Err(e) = state.rpc.call(&RecordSeen { user_id: user.clone(), at_ms }).await {
+                tracing::warn!(error = %e.message, %user, "cannot record last_seen");
+            }
+            Some(at_ms)
+        };
+        publish(&state, user, online, last_seen).await;
+    });
+}
+
+/// One `Live::Presence` per page of the user's presence-on conversations.
+async fn publish(state: &AppState, user: String, online: bool, last_seen: Option<i64>) {
+    let mut after = None;
+    loop {
+        let page = match state.rpc.call(&PresenceConversations { user_id: user.clone(), after: after.take() }).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e.message, %user, "cannot read a user's presence conversations");
+                return;
+            }
+        };
+        let next = page.conversation_ids.last().cloned().filter(|_| page.more);
+        if page.conversation_ids.is_empty() {
+            return;
+        }
+        let live = Live::Presence { user_id: user.clone(), online, last_seen, conversations: page.conversation_ids };
+        match serde_json::to_vec(&live) {
+            Ok(body) => {
+                if let Err(e) = state.rpc.bus().publish(LIVE_SUBJECT, Vec::new(), body.into()).await {
+                    tracing::warn!(error = %e, %user, "cannot publish presence");
+                    return;
+                }
+                metrics::counter!("quickim_presence_announced_total", "online" => if online { "yes" } else { "no" })
+                    .increment(1);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode presence");
+                return;
+            }
+        }
+        match next {
+            Some(n) => after = Some(n),
+            None => return,
+        }
+    }
+}
