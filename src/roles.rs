@@ -163,6 +163,7 @@ async fn start_services(
             send_batch_max: config.send_batch_max,
             edit_window_ms: (config.edit_window_s as i64).saturating_mul(1000),
             recall_window_ms: (config.recall_window_s as i64).saturating_mul(1000),
+            stream_timeout_ms: (config.stream_timeout_s as i64).saturating_mul(1000),
         };
         let serving = MessageService::new(store, bus.clone(), limits).start(shutdown.clone()).await?;
         tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("message service: {e}")) });

@@ -7,9 +7,11 @@
 
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::ids::check_conversation_id;
-use quickim_shared::protocol::api::{Message, ReadAnswer, SignalAnswer};
+use quickim_shared::protocol::api::{Message, ReadAnswer, SignalAnswer, StreamDeltaAnswer};
 use quickim_shared::protocol::event::{LIVE_SUBJECT, Live, SignalKind};
-use quickim_shared::protocol::service::{CheckJoined, MarkRead, Origin, ReviseMessage, SendMessage};
+use quickim_shared::protocol::service::{
+    CheckJoined, GetStream, MarkRead, OpenStream, Origin, ReviseMessage, SendMessage,
+};
 use quickim_shared::protocol::system::Action;
 use quickim_shared::rpc::bus_error;
 use tokio::time::Instant;
@@ -127,4 +129,65 @@ pub async fn signal(
     state.rpc.bus().publish(LIVE_SUBJECT, Vec::new(), body.into()).await.map_err(bus_error)?;
     metrics::counter!("quickim_live_signals_sent_total", "kind" => kind.name()).increment(1);
     Ok(SignalAnswer { sent: true })
+}
+
+/// Opens a streaming message: stored empty at once (its msg_id taken, delivered like any
+/// message with `streaming: true`); its text follows with [`stream_delta`].
+pub async fn open_stream(
+    state: &AppState,
+    sender: Sender<'_>,
+    conversation_id: String,
+    msg_type: i32,
+) -> Result<Message, ServiceError> {
+    let (origin, from) = match sender {
+        Sender::Member(user) => (Origin::Client, user),
+        Sender::Inner(from) => (Origin::Inner, from),
+    };
+    state.rpc.call(&OpenStream { origin, conversation_id, from: from.to_string(), msg_type }).await
+}
+
+/// The next piece of an open stream, from its sender (or the business system): checked,
+/// then fanned out live to every gateway; never stored (the finish stores the whole).
+pub async fn stream_delta(
+    state: &AppState,
+    sender: Sender<'_>,
+    conversation_id: String,
+    msg_id: u64,
+    seq: u64,
+    delta: String,
+) -> Result<StreamDeltaAnswer, ServiceError> {
+    check_conversation_id(&conversation_id)?;
+    if seq == 0 || msg_id == 0 {
+        return Err(ServiceError::invalid("msg_id and seq start at 1"));
+    }
+    let max = state.config.stream_delta_max_bytes;
+    if delta.len() > max {
+        return Err(ServiceError::new(ErrorCode::DeltaTooLarge, format!("a delta holds at most {max} bytes")));
+    }
+    if delta.contains('\0') {
+        return Err(ServiceError::new(ErrorCode::InvalidText, "a delta holds a NUL character"));
+    }
+    let info = match state.rpc.call(&GetStream { conversation_id: conversation_id.clone(), msg_id }).await {
+        Ok(info) => Some(info),
+        Err(e) if e.code == ErrorCode::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    if let Sender::Member(user) = sender {
+        // The same answer for someone else's message and for none: nothing to learn here.
+        if info.as_ref().is_none_or(|i| i.from != user) {
+            return Err(ServiceError::new(ErrorCode::NotSender, "only the stream's sender appends to it"));
+        }
+    }
+    match info {
+        None => return Err(ServiceError::new(ErrorCode::NotFound, "no such message")),
+        Some(i) if !i.open => {
+            return Err(ServiceError::new(ErrorCode::StreamClosed, "the stream was finished or cancelled"));
+        }
+        Some(_) => {}
+    }
+    let live = Live::Delta { conversation_id, msg_id, seq, delta };
+    let body = serde_json::to_vec(&live).map_err(ServiceError::internal)?;
+    state.rpc.bus().publish(LIVE_SUBJECT, Vec::new(), body.into()).await.map_err(bus_error)?;
+    metrics::counter!("quickim_stream_deltas_total").increment(1);
+    Ok(StreamDeltaAnswer { sent: true })
 }

@@ -174,6 +174,10 @@ config_keys! {
     typing_ttl_s: u64 => u64 = 6, env "QUICKIM_TYPING_TTL_S";
     /// A user whose last connection closed is announced offline only after this long without one, seconds (0: at once)
     presence_debounce_s: u64 => u64 = 5, env "QUICKIM_PRESENCE_DEBOUNCE_S";
+    /// A stream not finished this long after it was opened is cancelled, seconds
+    stream_timeout_s: u64 => u64 = 600, env "QUICKIM_STREAM_TIMEOUT_S";
+    /// Largest stream delta, UTF-8 bytes
+    stream_delta_max_bytes: usize => usize = 4096, env "QUICKIM_STREAM_DELTA_MAX_BYTES";
     /// Public API requests per second per user (per gateway node); 0 = unlimited
     rate_limit_per_s: u32 => u32 = 100, env "QUICKIM_RATE_LIMIT_PER_S";
     /// Burst above the rate
@@ -313,6 +317,12 @@ impl Config {
         }
         if self.signal_max_bytes > 4096 {
             return fail(format!("signal_max_bytes must be at most 4096, not {}", self.signal_max_bytes));
+        }
+        if self.stream_timeout_s == 0 {
+            return fail("stream_timeout_s must be at least 1".into());
+        }
+        if self.stream_delta_max_bytes == 0 || self.stream_delta_max_bytes > 65_536 {
+            return fail(format!("stream_delta_max_bytes must be within 1–65536, not {}", self.stream_delta_max_bytes));
         }
         if self.presence_debounce_s > 600 {
             return fail(format!("presence_debounce_s must be at most 600, not {}", self.presence_debounce_s));

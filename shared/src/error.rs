@@ -44,6 +44,10 @@ pub enum ErrorCode {
     ConversationFull,
     /// The message was recalled or deleted: it cannot be changed any more.
     MessageGone,
+    /// A delta or finish for a stream that is not open (finished, cancelled, or not a stream).
+    StreamClosed,
+    /// An edit, recall or delete of a message still streaming: finish or cancel it first.
+    StillStreaming,
     /// Body or content larger than the configured limit.
     PayloadTooLarge,
     /// A message that, encoded, would not fit in one message of the cluster's bus (NATS's
@@ -59,6 +63,8 @@ pub enum ErrorCode {
     ExtTooLarge,
     /// A signal's content over `signal_max_bytes`.
     SignalTooLarge,
+    /// A stream delta over `stream_delta_max_bytes`.
+    DeltaTooLarge,
     /// Request rate above the configured limit; `Retry-After` says when to come back.
     RateLimited,
     /// Too many open /notify connections for this user.
@@ -79,7 +85,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 32] = [
+    pub const ALL: [ErrorCode; 35] = [
         ErrorCode::InvalidParam,
         ErrorCode::InvalidText,
         ErrorCode::TooManyItems,
@@ -97,6 +103,8 @@ impl ErrorCode {
         ErrorCode::ConversationArchived,
         ErrorCode::ConversationFull,
         ErrorCode::MessageGone,
+        ErrorCode::StreamClosed,
+        ErrorCode::StillStreaming,
         ErrorCode::PayloadTooLarge,
         ErrorCode::TooLargeForBus,
         ErrorCode::BodyTooLarge,
@@ -104,6 +112,7 @@ impl ErrorCode {
         ErrorCode::AvatarTooLarge,
         ErrorCode::ExtTooLarge,
         ErrorCode::SignalTooLarge,
+        ErrorCode::DeltaTooLarge,
         ErrorCode::RateLimited,
         ErrorCode::TooManyConnections,
         ErrorCode::FrameRateLimited,
@@ -134,6 +143,8 @@ impl ErrorCode {
             ErrorCode::ConversationArchived => 40901,
             ErrorCode::ConversationFull => 40902,
             ErrorCode::MessageGone => 40903,
+            ErrorCode::StreamClosed => 40904,
+            ErrorCode::StillStreaming => 40905,
             ErrorCode::PayloadTooLarge => 41300,
             ErrorCode::TooLargeForBus => 41301,
             ErrorCode::BodyTooLarge => 41302,
@@ -141,6 +152,7 @@ impl ErrorCode {
             ErrorCode::AvatarTooLarge => 41304,
             ErrorCode::ExtTooLarge => 41305,
             ErrorCode::SignalTooLarge => 41306,
+            ErrorCode::DeltaTooLarge => 41307,
             ErrorCode::RateLimited => 42900,
             ErrorCode::TooManyConnections => 42901,
             ErrorCode::FrameRateLimited => 42902,
@@ -177,6 +189,8 @@ impl ErrorCode {
             ErrorCode::ConversationArchived => "conversation_archived",
             ErrorCode::ConversationFull => "conversation_full",
             ErrorCode::MessageGone => "message_gone",
+            ErrorCode::StreamClosed => "stream_closed",
+            ErrorCode::StillStreaming => "still_streaming",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooLargeForBus => "too_large_for_bus",
             ErrorCode::BodyTooLarge => "body_too_large",
@@ -184,6 +198,7 @@ impl ErrorCode {
             ErrorCode::AvatarTooLarge => "avatar_too_large",
             ErrorCode::ExtTooLarge => "ext_too_large",
             ErrorCode::SignalTooLarge => "signal_too_large",
+            ErrorCode::DeltaTooLarge => "delta_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::FrameRateLimited => "frame_rate_limited",

@@ -13,6 +13,7 @@ mod protocols;
 mod resume;
 mod shutdown;
 mod soak;
+mod streams;
 mod tickets;
 
 use std::time::Duration;

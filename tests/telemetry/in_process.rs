@@ -50,6 +50,7 @@ async fn a_standalone_send_is_one_trace_over_the_in_process_bus() {
         send_batch_max: 500,
         edit_window_ms: 0,
         recall_window_ms: 0,
+        stream_timeout_ms: 600_000,
     };
     let _msg = MessageService::new(store, bus.clone(), limits).start(shutdown.clone()).await.unwrap();
     let config = Config {

@@ -6,9 +6,10 @@ use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::ids::{check_platform, check_user_id};
 use quickim_shared::protocol::api::{
     ArchiveAnswer, BatchAnswer, BatchItemResult, ConversationMembersRequest, ConversationMeta, CreatedConversation,
-    EditMsgRequest, GetTokenRequest, InnerCreateConversationRequest, InnerMembersRequest, InnerSendBatchRequest,
-    InnerSendMsgRequest, JoinedConversations, JoinedUsers, KickUserAnswer, KickUserRequest, KickedUsers, MembersPage,
-    Message, MsgRequest, RoleAnswer, SetArchiveRequest, SetMemberRoleRequest, TokenAnswer, UpdateConversationRequest,
+    EditMsgRequest, FinishStreamRequest, GetTokenRequest, InnerCreateConversationRequest, InnerMembersRequest,
+    InnerOpenStreamRequest, InnerSendBatchRequest, InnerSendMsgRequest, JoinedConversations, JoinedUsers,
+    KickUserAnswer, KickUserRequest, KickedUsers, MembersPage, Message, MsgRequest, RoleAnswer, SetArchiveRequest,
+    SetMemberRoleRequest, StreamDeltaAnswer, StreamDeltaRequest, TokenAnswer, UpdateConversationRequest,
     UserConversationsRequest, UserOnline, UsersOnlineAnswer, UsersOnlineRequest, VersionsAnswer, VersionsRequest,
 };
 use quickim_shared::protocol::service::{
@@ -81,6 +82,40 @@ pub async fn recall_msg(State(s): State<AppState>, _: InnerKey, Body(r): Body<Ms
 pub async fn delete_msg(State(s): State<AppState>, _: InnerKey, Body(r): Body<MsgRequest>) -> ApiResult<Message> {
     let by = Sender::Inner("");
     Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Delete, None).await?))
+}
+
+/// POST /inner/open_stream: a streaming message from a bot (a member) or the business system.
+pub async fn open_stream(
+    State(s): State<AppState>,
+    _: InnerKey,
+    Body(r): Body<InnerOpenStreamRequest>,
+) -> ApiResult<Message> {
+    Ok(Envelope(actions::open_stream(&s, Sender::Inner(&r.from), r.conversation_id, r.msg_type).await?))
+}
+
+/// POST /inner/stream_delta: the next piece of any open stream.
+pub async fn stream_delta(
+    State(s): State<AppState>,
+    _: InnerKey,
+    Body(r): Body<StreamDeltaRequest>,
+) -> ApiResult<StreamDeltaAnswer> {
+    Ok(Envelope(actions::stream_delta(&s, Sender::Inner(""), r.conversation_id, r.msg_id, r.seq, r.delta).await?))
+}
+
+/// POST /inner/finish_stream
+pub async fn finish_stream(
+    State(s): State<AppState>,
+    _: InnerKey,
+    Body(r): Body<FinishStreamRequest>,
+) -> ApiResult<Message> {
+    let by = Sender::Inner("");
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Finish, Some(r.content)).await?))
+}
+
+/// POST /inner/cancel_stream
+pub async fn cancel_stream(State(s): State<AppState>, _: InnerKey, Body(r): Body<MsgRequest>) -> ApiResult<Message> {
+    let by = Sender::Inner("");
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Cancel, None).await?))
 }
 
 /// POST /inner/get_msg_versions

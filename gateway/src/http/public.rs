@@ -5,10 +5,11 @@ use axum::extract::State;
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::protocol::api::{
     AroundRequest, ConversationDetail, ConversationMeta, ConversationRequest, CreateConversationRequest,
-    CreatedConversation, DetailRequest, EditMsgRequest, GetJoinedRequest, JoinedAnswer, JoinedConversations,
-    LastMsgsRequest, LastOneAnswer, LeftAnswer, MarkReadRequest, Message, MsgIdAnswer, MsgRequest, MsgsAnswer,
-    MuteAnswer, MuteRequest, NotifyTicketAnswer, NotifyTicketRequest, RangeRequest, ReadAnswer, SendMsgRequest,
-    SignalAnswer, SignalRequest, UpdateConversationRequest, VersionsAnswer, VersionsRequest,
+    CreatedConversation, DetailRequest, EditMsgRequest, FinishStreamRequest, GetJoinedRequest, JoinedAnswer,
+    JoinedConversations, LastMsgsRequest, LastOneAnswer, LeftAnswer, MarkReadRequest, Message, MsgIdAnswer, MsgRequest,
+    MsgsAnswer, MuteAnswer, MuteRequest, NotifyTicketAnswer, NotifyTicketRequest, OpenStreamRequest, RangeRequest,
+    ReadAnswer, SendMsgRequest, SignalAnswer, SignalRequest, StreamDeltaAnswer, StreamDeltaRequest,
+    UpdateConversationRequest, VersionsAnswer, VersionsRequest,
 };
 use quickim_shared::protocol::service::{
     CheckJoined, CreateConversation, GetDetail, GetVersions, History, HistoryQuery, Join, LastMsgId, Leave, ListJoined,
@@ -133,6 +134,41 @@ pub async fn create_conversation(
 pub async fn edit_msg(State(s): State<AppState>, caller: Caller, Body(r): Body<EditMsgRequest>) -> ApiResult<Message> {
     let by = Sender::Member(&caller.user_id);
     Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Edit, Some(r.content)).await?))
+}
+
+/// POST /open_stream: a message whose text streams (an AI agent's reply), stored empty now.
+pub async fn open_stream(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<OpenStreamRequest>,
+) -> ApiResult<Message> {
+    Ok(Envelope(actions::open_stream(&s, Sender::Member(&caller.user_id), r.conversation_id, r.msg_type).await?))
+}
+
+/// POST /stream_delta: the next piece of the caller's open stream, fanned out live.
+pub async fn stream_delta(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<StreamDeltaRequest>,
+) -> ApiResult<StreamDeltaAnswer> {
+    let by = Sender::Member(&caller.user_id);
+    Ok(Envelope(actions::stream_delta(&s, by, r.conversation_id, r.msg_id, r.seq, r.delta).await?))
+}
+
+/// POST /finish_stream: stores the final content of the caller's stream.
+pub async fn finish_stream(
+    State(s): State<AppState>,
+    caller: Caller,
+    Body(r): Body<FinishStreamRequest>,
+) -> ApiResult<Message> {
+    let by = Sender::Member(&caller.user_id);
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Finish, Some(r.content)).await?))
+}
+
+/// POST /cancel_stream: abandons the caller's stream (the message is deleted).
+pub async fn cancel_stream(State(s): State<AppState>, caller: Caller, Body(r): Body<MsgRequest>) -> ApiResult<Message> {
+    let by = Sender::Member(&caller.user_id);
+    Ok(Envelope(actions::revise(&s, by, r.conversation_id, r.msg_id, Action::Cancel, None).await?))
 }
 
 /// POST /recall_msg: the sender recalls its message (within `recall_window_s`).

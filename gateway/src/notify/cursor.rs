@@ -4,8 +4,11 @@
 //! partition p up to offset[p] has been delivered", and when the gateway made it (seconds):
 //! a resume delivers the read receipts of about that time on. Encoded as base64url (no
 //! padding) of `version(2) | epoch(u32 LE) | partitions(u16 LE) | offsets as LEB128 varints
-//! | made-at seconds as a LEB128 varint`; eight partitions at a few million entries each make
-//! about 58 characters. Version 1 (no time) is still read.
+//! | made-at seconds as a LEB128 varint [| tag as a LEB128 varint]`; eight partitions at a
+//! few million entries each make about 58 characters. The tag, when present, names the
+//! long-poll session that handed the cursor out (so two clients of one user at the same
+//! position never take over each other's parked session); it means nothing else. Version 1
+//! (no time) is still read.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -24,6 +27,8 @@ pub struct Cursor {
     pub position: Position,
     /// When a gateway made it, seconds since the epoch (0: unknown, a version 1 cursor).
     pub made_s: u64,
+    /// The long-poll session that handed it out (0: none).
+    pub tag: u64,
 }
 
 /// A string that is not a cursor.
@@ -33,7 +38,11 @@ pub struct BadCursor;
 impl Cursor {
     /// Encodes to the wire form.
     pub fn encode(&self) -> String {
-        encode_made(self.epoch, &self.position, self.made_s)
+        let mut s = encode_made(self.epoch, &self.position, self.made_s);
+        if self.tag != 0 {
+            s = tagged(&s, self.tag);
+        }
+        s
     }
 
     /// Decodes the wire form.
@@ -55,16 +64,21 @@ impl Cursor {
             offsets.push(v);
             input = &input[used..];
         }
-        let mut made_s = 0;
+        let (mut made_s, mut tag) = (0, 0);
         if version == VERSION {
             let (v, used) = read_varint(input).ok_or(BadCursor)?;
             made_s = v;
             input = &input[used..];
+            if !input.is_empty() {
+                let (t, used) = read_varint(input).ok_or(BadCursor)?;
+                tag = t;
+                input = &input[used..];
+            }
         }
         if !input.is_empty() {
             return Err(BadCursor);
         }
-        Ok(Cursor { epoch, position: Position::from(offsets), made_s })
+        Ok(Cursor { epoch, position: Position::from(offsets), made_s, tag })
     }
 }
 
@@ -72,6 +86,18 @@ impl Cursor {
 pub fn encode(epoch: u32, offsets: &[u64]) -> String {
     let now_s = u64::try_from(quickim_shared::time::now_ms() / 1000).unwrap_or(0);
     encode_made(epoch, offsets, now_s)
+}
+
+/// `cursor` (an untagged version 2 cursor) with `tag` appended; `cursor` itself if it is not
+/// one.
+pub fn tagged(cursor: &str, tag: u64) -> String {
+    match URL_SAFE_NO_PAD.decode(cursor) {
+        Ok(mut bytes) if bytes.first() == Some(&VERSION) => {
+            write_varint(&mut bytes, tag);
+            URL_SAFE_NO_PAD.encode(bytes)
+        }
+        _ => cursor.to_string(),
+    }
 }
 
 /// Encodes `epoch` and `offsets` made at `made_s` (seconds).
@@ -113,14 +139,17 @@ mod tests {
     #[test]
     fn round_trips() {
         for offsets in [vec![], vec![0], vec![0, 1, 127, 128, 300, u64::MAX], vec![5_000_000; 8]] {
-            let c = Cursor { epoch: 0xdead_beef, position: Position::from(offsets), made_s: 1_795_000_000 };
+            let c = Cursor { epoch: 0xdead_beef, position: Position::from(offsets), made_s: 1_795_000_000, tag: 0 };
             assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+            let t = Cursor { tag: 77, ..c.clone() };
+            assert_eq!(Cursor::decode(&t.encode()).unwrap(), t);
+            assert_eq!(t.encode(), tagged(&c.encode(), 77));
         }
     }
 
     #[test]
     fn is_short() {
-        let c = Cursor { epoch: u32::MAX, position: Position::from(vec![5_000_000; 8]), made_s: 1_795_000_000 };
+        let c = Cursor { epoch: u32::MAX, position: Position::from(vec![5_000_000; 8]), made_s: 1_795_000_000, tag: 0 };
         assert!(c.encode().len() <= 60, "{}", c.encode());
     }
 
@@ -146,7 +175,7 @@ mod tests {
         for s in ["", "!!", "AA", "not a cursor", &"A".repeat(5000)] {
             assert_eq!(Cursor::decode(s), Err(BadCursor), "{s:?}");
         }
-        let mut good = Cursor { epoch: 1, position: Position::from(vec![1, 2]), made_s: 9 }.encode();
+        let mut good = Cursor { epoch: 1, position: Position::from(vec![1, 2]), made_s: 9, tag: 3 }.encode();
         good.push('A');
         assert!(Cursor::decode(&good).is_err(), "trailing bytes");
         let truncated = encode(1, &[300]);

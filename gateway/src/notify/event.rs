@@ -31,6 +31,8 @@ pub enum EventKind {
     Signal,
     /// A co-member came online or went offline (conversations with presence on): live only.
     Presence,
+    /// A streaming message's next piece of text, or its text so far: live only.
+    Stream,
 }
 
 impl EventKind {
@@ -45,6 +47,7 @@ impl EventKind {
             EventKind::Read => "read",
             EventKind::Signal => "signal",
             EventKind::Presence => "presence",
+            EventKind::Stream => "stream",
         }
     }
 }
@@ -180,6 +183,19 @@ struct PresenceWire<'a> {
     last_seen: Option<i64>,
 }
 
+#[derive(Serialize)]
+struct StreamWire<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    conversation_id: &'a str,
+    msg_id: u64,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
 fn json<T: Serialize>(value: &T) -> Bytes {
     // These types cannot fail to serialize.
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
@@ -247,6 +263,34 @@ impl Encoded {
     pub fn presence(user_id: &str, online: bool, last_seen: Option<i64>) -> Arc<Encoded> {
         let json = json(&PresenceWire { kind: EventKind::Presence.name(), user_id, online, last_seen });
         Arc::new(Encoded { kind: EventKind::Presence, cursor: Arc::from(""), json, meta: None })
+    }
+
+    /// `{"type":"stream","conversation_id":…,"msg_id":N,"seq":N,"delta":…}`: the next piece
+    /// of a streaming message (no cursor).
+    pub fn stream_delta(conversation_id: &str, msg_id: u64, seq: u64, delta: &str) -> Arc<Encoded> {
+        let wire = StreamWire {
+            kind: EventKind::Stream.name(),
+            conversation_id,
+            msg_id,
+            seq,
+            delta: Some(delta),
+            content: None,
+        };
+        Arc::new(Encoded { kind: EventKind::Stream, cursor: Arc::from(""), json: json(&wire), meta: None })
+    }
+
+    /// `{"type":"stream","conversation_id":…,"msg_id":N,"seq":N,"content":…}`: a streaming
+    /// message's text up to delta `seq` (for a connection that arrives mid-stream).
+    pub fn stream_snapshot(conversation_id: &str, msg_id: u64, seq: u64, content: &str) -> Arc<Encoded> {
+        let wire = StreamWire {
+            kind: EventKind::Stream.name(),
+            conversation_id,
+            msg_id,
+            seq,
+            delta: None,
+            content: Some(content),
+        };
+        Arc::new(Encoded { kind: EventKind::Stream, cursor: Arc::from(""), json: json(&wire), meta: None })
     }
 
     /// `{"type":"kicked","reason":"kick_user"}` (no cursor: the stream ends).
@@ -400,6 +444,16 @@ mod tests {
                 Encoded::presence("bob", false, Some(1_795_000_000_000)),
                 EventKind::Presence,
                 r#"{"type":"presence","user_id":"bob","online":false,"last_seen":1795000000000}"#,
+            ),
+            (
+                Encoded::stream_delta("c1", 7, 3, "lo"),
+                EventKind::Stream,
+                r#"{"type":"stream","conversation_id":"c1","msg_id":7,"seq":3,"delta":"lo"}"#,
+            ),
+            (
+                Encoded::stream_snapshot("c1", 7, 3, "hello"),
+                EventKind::Stream,
+                r#"{"type":"stream","conversation_id":"c1","msg_id":7,"seq":3,"content":"hello"}"#,
             ),
             (
                 Encoded::read("c1", "bob", 12),

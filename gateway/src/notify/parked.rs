@@ -1,5 +1,6 @@
 //! Long-poll continuations. After a poll is answered its session stays attached for a short
-//! while (`GRACE`), parked under the user, the device and the cursor the answer handed out.
+//! while (`GRACE`), parked under the user, the device and the cursor the answer handed out
+//! (tagged with the session, so two clients never share one).
 //! The next poll that brings exactly that cursor takes the session over: whatever came in
 //! between is already queued, so the poll needs no replay from the store and no membership
 //! read. Any other poll (another cursor, after the grace period, on another node) opens a
@@ -47,7 +48,7 @@ impl Parked {
     /// Parks `session` under its caller and the cursor it last handed out.
     pub fn park(&self, session: Session) {
         let caller = session.caller();
-        let key = (caller.user_id.clone(), caller.platform.clone(), session.cursor().clone());
+        let key = (caller.user_id.clone(), caller.platform.clone(), session.poll_cursor());
         if let Ok(mut sessions) = self.sessions.lock() {
             // A session parked earlier under the same key is replaced (and so closed).
             sessions.insert(key, (session, Instant::now() + GRACE));

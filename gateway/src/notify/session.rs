@@ -7,7 +7,8 @@
 //! 2. when resuming from cursor C: every message the user missed with C < offset ≤ H, read
 //!    from the store page by page (or `resync` when C is older than the retention window or
 //!    from another database);
-//! 3. live events from the hub: everything after H.
+//! 3. snapshots of the streaming messages in progress (their text so far);
+//! 4. live events from the hub: everything after H.
 //!
 //! Replay and live meet exactly at H, so nothing is lost or sent twice. Transports take
 //! events with [`Session::next`] (cancel-safe: a store read in flight survives a cancelled
@@ -107,6 +108,9 @@ pub struct Session {
     replay_page: u32,
     /// Where the client is ahead of the hub (it came from a node further along).
     ahead: Option<Position>,
+    /// Snapshots of streams in progress, given once the replay is done (after the messages
+    /// that opened them).
+    after_replay: Vec<Arc<Encoded>>,
     /// The last cursor the client was given.
     cursor: Arc<str>,
     /// Whether a resume was asked for.
@@ -210,6 +214,15 @@ impl Session {
                 live_cursor
             }
         };
+        // Streams in progress: their text so far, after the replay (live deltas queue from now).
+        let mut after_replay = cx
+            .hub
+            .stream_snapshots(&caller.user_id)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
+        if replay.is_none() {
+            buffered.extend(after_replay.drain(..));
+        }
         let expires = Instant::now()
             + Duration::from_millis(u64::try_from(caller.expires_ms - quickim_shared::time::now_ms()).unwrap_or(0));
         metrics::counter!("quickim_notify_connects_total", "protocol" => transport.name(), "resume" => if resume.is_some() { "yes" } else { "no" })
@@ -230,6 +243,7 @@ impl Session {
             reading: None,
             replay_page: cx.replay_page,
             ahead,
+            after_replay,
             cursor,
             resumed: resume.is_some(),
             caller,
@@ -293,6 +307,13 @@ impl Session {
     /// The last cursor handed to the client.
     pub fn cursor(&self) -> &Arc<str> {
         &self.cursor
+    }
+
+    /// The last cursor handed out, tagged with this session: a long-poll answer's cursor,
+    /// under which the session is parked (another client of the same user at the same
+    /// position gets a cursor of its own, so it never takes this session over).
+    pub fn poll_cursor(&self) -> Arc<str> {
+        Arc::from(cursor::tagged(&self.cursor, self._attachment.id))
     }
 
     /// Whether the client asked to resume.
@@ -389,6 +410,7 @@ impl Session {
             let upto: Arc<str> = Arc::from(cursor::encode(self.epoch, &r.upto));
             self.buffered.push_back(Encoded::resync(upto, ResyncReason::CursorExpired));
             self.replay = None;
+            self.buffered.extend(self.after_replay.drain(..));
             metrics::counter!("quickim_notify_resyncs_total").increment(1);
             return;
         }
@@ -408,6 +430,7 @@ impl Session {
         self.replayed += page.entries.len() as u64;
         if !page.more {
             self.replay = None;
+            self.buffered.extend(self.after_replay.drain(..));
             metrics::counter!("quickim_notify_replayed_messages_total").increment(self.replayed);
             tracing::debug!(user = %self.caller.user_id, replayed = self.replayed, "replay done");
         }

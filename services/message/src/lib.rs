@@ -18,12 +18,12 @@ use bytes::Bytes;
 use quickim_shared::bus::{Bus, BusError, size};
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::fanout::publish_entries;
-use quickim_shared::ids::check_conversation_id;
+use quickim_shared::ids::{check_conversation_id, check_user_id};
 use quickim_shared::protocol::api::{Message, VersionsAnswer};
 use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::service::{
-    Call, GetHeads, GetVersions, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, ReadLog, Replay, ReplayPage,
-    Reply, ReviseMessage, SEND_EACH_MAX, SendBatch, SendEach, SendMessage,
+    Call, GetHeads, GetStream, GetVersions, History, LastMsgId, MESSAGE_QUEUE, MESSAGE_SUBJECTS, OpenStream, Origin,
+    ReadLog, Replay, ReplayPage, Reply, ReviseMessage, SEND_EACH_MAX, SendBatch, SendEach, SendMessage,
 };
 use quickim_shared::protocol::system::{self, Action};
 use quickim_shared::rpc::{self, Handler, answer};
@@ -56,6 +56,8 @@ pub struct MessageLimits {
     pub edit_window_ms: i64,
     /// A member may recall its message this long after sending, ms (0: always).
     pub recall_window_ms: i64,
+    /// A stream not finished this long after it was opened is cancelled, ms.
+    pub stream_timeout_ms: i64,
 }
 
 /// The service.
@@ -85,6 +87,8 @@ impl MessageService {
             // Often enough that the horizon is never more than a quarter window late.
             checkpoint_every: Duration::from_millis((self.limits.retention_ms / 4).clamp(1_000, 60_000) as u64),
             prune_every: Duration::from_secs(600),
+            stream_timeout_ms: self.limits.stream_timeout_ms,
+            streams_every: Duration::from_millis((self.limits.stream_timeout_ms / 4).clamp(200, 5_000) as u64),
         };
         let housekeeping = tokio::spawn(housekeeping::run(self.store.clone(), bus.clone(), periods, shutdown.clone()));
         let serving = rpc::serve(&bus, MESSAGE_SUBJECTS, MESSAGE_QUEUE, 4096, Arc::new(self), shutdown).await?;
@@ -145,7 +149,7 @@ impl MessageService {
         revision.window_ms = match revision.action {
             Action::Edit => self.limits.edit_window_ms,
             Action::Recall => self.limits.recall_window_ms,
-            Action::Delete => 0,
+            Action::Delete | Action::Finish | Action::Cancel => 0,
         };
         // The revision entry carries the new content: it must cross the bus like a send.
         let entry = Message {
@@ -168,6 +172,20 @@ impl MessageService {
             ));
         }
         let (msg, entries) = self.store.revise(revision).await?;
+        publish_entries(&self.bus, &entries).await;
+        Ok(msg)
+    }
+
+    /// Opens a streaming message: stored empty now (its msg_id taken), published like a send.
+    async fn open_stream(&self, r: OpenStream) -> Reply<Message> {
+        check_conversation_id(&r.conversation_id)?;
+        if !r.from.is_empty() || r.origin == Origin::Client {
+            check_user_id("from", &r.from)?;
+        }
+        if r.msg_type < 0 {
+            return Err(ServiceError::invalid("a stream's type is ≥ 0"));
+        }
+        let (msg, entries) = self.store.open_stream(r.origin, &r.conversation_id, &r.from, r.msg_type).await?;
         publish_entries(&self.bus, &entries).await;
         Ok(msg)
     }
@@ -245,6 +263,14 @@ impl Handler for MessageService {
             ReadLog::SUBJECT => answer(payload, |r| self.read_log(r)).await,
             ReviseMessage::SUBJECT => answer(payload, |r| self.revise(r)).await,
             GetVersions::SUBJECT => answer(payload, |r| self.versions(r)).await,
+            OpenStream::SUBJECT => answer(payload, |r| self.open_stream(r)).await,
+            GetStream::SUBJECT => {
+                answer(payload, async |r: GetStream| {
+                    check_conversation_id(&r.conversation_id)?;
+                    Ok(self.store.stream_info(&r.conversation_id, r.msg_id).await?)
+                })
+                .await
+            }
             other => rpc::unknown_operation(other),
         }
     }

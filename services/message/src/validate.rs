@@ -61,9 +61,10 @@ pub(crate) fn revision(r: ReviseMessage, max_content_bytes: usize) -> Result<Rev
         return Err(ServiceError::invalid("msg_id starts at 1"));
     }
     match (r.action, &r.content) {
-        (Action::Edit, Some(c)) => content(c, max_content_bytes)?,
+        (Action::Edit | Action::Finish, Some(c)) => content(c, max_content_bytes)?,
         (Action::Edit, None) => return Err(ServiceError::invalid("an edit needs content")),
-        (_, Some(_)) => return Err(ServiceError::invalid("only an edit takes content")),
+        (Action::Finish, None) => return Err(ServiceError::invalid("a finish needs the final content")),
+        (_, Some(_)) => return Err(ServiceError::invalid("only an edit or a finish takes content")),
         (_, None) => {}
     }
     Ok(Revision {

@@ -1,4 +1,4 @@
--- Live signals: read receipts and presence.
+-- Live signals: read receipts, presence and streaming messages.
 
 -- When the member's read position last moved by a mark_read (ms; 0 never): a resume
 -- delivers the positions that moved while the client was away.
@@ -13,3 +13,6 @@ CREATE TABLE user_presence (
     user_id   TEXT PRIMARY KEY,
     last_seen BIGINT NOT NULL
 );
+
+-- Streaming messages (state 3) not finished yet, for the sweep that cancels the abandoned.
+CREATE INDEX messages_streaming ON messages (state, send_time) WHERE state = 3;

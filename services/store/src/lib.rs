@@ -65,6 +65,7 @@ mod revisions;
 mod revocations;
 mod sql;
 mod sqlite;
+mod streams;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -16,7 +16,8 @@ use crate::log::{
 };
 use crate::messages::{Attempt, Key, claim_keys_sql};
 use crate::sql::{
-    MESSAGE_COLUMNS, Params, STATE_DELETED, STATE_RECALLED, api_int, from_json, padded, pow2_chunks, to_json,
+    MESSAGE_COLUMNS, Params, STATE_DELETED, STATE_RECALLED, STATE_STREAMING, api_int, from_json, padded, pow2_chunks,
+    to_json,
 };
 use crate::{Result, SendItem, StoreError, sql_span};
 
@@ -179,5 +180,6 @@ fn message(row: &rusqlite::Row<'_>) -> Result<Message> {
         edited_at: row.get("edited_at")?,
         recalled: row.get::<_, i64>("state")? == STATE_RECALLED,
         deleted: row.get::<_, i64>("state")? == STATE_DELETED,
+        streaming: row.get::<_, i64>("state")? == STATE_STREAMING,
     })
 }

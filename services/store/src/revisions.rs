@@ -5,6 +5,7 @@
 //! its own: clients learn of it live and on resume, in order, like of any message. An edit
 //! keeps the earlier contents as versions; a recall or a deletion removes the content, the
 //! versions and the content of the earlier edit entries, so nothing of it stays in the store.
+//! Streaming messages end here too: a finish sets the final content, a cancel deletes it.
 
 use tracing::Instrument;
 
@@ -17,7 +18,7 @@ use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
 
 use crate::log::NewEntry;
-use crate::sql::{MESSAGE_COLUMNS, STATE_DELETED, STATE_RECALLED, db_int, message};
+use crate::sql::{MESSAGE_COLUMNS, STATE_DELETED, STATE_RECALLED, STATE_SENT, db_int, message};
 use crate::{Result, Store, sql_span};
 
 /// A revision to make.
@@ -80,6 +81,26 @@ impl Store {
                 )
                 .into());
             }
+            let ends_stream = matches!(r.action, Action::Finish | Action::Cancel);
+            if ends_stream && !msg.streaming {
+                // A retry of the finish (or cancel) that ended it answers the message as it is.
+                let again = (r.action == Action::Finish
+                    && !msg.deleted
+                    && !msg.recalled
+                    && r.content.as_deref() == Some(msg.content.as_str()))
+                    || (r.action == Action::Cancel && msg.deleted);
+                if again {
+                    return Ok((msg, Vec::new()));
+                }
+                return Err(ServiceError::new(ErrorCode::StreamClosed, "the message is not an open stream").into());
+            }
+            if msg.streaming && !ends_stream {
+                return Err(ServiceError::new(
+                    ErrorCode::StillStreaming,
+                    "the message is still streaming: finish or cancel it first",
+                )
+                .into());
+            }
             if msg.recalled || msg.deleted {
                 let again = (r.action == Action::Recall && msg.recalled) || (r.action == Action::Delete && msg.deleted);
                 if again {
@@ -91,7 +112,11 @@ impl Store {
                 )
                 .into());
             }
-            if client && r.window_ms > 0 && r.action != Action::Delete && now_ms() - msg.send_time > r.window_ms {
+            if client
+                && r.window_ms > 0
+                && matches!(r.action, Action::Edit | Action::Recall)
+                && now_ms() - msg.send_time > r.window_ms
+            {
                 return Err(ServiceError::new(
                     ErrorCode::RevisionWindowClosed,
                     format!("a message may be {} within {} s of sending", past(r.action), r.window_ms / 1000),
@@ -137,7 +162,28 @@ impl Store {
                     msg.edited_at = Some(at);
                     entries
                 }
-                Action::Recall | Action::Delete => {
+                Action::Finish => {
+                    let content = r.content.clone().unwrap_or_default();
+                    let revised =
+                        Revised { msg_id: r.msg_id, action: Action::Finish, content: Some(content.clone()), by };
+                    let entries = self
+                        .append(tx, &mut convs, vec![NewEntry::system(id, system::REVISED, system::content(&revised))])
+                        .await?;
+                    sqlx::query(
+                        "UPDATE messages SET content = $1, state = $2 WHERE conversation_id = $3 AND msg_id = $4",
+                    )
+                    .bind(content.as_str())
+                    .bind(STATE_SENT)
+                    .bind(id)
+                    .bind(db_int(r.msg_id))
+                    .execute(&mut **tx)
+                    .instrument(sql_span(self.system(), "UPDATE", "messages"))
+                    .await?;
+                    msg.content = content;
+                    msg.streaming = false;
+                    entries
+                }
+                Action::Recall | Action::Delete | Action::Cancel => {
                     self.erase_versions(tx, id, r.msg_id).await?;
                     let revised = Revised { msg_id: r.msg_id, action: r.action, content: None, by };
                     let entries = self
@@ -156,7 +202,8 @@ impl Store {
                     .await?;
                     msg.content = String::new();
                     msg.recalled = r.action == Action::Recall;
-                    msg.deleted = r.action == Action::Delete;
+                    msg.deleted = r.action != Action::Recall;
+                    msg.streaming = false;
                     entries
                 }
             };
@@ -323,5 +370,7 @@ fn past(action: Action) -> &'static str {
         Action::Edit => "edited",
         Action::Recall => "recalled",
         Action::Delete => "deleted",
+        Action::Finish => "finished",
+        Action::Cancel => "cancelled",
     }
 }

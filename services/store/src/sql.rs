@@ -95,10 +95,14 @@ pub(crate) fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
 pub(crate) const MESSAGE_COLUMNS: &str = "m.conversation_id, m.msg_id, m.sender, m.msg_type, m.content, \
      m.client_msg_id, m.send_time, m.part, m.log_offset, m.edited_at, m.state";
 
-/// `messages.state` of a recalled message (0: as sent or edited).
+/// `messages.state` of a message as sent (or edited, or a finished stream).
+pub(crate) const STATE_SENT: i64 = 0;
+/// `messages.state` of a recalled message.
 pub(crate) const STATE_RECALLED: i64 = 1;
 /// `messages.state` of a deleted message.
 pub(crate) const STATE_DELETED: i64 = 2;
+/// `messages.state` of a streaming message not finished yet.
+pub(crate) const STATE_STREAMING: i64 = 3;
 
 /// SQLite: `sql`, a query answering [`MESSAGE_COLUMNS`], wrapped to answer all its rows as
 /// one JSON row named `rows` (SQLite hands rows over one by one, each a thread wake-up).
@@ -144,6 +148,7 @@ pub(crate) fn entries_from_json(rows: &str) -> Result<Vec<LogEntry>> {
                         edited_at,
                         recalled: state == STATE_RECALLED,
                         deleted: state == STATE_DELETED,
+                        streaming: state == STATE_STREAMING,
                     },
                 })
             },
@@ -166,6 +171,7 @@ pub(crate) fn message(row: &AnyRow) -> Result<Message> {
         edited_at: row.try_get("edited_at")?,
         recalled: row.try_get::<i64, _>("state")? == STATE_RECALLED,
         deleted: row.try_get::<i64, _>("state")? == STATE_DELETED,
+        streaming: row.try_get::<i64, _>("state")? == STATE_STREAMING,
     })
 }
 

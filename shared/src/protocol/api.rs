@@ -36,6 +36,74 @@ pub struct Message {
     /// Deleted: the content is gone; clients hide the message (its msg_id stays).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
+    /// A stream still open: its text arrives as `stream` events until it is finished (a -6
+    /// `finish` with the final content) or cancelled (a -6 `cancel`, the message deleted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streaming: bool,
+}
+
+/// Body of `/open_stream`: a message whose text will stream.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenStreamRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// Message type (≥ 0).
+    #[serde(rename = "type")]
+    #[schema(minimum = 0)]
+    pub msg_type: i32,
+}
+
+/// Body of `/inner/open_stream`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InnerOpenStreamRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// The sender: a member (a bot's user id), or "" for the business system.
+    pub from: String,
+    /// Message type (≥ 0).
+    #[serde(rename = "type")]
+    #[schema(minimum = 0)]
+    pub msg_type: i32,
+}
+
+/// Body of `/stream_delta` and `/inner/stream_delta`: the next piece of an open stream.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDeltaRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// The streaming message.
+    pub msg_id: u64,
+    /// 1 for the first delta, then 2, 3, … (receivers apply them in this order).
+    #[schema(minimum = 1)]
+    pub seq: u64,
+    /// The text to append (at most `stream_delta_max_bytes`).
+    pub delta: String,
+}
+
+/// `data` of `/stream_delta`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StreamDeltaAnswer {
+    /// Fanned out to every gateway (live only; the final content comes with the finish).
+    pub sent: bool,
+}
+
+/// Body of `/finish_stream` and `/inner/finish_stream`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinishStreamRequest {
+    /// The conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$")]
+    pub conversation_id: String,
+    /// The streaming message.
+    pub msg_id: u64,
+    /// The final content, stored as the message's.
+    pub content: String,
 }
 
 /// Body of `/edit_msg` and `/inner/edit_msg`.

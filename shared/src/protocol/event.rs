@@ -75,6 +75,17 @@ pub enum Live {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         content: Option<String>,
     },
+    /// The next piece of a streaming message's text (its sender checked by the gateway).
+    Delta {
+        /// The conversation.
+        conversation_id: String,
+        /// The streaming message.
+        msg_id: u64,
+        /// 1, 2, 3, … in the order the text is made.
+        seq: u64,
+        /// The text to append.
+        delta: String,
+    },
     /// A user came online (its first connection on any node) or went offline (its last one
     /// closed, after the debounce): for the members of `conversations` (those of the user's
     /// with presence on; one page, bounded in bytes).
@@ -142,6 +153,19 @@ pub enum ClientFrame {
         conversation_id: String,
         /// New read position.
         msg_id: u64,
+    },
+    /// The next piece of an open stream (as /stream_delta).
+    StreamDelta {
+        /// Echoed in the answer.
+        req_id: serde_json::Value,
+        /// The conversation.
+        conversation_id: String,
+        /// The streaming message.
+        msg_id: u64,
+        /// 1, 2, 3, …
+        seq: u64,
+        /// The text to append.
+        delta: String,
     },
     /// An ephemeral signal to the conversation's other members (as /signal).
     Signal {

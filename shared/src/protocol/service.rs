@@ -242,6 +242,39 @@ pub struct GetReceipts {
 }
 call!(GetReceipts, "quickim.conv.receipts", ReceiptsPage);
 
+/// Open a streaming message: stored empty (its msg_id taken now), its text to come.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenStream {
+    /// Client (a member, checked) or inner.
+    pub origin: Origin,
+    /// The conversation.
+    pub conversation_id: String,
+    /// The sender ("" for the business system).
+    pub from: String,
+    /// Message type (≥ 0).
+    pub msg_type: i32,
+}
+call!(OpenStream, "quickim.msg.open_stream", Message);
+
+/// Who may append to a stream: its sender, while it is open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetStream {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The message.
+    pub msg_id: u64,
+}
+call!(GetStream, "quickim.msg.stream", StreamInfo);
+
+/// A message's stream state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// Its sender.
+    pub from: String,
+    /// Still streaming.
+    pub open: bool,
+}
+
 /// The user's conversations with presence on, a page at a time (for a presence event).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PresenceConversations {

@@ -41,6 +41,10 @@ pub enum Action {
     Recall,
     /// Removed: content and versions removed, the msg_id stays as a tombstone clients hide.
     Delete,
+    /// A streaming message finished: its final content.
+    Finish,
+    /// A streaming message cancelled (by its sender, or past `stream_timeout_s`): deleted.
+    Cancel,
 }
 
 impl Action {
@@ -50,6 +54,8 @@ impl Action {
             Action::Edit => "edit",
             Action::Recall => "recall",
             Action::Delete => "delete",
+            Action::Finish => "finish",
+            Action::Cancel => "cancel",
         }
     }
 }

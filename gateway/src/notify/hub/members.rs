@@ -270,6 +270,11 @@ impl Members {
             .copied()
     }
 
+    /// Whether `user` (installed here) is a member of `conversation` now.
+    pub fn member_of(&self, user: &str, conversation: &str) -> bool {
+        self.users.get(user).is_some_and(|u| u.conversations.contains_key(conversation))
+    }
+
     /// The connections of the conversation's members now (for live signals).
     pub fn connected<'a>(&'a self, conversation: &'a str) -> impl Iterator<Item = SessionId> + 'a {
         self.recipients(conversation, u64::MAX)

@@ -27,13 +27,16 @@
 //!   per member and conversation; typing and other signals, and presence, go to the members
 //!   connected here as they come, into the room a queue has to spare (never making a slow
 //!   consumer).
+//! - `streams.rs` — streaming messages: the text so far of each open stream, from its deltas
+//!   in order, for snapshots to connections that arrive mid-stream.
 //!
-//! This file: the handle ([`Hub`]) and the task that owns the four and runs their I/O.
+//! This file: the handle ([`Hub`]) and the task that owns the five and runs their I/O.
 
 mod live;
 mod members;
 mod order;
 mod slots;
+mod streams;
 
 use std::sync::Arc;
 use std::sync::RwLock;
@@ -59,6 +62,7 @@ use live::Receipts;
 use members::{Change, Installed, Joined, Members, Snapshot};
 use order::{Heads, LogOrder, Stall};
 use slots::Slots;
+use streams::Streams;
 
 /// Identifies a connection to the hub.
 pub type SessionId = u64;
@@ -77,6 +81,8 @@ pub struct HubConfig {
     pub max_held_bytes: usize,
     /// `typing` events tell receivers to show it this long (ms).
     pub typing_ttl_ms: u64,
+    /// Longest text of a streaming message kept for snapshots.
+    pub max_content_bytes: usize,
 }
 
 impl Default for HubConfig {
@@ -98,6 +104,7 @@ impl HubConfig {
             stall_after: Duration::from_secs(config.hub_stall_s),
             max_held_bytes: config.hub_max_held_bytes,
             typing_ttl_ms: config.typing_ttl_s * 1000,
+            max_content_bytes: config.max_content_bytes,
         }
     }
 }
@@ -142,6 +149,7 @@ enum Command {
     Detach { id: SessionId },
     Install { user: Arc<str>, snapshot: Option<Snapshot> },
     Filled { part: u16, result: Result<Vec<LogEntry>, String> },
+    Snapshots { user: String, reply: oneshot::Sender<Vec<Arc<Encoded>>> },
 }
 
 /// What every connection may read without asking the hub.
@@ -240,6 +248,14 @@ impl Hub {
         Ok((Attachment { id, start, hub: self.clone() }, inbox))
     }
 
+    /// Snapshots of the open streams in `user_id`'s conversations that have streamed
+    /// something (for a connection that arrives mid-stream).
+    pub async fn stream_snapshots(&self, user_id: &str) -> Result<Vec<Arc<Encoded>>, HubGone> {
+        let (reply, answer) = oneshot::channel();
+        self.cmds.send(Command::Snapshots { user: user_id.to_string(), reply }).await.map_err(|_| HubGone)?;
+        answer.await.map_err(|_| HubGone)
+    }
+
     fn detach(&self, id: SessionId) {
         if let Err(mpsc::error::TrySendError::Full(cmd)) = self.cmds.try_send(Command::Detach { id })
             // Without a runtime the hub's task is gone too: nothing to detach from.
@@ -273,6 +289,7 @@ struct HubTask {
     members: Members,
     slots: Slots,
     receipts: Receipts,
+    streams: Streams,
     rpc: RpcClient,
     cmds: mpsc::Sender<Command>,
     published: Arc<Published>,
@@ -294,6 +311,7 @@ impl HubTask {
             members: Members::default(),
             slots: Slots::default(),
             receipts: Receipts::default(),
+            streams: Streams::new(config.max_content_bytes),
             rpc,
             cmds,
             published,
@@ -330,7 +348,10 @@ impl HubTask {
                     }
                     self.watch_lag();
                 }
-                _ = sweep.tick() => self.members.sweep(),
+                _ = sweep.tick() => {
+                    self.members.sweep();
+                    self.streams.sweep(Instant::now());
+                }
                 _ = held_receipts.tick() => {
                     for (conversation, user, read) in self.receipts.due(Instant::now()) {
                         self.deliver_read(&conversation, &user, read);
@@ -359,6 +380,16 @@ impl HubTask {
                 self.installed(installed);
             }
             Command::Filled { part, result } => self.filled(part, result),
+            Command::Snapshots { user, reply } => {
+                let members = &self.members;
+                let snapshots = self
+                    .streams
+                    .snapshots(|c| members.member_of(&user, c))
+                    .into_iter()
+                    .map(|(c, msg_id, seq, text)| Encoded::stream_snapshot(&c, msg_id, seq, &text))
+                    .collect();
+                let _ = reply.send(snapshots);
+            }
         }
     }
 
@@ -457,6 +488,11 @@ impl HubTask {
                 let n = self.slots.deliver_live(self.members.connected(&conversation_id), &event, Some(&from));
                 metrics::counter!("quickim_live_signals_delivered_total", "kind" => kind.name()).increment(n);
             }
+            Ok(Live::Delta { conversation_id, msg_id, seq, delta }) => {
+                let conversation = self.members.conversation(&conversation_id);
+                let ready = self.streams.delta(&conversation, msg_id, seq, delta, Instant::now());
+                deliver_deltas(&self.members, &self.slots, &conversation, msg_id, ready);
+            }
             Ok(Live::Presence { user_id, online, last_seen, conversations }) => {
                 let event = Encoded::presence(&user_id, online, last_seen);
                 let ids: std::collections::HashSet<SessionId> =
@@ -504,9 +540,20 @@ impl HubTask {
 
     /// Takes one entry; whatever it makes dispatchable is delivered.
     fn take(&mut self, entry: LogEntry, headers: Headers) {
-        let (members, slots, epoch) = (&mut self.members, &mut self.slots, self.order.epoch);
+        let (members, slots, streams, epoch) =
+            (&mut self.members, &mut self.slots, &mut self.streams, self.order.epoch);
         self.order.take(entry, headers, |position, entry, headers| {
+            let stream = stream_change(&entry.message);
+            let conversation = members.conversation(&entry.message.conversation_id);
             dispatch(members, slots, epoch, position, entry, headers);
+            match stream {
+                Some(StreamChange::Opened(msg_id)) => {
+                    let ready = streams.opened(&conversation, msg_id);
+                    deliver_deltas(members, slots, &conversation, msg_id, ready);
+                }
+                Some(StreamChange::Ended(msg_id)) => streams.ended(&conversation, msg_id),
+                None => {}
+            }
         });
     }
 
@@ -579,6 +626,33 @@ impl HubTask {
 
 /// Delivers one entry (the hub now at `position`): a membership change is applied around its
 /// delivery (a joiner gets its JOINED entry, a leaver its LEFT entry, and nothing after).
+/// What a log entry does to streaming messages.
+enum StreamChange {
+    Opened(u64),
+    Ended(u64),
+}
+
+fn stream_change(message: &quickim_shared::protocol::api::Message) -> Option<StreamChange> {
+    if message.streaming && message.msg_type >= 0 {
+        return Some(StreamChange::Opened(message.msg_id));
+    }
+    if message.msg_type != quickim_shared::protocol::system::REVISED {
+        return None;
+    }
+    let revised: quickim_shared::protocol::system::Revised = serde_json::from_str(&message.content).ok()?;
+    use quickim_shared::protocol::system::Action;
+    matches!(revised.action, Action::Finish | Action::Cancel).then_some(StreamChange::Ended(revised.msg_id))
+}
+
+/// Stream deltas, in order, to the connections of the conversation's members here.
+fn deliver_deltas(members: &Members, slots: &Slots, conversation: &str, msg_id: u64, ready: streams::Ready) {
+    for (seq, delta) in ready {
+        let event = Encoded::stream_delta(conversation, msg_id, seq, &delta);
+        let n = slots.deliver_live(members.connected(conversation), &event, None);
+        metrics::counter!("quickim_live_signals_delivered_total", "kind" => "stream").increment(n);
+    }
+}
+
 fn dispatch(
     members: &mut Members,
     slots: &mut Slots,

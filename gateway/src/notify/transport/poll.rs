@@ -102,7 +102,7 @@ async fn answer(
             session.refresh();
         }
     }
-    let body = event::poll_body(&events, session.cursor());
+    let body = event::poll_body(&events, &session.poll_cursor());
     for e in &events {
         session.written(e, async {}).await;
     }

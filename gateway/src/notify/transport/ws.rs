@@ -284,6 +284,7 @@ async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
         ClientFrame::Send { req_id, .. } => ("send", req_id.clone()),
         ClientFrame::MarkRead { req_id, .. } => ("mark_read", req_id.clone()),
         ClientFrame::Signal { req_id, .. } => ("signal", req_id.clone()),
+        ClientFrame::StreamDelta { req_id, .. } => ("stream_delta", req_id.clone()),
     };
     let span = tracing::info_span!(
         "ws.request",
@@ -313,6 +314,12 @@ async fn handle(state: &AppState, user_id: &str, frame: ClientFrame) -> String {
             ClientFrame::MarkRead { conversation_id, msg_id, .. } => {
                 match actions::mark_read(state, user_id, conversation_id, msg_id).await {
                     Ok(a) => event::ack_read(&req_id, a.read_msg_id),
+                    Err(ServiceError { code, message }) => event::error(Some(&req_id), code, &message),
+                }
+            }
+            ClientFrame::StreamDelta { conversation_id, msg_id, seq, delta, .. } => {
+                match actions::stream_delta(state, Sender::Member(user_id), conversation_id, msg_id, seq, delta).await {
+                    Ok(_) => event::ack(&req_id),
                     Err(ServiceError { code, message }) => event::error(Some(&req_id), code, &message),
                 }
             }
