@@ -188,8 +188,9 @@ async fn a_client_that_never_reads_is_cut_by_the_write_timeout_on_every_transpor
     // (an answered poll's session stays parked for its grace period, as any poll's does).
     let t = q.api.token("carol", "web").await;
     let mut c = NotifyClient::connect(&q.api.public, &t, Protocol::Poll, None).await.unwrap();
-    let cursor = c.next(SOON).await.unwrap()["cursor"].as_str().unwrap().to_string();
-    drop(c);
+    assert_eq!(c.next(SOON).await.unwrap()["type"], "ready");
+    // The answer's cursor: the one its parked session waits for.
+    let cursor = c.drop_connection().unwrap();
     flood().await;
     let cut_before = metric(&q.api, "quickim_write_timeouts_total").await;
     let mut stuck = never_reading(&q.api.public, &t, Protocol::Poll, Some(&cursor)).await;

@@ -169,16 +169,7 @@ impl Store {
                     let entries = self
                         .append(tx, &mut convs, vec![NewEntry::system(id, system::REVISED, system::content(&revised))])
                         .await?;
-                    sqlx::query(
-                        "UPDATE messages SET content = $1, state = $2 WHERE conversation_id = $3 AND msg_id = $4",
-                    )
-                    .bind(content.as_str())
-                    .bind(STATE_SENT)
-                    .bind(id)
-                    .bind(db_int(r.msg_id))
-                    .execute(&mut **tx)
-                    .instrument(sql_span(self.system(), "UPDATE", "messages"))
-                    .await?;
+                    self.set_content(tx, id, r.msg_id, &content, STATE_SENT).await?;
                     msg.content = content;
                     msg.streaming = false;
                     entries
@@ -190,16 +181,7 @@ impl Store {
                         .append(tx, &mut convs, vec![NewEntry::system(id, system::REVISED, system::content(&revised))])
                         .await?;
                     let state = if r.action == Action::Recall { STATE_RECALLED } else { STATE_DELETED };
-                    sqlx::query(
-                        "UPDATE messages SET content = $1, state = $2 WHERE conversation_id = $3 AND msg_id = $4",
-                    )
-                    .bind("")
-                    .bind(state)
-                    .bind(id)
-                    .bind(db_int(r.msg_id))
-                    .execute(&mut **tx)
-                    .instrument(sql_span(self.system(), "UPDATE", "messages"))
-                    .await?;
+                    self.set_content(tx, id, r.msg_id, "", state).await?;
                     msg.content = String::new();
                     msg.recalled = r.action == Action::Recall;
                     msg.deleted = r.action != Action::Recall;
@@ -268,6 +250,26 @@ impl Store {
         versions.truncate(fits.min(1000));
         let next_after_version = if more { versions.last().map(|v| v.version) } else { None };
         Ok(VersionsAnswer { versions, next_after_version })
+    }
+
+    /// Sets a message's content and state.
+    async fn set_content(
+        &self,
+        tx: &mut AnyConnection,
+        conversation_id: &str,
+        msg_id: u64,
+        content: &str,
+        state: i64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE messages SET content = $1, state = $2 WHERE conversation_id = $3 AND msg_id = $4")
+            .bind(content)
+            .bind(state)
+            .bind(conversation_id)
+            .bind(db_int(msg_id))
+            .execute(&mut *tx)
+            .instrument(sql_span(self.system(), "UPDATE", "messages"))
+            .await?;
+        Ok(())
     }
 
     /// The message `msg_id` of a conversation, or `not_found`.
