@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use quickim_conversation::{ConversationLimits, ConversationService};
 use quickim_gateway::Gateway;
-use quickim_message::{MessageLimits, MessageService};
+use quickim_message::{BeforeSend, BeforeSendConfig, MessageLimits, MessageService};
 use quickim_shared::bus::Bus;
 use quickim_shared::bus::nats::NatsOptions;
 use quickim_shared::config::{Config, Role, Secret};
@@ -165,7 +165,25 @@ async fn start_services(
             recall_window_ms: (config.recall_window_s as i64).saturating_mul(1000),
             stream_timeout_ms: (config.stream_timeout_s as i64).saturating_mul(1000),
         };
-        let serving = MessageService::new(store, bus.clone(), limits).start(shutdown.clone()).await?;
+        let mut service = MessageService::new(store, bus.clone(), limits);
+        if let Some(url) = &config.before_send_url {
+            let secret =
+                match &config.hook_secret {
+                    Some(s) => Some(quickim_message::signing_key(s.expose()).ok_or_else(|| {
+                        anyhow::anyhow!("hook_secret is not whsec_ and the base64 of 16 bytes or more")
+                    })?),
+                    None => None,
+                };
+            let hook = BeforeSend::new(BeforeSendConfig {
+                url: url.clone(),
+                timeout: std::time::Duration::from_millis(config.before_send_timeout_ms),
+                fail_open: config.before_send_fail_open,
+                secret,
+            })
+            .map_err(|e| anyhow::anyhow!("before_send hook: {e}"))?;
+            service = service.with_before_send(hook);
+        }
+        let serving = service.start(shutdown.clone()).await?;
         tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("message service: {e}")) });
     }
     Ok(())

@@ -166,6 +166,14 @@ config_keys! {
     avatar_max_bytes: usize => usize = 2048, env "QUICKIM_AVATAR_MAX_BYTES";
     /// Largest conversation ext (a JSON object), bytes as JSON
     ext_max_bytes: usize => usize = 4096, env "QUICKIM_EXT_MAX_BYTES";
+    /// The before_send hook: a URL asked about every member's message before it is stored (accept, reject or rewrite); unset: none
+    before_send_url: Option<String> => String = None, env "QUICKIM_BEFORE_SEND_URL";
+    /// Longest wait for the before_send hook's answer, ms
+    before_send_timeout_ms: u64 => u64 = 1_000, env "QUICKIM_BEFORE_SEND_TIMEOUT_MS";
+    /// When the before_send hook fails (no answer in time, an error): accept the message (true) or refuse it with 503 hook_unavailable (false)
+    before_send_fail_open: bool => bool = true, env "QUICKIM_BEFORE_SEND_FAIL_OPEN";
+    /// Secret that signs hook calls (Standard Webhooks: whsec_ and the base64 of at least 16 bytes); unset: unsigned
+    hook_secret: Option<Secret> => String = None, env "QUICKIM_HOOK_SECRET";
     /// Signals (typing, ...) per second per user (per gateway node; burst: twice that); 0 = unlimited
     signal_rate_per_s: u32 => u32 = 5, env "QUICKIM_SIGNAL_RATE_PER_S";
     /// Largest content of a signal, UTF-8 bytes
@@ -317,6 +325,21 @@ impl Config {
         }
         if self.signal_max_bytes > 4096 {
             return fail(format!("signal_max_bytes must be at most 4096, not {}", self.signal_max_bytes));
+        }
+        if let Some(u) = &self.before_send_url
+            && !u.starts_with("http://")
+        {
+            return fail(format!(
+                "before_send_url must be an http:// URL (https through a TLS-terminating proxy), not {u:?}"
+            ));
+        }
+        if self.before_send_timeout_ms == 0 || self.before_send_timeout_ms > 30_000 {
+            return fail(format!("before_send_timeout_ms must be within 1–30000, not {}", self.before_send_timeout_ms));
+        }
+        if let Some(s) = &self.hook_secret
+            && !s.expose().starts_with("whsec_")
+        {
+            return fail("hook_secret must be whsec_ followed by the base64 of at least 16 bytes".into());
         }
         if self.stream_timeout_s == 0 {
             return fail("stream_timeout_s must be at least 1".into());

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     RoleRequired,
     /// The time to edit or recall the message (`edit_window_s`, `recall_window_s`) has passed.
     RevisionWindowClosed,
+    /// The `before_send` hook rejected the message (its reason is the message).
+    RejectedByHook,
     /// The resource does not exist (unknown route, unknown conversation on /inner).
     NotFound,
     /// The route exists but not with this HTTP method.
@@ -77,6 +79,8 @@ pub enum ErrorCode {
     TooManySignals,
     /// A dependency (bus, database, service) cannot be reached or the node is shutting down.
     Unavailable,
+    /// The `before_send` hook failed and is configured to refuse messages then.
+    HookUnavailable,
     /// A dependency did not answer in time.
     Timeout,
     /// A bug or an unexpected failure; details are in the server log, never in the answer.
@@ -85,7 +89,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 35] = [
+    pub const ALL: [ErrorCode; 37] = [
         ErrorCode::InvalidParam,
         ErrorCode::InvalidText,
         ErrorCode::TooManyItems,
@@ -96,6 +100,7 @@ impl ErrorCode {
         ErrorCode::NotSender,
         ErrorCode::RoleRequired,
         ErrorCode::RevisionWindowClosed,
+        ErrorCode::RejectedByHook,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::RequestTimeout,
@@ -120,6 +125,7 @@ impl ErrorCode {
         ErrorCode::TooManySignals,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
+        ErrorCode::HookUnavailable,
         ErrorCode::Timeout,
     ];
 
@@ -136,6 +142,7 @@ impl ErrorCode {
             ErrorCode::NotSender => 40302,
             ErrorCode::RoleRequired => 40303,
             ErrorCode::RevisionWindowClosed => 40304,
+            ErrorCode::RejectedByHook => 40305,
             ErrorCode::NotFound => 40400,
             ErrorCode::MethodNotAllowed => 40500,
             ErrorCode::RequestTimeout => 40800,
@@ -160,6 +167,7 @@ impl ErrorCode {
             ErrorCode::TooManySignals => 42904,
             ErrorCode::Internal => 50000,
             ErrorCode::Unavailable => 50300,
+            ErrorCode::HookUnavailable => 50301,
             ErrorCode::Timeout => 50400,
         }
     }
@@ -182,6 +190,7 @@ impl ErrorCode {
             ErrorCode::NotSender => "not_sender",
             ErrorCode::RoleRequired => "role_required",
             ErrorCode::RevisionWindowClosed => "revision_window_closed",
+            ErrorCode::RejectedByHook => "rejected_by_hook",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -206,6 +215,7 @@ impl ErrorCode {
             ErrorCode::TooManySignals => "too_many_signals",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::HookUnavailable => "hook_unavailable",
             ErrorCode::Timeout => "timeout",
         }
     }

@@ -8,6 +8,7 @@ mod chat_state;
 mod distributed;
 mod docs;
 mod fuzz_corpus;
+mod hooks;
 mod nats_security;
 mod outage;
 mod routes;

@@ -8,7 +8,9 @@
 //!   retention checkpoints, expiry of idempotency keys and (optionally) of old messages.
 
 mod batcher;
+mod before_send;
 mod housekeeping;
+mod signature;
 mod validate;
 
 use std::sync::Arc;
@@ -34,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use batcher::Batcher;
+pub use before_send::{BeforeSend, BeforeSendConfig};
+pub use signature::key_of as signing_key;
 
 /// Limits the message service applies.
 #[derive(Debug, Clone)]
@@ -66,13 +70,20 @@ pub struct MessageService {
     bus: Bus,
     limits: MessageLimits,
     batcher: Batcher,
+    before_send: Option<BeforeSend>,
 }
 
 impl MessageService {
     /// A service over `store`, publishing on `bus`.
     pub fn new(store: Store, bus: Bus, limits: MessageLimits) -> MessageService {
         let batcher = Batcher::start(store.clone(), bus.clone(), 1024);
-        MessageService { store, bus, limits, batcher }
+        MessageService { store, bus, limits, batcher, before_send: None }
+    }
+
+    /// Asks the `before_send` hook about every member's message before storing it.
+    pub fn with_before_send(mut self, hook: BeforeSend) -> MessageService {
+        self.before_send = Some(hook);
+        self
     }
 
     /// Subscribes, then serves requests and runs housekeeping in tasks until `shutdown`.
@@ -99,7 +110,13 @@ impl MessageService {
     }
 
     async fn send(&self, r: SendMessage) -> Reply<Message> {
-        let item = validate::send_item(r, self.limits.max_content_bytes)?;
+        let mut item = validate::send_item(r, self.limits.max_content_bytes)?;
+        if let (Some(hook), Origin::Client) = (&self.before_send, item.origin)
+            && let Some(content) = hook.ask(&item).await?
+        {
+            validate::content(&content, self.limits.max_content_bytes)?;
+            item.content = content;
+        }
         self.batcher.submit(item).await
     }
 
