@@ -165,6 +165,7 @@ async fn start_services(
             recall_window_ms: (config.recall_window_s as i64).saturating_mul(1000),
             stream_timeout_ms: (config.stream_timeout_s as i64).saturating_mul(1000),
         };
+        let store_for_hooks = store.clone();
         let mut service = MessageService::new(store, bus.clone(), limits);
         if let Some(url) = &config.before_send_url {
             let secret =
@@ -182,6 +183,24 @@ async fn start_services(
             })
             .map_err(|e| anyhow::anyhow!("before_send hook: {e}"))?;
             service = service.with_before_send(hook);
+        }
+        if let Some(text) = &config.webhooks {
+            let endpoints = quickim_message::webhooks::parse_endpoints(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let webhooks = quickim_message::webhooks::WebhookConfig {
+                endpoints,
+                batch_max: config.webhook_batch_max,
+                linger: std::time::Duration::from_millis(config.webhook_linger_ms),
+                timeout: std::time::Duration::from_millis(config.webhook_timeout_ms),
+                alert_after: std::time::Duration::from_secs(config.webhook_alert_after_s),
+                skip_after: (config.webhook_skip_after_s > 0)
+                    .then(|| std::time::Duration::from_secs(config.webhook_skip_after_s)),
+            };
+            let holder = format!("message-{}-{}", std::process::id(), quickim_shared::time::now_ms());
+            let run = quickim_message::webhooks::run(store_for_hooks.clone(), webhooks, holder, shutdown.clone());
+            tasks.spawn(async move {
+                run.await;
+                Ok(())
+            });
         }
         let serving = service.start(shutdown.clone()).await?;
         tasks.spawn(async move { serving.await.map_err(|e| anyhow::anyhow!("message service: {e}")) });

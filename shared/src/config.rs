@@ -174,6 +174,18 @@ config_keys! {
     before_send_fail_open: bool => bool = true, env "QUICKIM_BEFORE_SEND_FAIL_OPEN";
     /// Secret that signs hook calls (Standard Webhooks: whsec_ and the base64 of at least 16 bytes); unset: unsigned
     hook_secret: Option<Secret> => String = None, env "QUICKIM_HOOK_SECRET";
+    /// Outbound webhooks: a JSON array of endpoints, each {"id","url","events"?:[…],"secret"?:"whsec_…"} (docs/hooks.md); unset: none
+    webhooks: Option<String> => String = None, env "QUICKIM_WEBHOOKS";
+    /// Most events per webhook POST
+    webhook_batch_max: usize => usize = 100, env "QUICKIM_WEBHOOK_BATCH_MAX";
+    /// How long a webhook batch that is not full waits for more events, ms
+    webhook_linger_ms: u64 => u64 = 200, env "QUICKIM_WEBHOOK_LINGER_MS";
+    /// Longest wait for a webhook receiver's answer, ms
+    webhook_timeout_ms: u64 => u64 = 5_000, env "QUICKIM_WEBHOOK_TIMEOUT_MS";
+    /// A webhook receiver failing this long is reported (error log, quickim_webhook_failing), seconds
+    webhook_alert_after_s: u64 => u64 = 300, env "QUICKIM_WEBHOOK_ALERT_AFTER_S";
+    /// A webhook receiver failing this long is skipped past (its events dropped), seconds; 0: never
+    webhook_skip_after_s: u64 => u64 = 0, env "QUICKIM_WEBHOOK_SKIP_AFTER_S";
     /// Signals (typing, ...) per second per user (per gateway node; burst: twice that); 0 = unlimited
     signal_rate_per_s: u32 => u32 = 5, env "QUICKIM_SIGNAL_RATE_PER_S";
     /// Largest content of a signal, UTF-8 bytes
@@ -340,6 +352,12 @@ impl Config {
             && !s.expose().starts_with("whsec_")
         {
             return fail("hook_secret must be whsec_ followed by the base64 of at least 16 bytes".into());
+        }
+        if self.webhook_batch_max == 0 || self.webhook_batch_max > 1000 {
+            return fail(format!("webhook_batch_max must be within 1–1000, not {}", self.webhook_batch_max));
+        }
+        if self.webhook_timeout_ms == 0 || self.webhook_linger_ms > 10_000 {
+            return fail("webhook_timeout_ms must be > 0 and webhook_linger_ms at most 10000".into());
         }
         if self.stream_timeout_s == 0 {
             return fail("stream_timeout_s must be at least 1".into());

@@ -7,94 +7,26 @@ use std::time::Duration;
 
 use quickim_testkit::{Api, Distributed, NotifyClient, Protocol, Standalone};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::BIN;
+use crate::receiver::{Got, receiver};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// A request the receiver got: its headers (lower-case names) and body.
-#[derive(Debug, Clone)]
-struct Got {
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Got {
-    fn header(&self, name: &str) -> &str {
-        self.headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str())
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-}
-
-/// An HTTP receiver on 127.0.0.1 answering each request with `verdict(body)` (after a
-/// delay for content "slow"); answers its address and what it got.
-async fn receiver() -> (String, Arc<Mutex<Vec<Got>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}/hooks/before-send", listener.local_addr().unwrap());
-    let got: Arc<Mutex<Vec<Got>>> = Arc::default();
-    let log = got.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else { return };
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let head_end = loop {
-                    let n = socket.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let headers: Vec<(String, String)> = head
-                    .lines()
-                    .skip(1)
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(n, v)| (n.trim().to_lowercase(), v.trim().to_string()))
-                    .collect();
-                let length: usize =
-                    headers.iter().find(|(n, _)| n == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
-                while buf.len() < head_end + length {
-                    let n = socket.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let got = Got { headers, body: buf[head_end..head_end + length].to_vec() };
-                let content = got.json()["content"].as_str().unwrap_or_default().to_string();
-                log.lock().unwrap().push(got);
-                let verdict = match content.as_str() {
-                    "spam" => json!({"action":"reject","reason":"no spam here"}),
-                    "darn" => json!({"action":"rewrite","content":"d**n"}),
-                    "slow" => {
-                        tokio::time::sleep(Duration::from_millis(1500)).await;
-                        json!({"action":"accept"})
-                    }
-                    _ => json!({"action":"accept"}),
-                };
-                let body = verdict.to_string();
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
-    (addr, got)
+/// The hook's verdicts: by content ("slow" answers after the hook's timeout).
+fn verdict(got: &Got) -> (u16, String, Option<Duration>) {
+    let content = got.json()["content"].as_str().unwrap_or_default().to_string();
+    let (body, delay) = match content.as_str() {
+        "spam" => (json!({"action":"reject","reason":"no spam here"}), None),
+        "darn" => (json!({"action":"rewrite","content":"d**n"}), None),
+        "slow" => (json!({"action":"accept"}), Some(Duration::from_millis(1500))),
+        _ => (json!({"action":"accept"}), None),
+    };
+    (200, body.to_string(), delay)
 }
 
 /// Checks a signature with Python's hmac: an implementation independent of ours.
-fn python_signature(id: &str, timestamp: &str, body: &[u8]) -> String {
+pub fn python_signature(id: &str, timestamp: &str, body: &[u8]) -> String {
     let script = "import base64,hashlib,hmac,sys\n\
         key = base64.b64decode(sys.argv[1].split('_', 1)[1])\n\
         msg = sys.argv[2].encode() + b'.' + sys.argv[3].encode() + b'.' + sys.stdin.buffer.read()\n\
@@ -171,7 +103,7 @@ async fn accept_reject_rewrite(api: &Api, got: &Arc<Mutex<Vec<Got>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn before_send_accepts_rejects_and_rewrites_standalone() {
-    let (url, got) = receiver().await;
+    let (url, got) = receiver("/hooks/before-send", verdict).await;
     let env = hook_env(&url, true);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let q = Standalone::start(BIN, &env).await;
@@ -180,7 +112,7 @@ async fn before_send_accepts_rejects_and_rewrites_standalone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn before_send_accepts_rejects_and_rewrites_distributed() {
-    let (url, got) = receiver().await;
+    let (url, got) = receiver("/hooks/before-send", verdict).await;
     let env = hook_env(&url, true);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let d = Distributed::start(BIN, 1, 2, 1, &env).await;
@@ -190,7 +122,7 @@ async fn before_send_accepts_rejects_and_rewrites_distributed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_hook_refuses_when_it_fails_closed() {
-    let (url, _got) = receiver().await;
+    let (url, _got) = receiver("/hooks/before-send", verdict).await;
     let env = hook_env(&url, false);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let q = Standalone::start(BIN, &env).await;

@@ -11,10 +11,12 @@ mod fuzz_corpus;
 mod hooks;
 mod nats_security;
 mod outage;
+mod receiver;
 mod routes;
 mod schema;
 mod sends;
 mod startup;
+mod webhooks;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_quickim");

@@ -12,6 +12,7 @@ mod before_send;
 mod housekeeping;
 mod signature;
 mod validate;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;

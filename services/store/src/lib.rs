@@ -66,6 +66,7 @@ mod revocations;
 mod sql;
 mod sqlite;
 mod streams;
+mod webhooks;
 
 use std::path::Path;
 use std::sync::Arc;

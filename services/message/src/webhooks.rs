@@ -1,0 +1,373 @@
+//! Outbound webhooks: the log, delivered to the business system's endpoints.
+//!
+//! Each endpoint follows the log on its own: a position per partition (stored after every
+//! batch its receiver took, so delivery resumes there after any restart, of anything), events
+//! in log order — so in order per conversation — many per POST, at least once. One message
+//! service at a time delivers to an endpoint (a lease in the database, renewed while it
+//! delivers; another takes over once it runs out). A batch the receiver does not take (no
+//! answer, not 2xx) is sent again, the same, with a backoff (1 s doubling to 60 s); a
+//! receiver down for `webhook_alert_after_s` is reported (an error log, the
+//! `quickim_webhook_failing` gauge) and skipped ahead only if `webhook_skip_after_s` says so.
+//! Every event has a dedupe key (`id`), every POST the Standard Webhooks headers (a stable
+//! `webhook-id` per batch, so a retried batch is recognisable too).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use quickim_shared::position::Position;
+use quickim_shared::protocol::event::LogEntry;
+use quickim_shared::protocol::system::{self, Archived, Created, Revised, Users};
+use quickim_store::Store;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::signature;
+
+/// How long a lease lasts; renewed at a third of it.
+const LEASE: Duration = Duration::from_secs(6);
+/// Longest wait between retries of a batch.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Bytes of log content read per batch at most.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// The kinds of events.
+pub const EVENT_TYPES: [&str; 7] = [
+    "message.created",
+    "message.revised",
+    "member.joined",
+    "member.left",
+    "member.kicked",
+    "conversation.created",
+    "conversation.archived",
+];
+
+/// One endpoint, as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// A stable name (its position is stored under it).
+    pub id: String,
+    /// Where to POST (http://).
+    pub url: String,
+    /// The event types it gets (all when empty).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// `whsec_…`: signs its POSTs.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Where a new endpoint starts: `now` (the default: what comes from now on) or
+    /// `beginning` (the whole log the database holds).
+    #[serde(default)]
+    pub start: Start,
+}
+
+/// Where a new endpoint starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Start {
+    /// At the log's heads.
+    #[default]
+    Now,
+    /// At the log's start.
+    Beginning,
+}
+
+/// Every endpoint and how batches go out.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// The endpoints.
+    pub endpoints: Vec<EndpointConfig>,
+    /// Most events per POST.
+    pub batch_max: usize,
+    /// How long a batch that is not full waits for more events.
+    pub linger: Duration,
+    /// Longest wait for a receiver's answer.
+    pub timeout: Duration,
+    /// A receiver failing this long is reported.
+    pub alert_after: Duration,
+    /// A receiver failing this long is skipped past (None: never).
+    pub skip_after: Option<Duration>,
+}
+
+/// Reads `webhooks` (a JSON array of endpoints); checks ids, URLs, event types and secrets.
+pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointConfig>, String> {
+    let endpoints: Vec<EndpointConfig> =
+        serde_json::from_str(text).map_err(|e| format!("webhooks is not a JSON array of endpoints: {e}"))?;
+    let mut ids = HashSet::new();
+    for e in &endpoints {
+        if e.id.is_empty() || e.id.len() > 64 || !ids.insert(e.id.clone()) {
+            return Err(format!("webhook ids are 1–64 characters and unique: {:?}", e.id));
+        }
+        if !e.url.starts_with("http://") {
+            return Err(format!("webhook {}: the url must be http:// (https through a TLS-terminating proxy)", e.id));
+        }
+        if let Some(t) = e.events.iter().find(|t| !EVENT_TYPES.contains(&t.as_str())) {
+            return Err(format!("webhook {}: unknown event type {t:?} (known: {EVENT_TYPES:?})", e.id));
+        }
+        if e.secret.as_deref().is_some_and(|s| signature::key_of(s).is_none()) {
+            return Err(format!("webhook {}: the secret must be whsec_ and the base64 of 16 bytes or more", e.id));
+        }
+    }
+    Ok(endpoints)
+}
+
+/// Delivers to every endpoint until `shutdown`; `holder` names this service in leases.
+pub async fn run(store: Store, config: WebhookConfig, holder: String, shutdown: CancellationToken) {
+    let http = match reqwest::Client::builder().timeout(config.timeout).build() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "webhooks cannot start their HTTP client");
+            return;
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for endpoint in config.endpoints.clone() {
+        let delivery = Delivery {
+            store: store.clone(),
+            http: http.clone(),
+            key: endpoint.secret.as_deref().and_then(signature::key_of),
+            types: endpoint.events.iter().cloned().collect(),
+            endpoint,
+            config: config.clone(),
+            holder: holder.clone(),
+        };
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { delivery.run(shutdown).await });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+struct Delivery {
+    store: Store,
+    http: reqwest::Client,
+    endpoint: EndpointConfig,
+    key: Option<Vec<u8>>,
+    types: HashSet<String>,
+    config: WebhookConfig,
+    holder: String,
+}
+
+/// An event as it is POSTed.
+#[derive(Debug, Serialize)]
+struct Event {
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    timestamp: i64,
+    data: Value,
+}
+
+impl Delivery {
+    async fn run(&self, shutdown: CancellationToken) {
+        loop {
+            let leased = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                l = self.lease() => l,
+            };
+            match leased {
+                Ok(Some(position)) => {
+                    tracing::info!(endpoint = %self.endpoint.id, "delivering webhooks");
+                    self.deliver(position, &shutdown).await;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, endpoint = %self.endpoint.id, "cannot take a webhook lease"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(LEASE / 3) => {}
+            }
+        }
+    }
+
+    async fn lease(&self) -> Result<Option<Position>, quickim_store::StoreError> {
+        let from_start = self.endpoint.start == Start::Beginning;
+        self.store.lease_webhook(&self.endpoint.id, &self.holder, LEASE.as_millis() as i64, from_start).await
+    }
+
+    /// Delivers from `position` while this service holds the lease.
+    async fn deliver(&self, mut position: Position, shutdown: &CancellationToken) {
+        let mut renewed = Instant::now();
+        let mut next_part = 0usize;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if renewed.elapsed() >= LEASE / 3 {
+                match self.lease().await {
+                    Ok(Some(_)) => renewed = Instant::now(),
+                    _ => return,
+                }
+            }
+            let Some((part, entries, upto)) = self.next_batch(&position, &mut next_part).await else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(self.config.linger.max(Duration::from_millis(50))) => {}
+                }
+                continue;
+            };
+            let events: Vec<Event> = entries.iter().filter_map(|e| self.event(e)).collect();
+            if !events.is_empty() {
+                let id = format!("{}-{}-{}-{}", self.endpoint.id, part, position[part] + 1, upto);
+                if !self.post_until_taken(&id, &events, &mut renewed, shutdown).await {
+                    return;
+                }
+            }
+            position[part] = upto;
+            match self.store.advance_webhook(&self.endpoint.id, &self.holder, &position).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, endpoint = %self.endpoint.id, "cannot store a webhook position");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The next partition with entries after `position` (taking turns), its entries (up to
+    /// `batch_max`; a batch not full waits `linger` once for more) and the offset they reach.
+    async fn next_batch(&self, position: &Position, next_part: &mut usize) -> Option<(usize, Vec<LogEntry>, u64)> {
+        let heads = self.store.heads().await.ok()?.heads;
+        let parts = heads.len().min(position.len());
+        for i in 0..parts {
+            let part = (*next_part + i) % parts;
+            if heads[part] <= position[part] {
+                continue;
+            }
+            *next_part = (part + 1) % parts;
+            let read = |upto: u64| {
+                self.store.read_log(part as u16, position[part], upto, self.config.batch_max as u32, BATCH_BYTES)
+            };
+            let mut entries = read(heads[part]).await.ok()?;
+            if entries.len() < self.config.batch_max && !self.config.linger.is_zero() {
+                tokio::time::sleep(self.config.linger).await;
+                let heads = self.store.heads().await.ok()?.heads;
+                entries = read(heads[part]).await.ok()?;
+            }
+            let upto = entries.last()?.offset;
+            return Some((part, entries, upto));
+        }
+        None
+    }
+
+    /// The entry as an event this endpoint wants, if any.
+    fn event(&self, entry: &LogEntry) -> Option<Event> {
+        let m = &entry.message;
+        let (kind, data) = match m.msg_type {
+            t if t >= 0 => ("message.created", serde_json::to_value(m).ok()?),
+            system::REVISED => {
+                let revised: Revised = serde_json::from_str(&m.content).ok()?;
+                (
+                    "message.revised",
+                    json!({"conversation_id": m.conversation_id, "revision": revised, "msg_id": m.msg_id}),
+                )
+            }
+            system::JOINED | system::LEFT | system::KICKED => {
+                let users: Users = serde_json::from_str(&m.content).ok()?;
+                let kind = match m.msg_type {
+                    system::JOINED => "member.joined",
+                    system::LEFT => "member.left",
+                    _ => "member.kicked",
+                };
+                (kind, json!({"conversation_id": m.conversation_id, "user_ids": users.user_ids, "msg_id": m.msg_id}))
+            }
+            system::CREATED => {
+                let created: Created = serde_json::from_str(&m.content).ok()?;
+                let mut data = serde_json::to_value(created).ok()?;
+                data["conversation_id"] = json!(m.conversation_id);
+                data["msg_id"] = json!(m.msg_id);
+                ("conversation.created", data)
+            }
+            system::ARCHIVED => {
+                let a: Archived = serde_json::from_str(&m.content).ok()?;
+                (
+                    "conversation.archived",
+                    json!({"conversation_id": m.conversation_id, "archived": a.archived, "msg_id": m.msg_id}),
+                )
+            }
+            _ => return None,
+        };
+        if !self.types.is_empty() && !self.types.contains(kind) {
+            return None;
+        }
+        Some(Event { id: format!("{}:{}", m.conversation_id, m.msg_id), kind, timestamp: m.send_time, data })
+    }
+
+    /// POSTs the batch until the receiver takes it (2xx); false if this service must stop
+    /// (shut down, or lost the lease while waiting).
+    async fn post_until_taken(
+        &self,
+        id: &str,
+        events: &[Event],
+        renewed: &mut Instant,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let Ok(body) = serde_json::to_vec(&json!({ "events": events })) else { return false };
+        let endpoint = self.endpoint.id.as_str();
+        let mut backoff = Duration::from_secs(1);
+        let mut failing_since: Option<Instant> = None;
+        let mut reported = false;
+        loop {
+            let started = Instant::now();
+            let outcome = self.post(id, &body).await;
+            metrics::histogram!("quickim_webhook_post_seconds", "endpoint" => endpoint.to_string())
+                .record(started.elapsed().as_secs_f64());
+            match outcome {
+                Ok(()) => {
+                    metrics::counter!("quickim_webhook_events_total", "endpoint" => endpoint.to_string())
+                        .increment(events.len() as u64);
+                    if reported {
+                        tracing::info!(endpoint, "webhook receiver is taking events again");
+                    }
+                    metrics::gauge!("quickim_webhook_failing", "endpoint" => endpoint.to_string()).set(0.0);
+                    return true;
+                }
+                Err(e) => {
+                    metrics::counter!("quickim_webhook_failures_total", "endpoint" => endpoint.to_string())
+                        .increment(1);
+                    let since = *failing_since.get_or_insert(started);
+                    if since.elapsed() >= self.config.alert_after && !reported {
+                        reported = true;
+                        metrics::gauge!("quickim_webhook_failing", "endpoint" => endpoint.to_string()).set(1.0);
+                        tracing::error!(endpoint, error = %e, failing_s = since.elapsed().as_secs(), "webhook receiver keeps failing");
+                    } else {
+                        tracing::warn!(endpoint, error = %e, "webhook batch not taken; retrying");
+                    }
+                    if self.config.skip_after.is_some_and(|s| since.elapsed() >= s) {
+                        metrics::counter!("quickim_webhook_skipped_events_total", "endpoint" => endpoint.to_string())
+                            .increment(events.len() as u64);
+                        tracing::error!(
+                            endpoint,
+                            events = events.len(),
+                            "webhook receiver down too long; skipping these events"
+                        );
+                        return true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            if renewed.elapsed() >= LEASE / 3 {
+                match self.lease().await {
+                    Ok(Some(_)) => *renewed = Instant::now(),
+                    _ => return false,
+                }
+            }
+        }
+    }
+
+    async fn post(&self, id: &str, body: &[u8]) -> Result<(), String> {
+        let mut request = self.http.post(&self.endpoint.url).header("content-type", "application/json");
+        let timestamp = quickim_shared::time::now_ms() / 1000;
+        request = request.header("webhook-id", id).header("webhook-timestamp", timestamp.to_string());
+        if let Some(key) = &self.key {
+            request = request.header("webhook-signature", signature::sign(key, id, timestamp, body));
+        }
+        let response = request.body(body.to_vec()).send().await.map_err(|e| format!("no answer: {e}"))?;
+        if response.status().is_success() { Ok(()) } else { Err(format!("answered {}", response.status())) }
+    }
+}
