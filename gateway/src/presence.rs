@@ -68,6 +68,11 @@ fn announce(state: &AppState, permits: &Arc<Semaphore>, user: String, online: bo
     tokio::spawn(async move {
         let Ok(_permit) = permits.acquire_owned().await else { return };
         let last_seen = if online {
+            // Recorded for the webhooks' user.online (the time a user came online).
+            let at_ms = quickim_shared::time::now_ms();
+            if let Err(e) = state.rpc.call(&RecordSeen { user_id: user.clone(), online: true, at_ms }).await {
+                tracing::warn!(error = %e.message, %user, "cannot record a user online");
+            }
             None
         } else {
             match state.cluster.presence(std::slice::from_ref(&user), state.config.max_connections_per_user).await {
@@ -79,7 +84,7 @@ fn announce(state: &AppState, permits: &Arc<Semaphore>, user: String, online: bo
                 }
             }
             let at_ms = quickim_shared::time::now_ms();
-            if let Err(e) = state.rpc.call(&RecordSeen { user_id: user.clone(), at_ms }).await {
+            if let Err(e) = state.rpc.call(&RecordSeen { user_id: user.clone(), online: false, at_ms }).await {
                 tracing::warn!(error = %e.message, %user, "cannot record last_seen");
             }
             Some(at_ms)

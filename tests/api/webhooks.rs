@@ -85,7 +85,8 @@ fn check_order_and_duplicates(events: &[(String, Value)]) {
 /// Sends as a client of quickim does: retried with the same key while a killed service's
 /// absence is noticed (503/504), so it is stored once.
 async fn send(api: &Api, conversation: &str, from: &str, content: &str) -> u64 {
-    let body = json!({"conversation_id":conversation,"from":from,"type":1,"content":content,"client_msg_id":content});
+    let key = content.replace(' ', "_");
+    let body = json!({"conversation_id":conversation,"from":from,"type":1,"content":content,"client_msg_id":key});
     for _ in 0..50 {
         let (s, v) = api.inner("/inner/send_msg", body.clone()).await;
         if s == 200 {
@@ -212,4 +213,44 @@ async fn in_a_cluster_one_service_delivers_and_another_takes_over() {
     let events = wait_for_keys(&got, 0, &keys).await;
     check_order_and_duplicates(&events);
     d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_positions_and_presence_arrive_too() {
+    let (url, got, _) = webhook_receiver().await;
+    let mut env = env(&url);
+    env.push(("QUICKIM_PRESENCE_DEBOUNCE_S", "0".to_string()));
+    let q = Standalone::start(BIN, &pairs(&env)).await;
+    q.api.conversation("r", &["alice", "bob"]).await;
+    let m = send(&q.api, "r", "bob", "read me").await;
+    let ta = q.api.token("alice", "web").await;
+    let (s, v) = q.api.client(&ta, "/mark_read", json!({"conversation_id":"r","msg_id":m})).await;
+    assert_eq!(s, 200, "{v}");
+    let alice =
+        quickim_testkit::NotifyClient::connect(&q.api.public, &ta, quickim_testkit::Protocol::Ws, None).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut dropped = Some(alice);
+    loop {
+        let events = taken(&got, 0);
+        let kinds: Vec<&str> = events.iter().map(|(_, e)| e["type"].as_str().unwrap()).collect();
+        if kinds.contains(&"user.online") && dropped.is_some() {
+            // Online seen: now go.
+            dropped.take().unwrap().drop_connection();
+        }
+        if kinds.contains(&"read.updated") && kinds.contains(&"user.offline") {
+            let read = events.iter().find(|(_, e)| e["type"] == "read.updated").unwrap();
+            assert_eq!(read.1["id"], format!("read:r:alice:{m}"));
+            assert_eq!(read.1["data"], json!({"conversation_id":"r","user_id":"alice","read_msg_id":m}));
+            let online = events.iter().position(|(_, e)| e["type"] == "user.online").unwrap();
+            let offline = events.iter().position(|(_, e)| e["type"] == "user.offline").unwrap();
+            assert!(online < offline, "{events:?}");
+            assert_eq!(events[offline].1["data"]["user_id"], "alice");
+            let keys: Vec<&str> = events.iter().map(|(_, e)| e["id"].as_str().unwrap()).collect();
+            let unique: std::collections::HashSet<&&str> = keys.iter().collect();
+            assert_eq!(unique.len(), keys.len(), "each once while nothing failed: {keys:?}");
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "not every signal arrived: {kinds:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -364,7 +364,7 @@ impl Handler for ConversationService {
             RecordSeen::SUBJECT => {
                 answer(payload, async |r: RecordSeen| {
                     check_user_id("user_id", &r.user_id)?;
-                    Ok(self.store.record_seen(&r.user_id, r.at_ms).await?)
+                    Ok(self.store.record_seen(&r.user_id, r.online, r.at_ms).await?)
                 })
                 .await
             }

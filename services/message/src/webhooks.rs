@@ -11,7 +11,7 @@
 //! Every event has a dedupe key (`id`), every POST the Standard Webhooks headers (a stable
 //! `webhook-id` per batch, so a retried batch is recognisable too).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use quickim_shared::position::Position;
@@ -32,7 +32,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const BATCH_BYTES: usize = 1 << 20;
 
 /// The kinds of events.
-pub const EVENT_TYPES: [&str; 7] = [
+pub const EVENT_TYPES: [&str; 10] = [
     "message.created",
     "message.revised",
     "member.joined",
@@ -40,7 +40,17 @@ pub const EVENT_TYPES: [&str; 7] = [
     "member.kicked",
     "conversation.created",
     "conversation.archived",
+    "read.updated",
+    "user.online",
+    "user.offline",
 ];
+
+/// Read positions and presence changes are read again this far behind the watermark
+/// (writes do not become visible in the order of their times); the ones already delivered
+/// are recognised (in memory; after a takeover they may come again, with the same keys).
+const SIGNALS_MARGIN_MS: i64 = 5_000;
+/// How often read positions and presence changes are looked for.
+const SIGNALS_EVERY: Duration = Duration::from_millis(500);
 
 /// One endpoint, as configured.
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +148,15 @@ pub async fn run(store: Store, config: WebhookConfig, holder: String, shutdown: 
     while tasks.join_next().await.is_some() {}
 }
 
+/// Where read positions and presence changes were delivered up to.
+struct Signals {
+    /// (reads, presence), ms.
+    watermarks: (i64, i64),
+    /// Keys delivered within the margin, with their times.
+    seen: HashMap<String, i64>,
+    last: Instant,
+}
+
 struct Delivery {
     store: Store,
     http: reqwest::Client,
@@ -149,7 +168,7 @@ struct Delivery {
 }
 
 /// An event as it is POSTed.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Event {
     id: String,
     #[serde(rename = "type")]
@@ -185,11 +204,28 @@ impl Delivery {
         self.store.lease_webhook(&self.endpoint.id, &self.holder, LEASE.as_millis() as i64, from_start).await
     }
 
+    fn wants(&self, kind: &str) -> bool {
+        self.types.is_empty() || self.types.contains(kind)
+    }
+
     /// Delivers from `position` while this service holds the lease.
     async fn deliver(&self, mut position: Position, shutdown: &CancellationToken) {
         let mut renewed = Instant::now();
         let mut next_part = 0usize;
+        let mut signals = match self.store.webhook_watermarks(&self.endpoint.id).await {
+            Ok(w) => Signals { watermarks: w, seen: HashMap::new(), last: Instant::now() },
+            Err(e) => {
+                tracing::warn!(error = %e, endpoint = %self.endpoint.id, "cannot read webhook watermarks");
+                return;
+            }
+        };
         loop {
+            if signals.last.elapsed() >= SIGNALS_EVERY {
+                signals.last = Instant::now();
+                if !self.deliver_signals(&mut signals, &mut renewed, shutdown).await {
+                    return;
+                }
+            }
             if shutdown.is_cancelled() {
                 return;
             }
@@ -221,6 +257,68 @@ impl Delivery {
                     tracing::warn!(error = %e, endpoint = %self.endpoint.id, "cannot store a webhook position");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Read positions and presence changes since the watermarks, as one batch.
+    async fn deliver_signals(&self, s: &mut Signals, renewed: &mut Instant, shutdown: &CancellationToken) -> bool {
+        let (reads, presence) = (self.wants("read.updated"), self.wants("user.online") || self.wants("user.offline"));
+        if !reads && !presence {
+            return true;
+        }
+        let limit = (self.config.batch_max + s.seen.len()).min(10_000) as u32;
+        let max = self.config.batch_max;
+        let mut events = Vec::new();
+        let (mut reads_at, mut presence_at) = s.watermarks;
+        if reads {
+            let Ok(rows) = self.store.reads_since(reads_at - SIGNALS_MARGIN_MS, limit).await else { return true };
+            for (conversation_id, user_id, read_msg_id, at) in rows {
+                let id = format!("read:{conversation_id}:{user_id}:{read_msg_id}");
+                if !s.seen.contains_key(&id) {
+                    if events.len() == max {
+                        break;
+                    }
+                    let data =
+                        json!({"conversation_id": conversation_id, "user_id": user_id, "read_msg_id": read_msg_id});
+                    events.push((Event { id: id.clone(), kind: "read.updated", timestamp: at, data }, at));
+                }
+                reads_at = reads_at.max(at);
+            }
+        }
+        if presence && events.len() < max {
+            let Ok(rows) = self.store.presence_since(presence_at - SIGNALS_MARGIN_MS, limit).await else { return true };
+            for (user_id, online, at) in rows {
+                let kind = if online { "user.online" } else { "user.offline" };
+                let id = format!("presence:{user_id}:{at}");
+                if self.wants(kind) && !s.seen.contains_key(&id) {
+                    if events.len() == max {
+                        break;
+                    }
+                    let data = json!({"user_id": user_id, "online": online, "at": at});
+                    events.push((Event { id, kind, timestamp: at, data }, at));
+                }
+                presence_at = presence_at.max(at);
+            }
+        }
+        if !events.is_empty() {
+            let batch = format!("{}-signals-{}-{}", self.endpoint.id, events[0].0.id, events.len());
+            let posted: Vec<Event> = events.iter().map(|(e, _)| e.clone()).collect();
+            if !self.post_until_taken(&batch, &posted, renewed, shutdown).await {
+                return false;
+            }
+            for (e, at) in events {
+                s.seen.insert(e.id, at);
+            }
+        }
+        s.watermarks = (reads_at, presence_at);
+        let horizon = reads_at.min(presence_at) - 2 * SIGNALS_MARGIN_MS;
+        s.seen.retain(|_, at| *at >= horizon);
+        match self.store.advance_webhook_watermarks(&self.endpoint.id, &self.holder, s.watermarks).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, endpoint = %self.endpoint.id, "cannot store webhook watermarks");
+                false
             }
         }
     }

@@ -409,7 +409,7 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<MemberInfo>, Option<String>)> {
         let rows = sqlx::query(
-            "SELECT m.user_id, m.role, m.joined_msg_id, m.read_msg_id, p.last_seen FROM members m \
+            "SELECT m.user_id, m.role, m.joined_msg_id, m.read_msg_id, NULLIF(p.last_seen, 0) AS last_seen FROM members m \
              LEFT JOIN user_presence p ON p.user_id = m.user_id \
              WHERE m.conversation_id = $1 AND m.active = $2 AND (m.joined_msg_id, m.user_id) > ($3, $4) \
              ORDER BY m.joined_msg_id, m.user_id LIMIT $5",
@@ -662,19 +662,70 @@ impl Store {
         Ok(page)
     }
 
-    /// Records that `user_id` went offline at `at_ms` (a later time only).
-    pub async fn record_seen(&self, user_id: &str, at_ms: i64) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO user_presence (user_id, last_seen) VALUES ($1, $2) \
-             ON CONFLICT (user_id) DO UPDATE SET last_seen = excluded.last_seen \
-             WHERE user_presence.last_seen < excluded.last_seen",
-        )
-        .bind(user_id)
-        .bind(at_ms)
-        .execute(self.pool())
-        .instrument(sql_span(self.system(), "INSERT", "user_presence"))
-        .await?;
+    /// Records that `user_id` came online (`online`) or went offline at `at_ms` (a later
+    /// time only).
+    pub async fn record_seen(&self, user_id: &str, online: bool, at_ms: i64) -> Result<()> {
+        let sql = if online {
+            "INSERT INTO user_presence (user_id, last_seen, online_at, changed_at) VALUES ($1, 0, $2, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET online_at = excluded.online_at, changed_at = excluded.changed_at \
+             WHERE user_presence.online_at < excluded.online_at"
+        } else {
+            "INSERT INTO user_presence (user_id, last_seen, online_at, changed_at) VALUES ($1, $2, 0, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET last_seen = excluded.last_seen, changed_at = excluded.changed_at \
+             WHERE user_presence.last_seen < excluded.last_seen"
+        };
+        sqlx::query(sql)
+            .bind(user_id)
+            .bind(at_ms)
+            .bind(at_ms)
+            .execute(self.pool())
+            .instrument(sql_span(self.system(), "INSERT", "user_presence"))
+            .await?;
         Ok(())
+    }
+
+    /// Read positions that moved (by a mark_read) at or after `since_ms`, oldest move first,
+    /// at most `limit`: (conversation, user, read_msg_id, when).
+    pub async fn reads_since(&self, since_ms: i64, limit: u32) -> Result<Vec<(String, String, u64, i64)>> {
+        let rows = sqlx::query(
+            "SELECT conversation_id, user_id, read_msg_id, read_at FROM members WHERE read_at >= $1 \
+             ORDER BY read_at LIMIT $2",
+        )
+        .bind(since_ms.max(1))
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "members"))
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("conversation_id")?,
+                    r.try_get("user_id")?,
+                    api_int(r.try_get("read_msg_id")?),
+                    r.try_get("read_at")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Presence changes at or after `since_ms`, oldest first, at most `limit`: (user, online
+    /// now, when it changed).
+    pub async fn presence_since(&self, since_ms: i64, limit: u32) -> Result<Vec<(String, bool, i64)>> {
+        let rows = sqlx::query(
+            "SELECT user_id, online_at, last_seen, changed_at FROM user_presence WHERE changed_at >= $1 \
+             ORDER BY changed_at LIMIT $2",
+        )
+        .bind(since_ms.max(1))
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "user_presence"))
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let (online_at, last_seen): (i64, i64) = (r.try_get("online_at")?, r.try_get("last_seen")?);
+                Ok((r.try_get("user_id")?, online_at > last_seen, r.try_get("changed_at")?))
+            })
+            .collect()
     }
 
     /// When each of `user_ids` last went offline (those never seen are left out).
@@ -682,8 +733,10 @@ impl Store {
         let mut out = Vec::new();
         for chunk in user_ids.chunks(500) {
             let mut params = Params::new(self.system());
-            let sql =
-                format!("SELECT user_id, last_seen FROM user_presence WHERE user_id IN ({})", params.list(chunk.len()));
+            let sql = format!(
+                "SELECT user_id, last_seen FROM user_presence WHERE last_seen > 0 AND user_id IN ({})",
+                params.list(chunk.len())
+            );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for u in chunk {
                 q = q.bind(u.as_str());

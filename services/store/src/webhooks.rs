@@ -73,6 +73,39 @@ impl Store {
         Ok(Some(position))
     }
 
+    /// `endpoint`'s watermarks for read positions and presence changes (ms).
+    pub async fn webhook_watermarks(&self, endpoint: &str) -> Result<(i64, i64)> {
+        let row = sqlx::query("SELECT reads_at, presence_at FROM webhook_endpoints WHERE endpoint_id = $1")
+            .bind(endpoint)
+            .fetch_one(self.pool())
+            .instrument(sql_span(self.system(), "SELECT", "webhook_endpoints"))
+            .await?;
+        Ok((row.try_get("reads_at")?, row.try_get("presence_at")?))
+    }
+
+    /// Stores `endpoint`'s watermarks, if `holder` still holds its lease.
+    pub async fn advance_webhook_watermarks(
+        &self,
+        endpoint: &str,
+        holder: &str,
+        (reads_at, presence_at): (i64, i64),
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE webhook_endpoints SET reads_at = $1, presence_at = $2 \
+             WHERE endpoint_id = $3 AND leased_by = $4 AND lease_until >= $5",
+        )
+        .bind(reads_at)
+        .bind(presence_at)
+        .bind(endpoint)
+        .bind(holder)
+        .bind(now_ms())
+        .execute(self.pool())
+        .instrument(sql_span(self.system(), "UPDATE", "webhook_endpoints"))
+        .await?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
     /// Stores `endpoint`'s new position, if `holder` still holds its lease (false: it lost it,
     /// and must stop delivering).
     pub async fn advance_webhook(&self, endpoint: &str, holder: &str, position: &Position) -> Result<bool> {

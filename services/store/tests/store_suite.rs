@@ -838,8 +838,12 @@ async fn receipts_since_a_time_and_presence_records(db: &Db) {
     let page = s.presence_conversations("a", None, 10, 1 << 20).await.unwrap();
     assert_eq!((page.conversation_ids, page.more), (vec!["p".to_string()], false));
     assert!(s.presence_conversations("b", None, 10, 1 << 20).await.unwrap().conversation_ids.is_empty());
-    s.record_seen("c", 2_000).await.unwrap();
-    s.record_seen("c", 1_000).await.unwrap();
+    s.record_seen("c", true, 1_500).await.unwrap();
+    s.record_seen("c", false, 2_000).await.unwrap();
+    s.record_seen("c", false, 1_000).await.unwrap();
+    assert_eq!(s.presence_since(1, 10).await.unwrap(), vec![("c".to_string(), false, 2_000)]);
+    s.record_seen("d", true, 3_000).await.unwrap();
+    assert_eq!(s.presence_since(2_500, 10).await.unwrap(), vec![("d".to_string(), true, 3_000)]);
     assert_eq!(s.last_seen(&users(&["c", "z"])).await.unwrap(), vec![("c".to_string(), 2_000)]);
     let detail = s.detail("p", "a", None, 10, 1 << 20).await.unwrap();
     let c = detail.members.iter().find(|m| m.user_id == "c").unwrap();

@@ -296,11 +296,15 @@ pub struct ConversationIdsPage {
     pub more: bool,
 }
 
-/// Record when a user went offline (its last connection on any node closed).
+/// Record when a user came online (its first connection on a node) or went offline (its last
+/// connection on any node closed).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecordSeen {
     /// The user.
     pub user_id: String,
+    /// It came online (else it went offline).
+    #[serde(default)]
+    pub online: bool,
     /// When (ms).
     pub at_ms: i64,
 }
