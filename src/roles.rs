@@ -194,9 +194,16 @@ async fn start_services(
                 alert_after: std::time::Duration::from_secs(config.webhook_alert_after_s),
                 skip_after: (config.webhook_skip_after_s > 0)
                     .then(|| std::time::Duration::from_secs(config.webhook_skip_after_s)),
+                max_connections_per_user: config.max_connections_per_user,
             };
             let holder = format!("message-{}-{}", std::process::id(), quickim_shared::time::now_ms());
-            let run = quickim_message::webhooks::run(store_for_hooks.clone(), webhooks, holder, shutdown.clone());
+            let run = quickim_message::webhooks::run(
+                store_for_hooks.clone(),
+                bus.clone(),
+                webhooks,
+                holder,
+                shutdown.clone(),
+            );
             tasks.spawn(async move {
                 run.await;
                 Ok(())

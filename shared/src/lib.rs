@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod ids;
+pub mod online;
 pub mod position;
 pub mod protocol;
 pub mod rpc;

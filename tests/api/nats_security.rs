@@ -23,8 +23,8 @@ authorization {
         allow_responses: true
     } }
     { user: message, password: message-secret, permissions: {
-        publish: { allow: ["prod.quickim.log", "prod.quickim.heads"] }
-        subscribe: { allow: ["prod.quickim.msg.*"] }
+        publish: { allow: ["prod.quickim.log", "prod.quickim.heads", "prod.quickim.ctl.presence"] }
+        subscribe: { allow: ["prod.quickim.msg.*", "prod.quickim.ctl.heartbeat", "prod._INBOX.>"] }
         allow_responses: true
     } }
   ]

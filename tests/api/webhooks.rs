@@ -130,6 +130,7 @@ async fn every_event_type_arrives_signed_and_in_order() {
         [
             "conversation.created",
             "message.created",
+            "message.offline",
             "message.revised",
             "member.kicked",
             "member.left",
@@ -142,11 +143,12 @@ async fn every_event_type_arrives_signed_and_in_order() {
     assert!(data[1]["content"] == "hello" || data[1]["content"] == "hello!", "{}", data[1]);
     assert_eq!(data[1]["from"], "alice");
     assert_eq!(
-        (data[2]["revision"]["action"].as_str(), data[2]["revision"]["content"].as_str()),
+        (data[3]["revision"]["action"].as_str(), data[3]["revision"]["content"].as_str()),
         (Some("edit"), Some("hello!"))
     );
-    assert_eq!(data[3]["user_ids"], json!(["carol"]));
-    assert_eq!(data[6]["archived"], true);
+    assert_eq!(data[2]["offline_user_ids"], json!(["bob", "carol"]), "nobody is connected");
+    assert_eq!(data[4]["user_ids"], json!(["carol"]));
+    assert_eq!(data[7]["archived"], true);
     for g in got.lock().unwrap().iter() {
         let (id, ts) = (g.header("webhook-id"), g.header("webhook-timestamp"));
         assert_eq!(g.header("webhook-signature"), python_signature(id, ts, &g.body), "signed as specified");
@@ -253,4 +255,26 @@ async fn read_positions_and_presence_arrive_too() {
         assert!(std::time::Instant::now() < deadline, "not every signal arrived: {kinds:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_names_the_members_with_no_connection() {
+    let (url, got, _) = webhook_receiver().await;
+    let env = env(&url);
+    let q = Standalone::start(BIN, &pairs(&env)).await;
+    q.api.conversation("o", &["alice", "bob", "carol"]).await;
+    let tb = q.api.token("bob", "web").await;
+    let mut bob =
+        quickim_testkit::NotifyClient::connect(&q.api.public, &tb, quickim_testkit::Protocol::Ws, None).await.unwrap();
+    assert_eq!(bob.next(Duration::from_secs(10)).await.unwrap()["type"], "ready");
+    let m = send(&q.api, "o", "alice", "anyone there").await;
+    let key = format!("offline:o:{m}");
+    let events = wait_for_keys(&got, 0, std::slice::from_ref(&key)).await;
+    let offline = events.iter().find(|(_, e)| e["id"] == key.as_str()).unwrap();
+    assert_eq!(offline.1["type"], "message.offline");
+    assert_eq!(offline.1["data"]["offline_user_ids"], json!(["carol"]), "not the sender, not bob who is connected");
+    assert_eq!(offline.1["data"]["message"]["content"], "anyone there");
+    let created = events.iter().position(|(_, e)| e["id"] == format!("o:{m}")).unwrap();
+    let after = events.iter().position(|(_, e)| e["id"] == key.as_str()).unwrap();
+    assert_eq!(after, created + 1, "right after its message.created");
 }

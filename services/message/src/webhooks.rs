@@ -14,6 +14,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use quickim_shared::bus::Bus;
+use quickim_shared::online::Gateways;
 use quickim_shared::position::Position;
 use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::system::{self, Archived, Created, Revised, Users};
@@ -32,8 +34,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const BATCH_BYTES: usize = 1 << 20;
 
 /// The kinds of events.
-pub const EVENT_TYPES: [&str; 10] = [
+pub const EVENT_TYPES: [&str; 11] = [
     "message.created",
+    "message.offline",
     "message.revised",
     "member.joined",
     "member.left",
@@ -98,6 +101,8 @@ pub struct WebhookConfig {
     pub alert_after: Duration,
     /// A receiver failing this long is skipped past (None: never).
     pub skip_after: Option<Duration>,
+    /// `max_connections_per_user` (sizes the gateways' presence answers).
+    pub max_connections_per_user: u32,
 }
 
 /// Reads `webhooks` (a JSON array of endpoints); checks ids, URLs, event types and secrets.
@@ -123,11 +128,19 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointConfig>, String> {
 }
 
 /// Delivers to every endpoint until `shutdown`; `holder` names this service in leases.
-pub async fn run(store: Store, config: WebhookConfig, holder: String, shutdown: CancellationToken) {
+/// `bus` reaches the gateways (who is connected, for `message.offline`).
+pub async fn run(store: Store, bus: Bus, config: WebhookConfig, holder: String, shutdown: CancellationToken) {
     let http = match reqwest::Client::builder().timeout(config.timeout).build() {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "webhooks cannot start their HTTP client");
+            return;
+        }
+    };
+    let gateways = match Gateways::watch(&bus, shutdown.clone()).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(error = %e, "webhooks cannot follow the gateways");
             return;
         }
     };
@@ -141,6 +154,8 @@ pub async fn run(store: Store, config: WebhookConfig, holder: String, shutdown: 
             endpoint,
             config: config.clone(),
             holder: holder.clone(),
+            bus: bus.clone(),
+            gateways: gateways.clone(),
         };
         let shutdown = shutdown.clone();
         tasks.spawn(async move { delivery.run(shutdown).await });
@@ -165,6 +180,8 @@ struct Delivery {
     types: HashSet<String>,
     config: WebhookConfig,
     holder: String,
+    bus: Bus,
+    gateways: Gateways,
 }
 
 /// An event as it is POSTed.
@@ -242,7 +259,7 @@ impl Delivery {
                 }
                 continue;
             };
-            let events: Vec<Event> = entries.iter().filter_map(|e| self.event(e)).collect();
+            let Some(events) = self.events(&entries).await else { return };
             if !events.is_empty() {
                 let id = format!("{}-{}-{}-{}", self.endpoint.id, part, position[part] + 1, upto);
                 if !self.post_until_taken(&id, &events, &mut renewed, shutdown).await {
@@ -347,6 +364,63 @@ impl Delivery {
             return Some((part, entries, upto));
         }
         None
+    }
+
+    /// The entries as the events this endpoint wants: each message followed by its
+    /// `message.offline` when wanted. None: the gateways could not be asked (try again).
+    async fn events(&self, entries: &[LogEntry]) -> Option<Vec<Event>> {
+        let offline = if self.wants("message.offline") { Some(self.offline_recipients(entries).await?) } else { None };
+        let mut events = Vec::new();
+        for e in entries {
+            if let Some(event) = self.event(e) {
+                events.push(event);
+            }
+            let m = &e.message;
+            if let Some(users) = offline.as_ref().and_then(|o| o.get(&(m.conversation_id.clone(), m.msg_id)))
+                && !users.is_empty()
+            {
+                let data = json!({"message": m, "offline_user_ids": users});
+                let id = format!("offline:{}:{}", m.conversation_id, m.msg_id);
+                events.push(Event { id, kind: "message.offline", timestamp: m.send_time, data });
+            }
+        }
+        Some(events)
+    }
+
+    /// For each user or business message of `entries`: its conversation's members when it
+    /// was stored (but its sender) who hold no /notify connection on any gateway now. None:
+    /// the store or the gateways could not be asked.
+    async fn offline_recipients(&self, entries: &[LogEntry]) -> Option<HashMap<(String, u64), Vec<String>>> {
+        let mut members_of: HashMap<(String, u64), Vec<String>> = HashMap::new();
+        for e in entries.iter().filter(|e| e.message.msg_type >= 0) {
+            let m = &e.message;
+            let members = self.store.members_at(&m.conversation_id, m.msg_id).await.ok()?;
+            members_of.insert((m.conversation_id.clone(), m.msg_id), members);
+        }
+        let everyone: Vec<String> =
+            members_of.values().flatten().cloned().collect::<HashSet<_>>().into_iter().collect();
+        if everyone.is_empty() {
+            return Some(HashMap::new());
+        }
+        let (online, _) = match self.gateways.presence(&self.bus, &everyone, self.config.max_connections_per_user).await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, endpoint = %self.endpoint.id, "cannot ask the gateways who is connected");
+                return None;
+            }
+        };
+        let mut out = HashMap::new();
+        for e in entries.iter().filter(|e| e.message.msg_type >= 0) {
+            let m = &e.message;
+            let offline: Vec<String> = members_of[&(m.conversation_id.clone(), m.msg_id)]
+                .iter()
+                .filter(|u| **u != m.from && online.get(*u).is_none_or(|p| p.connections == 0))
+                .cloned()
+                .collect();
+            out.insert((m.conversation_id.clone(), m.msg_id), offline);
+        }
+        Some(out)
     }
 
     /// The entry as an event this endpoint wants, if any.

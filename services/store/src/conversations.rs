@@ -684,6 +684,24 @@ impl Store {
         Ok(())
     }
 
+    /// The members of a conversation when message `msg_id` was stored: joined at or before
+    /// it and not gone before it (a member who left and rejoined since counts from the
+    /// rejoin).
+    pub async fn members_at(&self, conversation_id: &str, msg_id: u64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT user_id FROM members WHERE conversation_id = $1 AND joined_msg_id <= $2 \
+             AND (active = $3 OR left_msg_id > $4) ORDER BY user_id",
+        )
+        .bind(conversation_id)
+        .bind(db_int(msg_id))
+        .bind(1i32)
+        .bind(db_int(msg_id))
+        .fetch_all(self.pool())
+        .instrument(sql_span(self.system(), "SELECT", "members"))
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get("user_id")?)).collect()
+    }
+
     /// Read positions that moved (by a mark_read) at or after `since_ms`, oldest move first,
     /// at most `limit`: (conversation, user, read_msg_id, when).
     pub async fn reads_since(&self, since_ms: i64, limit: u32) -> Result<Vec<(String, String, u64, i64)>> {
