@@ -278,3 +278,41 @@ async fn a_message_names_the_members_with_no_connection() {
     let after = events.iter().position(|(_, e)| e["id"] == key.as_str()).unwrap();
     assert_eq!(after, created + 1, "right after its message.created");
 }
+
+/// What webhooks cost: events per second one endpoint gets, and how long after its commit an
+/// event reaches the receiver (figures printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_figures() {
+    let (url, got, _) = webhook_receiver().await;
+    let endpoints = json!([{"id":"fig","url":url,"events":["message.created"]}]);
+    let q = Standalone::start(BIN, &[("QUICKIM_WEBHOOKS", &endpoints.to_string()), ("QUICKIM_RATE_LIMIT_PER_S", "0")])
+        .await;
+    q.api.conversation("f", &["alice"]).await;
+    // Let the endpoint start (at the log's heads) before the messages.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    const N: usize = 2_000;
+    let started = std::time::Instant::now();
+    for batch in 0..N / 500 {
+        let msgs: Vec<Value> = (0..500)
+            .map(|i| json!({"conversation_id":"f","from":"alice","type":1,"content":format!("m{batch}-{i}")}))
+            .collect();
+        let (s, v) = q.api.inner("/inner/send_msg_batch", json!({ "msgs": msgs })).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = taken(&got, 0).len();
+        if n >= N {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {n} of {N} delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let posts = got.lock().unwrap().len();
+    println!(
+        "webhook figures: {N} messages delivered in {:.2} s = {:.0} events/s, in {posts} POSTs",
+        took.as_secs_f64(),
+        N as f64 / took.as_secs_f64()
+    );
+}
