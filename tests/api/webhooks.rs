@@ -316,3 +316,36 @@ async fn webhook_figures() {
         N as f64 / took.as_secs_f64()
     );
 }
+
+/// A gateway killed while messages stream through it: every message acknowledged before (on
+/// either gateway) reaches the receiver; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_killed_mid_stream_loses_no_acknowledged_message() {
+    let (url, got, _) = webhook_receiver().await;
+    let env = env(&url);
+    let mut d = Distributed::start(BIN, 1, 1, 2, &pairs(&env)).await;
+    let (a, b) = (d.api(0).clone(), d.api(1).clone());
+    a.conversation("g", &["alice"]).await;
+    let sender = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..300 {
+            let api = if i % 2 == 0 { &a } else { &b };
+            let body = json!({"conversation_id":"g","from":"alice","type":1,"content":format!("g{i}"),"client_msg_id":format!("g{i}")});
+            // A request to the killed gateway fails: not acknowledged, so not promised.
+            let request = api.http.post(format!("{}/inner/send_msg", api.inner)).bearer_auth(&api.key).json(&body);
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), request.send()).await
+                && r.status() == 200
+                && let Ok(v) = r.json::<Value>().await
+            {
+                acked.push(format!("g:{}", v["data"]["msg_id"]));
+            }
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.gateways[1].0.kill();
+    let acked = sender.await.unwrap();
+    assert!(acked.len() >= 150, "the other gateway kept taking sends: {}", acked.len());
+    let events = wait_for_keys(&got, 0, &acked).await;
+    check_order_and_duplicates(&events);
+}
