@@ -180,6 +180,7 @@ async fn start_services(
                 timeout: std::time::Duration::from_millis(config.before_send_timeout_ms),
                 fail_open: config.before_send_fail_open,
                 secret,
+                ca_file: config.hook_ca_file.as_ref().map(std::path::PathBuf::from),
             })
             .map_err(|e| anyhow::anyhow!("before_send hook: {e}"))?;
             service = service.with_before_send(hook);
@@ -195,6 +196,7 @@ async fn start_services(
                 skip_after: (config.webhook_skip_after_s > 0)
                     .then(|| std::time::Duration::from_secs(config.webhook_skip_after_s)),
                 max_connections_per_user: config.max_connections_per_user,
+                ca_file: config.hook_ca_file.as_ref().map(std::path::PathBuf::from),
             };
             let holder = format!("message-{}-{}", std::process::id(), quickim_shared::time::now_ms());
             let run = quickim_message::webhooks::run(

@@ -166,15 +166,17 @@ config_keys! {
     avatar_max_bytes: usize => usize = 2048, env "QUICKIM_AVATAR_MAX_BYTES";
     /// Largest conversation ext (a JSON object), bytes as JSON
     ext_max_bytes: usize => usize = 4096, env "QUICKIM_EXT_MAX_BYTES";
-    /// The before_send hook: a URL asked about every member's message before it is stored (accept, reject or rewrite); unset: none
+    /// The before_send hook: an http:// or https:// URL asked about every member's message before it is stored (accept, reject or rewrite); unset: none
     before_send_url: Option<String> => String = None, env "QUICKIM_BEFORE_SEND_URL";
     /// Longest wait for the before_send hook's answer, ms
     before_send_timeout_ms: u64 => u64 = 1_000, env "QUICKIM_BEFORE_SEND_TIMEOUT_MS";
     /// When the before_send hook fails (no answer in time, an error): accept the message (true) or refuse it with 503 hook_unavailable (false)
     before_send_fail_open: bool => bool = true, env "QUICKIM_BEFORE_SEND_FAIL_OPEN";
+    /// More root certificates (a PEM file) trusted for https:// hook and webhook URLs, besides the system's
+    hook_ca_file: Option<String> => String = None, env "QUICKIM_HOOK_CA_FILE";
     /// Secret that signs hook calls (Standard Webhooks: whsec_ and the base64 of at least 16 bytes); unset: unsigned
     hook_secret: Option<Secret> => String = None, env "QUICKIM_HOOK_SECRET";
-    /// Outbound webhooks: a JSON array of endpoints, each {"id","url","events"?:[…],"secret"?:"whsec_…"} (docs/hooks.md); unset: none
+    /// Outbound webhooks: a JSON array of endpoints, each {"id","url" (http:// or https://),"events"?:[…],"secret"?:"whsec_…","start"?:"now"|"beginning"} (docs/hooks.md); unset: none
     webhooks: Option<String> => String = None, env "QUICKIM_WEBHOOKS";
     /// Most events per webhook POST
     webhook_batch_max: usize => usize = 100, env "QUICKIM_WEBHOOK_BATCH_MAX";
@@ -339,11 +341,9 @@ impl Config {
             return fail(format!("signal_max_bytes must be at most 4096, not {}", self.signal_max_bytes));
         }
         if let Some(u) = &self.before_send_url
-            && !u.starts_with("http://")
+            && !(u.starts_with("http://") || u.starts_with("https://"))
         {
-            return fail(format!(
-                "before_send_url must be an http:// URL (https through a TLS-terminating proxy), not {u:?}"
-            ));
+            return fail(format!("before_send_url must be an http:// or https:// URL, not {u:?}"));
         }
         if self.before_send_timeout_ms == 0 || self.before_send_timeout_ms > 30_000 {
             return fail(format!("before_send_timeout_ms must be within 1–30000, not {}", self.before_send_timeout_ms));

@@ -143,3 +143,54 @@ async fn a_failed_hook_refuses_when_it_fails_closed() {
     let (s, v) = send(&q2.api, &t2, "x").await;
     assert_eq!((s, v["code"].as_u64()), (503, Some(50301)), "{v}");
 }
+
+/// Over https, with a certificate of a CA configured with `hook_ca_file`: the hook and a
+/// webhook both work; without that CA the hook fails (and fails open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_and_webhooks_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, got, ca) = crate::receiver::tls_receiver("/hooks", dir.path(), |got| {
+        let body = if got.json().get("events").is_some() { "{}".to_string() } else { verdict(got).1 };
+        (200, body, None)
+    })
+    .await;
+    let webhooks = json!([{"id":"tls","url":url,"events":["message.created"],"start":"beginning"}]).to_string();
+    let ca = ca.to_string_lossy().to_string();
+    let q = Standalone::start(
+        BIN,
+        &[
+            ("QUICKIM_BEFORE_SEND_URL", url.as_str()),
+            ("QUICKIM_BEFORE_SEND_FAIL_OPEN", "false"),
+            ("QUICKIM_HOOK_CA_FILE", ca.as_str()),
+            ("QUICKIM_WEBHOOKS", webhooks.as_str()),
+            ("QUICKIM_WEBHOOK_LINGER_MS", "50"),
+        ],
+    )
+    .await;
+    q.api.conversation("h", &["alice"]).await;
+    let t = q.api.token("alice", "web").await;
+    let (s, v) = send(&q.api, &t, "darn").await;
+    assert_eq!((s, v["data"]["content"].as_str()), (200, Some("d**n")), "the hook rewrote it over TLS: {v}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let delivered =
+            got.lock().unwrap().iter().any(|g| {
+                g.json()["events"].as_array().is_some_and(|e| e.iter().any(|e| e["data"]["content"] == "d**n"))
+            });
+        if delivered {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the webhook never delivered over TLS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Without the CA the certificate is not trusted: the hook fails, and here refuses.
+    let q2 = Standalone::start(
+        BIN,
+        &[("QUICKIM_BEFORE_SEND_URL", url.as_str()), ("QUICKIM_BEFORE_SEND_FAIL_OPEN", "false")],
+    )
+    .await;
+    q2.api.conversation("h", &["alice"]).await;
+    let t2 = q2.api.token("alice", "web").await;
+    let (s, v) = send(&q2.api, &t2, "x").await;
+    assert_eq!((s, v["code"].as_u64()), (503, Some(50301)), "an untrusted certificate: {v}");
+}

@@ -5,7 +5,8 @@
 //! that is not one of the three) accepts the message or refuses it (503 `hook_unavailable`),
 //! as configured. The call is a span of the send's trace and a histogram
 //! (`quickim_before_send_seconds`). Signed like the webhooks (Standard Webhooks headers)
-//! when `hook_secret` is set. Messages from the business system (/inner) are not asked about.
+//! when `hook_secret` is set; http:// or https:// (`poster.rs`). Messages from the business
+//! system (/inner) are not asked about.
 
 use std::time::{Duration, Instant};
 
@@ -14,12 +15,13 @@ use quickim_store::SendItem;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+use crate::poster::Poster;
 use crate::signature;
 
 /// How the hook is called.
 #[derive(Debug, Clone)]
 pub struct BeforeSendConfig {
-    /// Where (http://; an https endpoint goes through a TLS-terminating proxy for now).
+    /// Where (http:// or https://).
     pub url: String,
     /// Longest wait for its answer.
     pub timeout: Duration,
@@ -27,12 +29,14 @@ pub struct BeforeSendConfig {
     pub fail_open: bool,
     /// Signing secret (`whsec_…`), if any.
     pub secret: Option<Vec<u8>>,
+    /// More root certificates (PEM) to trust for https://.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The hook's client.
 pub struct BeforeSend {
     config: BeforeSendConfig,
-    http: reqwest::Client,
+    poster: Poster,
 }
 
 #[derive(Serialize)]
@@ -62,8 +66,8 @@ enum Verdict {
 impl BeforeSend {
     /// A client for `config`.
     pub fn new(config: BeforeSendConfig) -> Result<BeforeSend, String> {
-        let http = reqwest::Client::builder().timeout(config.timeout).build().map_err(|e| e.to_string())?;
-        Ok(BeforeSend { config, http })
+        let poster = Poster::new(config.timeout, config.ca_file.as_deref())?;
+        Ok(BeforeSend { config, poster })
     }
 
     /// Asks about `send`: `Ok(None)` to store it as it is, `Ok(Some(content))` to store it
@@ -108,20 +112,21 @@ impl BeforeSend {
             client_msg_id: send.client_msg_id.as_deref(),
         })
         .map_err(|e| e.to_string())?;
-        let mut request = self.http.post(&self.config.url).header("content-type", "application/json");
+        let mut headers = Vec::new();
         if let Some(secret) = &self.config.secret {
             let id = format!("bs_{}", uuid_like());
             let timestamp = quickim_shared::time::now_ms() / 1000;
-            request = request
-                .header("webhook-id", &id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", signature::sign(secret, &id, timestamp, &body));
+            let signature = signature::sign(secret, &id, timestamp, &body);
+            headers = vec![
+                ("webhook-id", id),
+                ("webhook-timestamp", timestamp.to_string()),
+                ("webhook-signature", signature),
+            ];
         }
-        let response = request.body(body).send().await.map_err(|e| format!("no answer: {e}"))?;
-        if !response.status().is_success() {
-            return Err(format!("answered {}", response.status()));
+        let (status, bytes) = self.poster.post(&self.config.url, &headers, body).await?;
+        if !(200..300).contains(&status) {
+            return Err(format!("answered {status}"));
         }
-        let bytes = response.bytes().await.map_err(|e| format!("unreadable answer: {e}"))?;
         serde_json::from_slice(&bytes).map_err(|e| format!("an answer that is not a verdict: {e}"))
     }
 }

@@ -10,6 +10,7 @@
 mod batcher;
 mod before_send;
 mod housekeeping;
+mod poster;
 mod signature;
 mod validate;
 pub mod webhooks;
@@ -38,6 +39,7 @@ use tracing::Instrument;
 
 pub use batcher::Batcher;
 pub use before_send::{BeforeSend, BeforeSendConfig};
+pub use poster::Poster;
 pub use signature::key_of as signing_key;
 
 /// Limits the message service applies.

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::poster::Poster;
 use crate::signature;
 
 /// How long a lease lasts; renewed at a third of it.
@@ -103,6 +104,8 @@ pub struct WebhookConfig {
     pub skip_after: Option<Duration>,
     /// `max_connections_per_user` (sizes the gateways' presence answers).
     pub max_connections_per_user: u32,
+    /// More root certificates (PEM) to trust for https:// receivers.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Reads `webhooks` (a JSON array of endpoints); checks ids, URLs, event types and secrets.
@@ -114,8 +117,8 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointConfig>, String> {
         if e.id.is_empty() || e.id.len() > 64 || !ids.insert(e.id.clone()) {
             return Err(format!("webhook ids are 1–64 characters and unique: {:?}", e.id));
         }
-        if !e.url.starts_with("http://") {
-            return Err(format!("webhook {}: the url must be http:// (https through a TLS-terminating proxy)", e.id));
+        if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
+            return Err(format!("webhook {}: the url must be http:// or https://", e.id));
         }
         if let Some(t) = e.events.iter().find(|t| !EVENT_TYPES.contains(&t.as_str())) {
             return Err(format!("webhook {}: unknown event type {t:?} (known: {EVENT_TYPES:?})", e.id));
@@ -130,7 +133,7 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointConfig>, String> {
 /// Delivers to every endpoint until `shutdown`; `holder` names this service in leases.
 /// `bus` reaches the gateways (who is connected, for `message.offline`).
 pub async fn run(store: Store, bus: Bus, config: WebhookConfig, holder: String, shutdown: CancellationToken) {
-    let http = match reqwest::Client::builder().timeout(config.timeout).build() {
+    let http = match Poster::new(config.timeout, config.ca_file.as_deref()) {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "webhooks cannot start their HTTP client");
@@ -174,7 +177,7 @@ struct Signals {
 
 struct Delivery {
     store: Store,
-    http: reqwest::Client,
+    http: Poster,
     endpoint: EndpointConfig,
     key: Option<Vec<u8>>,
     types: HashSet<String>,
@@ -533,13 +536,12 @@ impl Delivery {
     }
 
     async fn post(&self, id: &str, body: &[u8]) -> Result<(), String> {
-        let mut request = self.http.post(&self.endpoint.url).header("content-type", "application/json");
         let timestamp = quickim_shared::time::now_ms() / 1000;
-        request = request.header("webhook-id", id).header("webhook-timestamp", timestamp.to_string());
+        let mut headers = vec![("webhook-id", id.to_string()), ("webhook-timestamp", timestamp.to_string())];
         if let Some(key) = &self.key {
-            request = request.header("webhook-signature", signature::sign(key, id, timestamp, body));
+            headers.push(("webhook-signature", signature::sign(key, id, timestamp, body)));
         }
-        let response = request.body(body.to_vec()).send().await.map_err(|e| format!("no answer: {e}"))?;
-        if response.status().is_success() { Ok(()) } else { Err(format!("answered {}", response.status())) }
+        let (status, _) = self.http.post(&self.endpoint.url, &headers, body.to_vec()).await?;
+        if (200..300).contains(&status) { Ok(()) } else { Err(format!("answered {status}")) }
     }
 }
