@@ -187,6 +187,13 @@ pub async fn stream_delta(
     }
     let live = Live::Delta { conversation_id, msg_id, seq, delta };
     let body = serde_json::to_vec(&live).map_err(ServiceError::internal)?;
+    let budget = state.rpc.bus().payload_budget();
+    if body.len() > budget {
+        return Err(ServiceError::new(
+            ErrorCode::TooLargeForBus,
+            format!("this delta is over the bus's {budget} bytes; send it in smaller pieces"),
+        ));
+    }
     state.rpc.bus().publish(LIVE_SUBJECT, Vec::new(), body.into()).await.map_err(bus_error)?;
     metrics::counter!("quickim_stream_deltas_total").increment(1);
     Ok(StreamDeltaAnswer { sent: true })

@@ -173,6 +173,21 @@ async fn memberships_revocations_and_presence_are_paged() {
     assert_eq!(v["data"]["nodes"], 2);
     drop(online);
 
+    // 900 users seen offline, with 120-character ids (≈ 130 KiB of last_seen): asked in pages.
+    let gone = |i: usize| format!("{i:04}-{}", "g".repeat(115));
+    d.pg.as_ref()
+        .unwrap()
+        .execute(
+            "INSERT INTO user_presence (user_id, last_seen, online_at, changed_at) \
+             SELECT lpad(g::text, 4, '0') || '-' || repeat('g', 115), 1000 + g, 0, 1000 + g FROM generate_series(0, 899) g",
+        )
+        .await;
+    let ids: Vec<String> = (0..900).map(gone).collect();
+    let (s, v) = d.api(1).inner("/inner/get_users_online", json!({ "user_ids": ids })).await;
+    assert_eq!(s, 200, "{v}");
+    let users = v["data"]["users"].as_array().unwrap();
+    assert!(users.iter().enumerate().all(|(i, u)| u["last_seen"] == 1000 + i as i64), "{v}");
+
     // 100,000 revoked users (≈ 5 MB of revocations) and a real kick: a new gateway loads
     // them all before it is ready, and refuses the kicked token.
     let old = d.api(0).token("kicked", "web").await;

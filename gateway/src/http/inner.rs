@@ -331,12 +331,15 @@ pub async fn get_users_online(
         })
         .collect::<Vec<_>>();
     let offline: Vec<String> = users.iter().filter(|u| !u.online).map(|u| u.user_id.clone()).collect();
-    if !offline.is_empty() {
-        let seen: std::collections::HashMap<String, i64> =
-            s.rpc.call(&GetLastSeen { user_ids: offline }).await?.into_iter().collect();
-        for u in users.iter_mut().filter(|u| !u.online) {
-            u.last_seen = seen.get(&u.user_id).copied();
-        }
+    // Asked in chunks whose question and answer fit in one bus message (ids of 128
+    // characters and a time each).
+    let per_chunk = (s.rpc.bus().payload_budget().saturating_sub(256) / 160).clamp(1, 1000);
+    let mut seen: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for chunk in offline.chunks(per_chunk) {
+        seen.extend(s.rpc.call(&GetLastSeen { user_ids: chunk.to_vec() }).await?);
+    }
+    for u in users.iter_mut().filter(|u| !u.online) {
+        u.last_seen = seen.get(&u.user_id).copied();
     }
     Ok(Envelope(UsersOnlineAnswer { users, nodes }))
 }
