@@ -21,8 +21,8 @@ use quickim_shared::protocol::event::{LIVE_SUBJECT, Live};
 use quickim_shared::protocol::service::{
     CONVERSATION_QUEUE, CONVERSATION_SUBJECTS, Call, CheckJoined, ConsumeTicket, CreateConversation, GetDetail,
     GetLastSeen, GetMemberships, GetReceipts, Join, Kick, Leave, ListJoined, ListMembers, ListRevocations, MarkRead,
-    Memberships, PresenceConversations, RecordSeen, Reply, RevocationPage, RevokeTokens, SetArchived, SetMemberRole,
-    SetMute, UpdateConversation,
+    Memberships, PresenceConversations, RecordPresence, Reply, RevocationPage, RevokeTokens, SetArchived,
+    SetMemberRole, SetMute, UpdateConversation,
 };
 use quickim_shared::protocol::system;
 use quickim_shared::rpc::{self, Handler, answer};
@@ -361,10 +361,15 @@ impl Handler for ConversationService {
                 })
                 .await
             }
-            RecordSeen::SUBJECT => {
-                answer(payload, async |r: RecordSeen| {
-                    check_user_id("user_id", &r.user_id)?;
-                    Ok(self.store.record_seen(&r.user_id, r.online, r.at_ms).await?)
+            RecordPresence::SUBJECT => {
+                answer(payload, async |r: RecordPresence| {
+                    if r.changes.len() > MAX_LIST {
+                        return Err(ServiceError::new(ErrorCode::TooManyItems, format!("at most {MAX_LIST} changes")));
+                    }
+                    for c in &r.changes {
+                        check_user_id("user_id", &c.user_id)?;
+                    }
+                    Ok(self.store.record_presence(&r.changes).await?)
                 })
                 .await
             }

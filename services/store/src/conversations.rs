@@ -14,7 +14,9 @@ use quickim_shared::protocol::api::{
     MembersPage, Message, MetaRole, Role, UpdateConversationRequest,
 };
 use quickim_shared::protocol::event::LogEntry;
-use quickim_shared::protocol::service::{ConversationIdsPage, MembershipRow, Memberships, Receipt, ReceiptsPage};
+use quickim_shared::protocol::service::{
+    ConversationIdsPage, MembershipRow, Memberships, PresenceChange, Receipt, ReceiptsPage,
+};
 use quickim_shared::protocol::system;
 use quickim_shared::time::now_ms;
 use sqlx::{AnyConnection, Row};
@@ -662,26 +664,38 @@ impl Store {
         Ok(page)
     }
 
-    /// Records that `user_id` came online (`online`) or went offline at `at_ms` (a later
-    /// time only).
+    /// Records users coming online or going offline (each at a later time than the one
+    /// recorded only), in one transaction.
+    pub async fn record_presence(&self, changes: &[PresenceChange]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        write_tx!(self, |tx| {
+            for c in changes {
+                let sql = if c.online {
+                    "INSERT INTO user_presence (user_id, last_seen, online_at, changed_at) VALUES ($1, 0, $2, $3) \
+                     ON CONFLICT (user_id) DO UPDATE SET online_at = excluded.online_at, changed_at = excluded.changed_at \
+                     WHERE user_presence.online_at < excluded.online_at"
+                } else {
+                    "INSERT INTO user_presence (user_id, last_seen, online_at, changed_at) VALUES ($1, $2, 0, $3) \
+                     ON CONFLICT (user_id) DO UPDATE SET last_seen = excluded.last_seen, changed_at = excluded.changed_at \
+                     WHERE user_presence.last_seen < excluded.last_seen"
+                };
+                sqlx::query(sql)
+                    .bind(c.user_id.as_str())
+                    .bind(c.at_ms)
+                    .bind(c.at_ms)
+                    .execute(&mut **tx)
+                    .instrument(sql_span(self.system(), "INSERT", "user_presence"))
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Records that `user_id` came online (`online`) or went offline at `at_ms`.
     pub async fn record_seen(&self, user_id: &str, online: bool, at_ms: i64) -> Result<()> {
-        let sql = if online {
-            "INSERT INTO user_presence (user_id, last_seen, online_at, changed_at) VALUES ($1, 0, $2, $3) \
-             ON CONFLICT (user_id) DO UPDATE SET online_at = excluded.online_at, changed_at = excluded.changed_at \
-             WHERE user_presence.online_at < excluded.online_at"
-        } else {
-            "INSERT INTO user_presence (user_id, last_seen, online_at, changed_at) VALUES ($1, $2, 0, $3) \
-             ON CONFLICT (user_id) DO UPDATE SET last_seen = excluded.last_seen, changed_at = excluded.changed_at \
-             WHERE user_presence.last_seen < excluded.last_seen"
-        };
-        sqlx::query(sql)
-            .bind(user_id)
-            .bind(at_ms)
-            .bind(at_ms)
-            .execute(self.pool())
-            .instrument(sql_span(self.system(), "INSERT", "user_presence"))
-            .await?;
-        Ok(())
+        self.record_presence(&[PresenceChange { user_id: user_id.to_string(), online, at_ms }]).await
     }
 
     /// The members of a conversation when message `msg_id` was stored: joined at or before

@@ -296,10 +296,19 @@ pub struct ConversationIdsPage {
     pub more: bool,
 }
 
-/// Record when a user came online (its first connection on a node) or went offline (its last
-/// connection on any node closed).
+/// Record when users came online (a first connection on a node) or went offline (the last
+/// connection on any node closed): a gateway's changes of a moment, in one write.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RecordSeen {
+pub struct RecordPresence {
+    /// The changes, in the order they happened (at most 1000, as many as fit in one bus
+    /// message).
+    pub changes: Vec<PresenceChange>,
+}
+call!(RecordPresence, "quickim.conv.record_presence", ());
+
+/// A user came online or went offline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceChange {
     /// The user.
     pub user_id: String,
     /// It came online (else it went offline).
@@ -308,7 +317,6 @@ pub struct RecordSeen {
     /// When (ms).
     pub at_ms: i64,
 }
-call!(RecordSeen, "quickim.conv.record_seen", ());
 
 /// When each of the users last went offline (users never seen offline are left out).
 #[derive(Debug, Clone, Serialize, Deserialize)]
