@@ -49,17 +49,24 @@ pub struct ConversationLimits {
     pub ext_max_bytes: usize,
 }
 
+/// How often the service looks whether any conversation has presence on.
+const PRESENCE_IN_USE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The service: a store and the bus to publish on.
 pub struct ConversationService {
     store: Store,
     bus: Bus,
     limits: ConversationLimits,
+    /// Whether any conversation has presence on (looked up every couple of seconds, and set
+    /// at once when this service turns it on): while none has, a user's presence
+    /// conversations are answered without a read — the common case costs nothing.
+    presence_in_use: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ConversationService {
     /// A service over `store`, publishing on `bus`.
     pub fn new(store: Store, bus: Bus, limits: ConversationLimits) -> ConversationService {
-        ConversationService { store, bus, limits }
+        ConversationService { store, bus, limits, presence_in_use: Arc::new(true.into()) }
     }
 
     /// Subscribes, then serves requests in a task until `shutdown` (finishing the ones in
@@ -68,6 +75,19 @@ impl ConversationService {
         let bus = self.bus.clone();
         let store = self.store.clone();
         let prune = shutdown.clone();
+        let (in_use, store_for_presence, watch) = (self.presence_in_use.clone(), self.store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRESENCE_IN_USE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = watch.cancelled() => return,
+                    _ = tick.tick() => match store_for_presence.presence_in_use().await {
+                        Ok(used) => in_use.store(used, std::sync::atomic::Ordering::Relaxed),
+                        Err(e) => tracing::warn!(error = %e, "cannot look whether presence is in use"),
+                    },
+                }
+            }
+        });
         // Used /notify tickets are kept until they expire.
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
@@ -111,7 +131,13 @@ impl ConversationService {
                 ext: r.ext,
                 meta_role: r.meta_role.unwrap_or(MetaRole::None),
                 receipts: r.receipts.unwrap_or(true),
-                presence: r.presence.unwrap_or(false),
+                presence: {
+                    let on = r.presence.unwrap_or(false);
+                    if on {
+                        self.presence_in_use.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    on
+                },
             })
             .await?;
         publish_entries(&self.bus, &out.entries).await;
@@ -248,6 +274,9 @@ impl ConversationService {
             }
         }
         self.check_meta(c.title.as_deref(), c.avatar.as_deref(), c.ext.as_ref())?;
+        if c.presence == Some(true) {
+            self.presence_in_use.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let (meta, entries) = self.store.update_conversation(r.by.as_deref(), c).await?;
         publish_entries(&self.bus, &entries).await;
         Ok(meta)
@@ -355,6 +384,9 @@ impl Handler for ConversationService {
             PresenceConversations::SUBJECT => {
                 answer(payload, async |r: PresenceConversations| {
                     check_user_id("user_id", &r.user_id)?;
+                    if !self.presence_in_use.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Ok(Default::default());
+                    }
                     let budget = self.bus.payload_budget();
                     let after = r.after.as_deref();
                     Ok(self.store.presence_conversations(&r.user_id, after, MAX_LIST as u32, budget).await?)

@@ -664,6 +664,16 @@ impl Store {
         Ok(page)
     }
 
+    /// Whether any conversation has presence on.
+    pub async fn presence_in_use(&self) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 AS one FROM conversations WHERE presence = $1 LIMIT 1")
+            .bind(1i32)
+            .fetch_optional(self.pool())
+            .instrument(sql_span(self.system(), "SELECT", "conversations"))
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// Records users coming online or going offline (each at a later time than the one
     /// recorded only), in one transaction.
     pub async fn record_presence(&self, changes: &[PresenceChange]) -> Result<()> {
