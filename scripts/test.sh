@@ -24,6 +24,11 @@ if ! command -v curl >/dev/null 2>&1; then
   apt_install curl
 fi
 
+# --- openssl (the https hook test makes its own CA and certificate with it)
+if ! command -v openssl >/dev/null 2>&1; then
+  apt_install openssl
+fi
+
 # --- nats-server (tests start their own on free ports; only the binary is needed)
 if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
   apt_install nats-server
