@@ -346,7 +346,7 @@ impl Delivery {
     /// The next partition with entries after `position` (taking turns), its entries (up to
     /// `batch_max`; a batch not full waits `linger` once for more) and the offset they reach.
     async fn next_batch(&self, position: &Position, next_part: &mut usize) -> Option<(usize, Vec<LogEntry>, u64)> {
-        let heads = self.store.heads().await.ok()?.heads;
+        let heads = self.logged(self.store.heads().await)?.heads;
         let parts = heads.len().min(position.len());
         for i in 0..parts {
             let part = (*next_part + i) % parts;
@@ -357,11 +357,11 @@ impl Delivery {
             let read = |upto: u64| {
                 self.store.read_log(part as u16, position[part], upto, self.config.batch_max as u32, BATCH_BYTES)
             };
-            let mut entries = read(heads[part]).await.ok()?;
+            let mut entries = self.logged(read(heads[part]).await)?;
             if entries.len() < self.config.batch_max && !self.config.linger.is_zero() {
                 tokio::time::sleep(self.config.linger).await;
-                let heads = self.store.heads().await.ok()?.heads;
-                entries = read(heads[part]).await.ok()?;
+                let heads = self.logged(self.store.heads().await)?.heads;
+                entries = self.logged(read(heads[part]).await)?;
             }
             let upto = entries.last()?.offset;
             return Some((part, entries, upto));
@@ -397,7 +397,7 @@ impl Delivery {
         let mut members_of: HashMap<(String, u64), Vec<String>> = HashMap::new();
         for e in entries.iter().filter(|e| e.message.msg_type >= 0) {
             let m = &e.message;
-            let members = self.store.members_at(&m.conversation_id, m.msg_id).await.ok()?;
+            let members = self.logged(self.store.members_at(&m.conversation_id, m.msg_id).await)?;
             members_of.insert((m.conversation_id.clone(), m.msg_id), members);
         }
         let everyone: Vec<String> =
@@ -424,6 +424,11 @@ impl Delivery {
             out.insert((m.conversation_id.clone(), m.msg_id), offline);
         }
         Some(out)
+    }
+
+    /// The value, or None with the store's failure logged (delivery tries again shortly).
+    fn logged<T>(&self, r: Result<T, quickim_store::StoreError>) -> Option<T> {
+        r.map_err(|e| tracing::warn!(error = %e, endpoint = %self.endpoint.id, "webhooks cannot read the store")).ok()
     }
 
     /// The entry as an event this endpoint wants, if any.

@@ -160,6 +160,8 @@ struct Published {
     /// When the log's heads were last heard of (ms since the epoch): the message services
     /// announce them every second, read from the database.
     heads_at: AtomicI64,
+    /// Streams open at this node: while none is, a new connection asks for no snapshots.
+    open_streams: std::sync::atomic::AtomicUsize,
     /// (epoch, position, encoded cursor) after the last dispatched entry.
     position: RwLock<(u32, Arc<Position>, Arc<str>)>,
 }
@@ -192,6 +194,7 @@ impl Hub {
             ready: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             heads_at: AtomicI64::new(0),
+            open_streams: std::sync::atomic::AtomicUsize::new(0),
             position: RwLock::new((0, Arc::new(Position::default()), Arc::from(""))),
         });
         let hub = Hub { cmds: cmds.clone(), published: published.clone() };
@@ -251,6 +254,10 @@ impl Hub {
     /// Snapshots of the open streams in `user_id`'s conversations that have streamed
     /// something (for a connection that arrives mid-stream).
     pub async fn stream_snapshots(&self, user_id: &str) -> Result<Vec<Arc<Encoded>>, HubGone> {
+        // The common case — no stream open here — costs a connection no round trip.
+        if self.published.open_streams.load(Ordering::Relaxed) == 0 {
+            return Ok(Vec::new());
+        }
         let (reply, answer) = oneshot::channel();
         self.cmds.send(Command::Snapshots { user: user_id.to_string(), reply }).await.map_err(|_| HubGone)?;
         answer.await.map_err(|_| HubGone)
@@ -555,6 +562,7 @@ impl HubTask {
                 None => {}
             }
         });
+        self.published.open_streams.store(self.streams.len(), Ordering::Relaxed);
     }
 
     /// Reads a page of a gap from the store.

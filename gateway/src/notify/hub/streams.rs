@@ -68,6 +68,11 @@ impl Streams {
         ready
     }
 
+    /// Streams open (their opening entry dispatched here, no end yet).
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
     /// The stream's finish or cancel entry was dispatched.
     pub fn ended(&mut self, conversation: &str, msg_id: u64) {
         let key: Key = (Arc::from(conversation), msg_id);
