@@ -57,6 +57,10 @@ pub async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
                 gateway.inner_addr(),
                 config.data_dir.display()
             );
+            if config.demo == Some(true) {
+                let tokens = if config.demo_tokens == Some(true) { ", pick any user" } else { "" };
+                eprintln!("quickim standalone: demo chat http://{}/demo/{tokens}", gateway.public_addr());
+            }
             if let (Some(key), true) = (&config.inner_key, generated) {
                 eprintln!(
                     "quickim standalone: inner key (kept in {}): {}",

@@ -139,6 +139,12 @@ config_keys! {
     /// Allowed browser origins (CORS and WebSocket Origin check), comma-separated
     #[arg(value_delimiter = ',')]
     cors_origins: Vec<String> => Vec<String> = Vec::new(), env "QUICKIM_CORS_ORIGINS";
+    /// Serve the demo chat page at /demo (default: on in standalone, off for the gateway role)
+    demo: Option<bool> => bool = None, env "QUICKIM_DEMO";
+    /// The demo page's files (built by `npm run build` in clients/js)
+    demo_dir: PathBuf => PathBuf = PathBuf::from("clients/js/dist/demo"), env "QUICKIM_DEMO_DIR";
+    /// POST /demo/token: a token for any user id, no password (standalone only; default: on while demo is on and the public listener is a loopback address)
+    demo_tokens: Option<bool> => bool = None, env "QUICKIM_DEMO_TOKENS";
     /// Largest message content, UTF-8 bytes
     max_content_bytes: usize => usize = 64 * 1024, env "QUICKIM_MAX_CONTENT_BYTES";
     /// Largest public request body, bytes
@@ -302,8 +308,9 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(Serialized::globals(args));
-        let config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        let mut config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
         config.validate(role)?;
+        config.resolve_demo(role);
         Ok(config)
     }
 
@@ -456,6 +463,9 @@ impl Config {
         let need = |present: bool, key: &str| -> Result<(), ConfigError> {
             if present { Ok(()) } else { Err(ConfigError(format!("`quickim {}` needs {key}", role.name()))) }
         };
+        if role != Role::Standalone && self.demo_tokens == Some(true) {
+            return fail("demo_tokens (a token for anyone, no password) is for standalone only".into());
+        }
         match role {
             Role::Standalone => {}
             Role::Gateway => {
@@ -479,6 +489,14 @@ impl Config {
             return fail("database_url must be a postgres:// URL for the distributed services".into());
         }
         Ok(())
+    }
+
+    /// The demo page's defaults: on in standalone; its token route only there, and by
+    /// default only while nobody but this machine can reach the public listener.
+    fn resolve_demo(&mut self, role: Role) {
+        let demo = *self.demo.get_or_insert(role == Role::Standalone);
+        let loopback = self.public_addr.ip().is_loopback();
+        self.demo_tokens.get_or_insert(role == Role::Standalone && demo && loopback);
     }
 
     /// Where a service role serves /healthz, /readyz and /metrics.

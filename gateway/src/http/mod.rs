@@ -4,11 +4,13 @@
 //! - `inner.rs`: /inner routes (inner key);
 //! - `health.rs`: /healthz, /readyz (and /metrics, on the inner listener, is rendered here);
 //! - `openapi.rs`: the OpenAPI document;
+//! - `demo.rs`: the demo chat page (`/demo`) and its development token route;
 //! - `extract.rs`: body, token and key extractors (bad input → 4xx in the project's format).
 //!
 //! The errors' one mapping to HTTP answers is `crate::error`; the accept loop that serves
 //! these routers is `crate::listener`.
 
+pub mod demo;
 pub mod extract;
 pub mod health;
 pub mod inner;
@@ -115,8 +117,18 @@ fn common(router: Router<AppState>) -> Router<AppState> {
 /// The public listener's routes.
 pub fn public_router(state: AppState) -> Router {
     let cors = cors_layer(&state.config.cors_origins);
+    let mut routes = Router::new();
+    if state.config.demo == Some(true) {
+        routes = routes
+            .route("/demo", get(demo::redirect))
+            .route("/demo/", get(demo::index))
+            .route("/demo/{file}", get(demo::file));
+    }
+    if state.config.demo_tokens == Some(true) {
+        routes = routes.route("/demo/token", post(demo::token));
+    }
     let mut router = common(
-        Router::new()
+        routes
             .route("/send_msg", post(public::send_msg))
             .route("/check_joined_conversation", post(public::check_joined_conversation))
             .route("/get_joined_conversation", post(public::get_joined_conversation))
