@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs and starts what is missing
-# (nats-server, PostgreSQL, Chromium for the browser test), then checks formatting, lints
+# (nats-server, PostgreSQL, Chromium and the browser client's npm packages), then checks formatting, lints
 # and runs every test, the chaos suite (tests/chaos) with one round of faults included.
 # Usage: scripts/test.sh [--chaos-rounds N] [extra args for cargo nextest / cargo test]
 set -euo pipefail
@@ -81,6 +81,16 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# The browser client (clients/js): its packages from the npm registry (versions pinned in
+# package-lock.json), its build (dist/, which the gateway serves at /demo) and its tests —
+# unit tests, then headless Chromium against the quickim binary.
+if ! command -v npm >/dev/null 2>&1; then
+  apt_install nodejs npm
+fi
+log "cargo build (the binary the browser client's tests run)"
+cargo build -p quickim
+log "clients/js: npm ci, build, tests"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run typecheck && npm test)
 # Doc tests first: the whole suite's summary is the last line of the run.
 log "doc tests"
 cargo test --workspace --doc

@@ -591,6 +591,34 @@ mod tests {
     }
 
     #[test]
+    fn the_demo_is_standalone_and_its_tokens_only_on_loopback() {
+        let c = Config::load(&ConfigArgs::default(), Role::Standalone).unwrap();
+        assert_eq!((c.demo, c.demo_tokens), (Some(true), Some(true)));
+        let c = Config::load(&parse(&["--public-addr", "0.0.0.0:8080"]), Role::Standalone).unwrap();
+        assert_eq!((c.demo, c.demo_tokens), (Some(true), Some(false)));
+        let c = Config::load(&parse(&["--public-addr", "0.0.0.0:8080", "--demo-tokens", "true"]), Role::Standalone)
+            .unwrap();
+        assert_eq!(c.demo_tokens, Some(true));
+        let c = Config::load(&parse(&["--demo", "false"]), Role::Standalone).unwrap();
+        assert_eq!((c.demo, c.demo_tokens), (Some(false), Some(false)));
+        let gateway = [
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--inner-key",
+            "0123456789abcdef",
+        ];
+        let c = Config::load(&parse(&gateway), Role::Gateway).unwrap();
+        assert_eq!((c.demo, c.demo_tokens), (Some(false), Some(false)));
+        let c = Config::load(&parse(&[&gateway[..], &["--demo", "true"]].concat()), Role::Gateway).unwrap();
+        assert_eq!((c.demo, c.demo_tokens), (Some(true), Some(false)));
+        let err =
+            Config::load(&parse(&[&gateway[..], &["--demo-tokens", "true"]].concat()), Role::Gateway).unwrap_err();
+        assert!(err.0.contains("standalone only"), "{err}");
+    }
+
+    #[test]
     fn distributed_roles_need_their_keys_and_refuse_weak_secrets() {
         let err = Config::load(&ConfigArgs::default(), Role::Gateway).unwrap_err();
         assert!(err.0.contains("nats_url"), "{err}");

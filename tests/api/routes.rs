@@ -378,3 +378,43 @@ async fn request_rate_is_limited_per_user() {
 fn quickim_shared_now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
+
+/// The demo page's token route gives anyone a token: standalone on loopback only, never on a
+/// distributed gateway (which serves no demo unless `demo` is set, and then without tokens).
+#[tokio::test]
+async fn demo_tokens_are_standalone_only() {
+    let q = Standalone::start(BIN, &[]).await;
+    let (s, v) = q.api.raw(None, "/demo/token", r#"{"user_id":"dora"}"#).await;
+    assert_eq!((s, code(&v)), (StatusCode::OK, 0), "{v}");
+    assert_eq!(v["data"]["conversation_id"], "demo-room");
+    let token = v["data"]["token"].as_str().unwrap_or_default().to_string();
+    let (_, v) = q.api.client(&token, "/check_joined_conversation", json!({"conversation_id":"demo-room"})).await;
+    assert_eq!(v["data"]["joined"], true, "{v}");
+    let (s, v) = q.api.raw(None, "/demo/token", r#"{"user_id":"bad id!"}"#).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    drop(q);
+
+    let q = Standalone::start(BIN, &[("QUICKIM_DEMO", "false")]).await;
+    let (s, _) = q.api.raw(None, "/demo/token", r#"{"user_id":"dora"}"#).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    drop(q);
+
+    let pages = tempfile::tempdir().expect("tempdir");
+    std::fs::write(pages.path().join("index.html"), "<!doctype html><title>demo</title>").expect("write");
+    let dir = pages.path().to_string_lossy().to_string();
+    let d = quickim_testkit::Distributed::start(BIN, 1, 1, 1, &[("QUICKIM_DEMO", "true"), ("QUICKIM_DEMO_DIR", &dir)])
+        .await;
+    let (s, _) = d.api(0).raw(None, "/demo/token", r#"{"user_id":"dora"}"#).await;
+    // Only the page's files (GET /demo/{file}) are served there: no token route.
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "a distributed gateway gives no demo tokens");
+    let get = |path: &str| d.api(0).http.get(format!("{}{path}", d.api(0).public)).send();
+    let page = get("/demo/").await.expect("page");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(page.headers().contains_key("content-security-policy"));
+    assert_eq!(page.text().await.unwrap_or_default(), "<!doctype html><title>demo</title>");
+    for missing in ["/demo/nothing.js", "/demo/..%2Fsecret.js", "/demo/.hidden.js", "/demo/index.exe"] {
+        assert_eq!(get(missing).await.expect("get").status(), StatusCode::NOT_FOUND, "{missing}");
+    }
+    d.finish().await;
+}

@@ -47,6 +47,8 @@ export class Connection {
   private upgradeTimer: ReturnType<typeof setTimeout> | null = null;
   private upgradeWait: number;
   private opening = 0;
+  /** When the token the current transport was opened with expires (ms). */
+  private openedUntil = Number.POSITIVE_INFINITY;
   private readonly wake = () => this.wakeUp();
   private readonly onVisibility = () => {
     if (typeof document !== 'undefined' && document.visibilityState === 'visible') this.wakeUp();
@@ -148,6 +150,8 @@ export class Connection {
   }
 
   private async params(name: TransportName) {
+    await this.tokens.current();
+    this.openedUntil = this.tokens.expiresAt;
     const ticket =
       name === 'poll' ? undefined : (await this.api.post<{ ticket: string }>('/notify_ticket', {})).ticket;
     return {
@@ -183,11 +187,13 @@ export class Connection {
       this.sink.kicked('kick_user');
       return;
     }
-    // SSE cannot tell why it ended: an expired token is the likely reason when it is one.
-    const tokenExpired = end.tokenExpired || (this.transportName === 'sse' && this.tokens.expiresWithin(5_000));
+    // SSE cannot tell why it ended: the token it opened with expiring is the likely reason.
+    const tokenExpired =
+      end.tokenExpired || (this.transportName === 'sse' && end.opened && this.openedUntil - Date.now() <= 5_000);
     if (tokenExpired) {
       this.setState('disconnected', 'token expired', 0);
-      this.tokens.renew().then(
+      const fresh = this.tokens.expiresAt > this.openedUntil && !this.tokens.expiresWithin(1_000);
+      (fresh ? Promise.resolve('') : this.tokens.renew()).then(
         () => void this.open(),
         (e) => {
           this.sink.error(e instanceof Error ? e : new Error(String(e)));

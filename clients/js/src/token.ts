@@ -43,8 +43,13 @@ export class TokenKeeper {
 
   /** A token good for at least a few more seconds. */
   async current(): Promise<string> {
-    if (this.token && !this.expiresWithin(5_000)) return this.token;
+    if (this.token && !this.expiresWithin(1_000)) return this.token;
     return this.renew();
+  }
+
+  /** When the current token expires (ms since the epoch; Infinity when unknown). */
+  get expiresAt(): number {
+    return this.claims ? this.claims.exp * 1000 : Number.POSITIVE_INFINITY;
   }
 
   /** True when the token expires within `ms` (or there is none). */

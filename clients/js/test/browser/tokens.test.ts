@@ -1,0 +1,54 @@
+// Tokens that expire every few seconds: the client renews them (getToken) before they expire
+// and when a stream is closed for an expired token, and resumes without losing a message.
+import type { Browser } from 'playwright-core';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Server, gotIds, launch, pageClient, recorded, sleep, until } from './harness';
+
+let server: Server;
+let browser: Browser;
+
+beforeAll(async () => {
+  server = await Server.start();
+  browser = await launch();
+});
+afterAll(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+describe('token expiry', () => {
+  for (const transport of ['ws', 'sse', 'poll']) {
+    it(`renews the token and loses nothing over ${transport}`, async () => {
+      const user = `short-${transport}`;
+      const room = `room-token-${transport}`;
+      await server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user, 'sender'] });
+      const page = await (await browser.newContext()).newPage();
+      await page.goto(`${server.url}/demo/`);
+      await pageClient(page, { user, transports: [transport], ttl: 3 });
+      await until('connected', async () => (await recorded(page)).state === 'connected');
+      // 10 s of messages across three token lifetimes (and the server's 5 s leeway).
+      const sent: number[] = [];
+      const end = Date.now() + 10_000;
+      while (Date.now() < end) {
+        sent.push(...(await server.sendMany(room, 'sender', 'tick', 1)));
+        await sleep(100);
+      }
+      await until('every message', async () => (await gotIds(page, room)).length >= sent.length, 20_000);
+      await sleep(300);
+      expect(await gotIds(page, room)).toEqual(sent);
+      const r = await recorded(page);
+      expect(r.tokens).toBeGreaterThanOrEqual(3);
+      if (transport === 'poll') {
+        // Every poll carries the current token: renewed before it expires, none is refused.
+        expect(r.states.filter((s) => s.state === 'disconnected')).toEqual([]);
+      } else {
+        // A stream ends when the token it opened with expires; the client came back at once.
+        const downs = r.states.filter((s) => s.state === 'disconnected');
+        expect(downs.length).toBeGreaterThanOrEqual(1);
+        expect(downs.every((s) => s.reason === 'token expired')).toBe(true);
+      }
+      expect(r.state).toBe('connected');
+      await page.context().close();
+    });
+  }
+});
