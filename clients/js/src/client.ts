@@ -307,7 +307,7 @@ export class QuickimClient extends Emitter<ClientEvents> {
           this.handle(ev);
         },
         state: (state, transport, reason, retryInMs) => {
-          this.tabs?.post({ t: 'state', state, transport, reason, retryInMs });
+          this.tabs?.post({ t: 'state', state, transport, reason, retryInMs, cursor: this.lastCursor });
           this.setState(state, transport, reason, retryInMs);
         },
         kicked: (reason) => {
@@ -325,12 +325,20 @@ export class QuickimClient extends Emitter<ClientEvents> {
     if (this.connection) {
       // The leader answers a new tab with its state.
       if (m.t === 'hello') {
-        this.tabs?.post({ t: 'state', state: this.currentState, transport: this.currentTransport });
+        this.tabs?.post({
+          t: 'state',
+          state: this.currentState,
+          transport: this.currentTransport,
+          cursor: this.lastCursor,
+        });
       }
       return;
     }
     if (m.t === 'event') this.handle(m.ev);
-    else if (m.t === 'state') this.setState(m.state, m.transport, m.reason, m.retryInMs);
+    else if (m.t === 'state') {
+      if (m.cursor && !this.lastCursor) this.lastCursor = m.cursor;
+      this.setState(m.state, m.transport, m.reason, m.retryInMs);
+    }
     else if (m.t === 'kicked') this.emit('kicked', { reason: m.reason });
   }
 

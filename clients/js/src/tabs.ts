@@ -9,7 +9,16 @@ import type { ConnectionState, NotifyEvent, TransportName } from './types';
 /** What travels between the tabs. */
 export type Relay =
   | { t: 'event'; ev: NotifyEvent }
-  | { t: 'state'; state: ConnectionState; transport: TransportName | null; reason?: string; retryInMs?: number }
+  | {
+      t: 'state';
+      state: ConnectionState;
+      transport: TransportName | null;
+      reason?: string;
+      retryInMs?: number;
+      /** The leader's last cursor, for a tab that joins before any event (it resumes from it
+       *  if it has to take over). */
+      cursor?: string | null;
+    }
   | { t: 'kicked'; reason: string }
   | { t: 'hello' };
 

@@ -42,13 +42,16 @@ describe('tabs of one profile', () => {
     expect(await gotIds(first, room)).toEqual(sent);
     expect(await gotIds(second, room)).toEqual(sent);
 
-    // The leader's tab goes: the other opens the connection from the last cursor it was relayed.
+    // The leader's tab goes while messages are being sent: the other opens the connection
+    // from the last cursor it was relayed and misses none of them.
+    const sending = server.sendMany(room, 'sender', 'around-handover', 20);
+    await sleep(50);
     await first.close();
     await until('the second tab to lead', async () => {
       const r = await recorded(second);
       return r.leader && r.state === 'connected';
     });
-    const more = await server.sendMany(room, 'sender', 'after-handover', 20);
+    const more = [...(await sending), ...(await server.sendMany(room, 'sender', 'after-handover', 10))];
     await until('the rest', async () => (await gotIds(second, room)).length >= sent.length + more.length);
     await sleep(500);
     expect(await gotIds(second, room)).toEqual([...sent, ...more]);
