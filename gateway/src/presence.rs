@@ -13,7 +13,7 @@
 //! conversations' members connected there. The changes are recorded in the store (for
 //! `last_seen` and the webhooks) a crowd at a time, in one write.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
     let recorder = start_recorder(state.clone(), shutdown.clone());
     let mut offline_since: HashMap<String, Instant> = HashMap::new();
+    // Users announced online by this node and not announced offline since: a close and a
+    // reopen seen together (both between two looks) announce nothing.
+    let mut online_here: HashSet<String> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -52,7 +55,8 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         for user in state.registry.take_changed() {
             if state.registry.presence(&user).1 > 0 {
                 // Back within the debounce: it never went offline.
-                if offline_since.remove(&user).is_none() {
+                offline_since.remove(&user);
+                if online_here.insert(user.clone()) {
                     announce(&state, &permits, &recorder, user, true);
                 }
             } else {
@@ -66,6 +70,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             .collect();
         for user in due {
             offline_since.remove(&user);
+            online_here.remove(&user);
             announce(&state, &permits, &recorder, user, false);
         }
     }

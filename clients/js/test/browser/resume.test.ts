@@ -48,6 +48,9 @@ describe('a page whose network is cut', () => {
       await sleep(1_000);
       expect(await gotIds(page, room)).toEqual(before);
       net.up();
+      const restored = Date.now();
+      await until('the missed messages', async () => (await gotIds(page, room)).length >= 50, 30_000);
+      console.log(`${transport}: the 40 missed messages arrived ${Date.now() - restored} ms after the network came back`);
 
       const after = await server.sendMany(room, 'sender', 'after', 10);
       const all = [...before, ...during, ...after];
