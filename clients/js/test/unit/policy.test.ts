@@ -144,6 +144,34 @@ describe('reconnect policy', () => {
     client.disconnect();
   });
 
+  it('reconnects at once when the browser comes back online or the page becomes visible', async () => {
+    const win = new EventTarget();
+    const doc = Object.assign(new EventTarget(), { visibilityState: 'visible' });
+    (globalThis as any).window = win;
+    (globalThis as any).document = doc;
+    const random = Math.random;
+    Math.random = () => 0.99; // the backoff would wait about a minute
+    try {
+      const { client } = await connected(undefined, { backoff: { baseMs: 60_000, maxMs: 60_000 } });
+      FakeSocket.made[0].serverClose(1006);
+      await sleep(50);
+      expect(FakeSocket.made.length).toBe(1);
+      expect(client.state).toBe('disconnected');
+      win.dispatchEvent(new Event('online'));
+      await until(() => FakeSocket.made.length === 2);
+      FakeSocket.made[1].serverClose(1006);
+      await sleep(50);
+      expect(FakeSocket.made.length).toBe(2);
+      doc.dispatchEvent(new Event('visibilitychange'));
+      await until(() => FakeSocket.made.length === 3);
+      client.disconnect();
+    } finally {
+      Math.random = random;
+      delete (globalThis as any).window;
+      delete (globalThis as any).document;
+    }
+  });
+
   it('delivers each (conversation, msg_id) once across a resume', async () => {
     const { client, got } = await connected();
     FakeSocket.made[0].send(msg(1, 'c1'));
