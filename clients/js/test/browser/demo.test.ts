@@ -74,3 +74,26 @@ describe('the demo page', () => {
     });
   }
 });
+
+describe('the demo page without demo tokens', () => {
+  it('asks for a token from the backend and signs in with it', async () => {
+    const bare = await Server.start({ QUICKIM_DEMO_TOKENS: 'false' });
+    try {
+      await bare.inner('create_conversation', { conversation_id: 'desk', conversation_type: 1, members: ['agent'], title: 'Help desk' });
+      const { token } = await bare.inner('get_token', { user_id: 'agent', platform: 'web' });
+      const page = await (await browser.newContext()).newPage();
+      await page.goto(`${bare.url}/demo/`);
+      await page.locator('#token').waitFor({ state: 'visible' });
+      expect(await page.locator('#user').isHidden()).toBe(true);
+      await page.fill('#token', token);
+      await page.click('#signin button[type="submit"]');
+      await page.locator('#status[data-state="connected"]').waitFor();
+      await page.locator('#conversations li[data-id="desk"]').waitFor();
+      await bare.inner('send_msg', { conversation_id: 'desk', from: '', type: 1, content: 'ticket #7 opened' });
+      await page.locator('#messages li .text', { hasText: 'ticket #7 opened' }).waitFor();
+      await page.context().close();
+    } finally {
+      await bare.stop();
+    }
+  });
+});
