@@ -96,6 +96,7 @@ export class QuickimClient extends Emitter<ClientEvents> {
   private connection: Connection | null = null;
   private tabs: Tabs | null = null;
   private started = false;
+  private generation = 0;
   private lastCursor: string | null = null;
   /** The highest msg_id delivered per conversation: each conversation's events come in
    *  msg_id order, so anything at or below it was delivered already. */
@@ -142,12 +143,15 @@ export class QuickimClient extends Emitter<ClientEvents> {
   async connect(): Promise<void> {
     if (this.started) return;
     this.started = true;
+    const generation = ++this.generation;
+    this.tokens.start();
     await this.tokens.current();
     const ns = this.options.namespace ?? 'quickim';
     const user = this.tokens.userId ?? 'anonymous';
     const stored = await this.options.cursorStorage?.get(this.cursorKey());
     if (stored && !this.lastCursor) this.lastCursor = stored;
-    if (!this.started) return;
+    // disconnect() (and maybe connect() again) while this one waited: that one goes on.
+    if (!this.started || generation !== this.generation) return;
     if ((this.options.tabs ?? 'shared') === 'shared' && tabsSupported()) {
       this.setState('connecting', null);
       this.tabs = new Tabs(`${ns}:${this.baseUrl}:${user}`, {
@@ -163,6 +167,7 @@ export class QuickimClient extends Emitter<ClientEvents> {
   /** Closes the connection (a leading tab hands it to the next tab). */
   disconnect(): void {
     this.started = false;
+    this.generation += 1;
     this.connection?.stop();
     this.connection = null;
     this.tabs?.stop();
@@ -351,6 +356,9 @@ export class QuickimClient extends Emitter<ClientEvents> {
         break;
       }
       case 'resync':
+        // What comes next starts from a new position (maybe of another database, whose
+        // msg_ids start again): nothing before it says what is a duplicate any more.
+        this.seen.clear();
         this.emit('resync', { reason: String(ev.reason ?? ''), reload: () => this.reload() });
         break;
       case 'read':

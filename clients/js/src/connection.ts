@@ -47,6 +47,8 @@ export class Connection {
   private upgradeTimer: ReturnType<typeof setTimeout> | null = null;
   private upgradeWait: number;
   private opening = 0;
+  /** The token was renewed for the open in progress (reset by `ready`). */
+  private renewedForOpen = false;
   /** When the token the current transport was opened with expires (ms). */
   private openedUntil = Number.POSITIVE_INFINITY;
   private readonly wake = () => this.wakeUp();
@@ -129,6 +131,8 @@ export class Connection {
       return;
     }
     if (ticket !== this.opening || !this.wanted) return;
+    this.openedUntil = params.until;
+    this.closeTransport(false);
     let transport: Transport | null = null;
     transport = TRANSPORTS[name](params, {
       event: (ev) => {
@@ -151,10 +155,11 @@ export class Connection {
 
   private async params(name: TransportName) {
     await this.tokens.current();
-    this.openedUntil = this.tokens.expiresAt;
+    const until = this.tokens.expiresAt;
     const ticket =
       name === 'poll' ? undefined : (await this.api.post<{ ticket: string }>('/notify_ticket', {})).ticket;
     return {
+      until,
       baseUrl: this.options.baseUrl,
       ticket,
       token: () => this.tokens.current(),
@@ -168,6 +173,7 @@ export class Connection {
     if (this.openTimer) clearTimeout(this.openTimer);
     this.openTimer = null;
     this.failures = 0;
+    this.renewedForOpen = false;
     if (this.state === 'connected') return;
     this.setState('connected');
     this.stableTimer = setTimeout(() => {
@@ -190,18 +196,26 @@ export class Connection {
     // SSE cannot tell why it ended: the token it opened with expiring is the likely reason.
     const tokenExpired =
       end.tokenExpired || (this.transportName === 'sse' && end.opened && this.openedUntil - Date.now() <= 5_000);
-    if (tokenExpired) {
+    // At once after a connection that worked; a token refused again before any `ready`
+    // (revoked, or getToken keeps answering a bad one) waits for the backoff like any failure.
+    if (tokenExpired && (end.opened || !this.renewedForOpen)) {
+      this.renewedForOpen = true;
       this.setState('disconnected', 'token expired', 0);
+      const ticket = ++this.opening;
       const fresh = this.tokens.expiresAt > this.openedUntil && !this.tokens.expiresWithin(1_000);
       (fresh ? Promise.resolve('') : this.tokens.renew()).then(
-        () => void this.open(),
+        () => {
+          if (ticket === this.opening && this.wanted) void this.open();
+        },
         (e) => {
+          if (ticket !== this.opening || !this.wanted) return;
           this.sink.error(e instanceof Error ? e : new Error(String(e)));
           this.retryLater('could not renew the token');
         },
       );
       return;
     }
+    if (tokenExpired) void this.tokens.renew().catch((e) => this.sink.error(e instanceof Error ? e : new Error(String(e))));
     if (!end.opened) {
       this.failures += 1;
       if (this.failures >= this.options.fallbackAfter && this.options.transports.length > 1) {
@@ -223,6 +237,7 @@ export class Connection {
   }
 
   private scheduleUpgrade(): void {
+    if (this.upgradeTimer) clearTimeout(this.upgradeTimer);
     this.upgradeTimer = setTimeout(() => void this.tryUpgrade(), this.upgradeWait);
   }
 
@@ -231,6 +246,7 @@ export class Connection {
     this.upgradeTimer = null;
     const current = this.index;
     for (let i = 0; i < current; i++) {
+      if (!this.wanted || this.index !== current || this.state !== 'connected') return;
       const name = this.options.transports[i];
       if (name === 'poll') continue;
       if (await this.probe(name)) {
@@ -242,7 +258,7 @@ export class Connection {
         return;
       }
     }
-    if (this.wanted && this.index === current && this.state === 'connected') {
+    if (this.wanted && this.index === current && this.state === 'connected' && !this.upgradeTimer) {
       this.upgradeWait = Math.min(this.upgradeWait * 2, 10 * 60_000);
       this.scheduleUpgrade();
     }
@@ -273,10 +289,11 @@ export class Connection {
     });
   }
 
-  private closeTransport(): void {
+  /** Closes the current transport; `cancel` also cancels an open in progress. */
+  private closeTransport(cancel = true): void {
     const t = this.transport;
     this.transport = null;
-    this.opening++;
+    if (cancel) this.opening++;
     t?.close();
   }
 

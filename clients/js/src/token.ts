@@ -28,6 +28,7 @@ export class TokenKeeper {
   private claims: TokenClaims | null = null;
   private pending: Promise<string> | null = null;
   private timer: ReturnType<typeof setTimeout> | null = null;
+  private stopped = false;
 
   constructor(
     private readonly getToken: () => Promise<string> | string,
@@ -42,6 +43,11 @@ export class TokenKeeper {
   }
 
   /** A token good for at least a few more seconds. */
+  /** Starts (again) renewing before expiry. */
+  start(): void {
+    this.stopped = false;
+  }
+
   async current(): Promise<string> {
     if (this.token && !this.expiresWithin(1_000)) return this.token;
     return this.renew();
@@ -81,7 +87,7 @@ export class TokenKeeper {
   private schedule(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
-    if (!this.claims) return;
+    if (!this.claims || this.stopped) return;
     const lifetime = this.claims.exp * 1000 - Date.now();
     const wait = Math.max(1_000, Math.min(lifetime - this.marginMs, lifetime * 0.8));
     if (wait > 2 ** 31 - 1) return;
@@ -91,6 +97,7 @@ export class TokenKeeper {
   }
 
   stop(): void {
+    this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
   }

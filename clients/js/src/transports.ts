@@ -153,8 +153,10 @@ export function openPoll(p: OpenParams, h: TransportHandlers): Transport {
   (async () => {
     while (!done) {
       const cursor = p.cursor();
-      const url =
-        p.baseUrl + '/notify?' + query({ protoc: 'poll', cursor, timeout: cursor ? String(p.pollTimeoutS) : null });
+      // The first poll answers at once (a resumed poll has no `ready` to wait for): the
+      // transport is open when it answers; the next ones wait for events.
+      const wait = opened ? String(p.pollTimeoutS) : '0';
+      const url = p.baseUrl + '/notify?' + query({ protoc: 'poll', cursor, timeout: cursor ? wait : null });
       let res: Response;
       try {
         const token = await p.token();

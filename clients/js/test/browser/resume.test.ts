@@ -61,6 +61,14 @@ describe('a page whose network is cut', () => {
       const r = await recorded(page);
       expect(r.transport).toBe(transport);
       expect(r.states.some((s) => s.state === 'disconnected')).toBe(true);
+
+      // A cut while nothing is sent: the page is connected again soon after, quiet as it is.
+      net.down();
+      await until('the page to notice', async () => (await recorded(page)).state !== 'connected', 15_000);
+      net.up();
+      const back = Date.now();
+      await until('connected again', async () => (await recorded(page)).state === 'connected', 4_000);
+      console.log(`${transport}: connected again ${Date.now() - back} ms after a quiet cut ended`);
       await page.context().close();
       await net.stop();
     });

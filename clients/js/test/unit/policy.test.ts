@@ -172,6 +172,40 @@ describe('reconnect policy', () => {
     }
   });
 
+  it('waits for the backoff when a fresh token is refused again before ready', async () => {
+    const random = Math.random;
+    Math.random = () => 0.99;
+    try {
+      let asked = 0;
+      const { client } = await connected(
+        () => {
+          asked += 1;
+          return token('u', 3600);
+        },
+        { backoff: { baseMs: 60_000, maxMs: 60_000 } },
+      );
+      FakeSocket.made[0].serverClose(4001); // after ready: renew, reconnect at once
+      await until(() => FakeSocket.made.length === 2);
+      FakeSocket.made[1].serverClose(4001); // refused again before ready: no tight loop
+      await sleep(200);
+      expect(FakeSocket.made.length).toBe(2);
+      expect(client.state).toBe('disconnected');
+      expect(asked).toBe(3);
+      client.disconnect();
+    } finally {
+      Math.random = random;
+    }
+  });
+
+  it('forgets what it delivered after a resync (another database starts its msg_ids again)', async () => {
+    const { client, got } = await connected();
+    FakeSocket.made[0].send(msg(7, 'c7'));
+    FakeSocket.made[0].send({ type: 'resync', cursor: 'd0', reason: 'cursor_from_another_database' });
+    FakeSocket.made[0].send(msg(2, 'd2'));
+    expect(got).toEqual([7, 2]);
+    client.disconnect();
+  });
+
   it('delivers each (conversation, msg_id) once across a resume', async () => {
     const { client, got } = await connected();
     FakeSocket.made[0].send(msg(1, 'c1'));
