@@ -150,6 +150,9 @@ struct RunArgs {
     /// Publishes in flight
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Subscribers connecting at once in each worker process
+    #[arg(long, default_value_t = 256)]
+    connecting: u32,
     /// Connection churn while publishing (deliver mode): subscribers' connections closed per
     /// second, in turn, each reopened at once from where it was (its cursor; nchan: its
     /// Last-Event-ID or long-poll position, none over WebSocket)
@@ -309,6 +312,7 @@ async fn spawn_workers(target: &Target, names: &Names, a: &RunArgs, n: u32) -> a
             last,
             channels: a.channels,
             index: i,
+            connecting: a.connecting,
         };
         let mut child = Command::new(&exe)
             .arg("worker")

@@ -44,6 +44,13 @@ pub struct Spec {
     pub channels: u32,
     /// Worker number (picks its source addresses).
     pub index: u32,
+    /// Subscribers connecting at once.
+    #[serde(default = "default_connecting")]
+    pub connecting: u32,
+}
+
+fn default_connecting() -> u32 {
+    256
 }
 
 /// What a worker reports.
@@ -232,7 +239,7 @@ async fn connect_all(shared: &Arc<Shared>, subs: &[Arc<Sub>]) {
     let started = Instant::now();
     shared.ready.store(0, Ordering::Relaxed);
     shared.failed.store(0, Ordering::Relaxed);
-    let permits = Arc::new(tokio::sync::Semaphore::new(256));
+    let permits = Arc::new(tokio::sync::Semaphore::new(shared.spec.connecting.max(1) as usize));
     for s in subs {
         let (shared, s, permits) = (shared.clone(), s.clone(), permits.clone());
         tokio::spawn(async move {
