@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark suite: nchan, quickim standalone and quickim distributed (NATS + PostgreSQL)
-# side by side on this machine, every scenario against each of them in turn, one result line
+# The benchmark suite: nchan, Pushpin, quickim standalone and quickim distributed (NATS +
+# PostgreSQL) side by side on this machine, every scenario against each of them in turn, one result line
 # per run in RESULTS (JSON lines), then the chart and tables for docs/benchmarks.md.
 #
 #   bench/run.sh [--quick] [--only LIST] [--dir DIR] [--results FILE]
@@ -11,7 +11,8 @@
 #   --dir DIR    working directory for the servers (default: ./data/bench)
 #   --results F  results file (default: DIR/results.jsonl; appended to)
 #
-# Needs: nginx + libnginx-mod-nchan (bench/nchan/start.sh installs them), nats-server and
+# Needs: nginx + libnginx-mod-nchan (bench/nchan/start.sh installs them), pushpin + python3
+# (bench/pushpin/start.sh installs pushpin), nats-server and
 # PostgreSQL at $PG_URL (see deploy/local-cluster.sh). Everything listens on 127.0.0.1.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,6 +44,7 @@ bench=$root/target/release/quickim-bench
 
 # --- the servers -------------------------------------------------------------------------
 nchan_port=18090
+pushpin_port=18095 pushpin_origin=18096 pushpin_pub=18097
 q_public=127.0.0.1:18080 q_inner=127.0.0.1:18081
 cluster_base=17500
 secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -51,6 +53,9 @@ key=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 stop_all() {
   for n in nchan nchan4; do
     [ -f "$dir/$n/nginx.pid" ] && kill "$(cat "$dir/$n/nginx.pid")" 2>/dev/null || true
+  done
+  for f in pushpin.pid zurl.pid origin.pid; do
+    [ -f "$dir/pushpin/$f" ] && kill "$(cat "$dir/pushpin/$f")" 2>/dev/null || true
   done
   [ -f "$dir/standalone.pid" ] && kill "$(cat "$dir/standalone.pid")" 2>/dev/null || true
   deploy/local-cluster.sh stop --dir "$dir/cluster" --drop-database >/dev/null 2>&1 || true
@@ -63,6 +68,27 @@ start_nchan() {
   [ -f "$dir/nchan/nginx.pid" ] && kill "$(cat "$dir/nchan/nginx.pid")" 2>/dev/null && sleep 1
   rm -rf "$dir/nchan"
   bench/nchan/start.sh "$dir/nchan" "$nchan_port" 2 >/dev/null
+}
+
+# Pushpin's runner starts condure (client connections), pushpin-proxy and pushpin-handler;
+# bench/pushpin/start.sh starts zurl (requests to the origin) and the origin
+# (bench/pushpin/origin.py), which only answers GRIP instructions and holds nothing per
+# connection.
+stop_pushpin() { # waits until its processes are gone (condure keeps the port while it closes)
+  local f pid
+  for f in pushpin.pid zurl.pid origin.pid; do
+    [ -f "$dir/pushpin/$f" ] || continue
+    pid=$(cat "$dir/pushpin/$f")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
+  rm -f "$dir/pushpin/"*.pid
+}
+start_pushpin() {
+  stop_pushpin
+  while (exec 3<>"/dev/tcp/127.0.0.1/$pushpin_port") 2>/dev/null; do sleep 0.2; done
+  rm -rf "$dir/pushpin"
+  bench/pushpin/start.sh "$dir/pushpin" "$pushpin_port" "$pushpin_origin" "$pushpin_pub" >/dev/null
 }
 
 # Rate limits protect a public deployment: per user (the load generator publishes as few
@@ -102,7 +128,7 @@ fresh() {
   start_cluster 2
 }
 
-log "starting nchan (127.0.0.1:$nchan_port), quickim standalone ($q_public) and quickim distributed"
+log "starting nchan (127.0.0.1:$nchan_port), Pushpin (127.0.0.1:$pushpin_port), quickim standalone ($q_public) and quickim distributed"
 rm -rf "$dir/standalone" "$dir/nchan4"
 psql "${PG_URL:-postgres://postgres@127.0.0.1:5432}/postgres" -qc "DROP DATABASE IF EXISTS quickim_bench WITH (FORCE)" >/dev/null
 fresh
@@ -110,6 +136,12 @@ fresh
 # --- the targets ---------------------------------------------------------------------------
 # (The trailing space keeps "nchan" from matching the "nchan4" instance.)
 nchan=(--target nchan --name nchan --hosts "127.0.0.1:$nchan_port" --pid-match "nginx -p $dir/nchan ")
+# Pushpin's proxy queues at most 100 requests for zurl (a compiled-in ZeroMQ high-water mark,
+# OUT_HWM in its src/core/zhttpmanager.cpp) and answers the overflow 502: of 10,000
+# subscribers connecting 256 at a time, 2,600–3,100 got a 502. Its subscribers connect 32 at
+# a time (connection time is not what any scenario compares).
+pushpin=(--target pushpin --name pushpin --hosts "127.0.0.1:$pushpin_port" --publish "127.0.0.1:$pushpin_pub"
+  --pid-match "$dir/pushpin/" --connecting 32)
 standalone=(--target quickim --name quickim --hosts "$q_public" --inner "http://$q_inner"
   --inner-key "$key" --jwt-secret "$secret" --pid-match "$bin standalone")
 
@@ -121,6 +153,16 @@ each() { # scenario-args... : runs them against nchan, standalone and distribute
   run "${nchan[@]}" "$@"
   run "${standalone[@]}" "$@"
   run "${cluster2[@]}" "$@"
+}
+each4() { # the same, with Pushpin too (scenarios that need no message history)
+  run "${nchan[@]}" "$@"
+  run "${standalone[@]}" "$@"
+  run "${cluster2[@]}" "$@"
+  # Pushpin runs alone, freshly started: after a run its proxy and handler kept working
+  # for a while (10–20 % of a core after 10,000 long-polls), which slowed the next server.
+  start_pushpin
+  run "${pushpin[@]}" "$@"
+  stop_pushpin
 }
 
 # Sizes (the issue's; --quick divides them).
@@ -139,7 +181,7 @@ fi
 if wants idle; then
   for p in ws sse poll; do
     fresh
-    each --scenario "a idle $p ${n10k}" --mode idle --protocol "$p" --subscribers "$n10k" --channels 100
+    each4 --scenario "a idle $p ${n10k}" --mode idle --protocol "$p" --subscribers "$n10k" --channels 100
   done
 fi
 if wants idle50k; then
@@ -167,18 +209,18 @@ fi
 
 # (b) fan-out: one conversation, many WebSocket subscribers.
 if wants fanout; then
-  each --scenario "b fan-out ${fan} ws, ${fan_msgs} msgs at 200/s" --mode deliver --protocol ws \
+  each4 --scenario "b fan-out ${fan} ws, ${fan_msgs} msgs at 200/s" --mode deliver --protocol ws \
     --subscribers "$fan" --channels 1 --messages "$fan_msgs" --rate 200 --concurrency 16
-  each --scenario "b fan-out ${fan} ws, ${fan_msgs} msgs full speed" --mode deliver --protocol ws \
+  each4 --scenario "b fan-out ${fan} ws, ${fan_msgs} msgs full speed" --mode deliver --protocol ws \
     --subscribers "$fan" --channels 1 --messages "$fan_msgs" --concurrency 16
 fi
 
 # (c) many small conversations: 2 members each.
 if wants many; then
-  each --scenario "c ${many} conversations x 2, ${many_msgs} msgs" --mode deliver --protocol ws \
+  each4 --scenario "c ${many} conversations x 2, ${many_msgs} msgs" --mode deliver --protocol ws \
     --subscribers $((many * 2)) --channels "$many" --messages "$many_msgs" --concurrency 64
   # At full speed each server runs at its own rate; latencies compare at one rate all three sustain.
-  each --scenario "c ${many} conversations x 2, ${many_msgs} msgs at ${many_rate}/s" --mode deliver \
+  each4 --scenario "c ${many} conversations x 2, ${many_msgs} msgs at ${many_rate}/s" --mode deliver \
     --protocol ws --subscribers $((many * 2)) --channels "$many" --messages "$many_msgs" --rate "$many_rate" \
     --concurrency 64
 fi
@@ -191,13 +233,12 @@ fi
 
 # (e) resume: drop every connection, publish 100 per conversation, reconnect with cursors.
 if wants resume; then
-  # nchan's WebSocket subscriber has no resume position (its frames carry no message id), so
-  # nchan takes part over EventSource only, where Last-Event-ID resumes from its buffer.
+  # nchan resumes from its buffer: EventSource with Last-Event-ID, WebSocket with the
+  # `ws+meta.nchan` subprotocol and `last_event_id`. Pushpin keeps no message history (its
+  # docs leave missed messages to the origin), so it has no resume to measure.
   each --scenario "e resume ${resume_subs} sse, 100 missed each" --mode resume --protocol sse \
     --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
-  run "${standalone[@]}" --scenario "e resume ${resume_subs} ws, 100 missed each" --mode resume --protocol ws \
-    --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
-  run "${cluster2[@]}" --scenario "e resume ${resume_subs} ws, 100 missed each" --mode resume --protocol ws \
+  each --scenario "e resume ${resume_subs} ws, 100 missed each" --mode resume --protocol ws \
     --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
 fi
 
@@ -218,12 +259,18 @@ fi
 
 # (g) connection churn: while messages flow at a fixed rate, subscribers' connections are
 # closed, in turn, and reopened at once from where each was (quickim: its cursor, on every
-# transport; nchan: Last-Event-ID over EventSource, the long-poll's Last-Modified / ETag; its
-# WebSocket subscriber has no position to resume from, so it starts over from its buffer).
+# transport; nchan: Last-Event-ID over EventSource, `last_event_id` with the `ws+meta.nchan`
+# WebSocket subprotocol, the long-poll's Last-Modified / ETag; Pushpin: no history, so a
+# reopened connection gets what is published from then on, and the gap is lost).
 # Last, so that (f) runs on the same database as before this scenario existed.
 if wants churn; then
   for p in ws sse poll; do
-    each --scenario "g churn ${p}: ${churn_subs} subscribers, ${churn_rate} reconnects/s" --mode deliver \
+    # Pushpin's long-poll delivers only what is published while a poll is held (no history:
+    # its docs leave recovery to the origin), so a poller loses whatever comes between two
+    # polls with or without churn; Pushpin takes part over WebSocket and EventSource.
+    servers=each4
+    [ "$p" = poll ] && servers=each
+    "$servers" --scenario "g churn ${p}: ${churn_subs} subscribers, ${churn_rate} reconnects/s" --mode deliver \
       --protocol "$p" --subscribers "$churn_subs" --channels 100 --messages "$churn_msgs" --rate 1000 \
       --churn "$churn_rate" --concurrency 16
   done

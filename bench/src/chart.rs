@@ -49,53 +49,106 @@ fn primary(rows: &BTreeMap<String, Value>) -> Option<(&'static str, &'static str
     METRICS.iter().find(|(k, _, _)| *k == key).copied()
 }
 
+/// One table per scenario: the latest run of each server, the columns that scenario is
+/// about, and each server's primary metric as a ratio to each peer's (nchan, Pushpin).
 fn tables(by: &BTreeMap<String, BTreeMap<String, Value>>) -> String {
     let mut out = String::new();
     for (scenario, rows) in by {
+        let Some(any) = rows.values().next() else { continue };
+        let mode = any["mode"].as_str().unwrap_or("");
+        let churn = rows.values().any(|r| r["reconnects"].as_u64().unwrap_or(0) > 0);
+        let cols: Vec<(&str, &str)> = match mode {
+            "idle" => vec![("connected", "connected"), ("rss_per_conn_kb", "KiB/conn")],
+            "resume" => vec![
+                ("delivered", "delivered"),
+                ("lost", "lost"),
+                ("duplicated", "dup"),
+                ("catchup_s", "catch-up s"),
+                ("deliveries_per_s", "deliveries/s"),
+                ("catchup_p50_ms", "p50 ms after reconnect"),
+                ("catchup_p99_ms", "p99 ms after reconnect"),
+            ],
+            "send" => vec![
+                ("published", "sent"),
+                ("publish_errors", "errors"),
+                ("publish_per_s", "sends/s"),
+                ("publish_p50_ms", "p50 ms"),
+                ("publish_p99_ms", "p99 ms"),
+            ],
+            _ => {
+                let mut c = vec![
+                    ("delivered", "delivered"),
+                    ("lost", "lost"),
+                    ("duplicated", "dup"),
+                    ("deliveries_per_s", "deliveries/s"),
+                    ("p50_ms", "p50 ms"),
+                    ("p99_ms", "p99 ms"),
+                ];
+                if churn {
+                    c.push(("reconnects", "reconnects"));
+                }
+                c
+            }
+        };
+        let primary = primary(rows);
+        let peers: Vec<(&str, f64)> = ["nchan", "pushpin"]
+            .iter()
+            .filter_map(|p| {
+                let (key, _, _) = primary?;
+                rows.get(*p).map(|r| (*p, num(r, key))).filter(|(_, v)| *v > 0.0)
+            })
+            .collect();
         let _ = writeln!(out, "\n#### {scenario}\n");
-        let _ = writeln!(
-            out,
-            "| target | connected | delivered / expected | lost | dup | deliveries/s | p50 ms | p99 ms | max ms | sends/s | send p99 ms | KiB/conn | catch-up s |"
-        );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-        for (target, r) in rows {
-            let _ = writeln!(
-                out,
-                "| {target} | {} | {} / {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.2} | {:.2} |",
-                r["connected"],
-                r["delivered"],
-                r["expected"],
-                r["lost"],
-                r["duplicated"],
-                num(r, "deliveries_per_s"),
-                num(r, "p50_ms"),
-                num(r, "p99_ms"),
-                num(r, "max_ms"),
-                num(r, "publish_per_s"),
-                num(r, "publish_p99_ms"),
-                num(r, "rss_per_conn_kb"),
-                num(r, "catchup_s"),
-            );
+        let mut head = String::from("| server |");
+        let mut rule = String::from("|---|");
+        for (_, label) in &cols {
+            head.push_str(&format!(" {label} |"));
+            rule.push_str("---:|");
         }
-        if rows.values().any(|r| r["reconnects"].as_u64().unwrap_or(0) > 0) {
+        for (peer, _) in &peers {
+            head.push_str(&format!(" vs {peer} |"));
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(out, "{head}\n{rule}");
+        for (target, r) in rows {
+            let mut line = format!("| {target} |");
+            for (key, _) in &cols {
+                let v = num(r, key);
+                let cell = if r[*key].is_u64() || v >= 1000.0 {
+                    format!("{v:.0}")
+                } else if v >= 10.0 {
+                    format!("{v:.1}")
+                } else {
+                    format!("{v:.2}")
+                };
+                line.push_str(&format!(" {cell} |"));
+            }
+            for (peer, pv) in &peers {
+                let cell = match primary {
+                    Some((key, _, higher)) if target != peer => {
+                        let ratio = num(r, key) / pv;
+                        let better = if higher { ratio >= 1.0 } else { ratio <= 1.0 };
+                        format!("{ratio:.2}× {}", if better { "✓" } else { "✗" })
+                    }
+                    _ => "—".to_string(),
+                };
+                line.push_str(&format!(" {cell} |"));
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        if churn {
             let counts: Vec<String> =
                 rows.iter().map(|(t, r)| format!("{t} {}", r["reconnects"].as_u64().unwrap_or(0))).collect();
             let _ = writeln!(out, "\nConnections closed and reopened during the run: {}", counts.join(", "));
         }
-        if let Some((key, label, higher)) = primary(rows) {
-            let nchan = rows.iter().find(|(t, _)| t.starts_with("nchan")).map(|(_, r)| num(r, key));
-            for (target, r) in rows.iter().filter(|(t, _)| t.starts_with("quickim")) {
-                if let Some(n) = nchan.filter(|n| *n > 0.0) {
-                    let q = num(r, key);
-                    let ratio = q / n;
-                    let better = if higher { ratio >= 1.0 } else { ratio <= 1.0 };
-                    let _ = writeln!(
-                        out,
-                        "\n{target} / nchan, {label}: **{ratio:.2}×** ({})",
-                        if better { "quickim ahead or even" } else { "nchan ahead" }
-                    );
-                }
-            }
+        if let Some((_, label, higher)) = primary
+            && !peers.is_empty()
+        {
+            let _ = writeln!(
+                out,
+                "\nRatios: {label} of the row's server / the peer's ({}; ✓ = the row's server ahead or even).",
+                if higher { "higher is better" } else { "lower is better" }
+            );
         }
     }
     out
@@ -112,12 +165,14 @@ fn chart(by: &BTreeMap<String, BTreeMap<String, Value>>) -> String {
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
-<text x="10" y="22" font-size="16" font-weight="bold">quickim vs nchan (same machine, same run)</text>
+<text x="10" y="22" font-size="16" font-weight="bold">quickim vs nchan and Pushpin (same machine, latest run of each)</text>
 "#
     );
     let colors = |t: &str| {
         if t.starts_with("nchan") {
             "#9e9e9e"
+        } else if t.starts_with("pushpin") {
+            "#ef6c00"
         } else if t.contains("distributed") {
             "#1565c0"
         } else {

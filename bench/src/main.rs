@@ -111,6 +111,9 @@ struct RunArgs {
     /// quickim: JWT secret (tokens are signed locally)
     #[arg(long)]
     jwt_secret: Option<String>,
+    /// pushpin: its HTTP publish endpoint (host:port)
+    #[arg(long)]
+    publish: Option<String>,
     /// Server processes to measure: every process whose command line contains this text
     #[arg(long)]
     pid_match: Option<String>,
@@ -147,6 +150,9 @@ struct RunArgs {
     /// Publishes in flight
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Subscribers connecting at once in each worker process
+    #[arg(long, default_value_t = 256)]
+    connecting: u32,
     /// Connection churn while publishing (deliver mode): subscribers' connections closed per
     /// second, in turn, each reopened at once from where it was (its cursor; nchan: its
     /// Last-Event-ID or long-poll position, none over WebSocket)
@@ -199,8 +205,13 @@ struct RunResult {
     p95_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// Deliveries a second: from the first publish to the last delivery (deliver), or over
+    /// the catch-up (resume: what was missed, from the reconnect to the last delivery).
     deliveries_per_s: f64,
     catchup_s: f64,
+    /// Resume: each missed message's delivery time after the reconnect, p50 and p99.
+    catchup_p50_ms: f64,
+    catchup_p99_ms: f64,
     rss_before_kb: u64,
     rss_after_kb: u64,
     rss_per_conn_kb: f64,
@@ -229,6 +240,11 @@ fn build_target(a: &RunArgs) -> anyhow::Result<Target> {
             a.jwt_secret.clone().context("--jwt-secret is needed for quickim")?,
         ),
         Kind::Nchan => Target::nchan(a.name.as_deref().unwrap_or("nchan"), a.hosts.clone()),
+        Kind::Pushpin => Target::pushpin(
+            a.name.as_deref().unwrap_or("pushpin"),
+            a.hosts.clone(),
+            a.publish.as_deref().context("--publish is needed for pushpin")?,
+        ),
     };
     if let Some(v) = &a.ws_url {
         t.ws_url = v.clone();
@@ -296,6 +312,7 @@ async fn spawn_workers(target: &Target, names: &Names, a: &RunArgs, n: u32) -> a
             last,
             channels: a.channels,
             index: i,
+            connecting: a.connecting,
         };
         let mut child = Command::new(&exe)
             .arg("worker")
@@ -421,6 +438,10 @@ async fn publish(target: &Target, names: &Names, a: &RunArgs, from: u64, to: u64
                     let (_, c) = conn.as_mut().context("connection")?;
                     let head = c.request("POST", &host, &path, &headers, body.as_bytes()).await?;
                     c.body().await?;
+                    // A server that closes after each answer (Pushpin's publish endpoint).
+                    if head.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                        conn = None;
+                    }
                     Ok(head.status)
                 }
                 .await;
@@ -542,8 +563,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     // Merge.
     let mut latency = Histogram::default();
+    let mut catchup = Histogram::default();
     let mut last_ns = 0;
     for r in &reports {
+        catchup.merge(&r.catchup);
         result.expected += r.expected;
         result.delivered += r.delivered;
         result.lost += r.lost;
@@ -558,6 +581,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         let warm = u64::from(a.subscribers);
         result.expected = result.expected.saturating_sub(warm);
         result.delivered = result.delivered.saturating_sub(warm);
+        result.catchup_p50_ms = catchup.quantile_ms(0.5);
+        result.catchup_p99_ms = catchup.quantile_ms(0.99);
+        if result.catchup_s > 0.0 {
+            result.deliveries_per_s = result.delivered as f64 / result.catchup_s;
+        }
     }
     result.p50_ms = latency.quantile_ms(0.5);
     result.p95_ms = latency.quantile_ms(0.95);

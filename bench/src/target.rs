@@ -1,5 +1,5 @@
 //! A server under test, described by URL templates and headers, so any server can be
-//! driven. Two presets fill them in: `quickim` and `nchan`.
+//! driven. Three presets fill them in: `quickim`, `nchan` and `pushpin`.
 //!
 //! Placeholders: `{host}` (one of the server's public nodes), `{channel}` (the channel name),
 //! `{token}` (quickim: the subscriber's JWT), `{payload}` (the message), `{from}` (a publisher
@@ -17,6 +17,9 @@ pub enum Kind {
     Quickim,
     /// nchan: channels need no set-up; long-poll uses Last-Modified / ETag.
     Nchan,
+    /// Pushpin (a GRIP proxy) in front of bench/pushpin/origin.py: channels need no set-up,
+    /// messages go to Pushpin's HTTP publish endpoint; no message history, so no resume.
+    Pushpin,
 }
 
 /// Everything the tool needs to drive one server.
@@ -75,6 +78,28 @@ impl Target {
             pub_url: format!("http://{pub_host}/pub/{{channel}}"),
             pub_body: "{payload}".into(),
             pub_headers: vec!["Content-Type: text/plain".into()],
+            inner: None,
+            inner_key: None,
+            jwt_secret: None,
+            pids: Vec::new(),
+        }
+    }
+
+    /// The Pushpin preset: subscribers on Pushpin's port (`hosts`), publishing to its publish
+    /// endpoint `publish` (host:port; see bench/pushpin/). One message carries every
+    /// transport's format: a WebSocket message, an EventSource event, a long-poll answer.
+    pub fn pushpin(name: &str, hosts: Vec<String>, publish: &str) -> Target {
+        Target {
+            name: name.into(),
+            kind: Kind::Pushpin,
+            hosts,
+            ws_url: "ws://{host}/sub/{channel}".into(),
+            sse_url: "http://{host}/sub/{channel}".into(),
+            poll_url: "http://{host}/poll/{channel}".into(),
+            pub_url: format!("http://{publish}/publish/"),
+            pub_body: r#"{"items":[{"channel":"{channel}","formats":{"ws-message":{"content":"{payload}"},"http-stream":{"content":"data: {payload}\n\n"},"http-response":{"body":"{payload}\n"}}}]}"#
+                .into(),
+            pub_headers: vec!["Content-Type: application/json".into()],
             inner: None,
             inner_key: None,
             jwt_secret: None,

@@ -44,6 +44,13 @@ pub struct Spec {
     pub channels: u32,
     /// Worker number (picks its source addresses).
     pub index: u32,
+    /// Subscribers connecting at once.
+    #[serde(default = "default_connecting")]
+    pub connecting: u32,
+}
+
+fn default_connecting() -> u32 {
+    256
 }
 
 /// What a worker reports.
@@ -62,6 +69,10 @@ pub struct Report {
     /// Connections closed and reopened by the churn.
     #[serde(default)]
     pub reconnects: u64,
+    /// Resume: each delivery's time since the `RECONNECT` command (the catch-up as a
+    /// client sees it; the send-time latency also counts how long the publishing took).
+    #[serde(default)]
+    pub catchup: Histogram,
 }
 
 struct Sub {
@@ -76,7 +87,9 @@ struct Sub {
 struct SubState {
     received: Received,
     latency: Histogram,
-    /// quickim: last cursor; nchan SSE: last event id.
+    /// Time since the reconnect, for deliveries after a `RECONNECT`.
+    catchup: Histogram,
+    /// quickim: last cursor; nchan SSE and WebSocket (`ws+meta.nchan`): last message id.
     cursor: Option<String>,
     /// nchan long-poll: the last answer's `Last-Modified` / `ETag`, sent back as
     /// `If-Modified-Since` / `If-None-Match` (its resume position).
@@ -92,6 +105,8 @@ struct Shared {
     /// Bumped to close every connection.
     generation: watch::Sender<u64>,
     reconnects: AtomicU64,
+    /// When the last `RECONNECT` came (0: none yet).
+    resumed_ns: AtomicU64,
 }
 
 /// The worker's main loop (reads commands from stdin).
@@ -110,6 +125,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         last_ns: AtomicU64::new(0),
         generation: watch::channel(0).0,
         reconnects: AtomicU64::new(0),
+        resumed_ns: AtomicU64::new(0),
     });
     let subs: Arc<[Arc<Sub>]> = subs.into();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -129,7 +145,10 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 println!("DROPPED");
             }
-            Some("RECONNECT") => connect_all(&shared, &subs).await,
+            Some("RECONNECT") => {
+                shared.resumed_ns.store(marker::now_ns(), Ordering::Relaxed);
+                connect_all(&shared, &subs).await
+            }
             Some("CHURN") => {
                 let per_second: f64 = words.next().context("per second")?.parse()?;
                 if let Some(task) = churn.take() {
@@ -207,6 +226,7 @@ fn report(shared: &Shared, subs: &[Arc<Sub>], messages: u64) -> Report {
         r.lost += lost;
         r.duplicated += dup;
         r.latency.merge(&st.latency);
+        r.catchup.merge(&st.catchup);
     }
     r.reconnects = shared.reconnects.load(Ordering::Relaxed);
     r.first_ns = shared.first_ns.load(Ordering::Relaxed);
@@ -219,7 +239,7 @@ async fn connect_all(shared: &Arc<Shared>, subs: &[Arc<Sub>]) {
     let started = Instant::now();
     shared.ready.store(0, Ordering::Relaxed);
     shared.failed.store(0, Ordering::Relaxed);
-    let permits = Arc::new(tokio::sync::Semaphore::new(256));
+    let permits = Arc::new(tokio::sync::Semaphore::new(shared.spec.connecting.max(1) as usize));
     for s in subs {
         let (shared, s, permits) = (shared.clone(), s.clone(), permits.clone());
         tokio::spawn(async move {
@@ -279,12 +299,16 @@ async fn connect_tcp(spec: &Spec, j: u32, host: &str) -> anyhow::Result<TcpStrea
 /// Notes a message in the subscriber's state.
 fn deliver(shared: &Shared, s: &Sub, text: &str) {
     let now = marker::now_ns();
+    let resumed = shared.resumed_ns.load(Ordering::Relaxed);
     let mut got = false;
     if let Ok(mut st) = s.state.lock() {
         marker::scan(text, |channel, seq, sent| {
             if channel == s.channel {
                 st.received.note(seq);
                 st.latency.record(now.saturating_sub(sent) / 1000);
+                if resumed > 0 {
+                    st.catchup.record(now.saturating_sub(resumed) / 1000);
+                }
                 got = true;
             }
         });
@@ -293,6 +317,25 @@ fn deliver(shared: &Shared, s: &Sub, text: &str) {
         shared.first_ns.fetch_min(now, Ordering::Relaxed);
         shared.last_ns.fetch_max(now, Ordering::Relaxed);
     }
+}
+
+/// The message id of an nchan `ws+meta.nchan` frame: its `id:` header line.
+fn nchan_meta_id(frame: &str) -> Option<String> {
+    let head = frame.split("\n\n").next()?;
+    head.lines().find_map(|l| l.strip_prefix("id:").map(|id| id.trim().to_string()))
+}
+
+/// Percent-encodes a query value (nchan ids hold `:`, `,` and `[]`).
+fn encode_query(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn cursor_of(text: &str) -> Option<String> {
@@ -320,13 +363,26 @@ async fn subscribe(
     };
     match spec.protocol.as_str() {
         "ws" => {
-            if let (true, Some(c)) = (quickim, &cursor) {
-                url.push_str(&format!("&cursor={c}"));
+            // nchan: the `ws+meta.nchan` subprotocol puts each message's id in its frame
+            // ("id: ..." lines, a blank line, the data), and a reconnect resumes after the
+            // last one with `last_event_id` (nchan's README, "Websocket" and
+            // `nchan_subscriber_last_message_id`).
+            match (&cursor, quickim) {
+                (Some(c), true) => url.push_str(&format!("&cursor={c}")),
+                (Some(c), false) if spec.target.kind == Kind::Nchan => {
+                    url.push(if url.contains('?') { '&' } else { '?' });
+                    url.push_str("last_event_id=");
+                    url.push_str(&encode_query(c));
+                }
+                _ => {}
             }
             let stream = connect_tcp(spec, s.global, host).await?;
             let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-            let (mut ws, _) =
-                tokio_tungstenite::client_async_with_config(url.into_client_request()?, stream, Some(config)).await?;
+            let mut request = url.into_client_request()?;
+            if spec.target.kind == Kind::Nchan {
+                request.headers_mut().insert("Sec-WebSocket-Protocol", "ws+meta.nchan".parse()?);
+            }
+            let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
             if !quickim {
                 mark_ready(shared);
             }
@@ -334,15 +390,18 @@ async fn subscribe(
                 match frame? {
                     WsMessage::Text(t) => {
                         let t = t.as_str();
-                        if quickim {
-                            if let Some(c) = cursor_of(t)
-                                && let Ok(mut st) = s.state.lock()
-                            {
-                                st.cursor = Some(c);
-                            }
-                            if t.contains("\"type\":\"ready\"") {
-                                mark_ready(shared);
-                            }
+                        let position = match spec.target.kind {
+                            Kind::Quickim => cursor_of(t),
+                            Kind::Nchan => nchan_meta_id(t),
+                            Kind::Pushpin => None,
+                        };
+                        if let Some(c) = position
+                            && let Ok(mut st) = s.state.lock()
+                        {
+                            st.cursor = Some(c);
+                        }
+                        if quickim && t.contains("\"type\":\"ready\"") {
+                            mark_ready(shared);
                         }
                         deliver(shared, s, t);
                     }
