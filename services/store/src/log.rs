@@ -25,9 +25,8 @@ use crate::sql::{
 use crate::{Dialect, Result, Store, StoreError, partition_of, sql_span};
 
 /// Rows of a replay's first chunk (later chunks are sized by the bytes per row seen). Each
-/// chunk walks the user's conversations back to the cursor again, so a resume that needs
-/// a second chunk pays that walk twice: at 32 a resume of 100 messages took two reads (a
-/// third of its store time was the repeated walk), at 128 it takes one. A page of the
+/// chunk walks the user's conversations back to the cursor again, so this is large enough
+/// that a typical resume reads once (docs/benchmarks.md has the before/after). A page of the
 /// largest messages (64 KiB) reads at most this many rows to answer the bus budget's worth.
 const REPLAY_FIRST_CHUNK: usize = 128;
 
