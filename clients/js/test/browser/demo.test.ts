@@ -1,24 +1,14 @@
 // The demo page in a real Chromium: two users (two browser profiles) chat on each transport.
-import type { Browser, Page } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Server, launch, screenshotPath, until } from './harness';
+import type { Page } from 'playwright-core';
+import { describe, expect, it } from 'vitest';
+import { screenshotPath, Server, until, useServerAndBrowser } from './harness';
 
-let server: Server;
-let browser: Browser;
-
-beforeAll(async () => {
-  server = await Server.start();
-  browser = await launch();
-});
-afterAll(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser();
 
 async function signedIn(user: string, transport: string): Promise<Page> {
-  const context = await browser.newContext({ viewport: { width: 1100, height: 640 } });
+  const context = await env.browser.newContext({ viewport: { width: 1100, height: 640 } });
   const page = await context.newPage();
-  await page.goto(`${server.url}/demo/?user=${user}&transport=${transport}`);
+  await page.goto(`${env.server.url}/demo/?user=${user}&transport=${transport}`);
   await page.locator(`#status[data-state="connected"][data-transport="${transport}"]`).waitFor();
   await page.locator('#messages li').first().waitFor();
   return page;
@@ -50,15 +40,15 @@ describe('the demo page', () => {
 
       // A message in another conversation shows as an unread badge in the list.
       const room = `orders-${transport}`;
-      await server.inner('create_conversation', {
+      await env.server.inner('create_conversation', {
         conversation_id: room,
         conversation_type: 1,
         members: [`alice-${transport}`, `bob-${transport}`],
         title: `Order 1042 (${transport})`,
       });
       await bob.locator(`#conversations li[data-id="${room}"]`).waitFor();
-      await server.inner('send_msg', { conversation_id: room, from: `alice-${transport}`, type: 1, content: 'Is it still available?' });
-      await server.inner('send_msg', { conversation_id: room, from: `alice-${transport}`, type: 1, content: 'I can pick it up today.' });
+      await env.server.inner('send_msg', { conversation_id: room, from: `alice-${transport}`, type: 1, content: 'Is it still available?' });
+      await env.server.inner('send_msg', { conversation_id: room, from: `alice-${transport}`, type: 1, content: 'I can pick it up today.' });
       await badge(bob, room, '2');
       if (transport === 'ws') {
         await say(alice, 'see you at 6?');
@@ -81,7 +71,7 @@ describe('the demo page without demo tokens', () => {
     try {
       await bare.inner('create_conversation', { conversation_id: 'desk', conversation_type: 1, members: ['agent'], title: 'Help desk' });
       const { token } = await bare.inner('get_token', { user_id: 'agent', platform: 'web' });
-      const page = await (await browser.newContext()).newPage();
+      const page = await (await env.browser.newContext()).newPage();
       await page.goto(`${bare.url}/demo/`);
       await page.locator('#token').waitFor({ state: 'visible' });
       expect(await page.locator('#user').isHidden()).toBe(true);

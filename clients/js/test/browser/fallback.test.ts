@@ -1,20 +1,10 @@
 // Transport fallback in a real Chromium: WebSocket blocked (a proxy that breaks it) → SSE;
 // SSE blocked too → long-poll; unblocked → back up to WebSocket. Every message arrives once.
-import type { Browser, Page } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NetworkCut, Server, gotIds, launch, pageClient, recorded, sleep, until } from './harness';
+import type { Page } from 'playwright-core';
+import { describe, expect, it } from 'vitest';
+import { gotIds, NetworkCut, pageClient, recorded, sleep, until, useServerAndBrowser } from './harness';
 
-let server: Server;
-let browser: Browser;
-
-beforeAll(async () => {
-  server = await Server.start();
-  browser = await launch();
-});
-afterAll(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser();
 
 const onTransport = async (page: Page, transport: string, timeoutMs = 30_000) =>
   until(
@@ -30,9 +20,9 @@ describe('transport fallback', () => {
   it('falls back from a blocked WebSocket to SSE, then to long-poll, and upgrades back', async () => {
     const user = 'fallback';
     const room = 'room-fallback';
-    await server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user, 'sender'] });
-    const net = await NetworkCut.start(server.url);
-    const page = await (await browser.newContext()).newPage();
+    await env.server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user, 'sender'] });
+    const net = await NetworkCut.start(env.server.url);
+    const page = await (await env.browser.newContext()).newPage();
     await page.goto(`${net.url}/demo/`);
     // The WebSocket handshake "succeeds" at a middlebox that then closes it: no `ready`.
     const blockWs = (ws: { close: () => Promise<void> }) => void ws.close();
@@ -42,16 +32,16 @@ describe('transport fallback', () => {
 
     await onTransport(page, 'sse');
     const sent: number[] = [];
-    sent.push(...(await server.sendMany(room, 'sender', 'on-sse', 10)));
+    sent.push(...(await env.server.sendMany(room, 'sender', 'on-sse', 10)));
     await until('messages over SSE', async () => (await gotIds(page, room)).length === sent.length);
 
     // SSE blocked as well, and the open stream cut: long-poll it is.
     await page.route((url) => url.searchParams.get('protoc') === 'sse', (route) => route.abort('connectionrefused'));
     net.down();
-    sent.push(...(await server.sendMany(room, 'sender', 'cut', 10)));
+    sent.push(...(await env.server.sendMany(room, 'sender', 'cut', 10)));
     net.up();
     await onTransport(page, 'poll');
-    sent.push(...(await server.sendMany(room, 'sender', 'on-poll', 10)));
+    sent.push(...(await env.server.sendMany(room, 'sender', 'on-poll', 10)));
     await until('messages over long-poll', async () => (await gotIds(page, room)).length === sent.length);
     const states = (await recorded(page)).states.map((s) => s.transport);
     expect(states).toContain('ws');
@@ -61,7 +51,7 @@ describe('transport fallback', () => {
     await page.unrouteAll({ behavior: 'ignoreErrors' });
     await page.routeWebSocket(isWs, (ws) => void ws.connectToServer());
     await onTransport(page, 'ws', 60_000);
-    sent.push(...(await server.sendMany(room, 'sender', 'on-ws', 10)));
+    sent.push(...(await env.server.sendMany(room, 'sender', 'on-ws', 10)));
     await until('messages over WebSocket', async () => (await gotIds(page, room)).length >= sent.length);
     await sleep(500);
     expect(await gotIds(page, room)).toEqual(sent);

@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type Browser, type Page, chromium } from 'playwright-core';
+import { afterAll, beforeAll } from 'vitest';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const ROOT = path.resolve(here, '../../../..');
@@ -254,4 +255,18 @@ export async function gotIds(page: Page, conversation: string): Promise<number[]
 export function screenshotPath(name: string): string {
   mkdirSync(SCREENSHOTS, { recursive: true });
   return path.join(SCREENSHOTS, name);
+}
+
+/** A test file's server and browser: started before its tests, stopped after them. */
+export function useServerAndBrowser(env: Record<string, string> = {}): { server: Server; browser: Browser } {
+  const parts = {} as { server: Server; browser: Browser };
+  beforeAll(async () => {
+    parts.server = await Server.start(env);
+    parts.browser = await launch();
+  });
+  afterAll(async () => {
+    await parts.browser?.close();
+    await parts.server?.stop();
+  });
+  return parts;
 }

@@ -2,24 +2,14 @@
 // new one refused) while messages are sent; when it comes back the page gets every missed
 // message once, in order, on each transport. And a send whose answer is lost is retried
 // with its key and stored once.
-import type { Browser, Page } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NetworkCut, Server, gotIds, launch, pageClient, recorded, sleep, until } from './harness';
+import type { Page } from 'playwright-core';
+import { describe, expect, it } from 'vitest';
+import { gotIds, NetworkCut, pageClient, recorded, sleep, until, useServerAndBrowser } from './harness';
 
-let server: Server;
-let browser: Browser;
-
-beforeAll(async () => {
-  server = await Server.start();
-  browser = await launch();
-});
-afterAll(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser();
 
 async function pageVia(url: string): Promise<Page> {
-  const page = await (await browser.newContext()).newPage();
+  const page = await (await env.browser.newContext()).newPage();
   await page.goto(`${url}/demo/`);
   return page;
 }
@@ -29,22 +19,22 @@ describe('a page whose network is cut', () => {
     it(`gets every message sent meanwhile, once, over ${transport}`, async () => {
       const user = `cut-${transport}`;
       const room = `room-cut-${transport}`;
-      await server.inner('create_conversation', {
+      await env.server.inner('create_conversation', {
         conversation_id: room,
         conversation_type: 1,
         members: [user, 'sender'],
       });
-      const net = await NetworkCut.start(server.url);
+      const net = await NetworkCut.start(env.server.url);
       const page = await pageVia(net.url);
       await pageClient(page, { user, transports: [transport] });
       await until('connected', async () => (await recorded(page)).state === 'connected');
 
-      const before = await server.sendMany(room, 'sender', 'before', 10);
+      const before = await env.server.sendMany(room, 'sender', 'before', 10);
       await until('the first 10', async () => (await gotIds(page, room)).length === 10);
 
       net.down();
       await until('the page to notice', async () => (await recorded(page)).state !== 'connected', 15_000);
-      const during = await server.sendMany(room, 'sender', 'during', 40);
+      const during = await env.server.sendMany(room, 'sender', 'during', 40);
       await sleep(1_000);
       expect(await gotIds(page, room)).toEqual(before);
       net.up();
@@ -52,7 +42,7 @@ describe('a page whose network is cut', () => {
       await until('the missed messages', async () => (await gotIds(page, room)).length >= 50, 30_000);
       console.log(`${transport}: the 40 missed messages arrived ${Date.now() - restored} ms after the network came back`);
 
-      const after = await server.sendMany(room, 'sender', 'after', 10);
+      const after = await env.server.sendMany(room, 'sender', 'after', 10);
       const all = [...before, ...during, ...after];
       await until('every message', async () => (await gotIds(page, room)).length >= all.length, 30_000);
       await sleep(500);
@@ -79,8 +69,8 @@ describe('a send whose answer is lost', () => {
   it('is retried with the same client_msg_id and stored once', async () => {
     const user = 'retrier';
     const room = 'room-retry';
-    await server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user] });
-    const page = await pageVia(server.url);
+    await env.server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user] });
+    const page = await pageVia(env.server.url);
     await pageClient(page, { user, transports: ['ws'] });
     let cut = 0;
     // The first /send_msg reaches the server (and is stored), then its answer is lost.

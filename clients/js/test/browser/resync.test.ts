@@ -1,37 +1,26 @@
 // A cursor past the replay window gets `resync`, never a partial replay: the client surfaces
 // it with a helper that reloads the conversation list over HTTP, then goes on live.
-import type { Browser } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Server, gotIds, launch, pageClient, recorded, sleep, until } from './harness';
+import { describe, expect, it } from 'vitest';
+import { gotIds, pageClient, recorded, sleep, until, useServerAndBrowser } from './harness';
 
-let server: Server;
-let browser: Browser;
-
-beforeAll(async () => {
-  server = await Server.start({ QUICKIM_REPLAY_RETENTION_S: '2' });
-  browser = await launch();
-});
-afterAll(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser({ QUICKIM_REPLAY_RETENTION_S: '2' });
 
 describe('resync', () => {
   it('reloads over HTTP when the cursor is past retention, then continues live', async () => {
     const user = 'sleeper';
     const room = 'room-resync';
-    await server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user, 'sender'] });
-    const page = await (await browser.newContext()).newPage();
-    await page.goto(`${server.url}/demo/`);
+    await env.server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user, 'sender'] });
+    const page = await (await env.browser.newContext()).newPage();
+    await page.goto(`${env.server.url}/demo/`);
     // The cursor is kept in localStorage, as a page that reloads would keep it.
     await pageClient(page, { user, transports: ['ws'], storage: true });
     await until('connected', async () => (await recorded(page)).state === 'connected');
-    const early = await server.sendMany(room, 'sender', 'early', 3);
+    const early = await env.server.sendMany(room, 'sender', 'early', 3);
     await until('the early messages', async () => (await gotIds(page, room)).length === 3);
     await page.evaluate(() => (window as any).t.client.disconnect());
 
     // Away for longer than replay_retention_s, while more is sent.
-    const missed = await server.sendMany(room, 'sender', 'missed', 5);
+    const missed = await env.server.sendMany(room, 'sender', 'missed', 5);
     await sleep(3_500);
     await pageClient(page, { user, transports: ['ws'], storage: true });
     await until('the resync', async () => (await recorded(page)).reloaded !== undefined, 15_000);
@@ -43,7 +32,7 @@ describe('resync', () => {
     expect(await gotIds(page, room)).toEqual([]);
 
     // Live from the resync's cursor on.
-    const later = await server.sendMany(room, 'sender', 'later', 3);
+    const later = await env.server.sendMany(room, 'sender', 'later', 3);
     await until('live after the resync', async () => (await gotIds(page, room)).length === 3);
     expect(await gotIds(page, room)).toEqual(later);
     expect(early.length).toBe(3);

@@ -1,36 +1,25 @@
 // Tokens that expire every few seconds: the client renews them (getToken) before they expire
 // and when a stream is closed for an expired token, and resumes without losing a message.
-import type { Browser } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Server, gotIds, launch, pageClient, recorded, sleep, until } from './harness';
+import { describe, expect, it } from 'vitest';
+import { gotIds, pageClient, recorded, sleep, until, useServerAndBrowser } from './harness';
 
-let server: Server;
-let browser: Browser;
-
-beforeAll(async () => {
-  server = await Server.start();
-  browser = await launch();
-});
-afterAll(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser();
 
 describe('token expiry', () => {
   for (const transport of ['ws', 'sse', 'poll']) {
     it(`renews the token and loses nothing over ${transport}`, async () => {
       const user = `short-${transport}`;
       const room = `room-token-${transport}`;
-      await server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user, 'sender'] });
-      const page = await (await browser.newContext()).newPage();
-      await page.goto(`${server.url}/demo/`);
+      await env.server.inner('create_conversation', { conversation_id: room, conversation_type: 1, members: [user, 'sender'] });
+      const page = await (await env.browser.newContext()).newPage();
+      await page.goto(`${env.server.url}/demo/`);
       await pageClient(page, { user, transports: [transport], ttl: 3 });
       await until('connected', async () => (await recorded(page)).state === 'connected');
       // 10 s of messages across three token lifetimes (and the server's 5 s leeway).
       const sent: number[] = [];
       const end = Date.now() + 10_000;
       while (Date.now() < end) {
-        sent.push(...(await server.sendMany(room, 'sender', 'tick', 1)));
+        sent.push(...(await env.server.sendMany(room, 'sender', 'tick', 1)));
         await sleep(100);
       }
       await until('every message', async () => (await gotIds(page, room)).length >= sent.length, 20_000);
