@@ -39,7 +39,7 @@ use quickim_shared::bus::{Bus, BusError};
 use quickim_shared::config::{Config, ConfigError};
 use quickim_shared::protocol::service::ListRevocations;
 use quickim_shared::rpc::RpcClient;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
@@ -96,8 +96,8 @@ impl Gateway {
         let hub = Hub::start(bus, rpc.clone(), HubConfig::from_config(&config), shutdown.clone()).await?;
         let state =
             AppState::new(rpc, auth, registry, cluster, hub, shutdown.clone(), inner_key, config.clone(), node_id);
-        let public = bind(config.public_addr).await?;
-        let inner = bind(config.inner_addr).await?;
+        let public = bind(config.public_addr, config.listen_backlog)?;
+        let inner = bind(config.inner_addr, config.listen_backlog)?;
         tokio::spawn(follow_revocations(state.clone(), shutdown.clone()));
         tokio::spawn(presence::run(state.clone(), shutdown.clone()));
         Ok(Gateway { state, public, inner, shutdown })
@@ -153,8 +153,17 @@ impl Gateway {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source })
+/// Listens on `addr` with a queue of `backlog` pending connections (`TcpListener::bind`
+/// asks for 128, which a crowd reconnecting at once overflows: the rest wait a SYN
+/// retransmit).
+fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, GatewayError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    listen().map_err(|source| GatewayError::Bind { addr, source })
 }
 
 /// Revocations older than the last poll by this much are read again at the next one (kicks
@@ -208,5 +217,31 @@ async fn read_revocations(state: &AppState, since_ms: i64) -> Result<u32, quicki
             return Ok(closed);
         }
         after = page.revocations.last().cloned();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    /// A crowd connecting at once while the node accepts nothing: with the backlog asked for,
+    /// every handshake completes at once (with the 128 of `TcpListener::bind`, those beyond it
+    /// would wait a SYN retransmit, a second).
+    #[tokio::test]
+    async fn a_crowd_of_connects_fits_the_listen_backlog() {
+        let listener = super::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects: Vec<_> = (0..600)
+            .map(|_| {
+                tokio::spawn(tokio::time::timeout(Duration::from_millis(700), tokio::net::TcpStream::connect(addr)))
+            })
+            .collect();
+        let mut open = Vec::new();
+        for c in connects {
+            open.push(c.await.unwrap().expect("a connect waited for a SYN retransmit").unwrap());
+        }
+        assert_eq!(open.len(), 600);
+        drop(listener);
     }
 }

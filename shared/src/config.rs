@@ -240,6 +240,8 @@ config_keys! {
     handshake_rate_per_ip: u32 => u32 = 100, env "QUICKIM_HANDSHAKE_RATE_PER_IP";
     /// Whether a public client's `traceparent` header joins its request to the client's trace (and its sampling decision); off, it is only recorded as an attribute
     trust_client_traceparent: bool => bool = false, env "QUICKIM_TRUST_CLIENT_TRACEPARENT";
+    /// Pending connections the kernel queues for each listener before the node accepts them (capped by net.core.somaxconn); a burst of reconnects beyond it waits a SYN retransmit (1 s)
+    listen_backlog: u32 => u32 = 4096, env "QUICKIM_LISTEN_BACKLOG";
     /// A client connection whose writes make no progress this long (it stopped reading) is closed, on every transport, seconds
     write_timeout_s: u64 => u64 = 10, env "QUICKIM_WRITE_TIMEOUT_S";
     /// SSE heartbeat comment interval, seconds (≤ 15)
@@ -433,6 +435,9 @@ impl Config {
                     .into(),
             );
         }
+        if self.listen_backlog == 0 || self.listen_backlog > 65_535 {
+            return fail(format!("listen_backlog must be within 1–65535, not {}", self.listen_backlog));
+        }
         if self.replay_page == 0 || self.replay_page > 10_000 {
             return fail(format!("replay_page must be within 1–10000, not {}", self.replay_page));
         }
@@ -584,6 +589,9 @@ mod tests {
         let err = Config::load(&parse(&["--message-retention-s", "86400"]), Role::Standalone).unwrap_err();
         assert!(err.0.contains("message_retention_s"), "{err}");
         assert!(Config::load(&parse(&["--message-retention-s", "604800"]), Role::Standalone).is_ok());
+        let err = Config::load(&parse(&["--listen-backlog", "0"]), Role::Standalone).unwrap_err();
+        assert!(err.0.contains("listen_backlog"), "{err}");
+        assert_eq!(Config::load(&ConfigArgs::default(), Role::Standalone).unwrap().listen_backlog, 4096);
         let err = Config::load(&parse(&["--nats-subject-prefix", "a..b"]), Role::Standalone).unwrap_err();
         assert!(err.0.contains("nats_subject_prefix"), "{err}");
 

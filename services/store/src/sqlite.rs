@@ -95,3 +95,38 @@ pub(crate) fn checkpoints(pool: AnyPool, alive: impl Fn() -> bool + Send + 'stat
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use rusqlite::StatementStatus;
+    use rusqlite::config::DbConfig;
+
+    /// The bundled SQLite is built with the options of `.cargo/config.toml`: a read with a
+    /// `LIMIT ?` runs again with new values without being parsed and planned again.
+    #[test]
+    fn a_bound_limit_does_not_prepare_the_statement_again() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT); INSERT INTO t (b) VALUES ('x'), ('y'), ('z');",
+        )
+        .unwrap();
+        let used: i64 = conn.query_row("SELECT sqlite_compileoption_used('ENABLE_QPSG')", [], |r| r.get(0)).unwrap();
+        assert_eq!(used, 1, "SQLITE_ENABLE_QPSG missing from LIBSQLITE3_FLAGS");
+        assert_eq!(reprepared(&conn), 0);
+        // What the option prevents (its runtime switch, off): every bind prepares it again.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, false).unwrap();
+        assert_eq!(reprepared(&conn), 4);
+    }
+
+    /// Runs one statement with a bound LIMIT four times: how often SQLite prepared it again.
+    fn reprepared(conn: &rusqlite::Connection) -> i32 {
+        let mut stmt = conn.prepare("SELECT b FROM t WHERE a > ?1 ORDER BY a LIMIT ?2").unwrap();
+        for (after, limit) in [(0, 1), (1, 2), (0, 3), (2, 1)] {
+            let rows: Vec<String> =
+                stmt.query_map((after, limit), |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
+            assert_eq!(rows.len(), usize::try_from(limit.min(3 - after)).unwrap());
+        }
+        stmt.get_status(StatementStatus::RePrepare)
+    }
+}
