@@ -13,7 +13,11 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const ROOT = path.resolve(here, '../../../..');
 export const BIN = process.env.QUICKIM_BIN ?? path.join(ROOT, 'target/debug/quickim');
 export const DEMO_DIR = path.resolve(here, '../../dist/demo');
-export const SCREENSHOTS = path.join(ROOT, 'docs/img');
+// Screenshots go to a temporary folder unless QUICKIM_SCREENSHOTS names one (relative to the
+// repository): `QUICKIM_SCREENSHOTS=docs/img npm test` refreshes the docs' pictures.
+export const SCREENSHOTS = process.env.QUICKIM_SCREENSHOTS
+  ? path.resolve(ROOT, process.env.QUICKIM_SCREENSHOTS)
+  : path.join(tmpdir(), 'quickim-screenshots');
 
 export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
