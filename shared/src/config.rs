@@ -262,6 +262,8 @@ config_keys! {
     hub_stall_s: u64 => u64 = 20, env "QUICKIM_HUB_STALL_S";
     /// Most bytes of early log entries a gateway holds back while a gap is open (more are read from the store)
     hub_max_held_bytes: usize => usize = 64 * 1024 * 1024, env "QUICKIM_HUB_MAX_HELD_BYTES";
+    /// Most bytes of recent log entries a gateway keeps in memory to answer resumes without reading the store; 0 = off
+    hub_replay_window_bytes: usize => usize = 32 * 1024 * 1024, env "QUICKIM_HUB_REPLAY_WINDOW_BYTES";
     /// Graceful shutdown: longest wait for streams and requests to finish, seconds
     shutdown_grace_s: u64 => u64 = 10, env "QUICKIM_SHUTDOWN_GRACE_S";
 }

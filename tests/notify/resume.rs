@@ -267,3 +267,77 @@ async fn a_cursor_from_another_database_gets_resync_and_garbage_is_400() {
         assert_eq!((err.status, err.body["code"].as_u64()), (400, Some(40000)), "{p:?}");
     }
 }
+
+/// What alice gets when she resumes after a story of sends, an edit and a recall made while
+/// she was away, and which answer the gateway's replay window gave (its metric).
+async fn resume_story(p: Protocol, window_bytes: &str) -> (Vec<serde_json::Value>, Vec<serde_json::Value>, String) {
+    let q = Standalone::start(BIN, &[("QUICKIM_HUB_REPLAY_WINDOW_BYTES", window_bytes)]).await;
+    q.api.conversation("c", &["alice", "bob"]).await;
+    q.api.conversation("d", &["alice", "bob"]).await;
+    q.api.conversation("e", &["bob", "carol"]).await;
+    let t = q.api.token("alice", "web").await;
+    let mut c = NotifyClient::connect(&q.api.public, &t, p, None).await.unwrap();
+    let early = send(&q.api, "c", "bob", "early").await;
+    messages(&mut c, 1).await;
+    let cursor = c.drop_connection().unwrap();
+    // While away: messages in her conversations and in another, an edit of a message she had.
+    for i in 0..20 {
+        send(&q.api, ["c", "d", "e"][i % 3], "bob", &format!("away{i}")).await;
+    }
+    let (s, v) =
+        q.api.inner("/inner/edit_msg", json!({"conversation_id":"c","msg_id":early,"content":"early, edited"})).await;
+    assert_eq!(s, 200, "{v}");
+    let mut c = NotifyClient::connect(&q.api.public, &t, p, Some(&cursor)).await.unwrap();
+    let first = messages(&mut c, 15).await;
+    no_message(&mut c, Duration::from_millis(300)).await;
+    // Again from the same cursor after a recall of a message of the range.
+    let recalled = first.iter().find(|m| m["content"] == "away4").unwrap()["msg_id"].as_u64().unwrap();
+    let (s, v) = q.api.inner("/inner/recall_msg", json!({"conversation_id":"d","msg_id":recalled})).await;
+    assert_eq!(s, 200, "{v}");
+    let mut c = NotifyClient::connect(&q.api.public, &t, p, Some(&cursor)).await.unwrap();
+    let second = messages(&mut c, 16).await;
+    no_message(&mut c, Duration::from_millis(300)).await;
+    let text = q.api.http.get(format!("{}/metrics", q.api.inner)).send().await.unwrap().text().await.unwrap();
+    let answers = text.lines().filter(|l| l.starts_with("quickim_hub_window_replays_total")).collect::<Vec<_>>();
+    // Two runs differ in their send times only.
+    let timeless = |mut msgs: Vec<serde_json::Value>| {
+        for m in &mut msgs {
+            m.as_object_mut().unwrap().remove("send_time");
+        }
+        msgs
+    };
+    (timeless(first), timeless(second), answers.join("\n"))
+}
+
+async fn the_replay_window_answers_exactly_what_the_store_does(p: Protocol) {
+    let (first, second, answers) = resume_story(p, "33554432").await;
+    // A long-poll's first resume continues its parked session (nothing to replay); the
+    // second, from the same old cursor, is a replay.
+    let (window, store) = if p == Protocol::Poll { (0, 1) } else { (1, 2) };
+    assert_eq!(answers.contains(r#"answer="window"} 1"#), window == 1, "{p:?}: {answers}");
+    assert!(answers.contains(r#"answer="revised"} 1"#), "{p:?}: {answers}");
+    let (store_first, store_second, store_answers) = resume_story(p, "0").await;
+    assert!(store_answers.contains(&format!(r#"answer="off"}} {store}"#)), "{p:?}: {store_answers}");
+    assert_eq!(first, store_first, "{p:?}: the window's replay is the store's");
+    assert_eq!(second, store_second, "{p:?}");
+    let of = |msgs: &[serde_json::Value]| contents(msgs).into_iter().filter(|c| c.starts_with("away")).count();
+    assert_eq!(of(&first), 14, "{first:?}");
+    assert_eq!(first.iter().filter(|m| m["type"] == -6).count(), 1, "the edit: {first:?}");
+    let recalled = second.iter().find(|m| m["recalled"] == true).expect("recalled in the second replay");
+    assert_eq!(recalled["content"], "", "{second:?}");
+}
+
+#[tokio::test]
+async fn ws_replay_window_answers_exactly_what_the_store_does() {
+    the_replay_window_answers_exactly_what_the_store_does(Protocol::Ws).await;
+}
+
+#[tokio::test]
+async fn sse_replay_window_answers_exactly_what_the_store_does() {
+    the_replay_window_answers_exactly_what_the_store_does(Protocol::Sse).await;
+}
+
+#[tokio::test]
+async fn poll_replay_window_answers_exactly_what_the_store_does() {
+    the_replay_window_answers_exactly_what_the_store_does(Protocol::Poll).await;
+}

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use quickim_shared::error::{ErrorCode, ServiceError};
 use quickim_shared::position::Position;
+use quickim_shared::protocol::event::LogEntry;
 use quickim_shared::protocol::service::{GetReceipts, Replay, ReplayPage};
 use quickim_shared::rpc::RpcClient;
 use quickim_shared::telemetry::TraceContext;
@@ -84,6 +85,8 @@ pub struct Context<'a> {
 struct ReplayState {
     after: Position,
     upto: Position,
+    /// All of them, when the hub's replay window had them (else they are read from the store).
+    window: Option<VecDeque<Arc<LogEntry>>>,
 }
 
 type PageRead = Pin<Box<dyn Future<Output = Result<ReplayPage, ServiceError>> + Send>>;
@@ -169,7 +172,7 @@ impl Session {
             }
             None => None,
         };
-        let (attachment, mut inbox) = cx
+        let (mut attachment, mut inbox) = cx
             .hub
             .attach(&caller.user_id, client.clone(), cx.queue.0, cx.queue.1)
             .await
@@ -197,7 +200,8 @@ impl Session {
                     missed_receipts(cx.rpc, &caller.user_id, since_ms, &mut buffered).await;
                 }
                 if live_from.ahead_of(c) {
-                    replay = Some(ReplayState { after: c.clone(), upto: (*live_from).clone() });
+                    let window = attachment.replayed.take().map(VecDeque::from);
+                    replay = Some(ReplayState { after: c.clone(), upto: (*live_from).clone(), window });
                 }
                 if c.ahead_of(&live_from) {
                     ahead = Some(c.clone());
@@ -373,6 +377,12 @@ impl Session {
     /// Reads the replay's next page into the buffer (cancel-safe: the read in flight is kept
     /// for the next call).
     pub async fn fill(&mut self) -> Result<(), Disconnect> {
+        if let Some(window) = self.replay.as_mut().and_then(|r| r.window.as_mut()) {
+            let page: Vec<Arc<LogEntry>> = window.drain(..window.len().min(self.replay_page as usize)).collect();
+            let more = !window.is_empty();
+            self.take_entries(page.iter().map(|e| &**e), more);
+            return Ok(());
+        }
         if self.reading.is_none() {
             let Some(r) = self.replay.as_ref() else { return Ok(()) };
             let request = Replay {
@@ -414,7 +424,13 @@ impl Session {
             metrics::counter!("quickim_notify_resyncs_total").increment(1);
             return;
         }
-        for entry in &page.entries {
+        self.take_entries(page.entries.iter(), page.more);
+    }
+
+    /// Buffers replayed entries, each with the cursor just past it; `more`: the replay goes on.
+    fn take_entries<'a>(&mut self, entries: impl Iterator<Item = &'a LogEntry>, more: bool) {
+        let Some(r) = self.replay.as_mut() else { return };
+        for entry in entries {
             let p = usize::from(entry.part);
             if p >= r.after.len() {
                 continue;
@@ -426,9 +442,9 @@ impl Session {
             r.after[p] = entry.offset;
             let c: Arc<str> = Arc::from(cursor::encode(self.epoch, &r.after));
             self.buffered.push_back(Encoded::message(c, &entry.message, None));
+            self.replayed += 1;
         }
-        self.replayed += page.entries.len() as u64;
-        if !page.more {
+        if !more {
             self.replay = None;
             self.buffered.extend(self.after_replay.drain(..));
             metrics::counter!("quickim_notify_replayed_messages_total").increment(self.replayed);

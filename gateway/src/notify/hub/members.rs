@@ -270,6 +270,12 @@ impl Members {
             .copied()
     }
 
+    /// An installed user's memberships now: conversation → the msg_id it gets it from.
+    pub fn memberships<'a>(&'a self, user: &str) -> Option<impl Iterator<Item = (&'a Arc<str>, u64)> + 'a> {
+        let u = self.users.get(user).filter(|u| u.installed)?;
+        Some(u.conversations.iter().map(|(c, from)| (c, *from)))
+    }
+
     /// Whether `user` (installed here) is a member of `conversation` now.
     pub fn member_of(&self, user: &str, conversation: &str) -> bool {
         self.users.get(user).is_some_and(|u| u.conversations.contains_key(conversation))

@@ -27,16 +27,20 @@
 //!   per member and conversation; typing and other signals, and presence, go to the members
 //!   connected here as they come, into the room a queue has to spare (never making a slow
 //!   consumer).
+//! - `window.rs` — the replay window: the most recent entries in memory, bounded in bytes, so
+//!   that a resume on this node is answered without the store whenever that answer is
+//!   exactly the store's (see its docs for when it is).
 //! - `streams.rs` — streaming messages: the text so far of each open stream, from its deltas
 //!   in order, for snapshots to connections that arrive mid-stream.
 //!
-//! This file: the handle ([`Hub`]) and the task that owns the five and runs their I/O.
+//! This file: the handle ([`Hub`]) and the task that owns the six and runs their I/O.
 
 mod live;
 mod members;
 mod order;
 mod slots;
 mod streams;
+mod window;
 
 use std::sync::Arc;
 use std::sync::RwLock;
@@ -63,6 +67,7 @@ use members::{Change, Installed, Joined, Members, Snapshot};
 use order::{Heads, LogOrder, Stall};
 use slots::Slots;
 use streams::Streams;
+use window::Window;
 
 /// Identifies a connection to the hub.
 pub type SessionId = u64;
@@ -83,6 +88,10 @@ pub struct HubConfig {
     pub typing_ttl_ms: u64,
     /// Longest text of a streaming message kept for snapshots.
     pub max_content_bytes: usize,
+    /// Most bytes of recent entries kept to answer resumes (0: off).
+    pub replay_window_bytes: usize,
+    /// Cursors older than this get `resync` (ms).
+    pub replay_retention_ms: i64,
 }
 
 impl Default for HubConfig {
@@ -105,6 +114,8 @@ impl HubConfig {
             max_held_bytes: config.hub_max_held_bytes,
             typing_ttl_ms: config.typing_ttl_s * 1000,
             max_content_bytes: config.max_content_bytes,
+            replay_window_bytes: config.hub_replay_window_bytes,
+            replay_retention_ms: i64::try_from(config.replay_retention_s.saturating_mul(1000)).unwrap_or(i64::MAX),
         }
     }
 }
@@ -135,6 +146,9 @@ pub struct Attachment {
     pub id: SessionId,
     /// How it starts.
     pub start: Start,
+    /// When it resumes and starts live: what it missed, from the replay window (None: read
+    /// the store).
+    pub replayed: Option<Vec<Arc<LogEntry>>>,
     hub: Hub,
 }
 
@@ -145,12 +159,16 @@ impl Drop for Attachment {
 }
 
 enum Command {
-    Attach { user: String, client: Option<Position>, outbox: Outbox, reply: oneshot::Sender<(SessionId, Start)> },
+    Attach { user: String, client: Option<Position>, outbox: Outbox, reply: oneshot::Sender<Attached> },
     Detach { id: SessionId },
     Install { user: Arc<str>, snapshot: Option<Snapshot> },
     Filled { part: u16, result: Result<Vec<LogEntry>, String> },
     Snapshots { user: String, reply: oneshot::Sender<Vec<Arc<Encoded>>> },
 }
+
+/// The hub's answer to an attach: the session's id, how it starts, what it missed (from the
+/// replay window).
+type Attached = (SessionId, Start, Option<Vec<Arc<LogEntry>>>);
 
 /// What every connection may read without asking the hub.
 struct Published {
@@ -247,8 +265,8 @@ impl Hub {
             .send(Command::Attach { user: user_id.to_string(), client, outbox, reply })
             .await
             .map_err(|_| HubGone)?;
-        let (id, start) = answer.await.map_err(|_| HubGone)?;
-        Ok((Attachment { id, start, hub: self.clone() }, inbox))
+        let (id, start, replayed) = answer.await.map_err(|_| HubGone)?;
+        Ok((Attachment { id, start, replayed, hub: self.clone() }, inbox))
     }
 
     /// Snapshots of the open streams in `user_id`'s conversations that have streamed
@@ -297,6 +315,7 @@ struct HubTask {
     slots: Slots,
     receipts: Receipts,
     streams: Streams,
+    window: Window,
     rpc: RpcClient,
     cmds: mpsc::Sender<Command>,
     published: Arc<Published>,
@@ -314,6 +333,7 @@ impl HubTask {
     ) -> HubTask {
         let n = heads.heads.len();
         let task = HubTask {
+            window: Window::new(&heads.heads, config.replay_window_bytes),
             order: LogOrder::new(heads, config),
             members: Members::default(),
             slots: Slots::default(),
@@ -358,6 +378,8 @@ impl HubTask {
                 _ = sweep.tick() => {
                     self.members.sweep();
                     self.streams.sweep(Instant::now());
+                    self.window.expire(quickim_shared::time::now_ms(), self.config.replay_retention_ms);
+                    metrics::gauge!("quickim_hub_window_bytes").set(self.window.bytes() as f64);
                 }
                 _ = held_receipts.tick() => {
                     for (conversation, user, read) in self.receipts.due(Instant::now()) {
@@ -400,18 +422,17 @@ impl HubTask {
         }
     }
 
-    fn attach(
-        &mut self,
-        user: String,
-        client: Option<Position>,
-        outbox: Outbox,
-        reply: oneshot::Sender<(SessionId, Start)>,
-    ) {
+    fn attach(&mut self, user: String, client: Option<Position>, outbox: Outbox, reply: oneshot::Sender<Attached>) {
         let user = self.members.key(&user);
+        let resume = client.clone();
         let id = self.slots.add(user.clone(), outbox, client);
+        let mut replayed = None;
         let start = match self.members.connect(&user, id) {
             Joined::Installed => {
                 self.slots.go_live(id, &self.order.position);
+                if let Some(after) = resume.filter(|c| self.order.position.ahead_of(c)) {
+                    replayed = self.window_replay(&user, &after);
+                }
                 Start::Live(Arc::new(self.order.position.clone()))
             }
             Joined::Waiting { fetch } => {
@@ -421,9 +442,29 @@ impl HubTask {
                 Start::Waiting
             }
         };
-        if reply.send((id, start)).is_err() {
+        if reply.send((id, start, replayed)).is_err() {
             self.detach(id);
         }
+    }
+
+    /// What `user` (installed) missed after `after`, up to the hub's position, if the replay
+    /// window can answer it exactly.
+    fn window_replay(&self, user: &Arc<str>, after: &Position) -> Option<Vec<Arc<LogEntry>>> {
+        let memberships = self.members.memberships(user)?;
+        let answer = self.window.replay(
+            user,
+            memberships,
+            after,
+            &self.order.position,
+            quickim_shared::time::now_ms(),
+            self.config.replay_retention_ms,
+        );
+        let source = match &answer {
+            Ok(_) => "window",
+            Err(miss) => miss.name(),
+        };
+        metrics::counter!("quickim_hub_window_replays_total", "answer" => source).increment(1);
+        answer.ok()
     }
 
     fn detach(&mut self, id: SessionId) {
@@ -539,6 +580,7 @@ impl HubTask {
                 // Every connection starts over (its cursor gets resync).
                 self.slots.clear();
                 self.members.clear();
+                self.window.clear(&heads.heads);
                 self.order = LogOrder::new(heads, self.config);
                 self.publish_position();
             }
@@ -547,12 +589,13 @@ impl HubTask {
 
     /// Takes one entry; whatever it makes dispatchable is delivered.
     fn take(&mut self, entry: LogEntry, headers: Headers) {
-        let (members, slots, streams, epoch) =
-            (&mut self.members, &mut self.slots, &mut self.streams, self.order.epoch);
+        let (members, slots, streams, window, epoch) =
+            (&mut self.members, &mut self.slots, &mut self.streams, &mut self.window, self.order.epoch);
         self.order.take(entry, headers, |position, entry, headers| {
             let stream = stream_change(&entry.message);
             let conversation = members.conversation(&entry.message.conversation_id);
-            dispatch(members, slots, epoch, position, entry, headers);
+            let change = dispatch(members, slots, epoch, position, &entry, headers);
+            window.push(conversation.clone(), entry, change.as_ref());
             match stream {
                 Some(StreamChange::Opened(msg_id)) => {
                     let ready = streams.opened(&conversation, msg_id);
@@ -666,9 +709,9 @@ fn dispatch(
     slots: &mut Slots,
     epoch: u32,
     position: &Position,
-    entry: LogEntry,
+    entry: &LogEntry,
     headers: &Headers,
-) {
+) -> Option<MembershipChange> {
     let p = usize::from(entry.part);
     let span = tracing::info_span!(
         "log.deliver",
@@ -711,6 +754,7 @@ fn dispatch(
         }
     }
     slots.catch_up(position);
+    change
 }
 
 /// Reads all of a user's memberships, page by page.
