@@ -240,6 +240,18 @@ if wants resume; then
     --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
   each --scenario "e resume ${resume_subs} ws, 100 missed each" --mode resume --protocol ws \
     --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
+  # The same with quickim's replay window off: every resume reads the store, as one on another
+  # gateway, or after the user's memberships left the node (30 s without a connection), does.
+  export QUICKIM_HUB_REPLAY_WINDOW_BYTES=0
+  start_standalone
+  start_cluster 2
+  for p in sse ws; do
+    each --scenario "e resume ${resume_subs} ${p} from the store (window off), 100 missed each" --mode resume \
+      --protocol "$p" --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
+  done
+  unset QUICKIM_HUB_REPLAY_WINDOW_BYTES
+  start_standalone
+  start_cluster 2
 fi
 
 # (f) persisted sends (nchan's publish, kept in memory only, is shown for reference).

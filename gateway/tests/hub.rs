@@ -351,7 +351,7 @@ async fn a_snapshot_read_ahead_of_the_hub_goes_live_where_it_was_read() {
     };
     log.lock().unwrap().push(left.clone());
     *script.memberships.lock().unwrap() = Some((vec![5].into(), vec![]));
-    let (attachment, mut inbox) = hub.attach("u", Some(vec![3].into()), 1000, 1 << 20).await.unwrap();
+    let (attachment, mut inbox) = hub.attach("u", Some((7, vec![3].into())), 1000, 1 << 20).await.unwrap();
     assert!(matches!(attachment.start, Start::Waiting));
     assert!(
         tokio::time::timeout(Duration::from_millis(300), inbox.recv()).await.is_err(),
@@ -413,4 +413,56 @@ async fn early_entries_past_the_held_bytes_are_read_from_the_store() {
     for o in 1..=50 {
         assert_eq!(next_message(&mut inbox).await, format!("m{o}"));
     }
+}
+
+/// A resume of an installed user is answered from the replay window (the entries as the hub
+/// dispatched them), except while the hub is behind the log: a revision among the entries it
+/// has not dispatched yet could not have marked its message.
+#[tokio::test]
+async fn a_resume_is_answered_from_the_window_unless_the_hub_is_behind() {
+    let bus = Bus::local(1024);
+    let log: Log = Arc::default();
+    fake_services(bus.clone(), log.clone()).await;
+    // Gaps are filled only after a long wait: the hub stays behind while the test looks.
+    let hub = ready_hub(&bus, HubConfig::gap_fill(Duration::from_secs(30))).await;
+    let (first, mut inbox) = hub.attach("u", None, 1000, 1 << 20).await.unwrap();
+    if let Start::Waiting = first.start {
+        assert!(matches!(inbox.recv().await, Ok(Outgoing::Installed(_))));
+    }
+    // Entries sent now (the window answers only well inside the replay retention).
+    let sent_now = |o: u64| {
+        let mut e = entry(o);
+        e.message.send_time = quickim_shared::time::now_ms();
+        e
+    };
+    for o in 1..=4 {
+        let e = sent_now(o);
+        log.lock().unwrap().push(e.clone());
+        publish_entries(&bus, std::slice::from_ref(&e)).await;
+    }
+    for _ in 0..4 {
+        next_message(&mut inbox).await;
+    }
+    let (attachment, _inbox) = hub.attach("u", Some((7, vec![1].into())), 1000, 1 << 20).await.unwrap();
+    assert!(matches!(attachment.start, Start::Live(ref p) if p[..] == [4]));
+    let replayed: Vec<(u64, String)> = attachment
+        .replayed
+        .as_ref()
+        .expect("from the window")
+        .iter()
+        .map(|e| (e.offset, e.message.content.clone()))
+        .collect();
+    assert_eq!(replayed, [(2, "m2".to_string()), (3, "m3".to_string()), (4, "m4".to_string())]);
+    // A cursor of another database: not from the window.
+    let (attachment, _inbox) = hub.attach("u", Some((8, vec![1].into())), 1000, 1 << 20).await.unwrap();
+    assert!(attachment.replayed.is_none());
+    // 5 is lost on the bus, 6 arrives: the hub is behind (at 4, 6 known).
+    log.lock().unwrap().push(sent_now(5));
+    let six = sent_now(6);
+    log.lock().unwrap().push(six.clone());
+    publish_entries(&bus, std::slice::from_ref(&six)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (attachment, _inbox) = hub.attach("u", Some((7, vec![1].into())), 1000, 1 << 20).await.unwrap();
+    assert!(matches!(attachment.start, Start::Live(ref p) if p[..] == [4]));
+    assert!(attachment.replayed.is_none(), "behind the log: the store answers");
 }

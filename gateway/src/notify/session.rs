@@ -174,7 +174,7 @@ impl Session {
         };
         let (mut attachment, mut inbox) = cx
             .hub
-            .attach(&caller.user_id, client.clone(), cx.queue.0, cx.queue.1)
+            .attach(&caller.user_id, client.clone().map(|c| (epoch, c)), cx.queue.0, cx.queue.1)
             .await
             .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
         let live_from: Arc<Position> = match &attachment.start {

@@ -92,6 +92,8 @@ pub struct HubConfig {
     pub replay_window_bytes: usize,
     /// Cursors older than this get `resync` (ms).
     pub replay_retention_ms: i64,
+    /// Most entries per replay page.
+    pub replay_page: usize,
 }
 
 impl Default for HubConfig {
@@ -116,6 +118,7 @@ impl HubConfig {
             max_content_bytes: config.max_content_bytes,
             replay_window_bytes: config.hub_replay_window_bytes,
             replay_retention_ms: i64::try_from(config.replay_retention_s.saturating_mul(1000)).unwrap_or(i64::MAX),
+            replay_page: config.replay_page as usize,
         }
     }
 }
@@ -159,7 +162,7 @@ impl Drop for Attachment {
 }
 
 enum Command {
-    Attach { user: String, client: Option<Position>, outbox: Outbox, reply: oneshot::Sender<Attached> },
+    Attach { user: String, client: Option<(u32, Position)>, outbox: Outbox, reply: oneshot::Sender<Attached> },
     Detach { id: SessionId },
     Install { user: Arc<str>, snapshot: Option<Snapshot> },
     Filled { part: u16, result: Result<Vec<LogEntry>, String> },
@@ -250,12 +253,13 @@ impl Hub {
         self.published.position.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Attaches a connection of `user_id` that resumes from `client` (if any); its queue holds
-    /// at most `max_events` events and `max_bytes` bytes.
+    /// Attaches a connection of `user_id` that resumes from `client` (if any: the epoch and
+    /// position of its cursor); its queue holds at most `max_events` events and `max_bytes`
+    /// bytes.
     pub async fn attach(
         &self,
         user_id: &str,
-        client: Option<Position>,
+        client: Option<(u32, Position)>,
         max_events: usize,
         max_bytes: usize,
     ) -> Result<(Attachment, Inbox), HubGone> {
@@ -422,16 +426,22 @@ impl HubTask {
         }
     }
 
-    fn attach(&mut self, user: String, client: Option<Position>, outbox: Outbox, reply: oneshot::Sender<Attached>) {
+    fn attach(
+        &mut self,
+        user: String,
+        client: Option<(u32, Position)>,
+        outbox: Outbox,
+        reply: oneshot::Sender<Attached>,
+    ) {
         let user = self.members.key(&user);
-        let resume = client.clone();
-        let id = self.slots.add(user.clone(), outbox, client);
+        let (epoch, resume) = client.unzip();
+        let id = self.slots.add(user.clone(), outbox, resume.clone());
         let mut replayed = None;
         let start = match self.members.connect(&user, id) {
             Joined::Installed => {
                 self.slots.go_live(id, &self.order.position);
                 if let Some(after) = resume.filter(|c| self.order.position.ahead_of(c)) {
-                    replayed = self.window_replay(&user, &after);
+                    replayed = self.window_replay(&user, epoch, &after);
                 }
                 Start::Live(Arc::new(self.order.position.clone()))
             }
@@ -449,16 +459,23 @@ impl HubTask {
 
     /// What `user` (installed) missed after `after`, up to the hub's position, if the replay
     /// window can answer it exactly.
-    fn window_replay(&self, user: &Arc<str>, after: &Position) -> Option<Vec<Arc<LogEntry>>> {
+    fn window_replay(&self, user: &Arc<str>, epoch: Option<u32>, after: &Position) -> Option<Vec<Arc<LogEntry>>> {
         let memberships = self.members.memberships(user)?;
-        let answer = self.window.replay(
-            user,
-            memberships,
-            after,
-            &self.order.position,
-            quickim_shared::time::now_ms(),
-            self.config.replay_retention_ms,
-        );
+        let answer = if epoch != Some(self.order.epoch) {
+            Err(window::Miss::OtherEpoch)
+        } else if self.order.lag().any(|behind| behind > 0) {
+            Err(window::Miss::Behind)
+        } else {
+            self.window.replay(
+                user,
+                memberships,
+                after,
+                &self.order.position,
+                quickim_shared::time::now_ms(),
+                self.config.replay_retention_ms,
+                self.config.replay_page,
+            )
+        };
         let source = match &answer {
             Ok(_) => "window",
             Err(miss) => miss.name(),

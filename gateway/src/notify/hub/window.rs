@@ -13,10 +13,15 @@
 //!   user): the membership the hub has at H is then the user's membership for every entry
 //!   of the range, which is the store's rule;
 //! - none of the entries it would answer was revised since (an edit, recall, deletion or a
-//!   stream's end changes the stored row in place): the store answers the row as it is now.
+//!   stream's end changes the stored row in place): the store answers the row as it is now;
+//! - the hub is not behind the log (no entry known to exist that it has not dispatched: a
+//!   revision among them would not have marked its message yet);
+//! - the answer fits in one replay page (the store reads each page when the previous one has
+//!   been written, so a long replay sees revisions made while it is written; one page is read
+//!   once either way).
 //!
-//! Otherwise the session reads the store as before. A revision committed after H reaches the
-//! client as a live event after the replay, exactly as it reaches a connected client.
+//! Otherwise the session reads the store as before. A revision committed after that reaches
+//! the client as a live event after the replay, exactly as it reaches a connected client.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -65,6 +70,12 @@ pub(super) enum Miss {
     MembershipChanged,
     /// An entry of the range was revised since.
     Revised,
+    /// The hub is behind the log.
+    Behind,
+    /// More than one replay page.
+    Long,
+    /// The database changed while the connection attached.
+    OtherEpoch,
 }
 
 impl Miss {
@@ -75,6 +86,9 @@ impl Miss {
             Miss::TooOld => "too_old",
             Miss::MembershipChanged => "membership_changed",
             Miss::Revised => "revised",
+            Miss::Behind => "behind",
+            Miss::Long => "long",
+            Miss::OtherEpoch => "other_epoch",
         }
     }
 }
@@ -117,10 +131,16 @@ impl Window {
                 self.changes.entry(Arc::from(u.as_str())).or_default().push((entry.part, entry.offset));
             }
         }
-        let revises = (message.msg_type == system::REVISED)
-            .then(|| serde_json::from_str::<Revised>(&message.content).ok().map(|r| r.msg_id))
-            .flatten();
+        let revised = (message.msg_type == system::REVISED)
+            .then(|| serde_json::from_str::<Revised>(&message.content).ok().map(|r| r.msg_id));
+        let revises = revised.flatten();
         let slots = self.conversations.entry(conversation.clone()).or_default();
+        if revised == Some(None) {
+            // A revision this node cannot read (a newer version's): the store decides.
+            for s in slots.iter_mut() {
+                s.stale = true;
+            }
+        }
         if let Some(target) = revises {
             // The stored row changed in place, and so did the earlier revisions of it (a recall
             // removes their content too).
@@ -160,7 +180,9 @@ impl Window {
 
     /// What `user` (whose memberships as of the hub's `position` are `memberships`:
     /// conversation → first msg_id it gets) missed with `after < offset <= position`, in
-    /// (partition, offset) order — if the window can answer exactly what the store would.
+    /// (partition, offset) order — if the window can answer exactly what the store would,
+    /// in at most `page` entries.
+    #[allow(clippy::too_many_arguments)]
     pub fn replay<'a>(
         &self,
         user: &str,
@@ -169,6 +191,7 @@ impl Window {
         position: &Position,
         now_ms: i64,
         retention_ms: i64,
+        page: usize,
     ) -> Result<Vec<Arc<LogEntry>>, Miss> {
         if self.max_bytes == 0 || after.len() != self.order.len() || position.len() != self.order.len() {
             return Err(Miss::Off);
@@ -211,6 +234,9 @@ impl Window {
                 }
                 if s.stale {
                     return Err(Miss::Revised);
+                }
+                if out.len() >= page {
+                    return Err(Miss::Long);
                 }
                 out.push(s.entry.clone());
             }
@@ -290,11 +316,12 @@ mod tests {
         w: Window,
         heads: Vec<u64>,
         msg_ids: HashMap<String, u64>,
+        page: usize,
     }
 
     impl Log {
         fn new(max_bytes: usize) -> Log {
-            Log { w: Window::new(&Position::zero(2), max_bytes), heads: vec![0, 0], msg_ids: HashMap::new() }
+            Log { w: Window::new(&Position::zero(2), max_bytes), heads: vec![0, 0], msg_ids: HashMap::new(), page: 500 }
         }
 
         /// Appends a message to `conversation` (partition 0 for names starting with 'a'..'m').
@@ -336,6 +363,7 @@ mod tests {
                 &self.position(),
                 NOW,
                 DAY,
+                self.page,
             )?;
             Ok(got.iter().map(|e| format!("{}{}:{}", e.part, e.message.conversation_id, e.message.content)).collect())
         }
@@ -358,6 +386,11 @@ mod tests {
         assert_eq!(l.replay("u", &[("a", 3)], &after).unwrap(), vec!["0a:a3"]);
         // Nothing missed in a partition the client is level with.
         assert_eq!(l.replay("u", &[("a", 1)], &[l.heads[0], 0]).unwrap(), Vec::<String>::new());
+        // One page at most: a longer replay is read from the store page by page.
+        l.page = 3;
+        assert_eq!(l.replay("u", &[("a", 1), ("z", 1)], &after).unwrap().len(), 3);
+        l.page = 2;
+        assert_eq!(l.replay("u", &[("a", 1), ("z", 1)], &after), Err(Miss::Long));
     }
 
     #[test]
@@ -426,5 +459,13 @@ mod tests {
         assert_eq!(l.replay("u", &[("a", 1)], &after).unwrap().len(), 1);
         l.send("a", system::REVISED, &revise(m, Action::Recall), NOW);
         assert_eq!(l.replay("u", &[("a", 1)], &after), Err(Miss::Revised));
+        // A revision this node cannot read: the store decides for the whole conversation.
+        let mut l = Log::new(1 << 20);
+        let after = l.heads.clone();
+        l.msg("a", "one");
+        l.msg("b", "other conversation");
+        l.send("a", system::REVISED, r#"{"msg_id":1,"action":"translate","by":""}"#, NOW);
+        assert_eq!(l.replay("u", &[("a", 1)], &after), Err(Miss::Revised));
+        assert_eq!(l.replay("u", &[("b", 1)], &after).unwrap(), vec!["0b:other conversation"]);
     }
 }
