@@ -240,8 +240,9 @@ if wants resume; then
     --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
   each --scenario "e resume ${resume_subs} ws, 100 missed each" --mode resume --protocol ws \
     --subscribers "$resume_subs" --channels 100 --messages 10000 --concurrency 64
-  # The same with quickim's replay window off: every resume reads the store, as one on another
-  # gateway, or after the user's memberships left the node (30 s without a connection), does.
+  # The same with quickim's replay window off: every resume reads the store, as one whose
+  # missed entries have left the window (hub_replay_window_bytes), of more than a replay page,
+  # or on a gateway that restarted since, does.
   export QUICKIM_HUB_REPLAY_WINDOW_BYTES=0
   start_standalone
   start_cluster 2

@@ -341,3 +341,34 @@ async fn sse_replay_window_answers_exactly_what_the_store_does() {
 async fn poll_replay_window_answers_exactly_what_the_store_does() {
     the_replay_window_answers_exactly_what_the_store_does(Protocol::Poll).await;
 }
+
+/// A resume on a gateway the user has never been connected to: its memberships are read
+/// there first, then what it missed comes from that gateway's replay window (every gateway
+/// receives the whole log).
+#[tokio::test]
+async fn a_resume_on_another_gateway_is_answered_from_its_replay_window() {
+    let d = Distributed::start(BIN, 1, 1, 2, &[]).await;
+    d.api(0).conversation("c", &["bob"]).await;
+    d.api(0).conversation("other", &["bob", "carol"]).await;
+    for p in [Protocol::Ws, Protocol::Sse] {
+        let user = format!("{}-user", p.name());
+        d.api(0).inner("/inner/join_conversation", json!({"conversation_id":"c","user_ids":[user]})).await;
+        let t = d.api(0).token(&user, "web").await;
+        let mut c = NotifyClient::connect(&d.api(0).public, &t, p, None).await.unwrap();
+        send(d.api(0), "c", "bob", &format!("seen {}", p.name())).await;
+        messages(&mut c, 1).await;
+        let cursor = c.drop_connection().unwrap();
+        for i in 0..4 {
+            send(d.api(0), "c", "bob", &format!("missed{i}")).await;
+            send(d.api(0), "other", "bob", "not hers").await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut c = NotifyClient::connect(&d.api(1).public, &t, p, Some(&cursor)).await.unwrap();
+        let got = messages(&mut c, 4).await;
+        assert_eq!(contents(&got), (0..4).map(|i| format!("missed{i}")).collect::<Vec<_>>(), "{p:?}");
+        no_message(&mut c, Duration::from_millis(300)).await;
+    }
+    let text = d.api(1).http.get(format!("{}/metrics", d.api(1).inner)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains(r#"quickim_hub_window_replays_total{answer="window"} 2"#), "{text}");
+    d.finish().await;
+}

@@ -105,7 +105,8 @@ pub struct Session {
     inbox: Inbox,
     epoch: u32,
     buffered: VecDeque<Arc<Encoded>>,
-    replay: Option<ReplayState>,
+    /// Boxed: a connection carries it only while it replays.
+    replay: Option<Box<ReplayState>>,
     /// The replay page being read (kept across cancelled calls of `next`).
     reading: Option<PageRead>,
     replay_page: u32,
@@ -177,14 +178,21 @@ impl Session {
             .attach(&caller.user_id, client.clone().map(|c| (epoch, c)), cx.queue.0, cx.queue.1)
             .await
             .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
+        let mut replayed = attachment.replayed.take();
         let live_from: Arc<Position> = match &attachment.start {
             Start::Live(p) => p.clone(),
-            Start::Waiting => match tokio::time::timeout(INSTALL_TIMEOUT, inbox.recv()).await {
-                Ok(Ok(Outgoing::Installed(p))) => p,
-                _ => {
-                    return Err(ApiError::new(ErrorCode::Unavailable, "cannot read memberships, try again"));
+            Start::Waiting => {
+                let deadline = Instant::now() + INSTALL_TIMEOUT;
+                loop {
+                    match tokio::time::timeout_at(deadline, inbox.recv()).await {
+                        Ok(Ok(Outgoing::Replayed(entries))) => replayed = Some(entries),
+                        Ok(Ok(Outgoing::Installed(p))) => break p,
+                        _ => {
+                            return Err(ApiError::new(ErrorCode::Unavailable, "cannot read memberships, try again"));
+                        }
+                    }
                 }
-            },
+            }
         };
         let live_cursor: Arc<str> = Arc::from(cursor::encode(epoch, &live_from));
         let mut buffered = VecDeque::new();
@@ -200,8 +208,8 @@ impl Session {
                     missed_receipts(cx.rpc, &caller.user_id, since_ms, &mut buffered).await;
                 }
                 if live_from.ahead_of(c) {
-                    let window = attachment.replayed.take().map(VecDeque::from);
-                    replay = Some(ReplayState { after: c.clone(), upto: (*live_from).clone(), window });
+                    let window = replayed.take().map(|entries| VecDeque::from(*entries));
+                    replay = Some(Box::new(ReplayState { after: c.clone(), upto: (*live_from).clone(), window }));
                 }
                 if c.ahead_of(&live_from) {
                     ahead = Some(c.clone());
@@ -499,7 +507,7 @@ impl Session {
                     }
                     return Step::Event(e);
                 }
-                Ok(Outgoing::Installed(_)) => continue,
+                Ok(Outgoing::Installed(_) | Outgoing::Replayed(_)) => continue,
                 Err(Closed::Overflow) => return Step::Close(Disconnect::SlowConsumer),
                 Err(Closed::Behind) => return Step::Close(Disconnect::NodeBehind),
                 Ok(Outgoing::InstallFailed) | Err(Closed::HubGone) => return Step::Close(Disconnect::Unavailable),

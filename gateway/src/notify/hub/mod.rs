@@ -128,6 +128,9 @@ impl HubConfig {
 pub enum Outgoing {
     /// A message event.
     Event(Arc<Encoded>),
+    /// Before [`Outgoing::Installed`], to a connection that resumes: what it missed up to
+    /// that position, from the replay window (without it: read the store).
+    Replayed(Box<Vec<Arc<LogEntry>>>),
     /// The connection is live: it gets every entry after this position.
     Installed(Arc<Position>),
     /// The user's memberships could not be read; the connection should close and retry.
@@ -151,7 +154,7 @@ pub struct Attachment {
     pub start: Start,
     /// When it resumes and starts live: what it missed, from the replay window (None: read
     /// the store).
-    pub replayed: Option<Vec<Arc<LogEntry>>>,
+    pub replayed: Option<Box<Vec<Arc<LogEntry>>>>,
     hub: Hub,
 }
 
@@ -171,7 +174,7 @@ enum Command {
 
 /// The hub's answer to an attach: the session's id, how it starts, what it missed (from the
 /// replay window).
-type Attached = (SessionId, Start, Option<Vec<Arc<LogEntry>>>);
+type Attached = (SessionId, Start, Option<Box<Vec<Arc<LogEntry>>>>);
 
 /// What every connection may read without asking the hub.
 struct Published {
@@ -435,13 +438,15 @@ impl HubTask {
     ) {
         let user = self.members.key(&user);
         let (epoch, resume) = client.unzip();
-        let id = self.slots.add(user.clone(), outbox, resume.clone());
+        // A cursor of another database (replaced meanwhile) is no position here.
+        let slot_client = resume.clone().filter(|_| epoch == Some(self.order.epoch));
+        let id = self.slots.add(user.clone(), outbox, slot_client);
         let mut replayed = None;
         let start = match self.members.connect(&user, id) {
             Joined::Installed => {
                 self.slots.go_live(id, &self.order.position);
                 if let Some(after) = resume.filter(|c| self.order.position.ahead_of(c)) {
-                    replayed = self.window_replay(&user, epoch, &after);
+                    replayed = self.window_replay(&user, epoch, &after).map(Box::new);
                 }
                 Start::Live(Arc::new(self.order.position.clone()))
             }
@@ -507,7 +512,7 @@ impl HubTask {
 
     fn installed(&mut self, installed: Installed) {
         match installed {
-            Installed::Now(sessions) => self.slots.installed(&sessions, &self.order.position),
+            Installed::Now(sessions) => self.go_live(&sessions),
             Installed::Failed(sessions) => self.slots.install_failed(&sessions),
             Installed::Later | Installed::Nobody => {}
         }
@@ -581,8 +586,24 @@ impl HubTask {
     fn after_entries(&mut self) {
         self.publish_position();
         for sessions in self.members.install_reached(&self.order.position) {
-            self.slots.installed(&sessions, &self.order.position);
+            self.go_live(&sessions);
         }
+    }
+
+    /// Connections whose user's memberships were just installed go live at the hub's
+    /// position; those that resume get what they missed from the replay window first, when
+    /// it has it.
+    fn go_live(&mut self, sessions: &[SessionId]) {
+        for &id in sessions {
+            let Some((user, Some(after))) = self.slots.resume_of(id) else { continue };
+            if !self.order.position.ahead_of(&after) {
+                continue;
+            }
+            if let Some(entries) = self.window_replay(&user, Some(self.order.epoch), &after) {
+                self.slots.push_control(id, Outgoing::Replayed(Box::new(entries)));
+            }
+        }
+        self.slots.installed(sessions, &self.order.position);
     }
 
     fn heads(&mut self, heads: LogHeads) {

@@ -72,6 +72,18 @@ impl Slots {
         }
     }
 
+    /// The user of a slot and the cursor it resumes from.
+    pub fn resume_of(&self, id: SessionId) -> Option<(Arc<str>, Option<Position>)> {
+        self.slots.get(&id).map(|s| (s.user.clone(), s.client.clone()))
+    }
+
+    /// Tells a connection something outside its queue's bounds (it is not an event).
+    pub fn push_control(&self, id: SessionId, item: Outgoing) {
+        if let Some(slot) = self.slots.get(&id) {
+            slot.outbox.push_control(item);
+        }
+    }
+
     /// The slots go live at `position`, each told so.
     pub fn installed(&mut self, ids: &[SessionId], position: &Position) {
         let at = Arc::new(position.clone());

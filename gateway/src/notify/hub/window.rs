@@ -1,6 +1,8 @@
 //! The replay window: the log's most recent entries, as this hub dispatched them, so that a
-//! resume on the node the client was connected to is answered from memory instead of the
-//! store (no bus request, no database read).
+//! resume is answered from memory instead of the store (no bus request, no database read).
+//! Every gateway receives the whole log, so this works on any gateway once the user's
+//! memberships are installed there (at once when it had a connection there in the last 30 s,
+//! else after they are read).
 //!
 //! The window holds, per partition, every entry from some offset up to the hub's position,
 //! without a gap (entries are pushed as they are dispatched, in offset order), indexed per
