@@ -271,9 +271,8 @@ impl Members {
     }
 
     /// An installed user's memberships now: conversation → the msg_id it gets it from.
-    pub fn memberships<'a>(&'a self, user: &str) -> Option<impl Iterator<Item = (&'a Arc<str>, u64)> + 'a> {
-        let u = self.users.get(user).filter(|u| u.installed)?;
-        Some(u.conversations.iter().map(|(c, from)| (c, *from)))
+    pub fn memberships(&self, user: &str) -> Option<&HashMap<Arc<str>, u64>> {
+        self.users.get(user).filter(|u| u.installed).map(|u| &u.conversations)
     }
 
     /// Whether `user` (installed here) is a member of `conversation` now.

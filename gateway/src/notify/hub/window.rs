@@ -183,12 +183,13 @@ impl Window {
     /// What `user` (whose memberships as of the hub's `position` are `memberships`:
     /// conversation → first msg_id it gets) missed with `after < offset <= position`, in
     /// (partition, offset) order — if the window can answer exactly what the store would,
-    /// in at most `page` entries.
+    /// in at most `page` entries. Costs the smaller of the user's memberships and the
+    /// window's conversations (the hub waits for it).
     #[allow(clippy::too_many_arguments)]
-    pub fn replay<'a>(
+    pub fn replay(
         &self,
         user: &str,
-        memberships: impl Iterator<Item = (&'a Arc<str>, u64)>,
+        memberships: &HashMap<Arc<str>, u64>,
         after: &Position,
         position: &Position,
         now_ms: i64,
@@ -220,11 +221,10 @@ impl Window {
             return Err(Miss::MembershipChanged);
         }
         let mut out = Vec::new();
-        for (conversation, from) in memberships {
-            let Some(slots) = self.conversations.get(conversation) else { continue };
-            let Some(part) = slots.front().map(|s| usize::from(s.entry.part)) else { continue };
+        let mut take = |slots: &VecDeque<Slot>, from: u64| -> Result<(), Miss> {
+            let Some(part) = slots.front().map(|s| usize::from(s.entry.part)) else { return Ok(()) };
             if part >= after.len() || after[part] >= position[part] {
-                continue;
+                return Ok(());
             }
             let first = slots.partition_point(|s| s.entry.offset <= after[part]);
             for s in slots.range(first..) {
@@ -241,6 +241,20 @@ impl Window {
                     return Err(Miss::Long);
                 }
                 out.push(s.entry.clone());
+            }
+            Ok(())
+        };
+        if memberships.len() <= self.conversations.len() {
+            for (conversation, from) in memberships {
+                if let Some(slots) = self.conversations.get(conversation) {
+                    take(slots, *from)?;
+                }
+            }
+        } else {
+            for (conversation, slots) in &self.conversations {
+                if let Some(from) = memberships.get(conversation) {
+                    take(slots, *from)?;
+                }
             }
         }
         out.sort_unstable_by_key(|e| (e.part, e.offset));
@@ -357,16 +371,9 @@ mod tests {
         }
 
         fn replay(&self, user: &str, member_of: &[(&str, u64)], after: &[u64]) -> Result<Vec<String>, Miss> {
-            let convs: Vec<(Arc<str>, u64)> = member_of.iter().map(|(c, from)| (Arc::from(*c), *from)).collect();
-            let got = self.w.replay(
-                user,
-                convs.iter().map(|(c, from)| (c, *from)),
-                &Position::from(after.to_vec()),
-                &self.position(),
-                NOW,
-                DAY,
-                self.page,
-            )?;
+            let convs: HashMap<Arc<str>, u64> = member_of.iter().map(|(c, from)| (Arc::from(*c), *from)).collect();
+            let got =
+                self.w.replay(user, &convs, &Position::from(after.to_vec()), &self.position(), NOW, DAY, self.page)?;
             Ok(got.iter().map(|e| format!("{}{}:{}", e.part, e.message.conversation_id, e.message.content)).collect())
         }
     }
@@ -384,6 +391,11 @@ mod tests {
         l.msg("c", "not mine");
         l.msg("a", "a3");
         assert_eq!(l.replay("u", &[("a", 1), ("z", 1)], &after).unwrap(), vec!["0a:a2", "0a:a3", "1z:z2"]);
+        // More memberships than conversations in the window: the same answer.
+        let many: Vec<(String, u64)> = (0..10).map(|i| (format!("x{i}"), 1)).collect();
+        let mut member_of: Vec<(&str, u64)> = many.iter().map(|(c, f)| (c.as_str(), *f)).collect();
+        member_of.extend([("a", 1), ("z", 1)]);
+        assert_eq!(l.replay("u", &member_of, &after).unwrap(), vec!["0a:a2", "0a:a3", "1z:z2"]);
         // From the first msg_id the user gets.
         assert_eq!(l.replay("u", &[("a", 3)], &after).unwrap(), vec!["0a:a3"]);
         // Nothing missed in a partition the client is level with.
