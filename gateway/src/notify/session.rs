@@ -85,8 +85,9 @@ pub struct Context<'a> {
 struct ReplayState {
     after: Position,
     upto: Position,
-    /// All of them, when the hub's replay window had them (else they are read from the store).
-    window: Option<VecDeque<Arc<LogEntry>>>,
+    /// All of them (at most one page), when the hub's replay window had them (else they are
+    /// read from the store).
+    window: Option<Vec<Arc<LogEntry>>>,
 }
 
 type PageRead = Pin<Box<dyn Future<Output = Result<ReplayPage, ServiceError>> + Send>>;
@@ -208,7 +209,7 @@ impl Session {
                     missed_receipts(cx.rpc, &caller.user_id, since_ms, &mut buffered).await;
                 }
                 if live_from.ahead_of(c) {
-                    let window = replayed.take().map(|entries| VecDeque::from(*entries));
+                    let window = replayed.take().map(|entries| *entries);
                     replay = Some(Box::new(ReplayState { after: c.clone(), upto: (*live_from).clone(), window }));
                 }
                 if c.ahead_of(&live_from) {
@@ -385,10 +386,8 @@ impl Session {
     /// Reads the replay's next page into the buffer (cancel-safe: the read in flight is kept
     /// for the next call).
     pub async fn fill(&mut self) -> Result<(), Disconnect> {
-        if let Some(window) = self.replay.as_mut().and_then(|r| r.window.as_mut()) {
-            let page: Vec<Arc<LogEntry>> = window.drain(..window.len().min(self.replay_page as usize)).collect();
-            let more = !window.is_empty();
-            self.take_entries(page.iter().map(|e| &**e), more);
+        if let Some(entries) = self.replay.as_mut().and_then(|r| r.window.take()) {
+            self.take_entries(entries.iter().map(|e| &**e), false);
             return Ok(());
         }
         if self.reading.is_none() {

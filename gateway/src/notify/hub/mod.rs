@@ -28,7 +28,7 @@
 //!   connected here as they come, into the room a queue has to spare (never making a slow
 //!   consumer).
 //! - `window.rs` — the replay window: the most recent entries in memory, bounded in bytes, so
-//!   that a resume on this node is answered without the store whenever that answer is
+//!   that a resume is answered without the store whenever that answer is
 //!   exactly the store's (see its docs for when it is).
 //! - `streams.rs` — streaming messages: the text so far of each open stream, from its deltas
 //!   in order, for snapshots to connections that arrive mid-stream.
