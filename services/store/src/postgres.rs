@@ -88,4 +88,67 @@ mod tests {
         store.close().await;
         pg.drop_db().await;
     }
+
+    /// `EXPLAIN` of the generic plan of `sql` (the plan a connection keeps for good from a
+    /// statement's sixth run on), made in `tx` with the settings in force there.
+    async fn explain_generic(tx: &mut sqlx::AnyConnection, sql: &str, params: &[&str]) -> String {
+        let types = vec!["jsonb"; params.len()].join(", ");
+        let args: Vec<String> = params.iter().map(|p| format!("'{}'::jsonb", p.replace('\'', "''"))).collect();
+        for setup in
+            ["SET LOCAL plan_cache_mode = force_generic_plan".to_string(), format!("PREPARE probe({types}) AS {sql}")]
+        {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut *tx).await.unwrap();
+        }
+        let explain = format!("EXPLAIN EXECUTE probe({})", args.join(", "));
+        let lines: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get::<String, _>(0).unwrap())
+            .collect();
+        sqlx::raw_sql("DEALLOCATE probe").execute(&mut *tx).await.unwrap();
+        lines.join("\n")
+    }
+
+    /// A connection plans a statement for good once it has run it a few times, with the
+    /// table sizes of that moment. Planned while the tables were nearly empty, a plain
+    /// transaction scans whole tables; a write transaction still looks its rows up by key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_transactions_look_rows_up_by_key_even_when_planned_on_empty_tables() {
+        let pg = PgDatabase::create().await;
+        let store = Store::open_postgres(&pg.url, 2, 4, std::time::Duration::from_secs(10)).await.unwrap();
+        sqlx::query("ANALYZE").execute(store.pool()).await.unwrap();
+        let statements: [(&str, Vec<&str>); 4] = [
+            (LOCK_CONVERSATIONS_POSTGRES, vec![r#"["c1", "c2"]"#]),
+            (ACTIVE_PAIRS_POSTGRES, vec![r#"[["c1", "u1"]]"#]),
+            (&EXISTING_KEYS_POSTGRES, vec![r#"[["u1", "k1"]]"#]),
+            (
+                APPEND_POSTGRES,
+                vec![
+                    r#"[[1, 9001]]"#,
+                    r#"[["c1", 2, 1, 9001, "u1", 1, "x", null, 1, 1]]"#,
+                    r#"[["c1", 2, 9001, 1, 1, 2]]"#,
+                    r#"[["c1", "u1", 2, 1]]"#,
+                ],
+            ),
+        ];
+        let scans = ["conversations", "members", "messages", "idempotency"].map(|t| format!("Seq Scan on {t}"));
+
+        // The control: in a plain transaction, these plans scan.
+        let mut plain = store.pool().begin().await.unwrap();
+        let plan = explain_generic(&mut plain, LOCK_CONVERSATIONS_POSTGRES, &statements[0].1).await;
+        assert!(plan.contains("Seq Scan on conversations"), "{plan}");
+        plain.rollback().await.unwrap();
+
+        for (sql, params) in &statements {
+            let (_guard, mut tx) = store.begin_write().await.unwrap();
+            let plan = explain_generic(&mut tx, sql, params).await;
+            assert!(scans.iter().all(|s| !plan.contains(s.as_str())), "{plan}");
+            tx.rollback().await.unwrap();
+        }
+
+        store.close().await;
+        pg.drop_db().await;
+    }
 }
