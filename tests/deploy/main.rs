@@ -13,12 +13,15 @@ use serde_norway::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_quickim");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-fn script(args: &[&str]) -> String {
+fn try_script(args: &[&str]) -> Result<String, String> {
     let out =
         Command::new(format!("{ROOT}/deploy/local-cluster.sh")).args(args).env("PG_URL", pg_base()).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "local-cluster.sh {args:?} failed:\n{text}");
-    text
+    if out.status.success() { Ok(text) } else { Err(format!("local-cluster.sh {args:?} failed:\n{text}")) }
+}
+
+fn script(args: &[&str]) -> String {
+    try_script(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -26,9 +29,30 @@ async fn the_local_cluster_sends_through_one_gateway_and_delivers_through_the_ot
     let dir = tempfile::tempdir().unwrap();
     let dir_s = dir.path().to_str().unwrap().to_string();
     // Fixed ports below the ephemeral range, spread by process id to keep parallel runs apart.
-    let base = (20_000 + (std::process::id() % 200) * 50).to_string();
+    // Other tests take free ports from the same range, one of which may be in this cluster's
+    // block by the time a process binds it (seen once: a gateway that exited at start): the
+    // cluster is then stopped and started on another block.
     let database = format!("quickim_t_cluster_{}", std::process::id());
-    script(&["start", "--dir", &dir_s, "--base-port", &base, "--binary", BIN, "--database", &database]);
+    let mut started = Err(String::new());
+    for attempt in 0..3 {
+        let base = (20_000 + ((std::process::id() + attempt * 67) % 200) * 50).to_string();
+        started =
+            try_script(&["start", "--dir", &dir_s, "--base-port", &base, "--binary", BIN, "--database", &database]);
+        if started.is_ok() {
+            break;
+        }
+        for log in
+            std::fs::read_dir(dir.path()).unwrap().flatten().filter(|f| f.path().extension() == Some("log".as_ref()))
+        {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+            eprintln!("attempt {attempt}, {}:\n{}", log.path().display(), tail.join("\n"));
+        }
+        script(&["stop", "--dir", &dir_s]);
+    }
+    if let Err(e) = started {
+        panic!("{e}");
+    }
     let stop = || script(&["stop", "--dir", &dir_s, "--drop-database"]);
     let env: HashMap<String, String> = std::fs::read_to_string(dir.path().join("cluster.env"))
         .unwrap()
