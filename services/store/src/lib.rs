@@ -267,19 +267,11 @@ impl Store {
     }
 
     /// Queues behind other writers (SQLite only) and opens a write transaction.
-    ///
-    /// PostgreSQL: a write transaction reaches its rows by key only, and says so to the
-    /// planner (`enable_seqscan` off for the transaction, set in the `BEGIN` round trip). A
-    /// connection plans a statement for good once it has run it a few times (a generic plan),
-    /// with the table sizes of that moment: planned while the tables were nearly empty, a
-    /// send batch's lookups became scans of whole tables for the connection's whole life, and
-    /// only an `ANALYZE` has it planned again, which autovacuum may run late or never
-    /// (docs/benchmarks.md, "Sends (distributed)").
     pub(crate) async fn begin_write(&self) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Tx)> {
         let guard = self.queue_writers().await;
         let tx = match self.inner.dialect {
             Dialect::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.inner.writer.begin_with("BEGIN; SET LOCAL enable_seqscan = off").await?,
+            Dialect::Postgres => self.inner.writer.begin().await?,
         };
         Ok((guard, tx))
     }

@@ -301,10 +301,7 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<LogEntry>> {
         const CHUNK: u32 = 64;
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.part = $1 AND m.log_offset > $2 \
-             AND m.log_offset <= $3 ORDER BY m.log_offset LIMIT $4"
-        );
+        let sql = read_log_sql();
         let sqlite = self.dialect() == Dialect::Sqlite;
         let sql = if sqlite { entries_as_json(&sql) } else { sql };
         let mut out: Vec<LogEntry> = Vec::new();
@@ -423,27 +420,7 @@ impl Store {
         if ranges.is_empty() {
             return Ok(Vec::new());
         }
-        let mut p = Params::new(self.system());
-        let values = ranges.iter().map(|_| p.row(3)).collect::<Vec<_>>().join(", ");
-        let user = p.next();
-        let lim = p.next();
-        let sql = format!(
-            "WITH cur (p, a, u) AS (VALUES {values}), \
-             mine AS MATERIALIZED (SELECT mb.conversation_id, mb.joined_msg_id, mb.active, \
-               mb.left_msg_id, cur.a, cur.u, COALESCE((SELECT m2.msg_id FROM messages m2 \
-                 WHERE m2.conversation_id = mb.conversation_id AND m2.log_offset <= cur.a \
-                 ORDER BY m2.msg_id DESC LIMIT 1), 0) AS start \
-               FROM members mb JOIN cur ON cur.p = (SELECT c.part FROM conversations c \
-                 WHERE c.conversation_id = mb.conversation_id) \
-               WHERE mb.user_id = {user} AND (SELECT c.last_offset FROM conversations c \
-                 WHERE c.conversation_id = mb.conversation_id) > cur.a) \
-             SELECT {MESSAGE_COLUMNS} FROM mine \
-             JOIN messages m ON m.conversation_id = mine.conversation_id AND m.msg_id > mine.start \
-             WHERE m.log_offset > mine.a AND m.log_offset <= mine.u \
-               AND m.msg_id >= mine.joined_msg_id \
-               AND (mine.active = 1 OR m.msg_id <= mine.left_msg_id) \
-             ORDER BY m.part, m.log_offset LIMIT {lim}"
-        );
+        let sql = replay_chunk_sql(self.system(), ranges.len());
         let sqlite = self.dialect() == Dialect::Sqlite;
         let sql = if sqlite { entries_as_json(&sql) } else { sql };
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -503,6 +480,40 @@ impl Store {
     pub(crate) fn partition_for(&self, conversation_id: &str) -> u16 {
         partition_of(conversation_id, self.partitions())
     }
+}
+
+/// A replay chunk's statement for `ranges` partitions: (part, after, upto) per partition, then
+/// the user and the limit.
+pub(crate) fn replay_chunk_sql(system: &str, ranges: usize) -> String {
+    let mut p = Params::new(system);
+    let values = (0..ranges).map(|_| p.row(3)).collect::<Vec<_>>().join(", ");
+    let user = p.next();
+    let lim = p.next();
+    format!(
+        "WITH cur (p, a, u) AS (VALUES {values}), \
+         mine AS MATERIALIZED (SELECT mb.conversation_id, mb.joined_msg_id, mb.active, \
+           mb.left_msg_id, cur.a, cur.u, COALESCE((SELECT m2.msg_id FROM messages m2 \
+             WHERE m2.conversation_id = mb.conversation_id AND m2.log_offset <= cur.a \
+             ORDER BY m2.msg_id DESC LIMIT 1), 0) AS start \
+           FROM members mb JOIN cur ON cur.p = (SELECT c.part FROM conversations c \
+             WHERE c.conversation_id = mb.conversation_id) \
+           WHERE mb.user_id = {user} AND (SELECT c.last_offset FROM conversations c \
+             WHERE c.conversation_id = mb.conversation_id) > cur.a) \
+         SELECT {MESSAGE_COLUMNS} FROM mine \
+         JOIN messages m ON m.conversation_id = mine.conversation_id AND m.msg_id > mine.start \
+         WHERE m.log_offset > mine.a AND m.log_offset <= mine.u \
+           AND m.msg_id >= mine.joined_msg_id \
+           AND (mine.active = 1 OR m.msg_id <= mine.left_msg_id) \
+         ORDER BY m.part, m.log_offset LIMIT {lim}"
+    )
+}
+
+/// One chunk of a partition's log: (part, after, upto, limit).
+pub(crate) fn read_log_sql() -> String {
+    format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.part = $1 AND m.log_offset > $2 \
+         AND m.log_offset <= $3 ORDER BY m.log_offset LIMIT $4"
+    )
 }
 
 pub(crate) async fn read_heads(system: &'static str, conn: &mut AnyConnection) -> Result<Position> {

@@ -4,8 +4,23 @@ use sqlx::AnyPool;
 
 use crate::{Result, any_pool_options};
 
+/// Opens the pool. Every statement of the store reaches its rows by key, and each connection
+/// says so to the planner (`enable_seqscan` off): a connection plans a statement for good
+/// once it has run it a few times (a generic plan), with the table sizes of that moment, and
+/// planned while the tables were nearly empty, a send batch's lookups and a replay's reads
+/// became scans of whole tables for the connection's whole life. Only an `ANALYZE` has them
+/// planned again, which autovacuum may run late or never (docs/benchmarks.md, "Sends
+/// (distributed)"). A statement with no index to use still scans.
 pub(crate) async fn open(url: &str, max_connections: u32, acquire_timeout: std::time::Duration) -> Result<AnyPool> {
-    Ok(any_pool_options(max_connections, acquire_timeout).connect(url).await?)
+    Ok(any_pool_options(max_connections, acquire_timeout)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql("SET enable_seqscan = off").execute(conn).await?;
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?)
 }
 
 /// The send batch's statements find their rows by key, whatever the batch's size against the
@@ -90,12 +105,12 @@ mod tests {
     }
 
     /// `EXPLAIN` of the generic plan of `sql` (the plan a connection keeps for good from a
-    /// statement's sixth run on), made in `tx` with the settings in force there.
-    async fn explain_generic(tx: &mut sqlx::AnyConnection, sql: &str, params: &[&str]) -> String {
-        let types = vec!["jsonb"; params.len()].join(", ");
-        let args: Vec<String> = params.iter().map(|p| format!("'{}'::jsonb", p.replace('\'', "''"))).collect();
+    /// statement's sixth run on), made in `tx` with the settings in force there; `params` are
+    /// the parameters' values as text, of `types` (none: the ones `sql` implies).
+    async fn explain_generic(tx: &mut sqlx::AnyConnection, sql: &str, types: &str, params: &[&str]) -> String {
+        let args: Vec<String> = params.iter().map(|p| format!("'{}'", p.replace('\'', "''"))).collect();
         for setup in
-            ["SET LOCAL plan_cache_mode = force_generic_plan".to_string(), format!("PREPARE probe({types}) AS {sql}")]
+            ["SET LOCAL plan_cache_mode = force_generic_plan".to_string(), format!("PREPARE probe{types} AS {sql}")]
         {
             sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut *tx).await.unwrap();
         }
@@ -112,19 +127,22 @@ mod tests {
     }
 
     /// A connection plans a statement for good once it has run it a few times, with the
-    /// table sizes of that moment. Planned while the tables were nearly empty, a plain
-    /// transaction scans whole tables; a write transaction still looks its rows up by key.
+    /// table sizes of that moment. Planned while the tables were nearly empty, PostgreSQL's
+    /// defaults scan whole tables; the store's connections still look their rows up by key.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn write_transactions_look_rows_up_by_key_even_when_planned_on_empty_tables() {
+    async fn statements_look_rows_up_by_key_even_when_planned_on_empty_tables() {
         let pg = PgDatabase::create().await;
         let store = Store::open_postgres(&pg.url, 2, 4, std::time::Duration::from_secs(10)).await.unwrap();
         sqlx::query("ANALYZE").execute(store.pool()).await.unwrap();
-        let statements: [(&str, Vec<&str>); 4] = [
-            (LOCK_CONVERSATIONS_POSTGRES, vec![r#"["c1", "c2"]"#]),
-            (ACTIVE_PAIRS_POSTGRES, vec![r#"[["c1", "u1"]]"#]),
-            (&EXISTING_KEYS_POSTGRES, vec![r#"[["u1", "k1"]]"#]),
+        let read_log = crate::log::read_log_sql();
+        let replay = crate::log::replay_chunk_sql("postgresql", 2);
+        let statements: [(&str, &str, Vec<&str>); 6] = [
+            (LOCK_CONVERSATIONS_POSTGRES, "", vec![r#"["c1", "c2"]"#]),
+            (ACTIVE_PAIRS_POSTGRES, "", vec![r#"[["c1", "u1"]]"#]),
+            (&EXISTING_KEYS_POSTGRES, "", vec![r#"[["u1", "k1"]]"#]),
             (
                 APPEND_POSTGRES,
+                "",
                 vec![
                     r#"[[1, 9001]]"#,
                     r#"[["c1", 2, 1, 9001, "u1", 1, "x", null, 1, 1]]"#,
@@ -132,18 +150,28 @@ mod tests {
                     r#"[["c1", "u1", 2, 1]]"#,
                 ],
             ),
+            (&read_log, "", vec!["0", "0", "100", "64"]),
+            (
+                &replay,
+                "(integer, bigint, bigint, integer, bigint, bigint, text, bigint)",
+                vec!["0", "0", "10", "1", "0", "10", "u1", "500"],
+            ),
         ];
         let scans = ["conversations", "members", "messages", "idempotency"].map(|t| format!("Seq Scan on {t}"));
 
-        // The control: in a plain transaction, these plans scan.
-        let mut plain = store.pool().begin().await.unwrap();
-        let plan = explain_generic(&mut plain, LOCK_CONVERSATIONS_POSTGRES, &statements[0].1).await;
-        assert!(plan.contains("Seq Scan on conversations"), "{plan}");
-        plain.rollback().await.unwrap();
+        // The control: with PostgreSQL's default, these plans scan.
+        let mut default = store.pool().begin().await.unwrap();
+        sqlx::raw_sql("SET LOCAL enable_seqscan = on").execute(&mut *default).await.unwrap();
+        for (sql, types, params) in [&statements[0], &statements[4], &statements[5]] {
+            let plan = explain_generic(&mut default, sql, types, params).await;
+            assert!(plan.contains("Seq Scan on"), "{plan}");
+        }
+        default.rollback().await.unwrap();
 
-        for (sql, params) in &statements {
-            let (_guard, mut tx) = store.begin_write().await.unwrap();
-            let plan = explain_generic(&mut tx, sql, params).await;
+        // Any connection of the store's (reads and writes share the pool on PostgreSQL).
+        for (sql, types, params) in &statements {
+            let mut tx = store.pool().begin().await.unwrap();
+            let plan = explain_generic(&mut tx, sql, types, params).await;
             assert!(scans.iter().all(|s| !plan.contains(s.as_str())), "{plan}");
             tx.rollback().await.unwrap();
         }

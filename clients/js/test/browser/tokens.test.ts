@@ -36,7 +36,8 @@ describe('token expiry', () => {
         expect(downs.length).toBeGreaterThanOrEqual(1);
         expect(downs.every((s) => s.reason === 'token expired')).toBe(true);
       }
-      expect(r.state).toBe('connected');
+      // The stream may be between two tokens right now; it is back within moments.
+      await until('connected at the end', async () => (await recorded(page)).state === 'connected', 5_000);
       await page.context().close();
     });
   }
