@@ -505,16 +505,26 @@ fn is_isolatable(e: &StoreError) -> bool {
 impl Store {
     /// Deletes at most `batch` idempotency keys claimed before `before_ms`; answers how many.
     /// A send retried with an expired key is stored again.
+    ///
+    /// The keys are found by scanning the table from its oldest rows (no index by age: it
+    /// would cost every keyed send a write). PostgreSQL: a statement meant to scan, so it
+    /// allows the planner the scan the store's connections otherwise refuse (see
+    /// `postgres::open`); walked in key order instead, the old keys are spread over the table.
     pub async fn prune_keys(&self, before_ms: i64, batch: u32) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM idempotency WHERE (sender, client_msg_id) IN \
-             (SELECT sender, client_msg_id FROM idempotency WHERE created_at < $1 LIMIT $2)",
-        )
-        .bind(before_ms)
-        .bind(i64::from(batch))
-        .execute(self.pool())
-        .instrument(sql_span(self.system(), "DELETE", "idempotency"))
-        .await?;
+        let sql = "DELETE FROM idempotency WHERE (sender, client_msg_id) IN \
+                   (SELECT sender, client_msg_id FROM idempotency WHERE created_at < $1 LIMIT $2)";
+        let query = sqlx::query(sql).bind(before_ms).bind(i64::from(batch));
+        let span = sql_span(self.system(), "DELETE", "idempotency");
+        let done = match self.dialect() {
+            Dialect::Sqlite => query.execute(self.pool()).instrument(span).await?,
+            Dialect::Postgres => {
+                let mut tx = self.pool().begin().await?;
+                sqlx::raw_sql("SET LOCAL enable_seqscan = on").execute(&mut *tx).await?;
+                let done = query.execute(&mut *tx).instrument(span).await?;
+                tx.commit().await?;
+                done
+            }
+        };
         Ok(done.rows_affected())
     }
 }
