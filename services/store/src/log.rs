@@ -301,16 +301,15 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<LogEntry>> {
         const CHUNK: u32 = 64;
-        let sql = read_log_sql();
         let sqlite = self.dialect() == Dialect::Sqlite;
-        let sql = if sqlite { entries_as_json(&sql) } else { sql };
+        let sql: &str = if sqlite { &READ_LOG_SQLITE } else { &READ_LOG };
         let mut out: Vec<LogEntry> = Vec::new();
         let mut bytes = 0;
         let mut from = after;
         // The first chunk is small; later ones are sized by the bytes per row seen.
         let mut want = (CHUNK / 4).min(limit);
         while (out.len() as u32) < limit && from < upto && bytes < max_bytes {
-            let q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(i32::from(part))
                 .bind(db_int(from))
                 .bind(db_int(upto))
@@ -508,13 +507,16 @@ pub(crate) fn replay_chunk_sql(system: &str, ranges: usize) -> String {
     )
 }
 
-/// One chunk of a partition's log: (part, after, upto, limit).
-pub(crate) fn read_log_sql() -> String {
+/// One chunk of a partition's log: (part, after, upto, limit). Its text is made once.
+pub(crate) static READ_LOG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.part = $1 AND m.log_offset > $2 \
          AND m.log_offset <= $3 ORDER BY m.log_offset LIMIT $4"
     )
-}
+});
+
+/// SQLite: [`READ_LOG`] answering all its rows as one JSON value.
+static READ_LOG_SQLITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| entries_as_json(&READ_LOG));
 
 pub(crate) async fn read_heads(system: &'static str, conn: &mut AnyConnection) -> Result<Position> {
     let rows = sqlx::query("SELECT head FROM log_partitions ORDER BY part")

@@ -134,7 +134,7 @@ mod tests {
         let pg = PgDatabase::create().await;
         let store = Store::open_postgres(&pg.url, 2, 4, std::time::Duration::from_secs(10)).await.unwrap();
         sqlx::query("ANALYZE").execute(store.pool()).await.unwrap();
-        let read_log = crate::log::read_log_sql();
+        let read_log: &str = &crate::log::READ_LOG;
         let replay = crate::log::replay_chunk_sql("postgresql", 2);
         let statements: [(&str, &str, Vec<&str>); 6] = [
             (LOCK_CONVERSATIONS_POSTGRES, "", vec![r#"["c1", "c2"]"#]),
@@ -150,7 +150,7 @@ mod tests {
                     r#"[["c1", "u1", 2, 1]]"#,
                 ],
             ),
-            (&read_log, "", vec!["0", "0", "100", "64"]),
+            (read_log, "", vec!["0", "0", "100", "64"]),
             (
                 &replay,
                 "(integer, bigint, bigint, integer, bigint, bigint, text, bigint)",
